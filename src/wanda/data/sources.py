@@ -1,0 +1,164 @@
+"""Where text comes from: named hub datasets, local files and folders, and the offline summaries.
+
+A source resolves to a ``TextSource``: a list of documents plus how windows are drawn from it. Named hub
+sources keep the papers' protocols (C4 calibration: a window from each of random long documents).
+Local copies in standard layouts are used instead of the hub when ``$WANDA_DATA_DIR`` holds them
+(``wikitext-2-raw/wiki.{train,valid,test}.raw``, ``c4/*.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..errors import WandaError
+from .summaries import summaries_split
+
+log = logging.getLogger(__name__)
+
+Purpose = Literal["calibration", "evaluation"]
+NAMED_SOURCES = ("c4", "wikitext2", "ptb", "wiki-summaries")
+_LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")
+
+
+@dataclass
+class TextSource:
+    name: str
+    documents: list[str]
+    #: "documents": calibration windows come from random documents longer than the window (C4's protocol);
+    #: "stream": from the documents joined into one token stream (WikiText-2's protocol).
+    sampling: Literal["documents", "stream"] = "stream"
+    #: Joiner used when documents are concatenated into a stream.
+    separator: str = "\n\n"
+    #: Evaluation uses at most this many windows (SparseGPT's C4 protocol: 256).
+    max_eval_windows: int | None = None
+
+
+def _data_dir() -> Path | None:
+    value = os.environ.get("WANDA_DATA_DIR")
+    return Path(value) if value else None
+
+
+def _read_json_texts(path: Path, field: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in handle if line.strip()]
+        else:
+            data = json.load(handle)
+            records = data if isinstance(data, list) else list(data.values())
+    texts = []
+    for number, record in enumerate(records):
+        if not isinstance(record, dict) or field not in record:
+            raise WandaError(f"{path}: record {number} has no field {field!r}; name the text field with --text_field")
+        texts.append(str(record[field]))
+    return texts
+
+
+def _read_file(path: Path, field: str) -> list[str]:
+    if path.suffix in (".txt", ".raw"):
+        return [path.read_text(encoding="utf-8")]
+    if path.suffix in (".json", ".jsonl"):
+        return _read_json_texts(path, field)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise WandaError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); use --text_field")
+        return [str(t) for t in table.column(field).to_pylist()]
+    raise WandaError(f"{path}: unsupported file type; use one of {', '.join(_LOCAL_SUFFIXES)} or a folder of them")
+
+
+def _local_source(path: Path, field: str) -> TextSource:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _LOCAL_SUFFIXES)
+        if not files:
+            raise WandaError(f"folder {path} holds no {', '.join(_LOCAL_SUFFIXES)} files")
+        documents = [doc for f in files for doc in _read_file(f, field)]
+    else:
+        documents = _read_file(path, field)
+    return TextSource(path.name, documents)
+
+
+def _hub(purpose: Purpose, *args, **kwargs):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(*args, **kwargs)
+    except Exception as exc:  # datasets raises many types for offline/missing data
+        raise WandaError(
+            f"could not load {args[0]} from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "offline, use a local file (--calib_dataset/--eval_dataset PATH) or wiki-summaries"
+        ) from exc
+
+
+def _wikitext2(purpose: Purpose) -> TextSource:
+    split = "train" if purpose == "calibration" else "test"
+    data_dir = _data_dir()
+    if data_dir and (data_dir / "wikitext-2-raw" / f"wiki.{split}.raw").is_file():
+        return TextSource("wikitext2", [(data_dir / "wikitext-2-raw" / f"wiki.{split}.raw").read_text("utf-8")])
+    rows = _hub(purpose, "wikitext", "wikitext-2-raw-v1", split=split)
+    return TextSource("wikitext2", ["".join(rows["text"])])
+
+
+def _ptb(purpose: Purpose) -> TextSource:
+    split = "train" if purpose == "calibration" else "test"
+    rows = _hub(purpose, "ptb_text_only", "penn_treebank", split=split)
+    return TextSource("ptb", [" ".join(rows["sentence"])])
+
+
+def _c4(purpose: Purpose) -> TextSource:
+    data_dir = _data_dir()
+    if purpose == "evaluation":
+        local = sorted((data_dir / "c4").glob("*.jsonl")) if data_dir and (data_dir / "c4").is_dir() else []
+        if local:
+            docs = [d for f in local for d in _read_json_texts(f, "text")]
+        else:
+            rows = _hub(purpose, "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                        split="validation")
+            docs = rows["text"]
+        # SparseGPT's protocol: the first 1100 validation documents joined by spaces
+        return TextSource("c4", list(docs[:1100]), sampling="stream", separator=" ", max_eval_windows=256)
+    rows = _hub(purpose, "allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+    return TextSource("c4", list(rows["text"]), sampling="documents")
+
+
+def _summaries(purpose: Purpose) -> TextSource:
+    return TextSource("wiki-summaries", list(summaries_split(purpose)))
+
+
+_NAMED = {"c4": _c4, "wikitext2": _wikitext2, "ptb": _ptb, "wiki-summaries": _summaries}
+
+
+def resolve_source(spec: str, purpose: Purpose, text_field: str = "text") -> TextSource:
+    """``spec``: a name from ``NAMED_SOURCES``, a ``datasets`` folder saved with ``save_to_disk``, or a path."""
+    if spec in _NAMED:
+        return _NAMED[spec](purpose)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise WandaError(f"data source {spec!r} is neither a file/folder nor one of {', '.join(NAMED_SOURCES)}")
+    if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return _saved_dataset(path, purpose, text_field)
+    return _local_source(path, text_field)
+
+
+def _saved_dataset(path: Path, purpose: Purpose, field: str) -> TextSource:
+    """A folder written by ``datasets.Dataset(Dict).save_to_disk``: train split for calibration, test for eval."""
+    from datasets import DatasetDict, load_from_disk
+
+    data = load_from_disk(str(path))
+    if isinstance(data, DatasetDict):
+        wanted = ("train",) if purpose == "calibration" else ("test", "validation")
+        split = next((s for s in wanted if s in data), next(iter(data)))
+        data = data[split]
+    if field not in data.column_names:
+        raise WandaError(f"{path}: no column {field!r} (columns: {', '.join(data.column_names)}); use --text_field")
+    return TextSource(str(path), [str(t) for t in data[field]])
+
+
+def load_documents(spec: str, purpose: Purpose, text_field: str = "text") -> list[str]:
+    return resolve_source(spec, purpose, text_field).documents

@@ -1,0 +1,91 @@
+"""Seeded token windows: calibration samples and non-overlapping evaluation windows.
+
+Randomness comes from numpy's PCG64 generator seeded with ``seed``, which gives the same stream on every
+machine and platform, so the same seed always selects the same windows.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from ..errors import WandaError
+from .sources import TextSource
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of one long text, (tokens,). Long inputs are fine: windows are cut afterwards."""
+    previous = getattr(tokenizer, "model_max_length", None)
+    tokenizer.model_max_length = int(1e30)  # silence the "sequence longer than the model" warning
+    try:
+        return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    finally:
+        if previous is not None:
+            tokenizer.model_max_length = previous
+
+
+def _from_stream(stream: torch.Tensor, nsamples: int, seqlen: int, rng: np.random.Generator) -> torch.Tensor:
+    starts = rng.integers(0, stream.numel() - seqlen, size=nsamples, endpoint=True)
+    return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
+
+
+def _from_documents(source: TextSource, tokenizer, nsamples: int, seqlen: int, rng: np.random.Generator,
+                    max_tries_per_sample: int = 200) -> torch.Tensor:
+    """The paper's C4 protocol: a random window from each of ``nsamples`` random documents longer than it."""
+    windows = []
+    tries = 0
+    while len(windows) < nsamples:
+        tries += 1
+        if tries > max_tries_per_sample * nsamples:
+            raise WandaError(
+                f"{source.name}: found only {len(windows)} documents longer than {seqlen} tokens in {tries - 1} "
+                f"draws; lower --seqlen or --nsamples"
+            )
+        doc = source.documents[int(rng.integers(len(source.documents)))]
+        ids = tokenize_stream(tokenizer, doc)
+        if ids.numel() <= seqlen:
+            continue
+        start = int(rng.integers(0, ids.numel() - seqlen))
+        windows.append(ids[start : start + seqlen])
+    return torch.stack(windows)
+
+
+def calibration_windows(source: TextSource, tokenizer, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """(nsamples, seqlen) token ids drawn at random from ``source``.
+
+    Stream sources need at least nsamples * seqlen tokens, so that the windows can cover distinct text.
+    """
+    if nsamples < 1 or seqlen < 2:
+        raise WandaError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    if source.sampling == "documents":
+        return _from_documents(source, tokenizer, nsamples, seqlen, rng)
+    stream = tokenize_stream(tokenizer, source.separator.join(source.documents))
+    needed = nsamples * seqlen
+    if stream.numel() < needed:
+        raise WandaError(
+            f"calibration corpus {source.name} has {stream.numel()} tokens, but {nsamples} windows of {seqlen} "
+            f"tokens need {needed}; use a larger corpus or lower --nsamples/--seqlen"
+        )
+    return _from_stream(stream, nsamples, seqlen, rng)
+
+
+def evaluation_windows(source: TextSource, tokenizer, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Consecutive non-overlapping windows of ``seqlen`` tokens from the start of the joined corpus
+    (the paper's WikiText-2 protocol; the tail shorter than a window is dropped)."""
+    stream = tokenize_stream(tokenizer, source.separator.join(source.documents))
+    count = stream.numel() // seqlen
+    if source.max_eval_windows is not None:
+        count = min(count, source.max_eval_windows)
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise WandaError(
+            f"evaluation corpus {source.name} has {stream.numel()} tokens, fewer than one window of {seqlen}; "
+            "lower --seqlen or use a larger corpus"
+        )
+    return stream[: count * seqlen].reshape(count, seqlen)

@@ -1,0 +1,6 @@
+"""``python -m wanda.main``: the seed's entry point."""
+
+from .cli.main import main
+
+if __name__ == "__main__":
+    main()

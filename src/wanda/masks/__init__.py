@@ -1,0 +1,15 @@
+"""Mask selection: which weights to prune given their scores. ``True`` in a mask means *pruned*."""
+
+from .select import lowest_k_mask, matrix_mask, nm_mask, row_mask, select_mask, variant_mask
+from .checks import check_nm, mask_sparsity
+
+__all__ = [
+    "lowest_k_mask",
+    "matrix_mask",
+    "nm_mask",
+    "row_mask",
+    "select_mask",
+    "variant_mask",
+    "check_nm",
+    "mask_sparsity",
+]

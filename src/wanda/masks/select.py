@@ -1,0 +1,80 @@
+"""Vectorised mask selection over an explicit scope: per output row, per matrix, or per group of M inputs.
+
+Ties are broken deterministically: among equal scores the one with the lower index is pruned first
+(a stable sort), so the same weights and statistics always give the same mask on every machine.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from ..config import SparsityPattern
+from ..errors import WandaError
+
+Scope = Literal["row", "matrix"]
+
+
+def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mark the ``k`` lowest scores along the last dimension (exactly ``k`` per slice)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
+    return mask.scatter_(-1, order, True)
+
+
+def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune floor(ratio * in_features) weights of every output row (Wanda's comparison group)."""
+    return lowest_k_mask(scores, math.floor(ratio * scores.shape[-1]))
+
+
+def matrix_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune floor(ratio * numel) weights of the whole matrix (one threshold, as magnitude pruning)."""
+    flat = scores.reshape(1, -1)
+    return lowest_k_mask(flat, math.floor(ratio * flat.shape[-1])).reshape(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Prune exactly ``n`` of every ``m`` consecutive input weights of every row."""
+    rows, cols = scores.shape
+    if cols % m:
+        raise WandaError(f"N:M sparsity {n}:{m} needs in_features divisible by {m}, but a layer has {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    return lowest_k_mask(groups, n).reshape(rows, cols)
+
+
+def variant_mask(scores: torch.Tensor, ratio: float, tolerance: float = 1e-3, max_steps: int = 60) -> torch.Tensor:
+    """Wanda's appendix variant: per row, prune the smallest scores whose cumulative sum stays below
+    alpha * (row sum), with one alpha for the matrix found by bisection so that the achieved sparsity is
+    within ``tolerance`` of ``ratio``. Rows therefore lose different numbers of weights.
+    """
+    sorted_scores, order = torch.sort(scores.float(), dim=-1, stable=True)
+    cumsum = sorted_scores.cumsum(dim=-1)
+    row_sum = cumsum[:, -1:]
+    low, high = 0.0, 1.0
+    for _ in range(max_steps):
+        alpha = (low + high) / 2
+        pruned_sorted = cumsum <= alpha * row_sum
+        achieved = pruned_sorted.float().mean().item()
+        if abs(achieved - ratio) <= tolerance:
+            break
+        if achieved > ratio:
+            high = alpha
+        else:
+            low = alpha
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter_(-1, order, pruned_sorted)
+
+
+def select_mask(scores: torch.Tensor, ratio: float, pattern: SparsityPattern, scope: Scope) -> torch.Tensor:
+    """Dispatch on the pattern: N:M always compares within groups of M; unstructured within ``scope``."""
+    if pattern.is_nm:
+        return nm_mask(scores, pattern.n, pattern.m)
+    if scope == "row":
+        return row_mask(scores, ratio)
+    if scope == "matrix":
+        return matrix_mask(scores, ratio)
+    raise ValueError(f"unknown mask scope {scope!r}")

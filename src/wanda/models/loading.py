@@ -1,0 +1,104 @@
+"""Loading a causal LM and its tokenizer from a hub id, a local folder, a ``.gguf`` file or the bundled model."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WandaError
+from .bundled import BUNDLED_NAME, bundled_model_dir
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    source: str
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise WandaError(f"--device {device!r} is not a valid device (e.g. cpu, cuda, cuda:1)") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise WandaError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+    return resolved
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``auto``: fp32 on CPU (half precision is slow there), bf16 on GPUs that support it, else fp16."""
+    if dtype in (None, "auto"):
+        if device.type == "cpu":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise WandaError(f"--dtype must be auto or one of {', '.join(_DTYPES)}; got {dtype!r}") from None
+
+
+def default_seqlen(model: nn.Module, cap: int = 2048) -> int:
+    """The smaller of the model's context length and ``cap`` (never a 32k-128k buffer)."""
+    config = getattr(model, "config", None)
+    for key in _CONTEXT_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return min(value, cap)
+    return cap
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists()
+
+
+def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: str | None = "auto",
+               device: str | None = "auto") -> LoadedModel:
+    """Load ``name`` (hub id, folder, ``.gguf`` file or ``smollm2-135m``) on CPU, or across GPUs on CUDA."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name or BUNDLED_NAME
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    kwargs: dict = {"dtype": torch_dtype, "low_cpu_mem_usage": True}
+    if target.type == "cuda":
+        # accelerate places the model on one GPU when it fits, across GPUs (then CPU) when it does not
+        kwargs["device_map"] = "auto" if target.index is None else {"": target.index}
+    tok_kwargs: dict = {}
+    if name == BUNDLED_NAME:
+        location = str(bundled_model_dir())
+    elif _looks_local(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise WandaError(f"model path {path} does not exist")
+        if path.suffix == ".gguf":
+            location = str(path.parent)
+            kwargs["gguf_file"] = tok_kwargs["gguf_file"] = path.name
+        elif not (path / "config.json").is_file():
+            raise WandaError(f"model folder {path} has no config.json (expected a save_pretrained folder)")
+        else:
+            location = str(path)
+    else:
+        location = name
+        kwargs["cache_dir"] = tok_kwargs["cache_dir"] = cache_dir
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        raise WandaError(f"could not load model {name!r}: {exc}".splitlines()[0]) from exc
+    model.eval()
+    model.config.use_cache = False
+    log.info("loaded %s (%s, %s)", name, type(model).__name__, torch_dtype)
+    return LoadedModel(model, tokenizer, location)

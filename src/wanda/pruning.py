@@ -1,0 +1,129 @@
+"""Pruning a whole model: the engine walks the blocks, the chosen method prunes each linear layer."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import PruneSettings
+from .engine import BlockInputs, LayerwiseEngine
+from .errors import WandaError
+from .methods import MethodSpec, get_method
+from .models import find_decoder_layout, find_linears
+from .stats import InputRecorder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+    prune_seconds: float
+    obs_loss: float | None = None
+
+
+@dataclass
+class PruneReport:
+    """What ``prune`` did. ``prune_seconds`` is the seed's pruning speed: mask-and-update time summed over
+    layers, without the forward passes; ``wall_seconds`` includes everything."""
+
+    settings: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    calibration_tokens: int = 0
+
+    @property
+    def prune_seconds(self) -> float:
+        return sum(layer.prune_seconds for layer in self.layers)
+
+    @property
+    def actual_sparsity(self) -> float:
+        """Zeros over all pruned matrices, weighted by their size."""
+        total = sum(l.shape[0] * l.shape[1] for l in self.layers)
+        zeros = sum(l.sparsity * l.shape[0] * l.shape[1] for l in self.layers)
+        return zeros / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "settings": self.settings,
+            "actual_sparsity": self.actual_sparsity,
+            "prune_seconds": self.prune_seconds,
+            "wall_seconds": self.wall_seconds,
+            "calibration_tokens": self.calibration_tokens,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prune_linears(linears: dict[str, nn.Linear], spec: MethodSpec, settings: PruneSettings,
+                   recorder: InputRecorder | None, report: PruneReport) -> None:
+    for name, layer in linears.items():
+        weight = layer.weight.data
+        stat = recorder.stat(name) if recorder is not None else None
+        _sync(weight.device)
+        start = time.perf_counter()
+        result = spec.prune(weight, stat, settings)
+        weight.copy_(result.weight.to(weight.dtype))
+        _sync(weight.device)
+        seconds = time.perf_counter() - start
+        sparsity = (weight == 0).float().mean().item()
+        report.layers.append(LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss))
+
+
+def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
+          device: torch.device | str | None = None, progress: bool = True) -> PruneReport:
+    """Prune every linear layer inside ``model``'s decoder blocks in place.
+
+    ``calibration_ids``: (nsamples, seqlen) token ids; not needed for magnitude pruning.
+    ``device``: where each block is processed (default: where block 0 lives).
+    """
+    settings.validate()
+    spec = get_method(settings.method)
+    layout = find_decoder_layout(model)
+    report = PruneReport(settings=settings.to_dict())
+    start = time.perf_counter()
+    if spec.statistic is None:
+        for index, block in enumerate(tqdm(layout.blocks, desc="blocks", unit="block", disable=not progress)):
+            with torch.no_grad():
+                _prune_linears(find_linears(block, layout.block_name(index)), spec, settings, None, report)
+    else:
+        if calibration_ids is None or calibration_ids.numel() == 0:
+            raise WandaError(f"--prune_method {settings.method} needs calibration samples")
+        report.calibration_tokens = calibration_ids.numel()
+        engine = LayerwiseEngine(model, device, settings.batch_size, progress, layout)
+
+        def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
+            linears = find_linears(block, layout.block_name(index))
+            with InputRecorder(linears, spec.statistic) as recorder:
+                for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
+                    block(hidden, *args, **kwargs)
+                    recorder.end_batch()
+            _prune_linears(linears, spec, settings, recorder, report)
+            del recorder
+
+        engine.walk(calibration_ids, visit)
+    report.wall_seconds = time.perf_counter() - start
+    log.info("pruned %d layers with %s: sparsity %.4f, %.1fs pruning, %.1fs wall", len(report.layers),
+             settings.method, report.actual_sparsity, report.prune_seconds, report.wall_seconds)
+    return report
+
+
+def model_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of exact zeros of every linear layer inside the decoder blocks."""
+    layout = find_decoder_layout(model)
+    out = {}
+    for index, block in enumerate(layout.blocks):
+        for name, layer in find_linears(block, layout.block_name(index)).items():
+            out[name] = (layer.weight == 0).float().mean().item()
+    return out

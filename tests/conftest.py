@@ -1,0 +1,82 @@
+"""Tiny random decoder models built from transformers configs, for fast CPU tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_DATA = SHARED / "data"
+
+VOCAB = 128
+
+
+def tiny_config(arch: str, **overrides):
+    from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=256)
+    if arch == "llama":
+        cfg = LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
+    elif arch == "mistral":
+        cfg = MistralConfig(intermediate_size=128, num_key_value_heads=2, sliding_window=None, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
+    elif arch == "opt":
+        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                        max_position_embeddings=256, word_embed_proj_dim=64)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32)
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def calib_ids(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+ARCHS = ["llama", "opt", "mistral", "qwen2"]
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request) -> str:
+    return request.param
+
+
+def save_tiny(tmp_path: Path, arch: str = "llama") -> Path:
+    """A tiny model plus a word-level tokenizer saved as a from_pretrained folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = tiny_model(arch)
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    folder = tmp_path / f"tiny-{arch}"
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def word_corpus(path: Path, words: int = 20000, seed: int = 0) -> Path:
+    """A text file of pseudo-random words the tiny tokenizer knows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB - 3, (words,), generator=g).tolist()
+    lines = [" ".join(f"w{i}" for i in ids[k : k + 50]) for k in range(0, words, 50)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
