@@ -1,0 +1,135 @@
+"""Pruning an image classifier in one shot, as the paper's ``image_classifiers`` does.
+
+One calibration pass through the dense model records every pruned layer's input statistics at once (the
+seed ran its blocks in turn but fed each the *dense* output of the one before, which is the same thing);
+then every layer is pruned from those statistics, with no layer-wise re-run. The scores and the mask
+selection are the language models' own (``wanda.methods.scores``, ``wanda.masks``); only the loop is here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import WandaError
+from ..masks import select_mask
+from ..methods.scores import magnitude_scores, wanda_scores
+from ..stats import InputStatistic, SquaredNorm
+from .config import VisionPruneSettings
+from .layout import ClassifierLayout, find_layout, matrix_view
+from .recorder import ClassifierInputRecorder
+
+__all__ = ["Metric", "METRICS", "layer_mask", "record_statistics", "prune_classifier", "VisionPruneReport",
+           "VisionLayerReport"]
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A pruning metric: the calibration statistic it needs (None: weights only) and its score function."""
+
+    name: str
+    statistic: type[InputStatistic] | None
+    scores: Callable[[torch.Tensor, "InputStatistic | None"], torch.Tensor]
+
+
+METRICS: dict[str, Metric] = {
+    # |W_ij|
+    "magnitude": Metric("magnitude", None, lambda weight, stat: magnitude_scores(weight)),
+    # Wanda (Sun et al. 2023, Eq. 1): |W_ij| * ||X_j||_2 over all calibration tokens (patches / pixels)
+    "wanda": Metric("wanda", SquaredNorm, lambda weight, stat: wanda_scores(weight, stat.squared_norm())),
+}
+
+
+def layer_mask(weight: torch.Tensor, stat: InputStatistic | None, settings: VisionPruneSettings) -> torch.Tensor:
+    """The mask (True = pruned) of one (out_features, in_features) weight. Pure: no model, no hooks."""
+    scores = METRICS[settings.metric].scores(weight, stat)
+    return select_mask(scores, settings.sparsity, settings.pattern, settings.scope)
+
+
+@dataclass
+class VisionLayerReport:
+    name: str
+    shape: tuple[int, int]
+    sparsity: float
+
+
+@dataclass
+class VisionPruneReport:
+    settings: dict
+    layers: list[VisionLayerReport] = field(default_factory=list)
+    head: list[str] = field(default_factory=list)
+    calibration_images: int = 0
+    calibration_seconds: float = 0.0
+    prune_seconds: float = 0.0
+
+    @property
+    def actual_sparsity(self) -> float:
+        """Zeros over all pruned matrices, weighted by their size (the seed's ``check_sparsity``, head excluded)."""
+        total = sum(l.shape[0] * l.shape[1] for l in self.layers)
+        return sum(l.sparsity * l.shape[0] * l.shape[1] for l in self.layers) / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"settings": self.settings, "actual_sparsity": self.actual_sparsity, "head": self.head,
+                "calibration_images": self.calibration_images, "calibration_seconds": self.calibration_seconds,
+                "prune_seconds": self.prune_seconds, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def record_statistics(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor],
+                      statistic: type[InputStatistic], forward: Forward) -> tuple[ClassifierInputRecorder, int]:
+    """Run every calibration batch (images, 3, H, W) through ``model`` once; return the recorder and the count."""
+    device, images = _device_of(model), 0
+    with ClassifierInputRecorder(layers, statistic) as recorder:
+        for batch in batches:
+            forward(model, batch.to(device))
+            recorder.end_batch()
+            images += batch.shape[0]
+    if images == 0:
+        raise WandaError("no calibration images: --prune_metric wanda needs at least one image in train/")
+    return recorder, images
+
+
+@torch.no_grad()
+def prune_classifier(model: nn.Module, calibration: Iterable[torch.Tensor] | None, settings: VisionPruneSettings,
+                     forward: Forward, layout: ClassifierLayout | None = None) -> VisionPruneReport:
+    """Prune ``model``'s block layers in place (see the module docstring); the head is never touched.
+
+    ``calibration``: batches of preprocessed images (only used by metrics that need statistics).
+    ``forward(model, images) -> logits`` runs the model (its signature differs between libraries).
+    """
+    settings.validate()
+    metric = METRICS[settings.metric]
+    layout = layout or find_layout(model)
+    report = VisionPruneReport(settings=settings.to_dict(), head=list(layout.head))
+    recorder = None
+    if metric.statistic is not None:
+        if calibration is None:
+            raise WandaError(f"--prune_metric {settings.metric} needs calibration images")
+        start = time.perf_counter()
+        recorder, report.calibration_images = record_statistics(model, layout.prunable, calibration,
+                                                                metric.statistic, forward)
+        report.calibration_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for name, layer in layout.prunable.items():
+        weight = matrix_view(layer)  # (out, in), a view of the parameter
+        mask = layer_mask(weight, recorder.stat(name) if recorder is not None else None, settings)
+        weight.masked_fill_(mask.to(weight.device), 0)
+        report.layers.append(VisionLayerReport(name, tuple(weight.shape), (weight == 0).float().mean().item()))
+    report.prune_seconds = time.perf_counter() - start
+    log.info("pruned %d layers with %s per %s: sparsity %.4f", len(report.layers), settings.metric,
+             settings.granularity if not settings.pattern.is_nm else f"{settings.pattern} group",
+             report.actual_sparsity)
+    return report

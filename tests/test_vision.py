@@ -1,0 +1,429 @@
+"""Image-classifier pruning on tiny ConvNeXt / ViT / DeiT configurations and a tiny 1x1-convolution net.
+
+Expectations are computed independently of the library: activations are captured with plain forward hooks
+and Wanda's mask is rebuilt from them with argsort, the head is compared parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from wanda.errors import WandaError
+from wanda.masks import check_nm
+from wanda.vision import (ImageFolder, Preprocess, VisionPruneSettings, calibration_batches, find_layout,
+                          load_classifier, named_spec, prune_classifier, read_state_dict)
+from wanda.vision.layout import matrix_view
+
+
+def hf_forward(model, images):
+    return model(pixel_values=images).logits
+
+
+def plain_forward(model, images):
+    return model(images)
+
+
+def tiny_convnext(num_labels: int = 5, seed: int = 0):
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    torch.manual_seed(seed)
+    config = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[2, 1], num_stages=2, image_size=32,
+                            num_labels=num_labels)
+    return ConvNextForImageClassification(config).eval()
+
+
+def tiny_vit(num_labels: int = 5, seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                       image_size=16, patch_size=4, num_labels=num_labels)
+    return ViTForImageClassification(config).eval()
+
+
+def tiny_deit_distilled(num_labels: int = 5):
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    torch.manual_seed(0)
+    config = DeiTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                        image_size=16, patch_size=4, num_labels=num_labels)
+    return DeiTForImageClassificationWithTeacher(config).eval()
+
+
+class PointwiseBlock(nn.Module):
+    """A ConvNeXt block with a channels-first MLP (timm's ``conv_mlp=True``): depthwise 3x3, two 1x1 convs."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.fc1 = nn.Conv2d(dim, 2 * dim, 1)
+        self.fc2 = nn.Conv2d(2 * dim, dim, 1)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.dw(x))))
+
+
+class PointwiseNet(nn.Module):
+    """A timm-style model (``pretrained_cfg["classifier"]`` names the head) with pointwise convolutions."""
+
+    pretrained_cfg = {"classifier": "head"}
+
+    def __init__(self, dim: int = 8, classes: int = 5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.Sequential(PointwiseBlock(dim), PointwiseBlock(dim))
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
+
+
+def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def batches(x: torch.Tensor, size: int = 4):
+    return list(x.split(size))
+
+
+CASES = {
+    "convnext": (tiny_convnext, hf_forward, 32),
+    "vit": (tiny_vit, hf_forward, 16),
+    "pointwise": (PointwiseNet, plain_forward, 16),
+}
+
+
+def settings(**kw) -> VisionPruneSettings:
+    return VisionPruneSettings(**kw).validate()
+
+
+# --- which layers ---------------------------------------------------------------------------------------------
+
+
+def test_convnext_layout_prunes_pointwise_linears_only():
+    layout = find_layout(tiny_convnext())
+    assert layout.blocks == ["convnext.encoder.stages"]
+    assert list(layout.prunable) == [
+        f"convnext.encoder.stages.{s}.layers.{i}.{fc}" for s, n in ((0, 2), (1, 1)) for i in range(n)
+        for fc in ("pwconv1", "pwconv2")
+    ]
+    assert list(layout.head) == ["classifier"]
+
+
+def test_vit_layout_and_head():
+    layout = find_layout(tiny_vit())
+    names = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2")
+    assert sorted(layout.prunable) == sorted(f"vit.layers.{i}.{n}" for i in range(2) for n in names)
+    assert list(layout.head) == ["classifier"]
+
+
+def test_distilled_deit_keeps_both_heads():
+    layout = find_layout(tiny_deit_distilled())
+    assert set(layout.head) == {"cls_classifier", "distillation_classifier"}
+    assert not any("classifier" in name for name in layout.prunable)
+    assert len(layout.prunable) == 12
+
+
+def test_head_is_found_by_structure_not_by_width():
+    # a head as wide as the MLP's hidden layer, and an MLP as wide as the classes: neither changes the result
+    from transformers import ViTConfig, ViTForImageClassification
+
+    model = ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=32, image_size=16, patch_size=4, num_labels=32))
+    layout = find_layout(model)
+    assert list(layout.head) == ["classifier"] and "classifier" not in layout.prunable
+
+
+def test_pointwise_convs_and_timm_protocol():
+    layout = find_layout(PointwiseNet())
+    assert list(layout.prunable) == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2"]
+    assert list(layout.head) == ["head"]
+
+    class GetClassifierNet(PointwiseNet):
+        pretrained_cfg = {}
+
+        def get_classifier(self):
+            return self.head
+
+    assert list(find_layout(GetClassifierNet()).head) == ["head"]
+
+
+def test_model_without_a_known_head_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.raises(WandaError, match="classifier head"):
+        find_layout(model)
+
+
+# --- exact sparsity, untouched head, hooks ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("metric", ["magnitude", "wanda"])
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+def test_exact_sparsity_and_untouched_rest(case, metric, granularity):
+    build, forward, size = CASES[case]
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ratio = 0.6
+    report = prune_classifier(model, batches(images(8, size)), settings(metric=metric, granularity=granularity,
+                                                                        sparsity=ratio), forward)
+    layout = find_layout(model)
+    pruned_keys = {f"{name}.weight" for name in layout.prunable}
+    for key, value in model.state_dict().items():
+        if key not in pruned_keys:  # head, biases, norms, stem, depthwise and downsampling convs
+            assert torch.equal(value, before[key]), key
+    for name, layer in layout.prunable.items():
+        zeros = matrix_view(layer) == 0
+        assert not layer._forward_pre_hooks and not layer._forward_hooks
+        if granularity == "row":
+            assert (zeros.sum(dim=1) == math.floor(ratio * zeros.shape[1])).all(), name
+        else:
+            assert zeros.sum().item() == math.floor(ratio * zeros.numel()), name
+    assert report.head == list(layout.head)
+    assert len(report.layers) == len(layout.prunable)
+    sizes = [(o, i) for o, i in (l.shape for l in report.layers)]
+    per = [o * math.floor(ratio * i) if granularity == "row" else math.floor(ratio * o * i) for o, i in sizes]
+    assert report.actual_sparsity == pytest.approx(sum(per) / sum(o * i for o, i in sizes))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("metric", ["magnitude", "wanda"])
+def test_nm_holds_in_every_group(case, metric):
+    build, forward, size = CASES[case]
+    model = build()
+    report = prune_classifier(model, batches(images(4, size)), settings(metric=metric, sparsity_type="2:4"), forward)
+    for layer in find_layout(model).prunable.values():
+        zeros = matrix_view(layer) == 0
+        assert check_nm(zeros, 2, 4)
+        assert (zeros.reshape(zeros.shape[0], -1, 4).sum(-1) == 2).all()
+    assert report.actual_sparsity == 0.5
+
+
+def test_magnitude_needs_no_calibration_and_matches_hand_computed_mask():
+    model = tiny_vit()
+    weights = {n: matrix_view(l).clone() for n, l in find_layout(model).prunable.items()}
+    prune_classifier(model, None, settings(metric="magnitude", granularity="layer", sparsity=0.5), hf_forward)
+    for name, layer in find_layout(model).prunable.items():
+        w = weights[name]
+        threshold = w.abs().flatten().sort().values[w.numel() // 2 - 1]
+        assert torch.equal(matrix_view(layer) == 0, w.abs() <= threshold)
+
+
+# --- Wanda against an independent computation ------------------------------------------------------------------
+
+
+def recorded_norms(model, layers: dict[str, nn.Module], forward, data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """||X_j||_2 over every token / pixel, from inputs captured with plain forward hooks."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    handles = [layer.register_forward_hook(lambda m, inp, out, name=name: seen[name].append(inp[0].detach()))
+               for name, layer in layers.items()]
+    with torch.no_grad():
+        for batch in data:
+            forward(model, batch)
+    for handle in handles:
+        handle.remove()
+    norms = {}
+    for name, inputs in seen.items():
+        if isinstance(layers[name], nn.Conv2d):  # (B, C, H, W): channels are the features, pixels the tokens
+            tokens = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) for x in inputs])
+        else:
+            tokens = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs])
+        norms[name] = tokens.double().pow(2).sum(0).sqrt()
+    return norms
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+def test_wanda_mask_matches_recorded_activations(case, granularity):
+    build, forward, size = CASES[case]
+    model = build()
+    data = batches(images(6, size, seed=1), 3)
+    layers = find_layout(model).prunable
+    norms = recorded_norms(model, layers, forward, data)  # from the dense model: one pass, all layers at once
+    weights = {name: matrix_view(layer).clone() for name, layer in layers.items()}
+    ratio = 0.5
+    prune_classifier(model, data, settings(metric="wanda", granularity=granularity, sparsity=ratio), forward)
+    for name, layer in layers.items():
+        score = weights[name].double().abs() * norms[name].unsqueeze(0)  # |W_ij| * ||X_j||
+        if granularity == "row":
+            k = int(ratio * score.shape[1])
+            expected = torch.zeros_like(score, dtype=torch.bool)
+            expected.scatter_(1, score.argsort(dim=1)[:, :k], True)
+        else:
+            k = int(ratio * score.numel())
+            expected = torch.zeros(score.numel(), dtype=torch.bool)
+            expected[score.flatten().argsort()[:k]] = True
+            expected = expected.view_as(score)
+        assert torch.equal(matrix_view(layer) == 0, expected), name
+
+
+def test_wanda_differs_from_magnitude_when_activations_are_uneven():
+    model = tiny_vit()
+    data = [images(4, 16) * 1.0]
+    a, b = tiny_vit(), tiny_vit()
+    prune_classifier(a, data, settings(metric="wanda"), hf_forward)
+    prune_classifier(b, data, settings(metric="magnitude", granularity="row"), hf_forward)
+    masks_a = [matrix_view(l) == 0 for l in find_layout(a).prunable.values()]
+    masks_b = [matrix_view(l) == 0 for l in find_layout(b).prunable.values()]
+    assert any(not torch.equal(x, y) for x, y in zip(masks_a, masks_b))
+    del model
+
+
+# --- settings ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(metric="sparsegpt"), "--prune_metric"),
+    (dict(granularity="column"), "--prune_granularity"),
+    (dict(sparsity=1.0), "--sparsity"),
+    (dict(sparsity=0.6, sparsity_type="2:4"), "prunes exactly 0.5"),
+    (dict(nsamples=0), "--nsamples"),
+])
+def test_settings_are_validated(kw, match):
+    with pytest.raises(WandaError, match=match):
+        VisionPruneSettings(**kw).validate()
+
+
+def test_nm_implies_its_ratio():
+    assert VisionPruneSettings(sparsity_type="4:8").validate().sparsity == 0.5
+
+
+# --- preprocessing and data --------------------------------------------------------------------------------------
+
+
+def test_preprocess_matches_transformers_image_processors():
+    from transformers.models.convnext.image_processing_pil_convnext import ConvNextImageProcessorPil
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
+    for processor in (ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875),
+                      ViTImageProcessorPil(size={"height": 24, "width": 24})):
+        expected = processor(image, return_tensors="pt")["pixel_values"][0]
+        mine = Preprocess.from_image_processor(processor.to_dict())
+        assert torch.allclose(mine(image), expected, atol=1e-6)
+        assert Preprocess.from_image_processor(mine.to_image_processor()) == mine
+
+
+def test_preprocess_by_hand():
+    pre = Preprocess(resize=10, crop=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    out = pre(Image.new("L", (40, 20), color=51))  # 51/255 = 0.2 everywhere, gray -> RGB
+    assert out.shape == (3, 8, 8)
+    assert torch.allclose(out, torch.full_like(out, (0.2 - 0.5) / 0.25), atol=1e-6)
+    deit = Preprocess.from_image_processor({"size": {"height": 256, "width": 256}, "do_center_crop": True,
+                                            "crop_size": {"height": 224, "width": 224}})
+    assert deit.resize == (256, 256) and deit.crop == (224, 224)
+    assert Preprocess.center_crop_pct(224, 0.875).resize == 256
+
+
+def write_image_tree(root: Path, classes: int = 5, per_class: int = 4, size: tuple[int, int] = (20, 24)) -> Path:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folder_and_calibration_sampling(tmp_path):
+    root = write_image_tree(tmp_path)
+    pre = Preprocess(resize=16, crop=(16, 16))
+    train = ImageFolder(root / "train", pre)
+    assert train.classes == [f"class{c}" for c in range(5)] and len(train) == 20
+    image, label = train[5]
+    assert image.shape == (3, 16, 16) and label == 1
+    drawn = list(calibration_batches(train, nsamples=7, batch_size=3, seed=0))
+    assert [b.shape[0] for b in drawn] == [3, 3, 1]
+    again = list(calibration_batches(train, nsamples=7, batch_size=3, seed=0))
+    assert all(torch.equal(x, y) for x, y in zip(drawn, again))
+    (root / "val" / "extra").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "extra" / "x.png")
+    with pytest.raises(WandaError, match="train/ lacks"):
+        ImageFolder(root / "val", pre, classes=train.classes)
+
+
+# --- models and the command -----------------------------------------------------------------------------------
+
+
+def test_named_specs():
+    spec = named_spec("convnext_base")
+    assert spec.hub_id == "facebook/convnext-base-224"
+    assert spec.preprocess == Preprocess(256, (224, 224))
+    assert named_spec("vit_large_patch16_224").hub_id == "google/vit-large-patch16-224"
+    assert named_spec("deit_base_patch16_224").hub_id == "facebook/deit-base-patch16-224"
+    assert named_spec("deit_small_distilled_patch16_224").hub_id == "facebook/deit-small-distilled-patch16-224"
+    model = named_spec("vit_tiny_patch16_224").build(7)  # builds the real config (5.7M parameters)
+    assert model.config.hidden_size == 192 and model.config.num_hidden_layers == 12 and model.config.num_labels == 7
+    with pytest.raises(WandaError, match="unknown model"):
+        named_spec("resnet50")
+
+
+def test_read_state_dict_unwraps_the_seeds_format(tmp_path):
+    state = {"module.a": torch.ones(2)}
+    torch.save({"model": state, "epoch": 3}, tmp_path / "ckpt.pth")
+    assert list(read_state_dict(tmp_path / "ckpt.pth")) == ["a"]
+
+
+def test_state_dict_with_transformers_keys_loads_by_name(tmp_path):
+    model = named_spec("vit_tiny_patch16_224").build(3)
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    loaded = load_classifier("vit_tiny_patch16_224", str(tmp_path / "vit.pth"), "transformers", num_classes=3)
+    assert loaded.library == "transformers" and loaded.num_classes == 3
+    assert torch.equal(loaded.model.classifier.weight, model.classifier.weight)
+    with pytest.raises(WandaError, match="does not fit"):
+        load_classifier("vit_small_patch16_224", str(tmp_path / "vit.pth"), "transformers", num_classes=3)
+
+
+@pytest.mark.parametrize("build", [tiny_vit, tiny_convnext], ids=["vit", "convnext"])
+def test_command_end_to_end(tmp_path, build, capsys):
+    from wanda.cli.vision import RESULTS_FILE, main, run
+
+    model = build(num_labels=5)
+    model.save_pretrained(tmp_path / "dense")
+    data = write_image_tree(tmp_path / "data")
+    argv = ["--model", "tiny", "--resume", str(tmp_path / "dense"), "--data_path", str(data), "--nsamples", "8",
+            "--batch_size", "4", "--workers", "0", "--prune_metric", "wanda", "--prune_granularity", "row",
+            "--sparsity", "0.5", "--save", str(tmp_path / "out"), "--save_model", str(tmp_path / "pruned"),
+            "--no_progress"]
+    assert run(argv, "wanda vision") == 0
+    printed = capsys.readouterr().out
+    assert "| dense |" in printed and "| pruned |" in printed and "actual sparsity 0.5000" in printed
+    results = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())
+    assert results["prune"]["actual_sparsity"] == 0.5 and results["prune"]["calibration_images"] == 8
+    assert set(results["accuracy"]["pruned"]) == {"top1", "top5", "images"}
+    assert results["accuracy"]["pruned"]["images"] == 20
+
+    pruned = load_classifier("tiny", str(tmp_path / "pruned"))
+    assert torch.equal(pruned.model.classifier.weight, model.classifier.weight)
+    for name, layer in find_layout(pruned.model).prunable.items():
+        zeros = matrix_view(layer) == 0
+        assert (zeros.sum(1) == zeros.shape[1] // 2).all(), name
+    assert (tmp_path / "pruned" / "preprocessor_config.json").is_file()
+
+    with pytest.raises(SystemExit) as exit_info:  # outputs are never silently replaced
+        main(argv, "wanda vision")
+    assert exit_info.value.code == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_command_reports_bad_flags_in_one_line(tmp_path, capsys):
+    from wanda.cli.vision import main
+
+    data = write_image_tree(tmp_path / "data", classes=2, per_class=1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data_path", str(data), "--prune_metric", "sparsegpt"], "wanda vision")
+    assert exit_info.value.code == 2
+    assert "--prune_metric must be one of magnitude, wanda" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data_path", str(tmp_path / "missing")], "wanda vision")
+    assert "has no train/ folder" in capsys.readouterr().err
