@@ -25,6 +25,9 @@ from .common import Parser, setup_logging
 
 log = logging.getLogger("wanda")
 
+#: The embedded default (no --model) follows the benchmark protocol so that it finishes in minutes on 2 cores.
+BUNDLED_DEFAULTS = {"nsamples": 32, "seqlen": 1024, "eval_windows": 40}
+
 
 def build_parser(prog: str) -> Parser:
     p = Parser(prog=prog, description="Prune a causal language model with magnitude, Wanda, SparseGPT or the OBS "
@@ -34,7 +37,8 @@ def build_parser(prog: str) -> Parser:
                    f"'{BUNDLED_NAME}' (the bundled model; the default)")
     g.add_argument("--cache_dir", default="llm_weights", help="where hub weights are downloaded (default: llm_weights)")
     g.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
-    g.add_argument("--nsamples", type=int, default=128, help="calibration windows (default: 128)")
+    g.add_argument("--nsamples", type=int, default=None,
+                   help=f"calibration windows (default: 128; {BUNDLED_DEFAULTS['nsamples']} for the bundled model)")
     g.add_argument("--sparsity_ratio", type=float, default=None,
                    help="fraction of weights to prune; default 0.5 for unstructured, N/M for N:M (must equal it)")
     g.add_argument("--sparsity_type", default="unstructured", help="'unstructured' or N:M such as 2:4, 4:8")
@@ -42,9 +46,14 @@ def build_parser(prog: str) -> Parser:
     g.add_argument("--use_variant", action="store_true", help="Wanda's appendix variant (cumulative-sum threshold)")
     g.add_argument("--save", default=None, help="folder for log_{method}.txt and results_{method}.json")
     g.add_argument("--save_model", default=None, help="folder to write the pruned model and tokenizer to")
+    g.add_argument("--save_format", default="dense", choices=("dense", "compressed"),
+                   help="--save_model as a from_pretrained folder (dense, the default) or as non-zero values plus "
+                   "bitmask / 2:4 indices (compressed: about half the size at 50%% sparsity; every wanda command and "
+                   "wanda.export.load_compressed read it)")
     g.add_argument("--eval_zero_shot", action="store_true", help="also run zero-shot tasks (lm-eval)")
     r = p.add_argument_group("run settings")
-    r.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(model context, 2048))")
+    r.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(model context, 2048); "
+                   f"{BUNDLED_DEFAULTS['seqlen']} for the bundled model)")
     r.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if available)")
     r.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16/fp16 on GPU), float32, float16, bfloat16")
     r.add_argument("--calib_dataset", default=None,
@@ -53,19 +62,23 @@ def build_parser(prog: str) -> Parser:
     r.add_argument("--eval_dataset", default=None, nargs="+",
                    help="one or more evaluation sources as for --calib_dataset, or 'none' (default: wikitext2; "
                    "held-out wiki-summaries plus wikitext2 where available for the bundled model)")
-    r.add_argument("--eval_windows", type=int, default=None, help="evaluate on at most this many windows per set")
+    r.add_argument("--eval_windows", type=int, default=None, help="evaluate on at most this many windows per set "
+                   f"(default: all; {BUNDLED_DEFAULTS['eval_windows']} for the bundled model)")
     r.add_argument("--eval_dense", action="store_true", help="also evaluate the model before pruning "
                    "(on by default for the bundled model)")
     r.add_argument("--text_field", default="text", help="field holding the text in json/jsonl/parquet (default: text)")
     r.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: 8)")
     r.add_argument("--overwrite", action="store_true", help="replace existing results in --save / --save_model")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    from .eval import add_zero_shot_arguments  # --tasks --num_fewshot --limit --eval_batch_size --zero_shot_data
+
+    add_zero_shot_arguments(p)  # the same group as `wanda eval`
     return p
 
 
 def _check_args(args, settings: PruneSettings) -> None:
     settings.validate()
-    if args.nsamples < 1:
+    if args.nsamples is not None and args.nsamples < 1:
         raise WandaError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.seqlen is not None and args.seqlen < 2:
         raise WandaError(f"--seqlen must be at least 2, got {args.seqlen}")
@@ -133,6 +146,11 @@ def run(argv: list[str], prog: str) -> int:
                              sparsity_type=args.sparsity_type, use_variant=args.use_variant, batch_size=args.batch_size)
     _check_args(args, settings)
     bundled = args.model in (None, BUNDLED_NAME)
+    for key, value in BUNDLED_DEFAULTS.items():
+        if getattr(args, key) is None and bundled:
+            setattr(args, key, value)
+    if args.nsamples is None:
+        args.nsamples = 128
     start = time.perf_counter()
     torch.manual_seed(args.seed)
 
@@ -170,8 +188,7 @@ def run(argv: list[str], prog: str) -> int:
         _write_results(args, report, dense, pruned, extra)
         log.info("results written to %s", args.save)
     if args.save_model:
-        with atomic_directory(args.save_model, overwrite=args.overwrite) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        log.info("pruned model written to %s", args.save_model)
+        from ..export import save_model
+
+        save_model(model, tokenizer, args.save_model, args.save_format, args.overwrite)
     return 0

@@ -96,13 +96,21 @@ def _hub(purpose: Purpose, *args, **kwargs):
         ) from exc
 
 
+def _wikitext_rows(raw: str) -> list[str]:
+    """The hub's rows from a raw file: each line with its newline, blank lines as empty strings."""
+    return [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
+
+
 def _wikitext2(purpose: Purpose) -> TextSource:
     split = "train" if purpose == "calibration" else "test"
+    # SparseGPT's and Wanda's protocol: training rows joined by spaces, test rows by blank lines
+    separator = " " if purpose == "calibration" else "\n\n"
     data_dir = _data_dir()
-    if data_dir and (data_dir / "wikitext-2-raw" / f"wiki.{split}.raw").is_file():
-        return TextSource("wikitext2", [(data_dir / "wikitext-2-raw" / f"wiki.{split}.raw").read_text("utf-8")])
+    local = data_dir / "wikitext-2-raw" / f"wiki.{split}.raw" if data_dir else None
+    if local is not None and local.is_file():
+        return TextSource("wikitext2", _wikitext_rows(local.read_text("utf-8")), separator=separator)
     rows = _hub(purpose, "wikitext", "wikitext-2-raw-v1", split=split)
-    return TextSource("wikitext2", ["".join(rows["text"])])
+    return TextSource("wikitext2", list(rows["text"]), separator=separator)
 
 
 def _ptb(purpose: Purpose) -> TextSource:

@@ -1,7 +1,7 @@
 """Perplexity as in the paper: mean next-token NLL over non-overlapping windows, exponentiated.
 
-The LM head is applied to a few hundred positions at a time, so a window's full-vocabulary logits
-(seqlen x vocab floats: 200 MB for 1024 x 49k in fp32) never exist at once.
+The LM head is applied to at most ``chunk_tokens`` positions of the batch at a time, so a window's
+full-vocabulary logits (seqlen x vocab floats: 200 MB for 1024 x 49k in fp32) never exist at once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def _logit_cap(model: nn.Module) -> float | None:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 256,
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 512,
                progress: bool = True, desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on ``windows`` (n, seqlen) of token ids."""
     was_training = model.training
@@ -35,12 +35,13 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
             batch = batch.to(device)
             hidden = body(input_ids=batch, use_cache=False).last_hidden_state  # (b, seq, hidden)
             hidden, targets = hidden[:, :-1], batch[:, 1:]
-            for start in range(0, hidden.shape[1], chunk_tokens):
-                h = hidden[:, start : start + chunk_tokens]
+            step = max(1, chunk_tokens // batch.shape[0])  # positions per chunk, over the whole batch
+            for start in range(0, hidden.shape[1], step):
+                h = hidden[:, start : start + step]
                 logits = head(h.to(head.weight.device)).float()
                 if cap:
                     logits = torch.tanh(logits / cap) * cap
-                t = targets[:, start : start + chunk_tokens].to(logits.device)
+                t = targets[:, start : start + step].to(logits.device)
                 total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum").item()
                 total_tokens += t.numel()
     finally:

@@ -52,8 +52,17 @@ def bundled_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s once into %s", gguf.name, target)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights are already
+    # dequantised, so rebuild a plain model from the config and copy them over.
+    config = loaded.config
+    for key in ("quantization_config", "gguf_file"):
+        if hasattr(config, key):
+            delattr(config, key)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    del loaded
     with atomic_directory(target, overwrite=False, exist_ok=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

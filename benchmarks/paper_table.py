@@ -1,0 +1,146 @@
+"""Reproduce the paper's comparison (Table 2 / the seed's LLaMA-2 table) on the bundled SmolLM2-135M.
+
+Runs dense, then magnitude / Wanda / SparseGPT at 50% unstructured, 4:8 and 2:4, plus the Wanda variant and
+the four OBS ablations at 50% unstructured, each in its own process (so peak memory is per run). Writes
+benchmarks/results/paper_table.{json,md,png}.
+
+    python benchmarks/paper_table.py            # all runs (tens of minutes on 2 cores)
+    python benchmarks/paper_table.py --only wanda:unstructured magnitude:2:4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+from common import PROTOCOL, RESULTS
+
+RUNS = (
+    [("dense", "unstructured", False)]
+    + [(m, p, False) for p in ("unstructured", "4:8", "2:4") for m in ("magnitude", "wanda", "sparsegpt")]
+    + [("wanda", "unstructured", True)]
+    + [(m, "unstructured", False) for m in ("ablate_mag_seq", "ablate_wanda_seq", "ablate_mag_iter", "ablate_wanda_iter")]
+)
+
+
+def run_key(method: str, pattern: str, variant: bool) -> str:
+    return f"{method}{'-variant' if variant else ''}:{pattern}"
+
+
+def worker(method: str, pattern: str, variant: bool) -> dict:
+    """One configuration, in a fresh process: load, measure the floor, prune, evaluate."""
+    import torch
+
+    from wanda import PruneSettings, perplexity, prune
+    from wanda.models import load_model
+    from wanda.resources import peak_rss_mb
+    from common import protocol_data, two_forward_floor
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    loaded = load_model("smollm2-135m", dtype=PROTOCOL["dtype"], device="cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    calib, evals = protocol_data(tokenizer)
+    out: dict = {"method": method, "pattern": pattern, "variant": variant}
+    if method != "dense":
+        out["floor_seconds"] = two_forward_floor(model, calib, PROTOCOL["batch_size"])
+        settings = PruneSettings(method=method, sparsity_type=pattern, use_variant=variant,
+                                 sparsity_ratio=0.5 if pattern == "unstructured" else None,
+                                 batch_size=PROTOCOL["batch_size"])
+        report = prune(model, calib, settings, device="cpu", progress=False)
+        out.update(actual_sparsity=report.actual_sparsity, prune_seconds=report.prune_seconds,
+                   prune_wall_seconds=report.wall_seconds, peak_rss_mb_pruning=peak_rss_mb(),
+                   wall_over_floor=report.wall_seconds / out["floor_seconds"])
+    else:
+        out.update(actual_sparsity=0.0)
+    out["ppl"] = {name: perplexity(model, windows, batch_size=4, progress=False) for name, windows in evals.items()}
+    out["peak_rss_mb"] = peak_rss_mb()
+    out["total_wall_seconds"] = time.perf_counter() - start
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    sets = list(rows[0]["ppl"])
+    head = ["method", "pattern"] + [f"ppl {s}" for s in sets] + [
+        "sparsity", "mask+update s", "prune wall s", "floor s (2 fwd)", "wall / floor", "peak RSS pruning MB",
+        "peak RSS run MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        name = r["method"] + (" (variant)" if r["variant"] else "")
+        cells = [name, r["pattern"] if r["method"] != "dense" else "-"] + [f"{r['ppl'][s]:.2f}" for s in sets]
+        if r["method"] == "dense":
+            cells += ["0", "-", "-", "-", "-", "-"]
+        else:
+            cells += [f"{r['actual_sparsity']:.4f}", f"{r['prune_seconds']:.1f}", f"{r['prune_wall_seconds']:.1f}",
+                      f"{r['floor_seconds']:.1f}", f"{r['wall_over_floor']:.2f}", f"{r['peak_rss_mb_pruning']:.0f}"]
+        cells.append(f"{r['peak_rss_mb']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sets = list(rows[0]["ppl"])
+    dense = next(r for r in rows if r["method"] == "dense")
+    fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.5))
+    axes = axes if len(sets) > 1 else [axes]
+    patterns = ("unstructured", "4:8", "2:4")
+    methods = ("magnitude", "wanda", "sparsegpt")
+    for ax, s in zip(axes, sets):
+        width = 0.25
+        for k, m in enumerate(methods):
+            values = [next((r["ppl"][s] for r in rows if r["method"] == m and r["pattern"] == p and not r["variant"]),
+                           float("nan")) for p in patterns]
+            ax.bar([i + (k - 1) * width for i in range(len(patterns))], values, width, label=m)
+        ax.axhline(dense["ppl"][s], color="black", linestyle="--", label="dense")
+        ax.set_xticks(range(len(patterns)), [f"{p} 50%" if p == "unstructured" else p for p in patterns])
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (log scale)")
+        ax.set_title(f"SmolLM2-135M, {s}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="run keys such as wanda:unstructured or wanda-variant:unstructured")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=str(RESULTS / "paper_table"), help="output path without extension")
+    args = parser.parse_args()
+    if args.worker:
+        method, variant, pattern = json.loads(args.worker)
+        print(json.dumps(worker(method, pattern, variant)))
+        return
+    runs = [r for r in RUNS if not args.only or run_key(*r) in args.only]
+    rows = []
+    for method, pattern, variant in runs:
+        print(f"== {run_key(method, pattern, variant)}", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps([method, variant, pattern])],
+                              capture_output=True, text=True, cwd=str(RESULTS.parent))
+        if proc.returncode:
+            sys.exit(f"run {run_key(method, pattern, variant)} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    payload = {"model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32)", "protocol": PROTOCOL,
+               "runs": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(args.out + ".json", "w") as handle:
+        json.dump(payload, handle, indent=2)
+    table = markdown(rows)
+    with open(args.out + ".md", "w") as handle:
+        handle.write(table)
+    if any(r["method"] == "dense" for r in rows):
+        plot(rows, args.out + ".png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
