@@ -26,15 +26,21 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter_(-1, order, True)
 
 
+def prune_count(ratio: float, total: int) -> int:
+    """floor(ratio * total) of the decimal numbers: 0.29 of 100 is 29, although 0.29 * 100 == 28.999999999999996
+    in binary floating point (the relative guard is far above that rounding and far below any real fraction)."""
+    return math.floor(ratio * total * (1 + 1e-12))
+
+
 def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune floor(ratio * in_features) weights of every output row (Wanda's comparison group)."""
-    return lowest_k_mask(scores, math.floor(ratio * scores.shape[-1]))
+    return lowest_k_mask(scores, prune_count(ratio, scores.shape[-1]))
 
 
 def matrix_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune floor(ratio * numel) weights of the whole matrix (one threshold, as magnitude pruning)."""
     flat = scores.reshape(1, -1)
-    return lowest_k_mask(flat, math.floor(ratio * flat.shape[-1])).reshape(scores.shape)
+    return lowest_k_mask(flat, prune_count(ratio, flat.shape[-1])).reshape(scores.shape)
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

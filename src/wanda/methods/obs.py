@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..config import SparsityPattern
+from ..errors import WandaError
 
 Selector = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -48,6 +49,9 @@ def obs_prune(
     """Return (updated weight in fp32 with zeros at the mask, mask, OBS-predicted loss sum)."""
     W = weight.detach().float().clone()
     rows, cols = W.shape
+    if pattern.is_nm and cols % pattern.m:
+        # checked here: inside the column loop only the last, partial group of M would be seen
+        raise WandaError(f"N:M sparsity {pattern} needs in_features divisible by {pattern.m}, but a layer has {cols}")
     Hinv = inverse_hessian_factor(hessian.float().to(W.device), percdamp)
     mask = torch.zeros_like(W, dtype=torch.bool)
     loss = torch.zeros(rows, dtype=torch.float32, device=W.device)

@@ -1,0 +1,246 @@
+"""Every pruning method on a random weight and statistics of random inputs: exact counts, N:M in every group,
+zeros exactly at the mask, Wanda against an independent computation, and SparseGPT's OBS update against
+the plain mask and against its own predicted loss."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wanda import PruneSettings, WandaError
+from wanda.methods import METHOD_SPECS, get_method
+from wanda.stats import Gram, SquaredNorm
+
+ROWS, COLS, TOKENS = 16, 32, 256
+#: Two blocks of columns, so that the lazy block updates and the per-block selection are exercised.
+BLOCKSIZE = 16
+PATTERNS = ["unstructured", "2:4", "4:8"]
+OBS_METHODS = [name for name, spec in METHOD_SPECS.items() if name not in ("magnitude", "wanda")]
+ROW_SCOPED = ("wanda", "ablate_wanda_seq", "ablate_wanda_iter")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny matrices: thread start-up costs more than the work on a shared CPU
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _data(seed: int = 0, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight (ROWS, COLS) and inputs (TOKENS, COLS) whose features have different scales, so that
+    Wanda's activation norm matters (it would agree with magnitude on isotropic inputs), and are correlated
+    as real activations are (mostly 8 latent directions plus noise), so that the OBS update has something to
+    compensate with (with independent features the Hessian is diagonal and the update does almost nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(ROWS, COLS, generator=g)
+    scales = torch.logspace(-math.log10(spread), math.log10(spread), COLS)[torch.randperm(COLS, generator=g)]
+    latent = torch.randn(TOKENS, 8, generator=g) @ torch.randn(8, COLS, generator=g) / math.sqrt(8)
+    x = (latent + 0.3 * torch.randn(TOKENS, COLS, generator=g)) * scales
+    return weight, x
+
+
+def _stat(kind, x: torch.Tensor):
+    if kind is None:
+        return None
+    stat = kind(COLS, "cpu")
+    # two batches of (batch, seq, features), as a layer sees them
+    for half in x.reshape(2, 8, TOKENS // 16, COLS):
+        stat.add(half)
+    return stat
+
+
+def _settings(method: str, pattern: str, **kw) -> PruneSettings:
+    return PruneSettings(method=method, sparsity_type=pattern, blocksize=BLOCKSIZE, **kw).validate()
+
+
+def _run(method: str, pattern: str, seed: int = 0, **kw):
+    weight, x = _data(seed)
+    spec = get_method(method)
+    result = spec.prune(weight.clone(), _stat(spec.statistic, x), _settings(method, pattern, **kw))
+    return weight, x, result
+
+
+def _reference_wanda_mask(weight: torch.Tensor, x: torch.Tensor, ratio: float, nm: tuple[int, int] | None):
+    """Plain float64/numpy: S_ij = |W_ij| * sqrt(sum_t x_tj^2), lowest per row (or per group of M)."""
+    w = weight.double().numpy()
+    norms = np.sqrt((x.double().numpy() ** 2).sum(0))
+    scores = np.abs(w) * norms[None, :]
+    mask = np.zeros_like(w, dtype=bool)
+    for r in range(w.shape[0]):
+        if nm is None:
+            k = int(ratio * w.shape[1])
+            mask[r, np.argsort(scores[r], kind="stable")[:k]] = True
+        else:
+            n, m = nm
+            for g in range(0, w.shape[1], m):
+                mask[r, g + np.argsort(scores[r, g : g + m], kind="stable")[:n]] = True
+    return torch.from_numpy(mask)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
+def test_zeros_exactly_at_the_mask_and_counts_exact(method, pattern):
+    weight, x, result = _run(method, pattern)
+    mask = result.mask
+    assert mask.shape == weight.shape and mask.dtype == torch.bool
+    assert result.weight.shape == weight.shape
+    assert torch.equal(result.weight == 0, mask)
+    if pattern == "unstructured":
+        # ratio 0.5: every scope (row, matrix, block of columns) divides evenly
+        assert mask.sum().item() == ROWS * COLS // 2
+        if method in ROW_SCOPED:
+            assert mask.sum(1).tolist() == [COLS // 2] * ROWS
+    else:
+        n, m = map(int, pattern.split(":"))
+        assert mask.reshape(ROWS, COLS // m, m).sum(-1).eq(n).all(), f"{method} breaks {pattern} in some group"
+    if method in OBS_METHODS:
+        assert result.obs_loss is not None and result.obs_loss > 0
+    else:
+        assert result.obs_loss is None
+        # no weight update: what is kept is the original weight
+        assert torch.equal(result.weight[~mask], weight[~mask])
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.7])
+def test_uneven_ratio_counts(ratio):
+    weight, x = _data(1)
+    per_row, per_matrix = math.floor(ratio * COLS), math.floor(ratio * ROWS * COLS)
+    wanda = get_method("wanda").prune(weight, _stat(SquaredNorm, x), _settings("wanda", "unstructured",
+                                                                                sparsity_ratio=ratio))
+    assert wanda.mask.sum(1).tolist() == [per_row] * ROWS
+    magnitude = get_method("magnitude").prune(weight, None, _settings("magnitude", "unstructured",
+                                                                       sparsity_ratio=ratio))
+    assert magnitude.mask.sum().item() == per_matrix
+    # the *_seq ablations fix the same masks up front
+    gram = _stat(Gram, x)
+    seq = get_method("ablate_wanda_seq").prune(weight, gram, _settings("ablate_wanda_seq", "unstructured",
+                                                                        sparsity_ratio=ratio))
+    assert torch.equal(seq.mask, wanda.mask)
+    seq = get_method("ablate_mag_seq").prune(weight, gram, _settings("ablate_mag_seq", "unstructured",
+                                                                      sparsity_ratio=ratio))
+    assert torch.equal(seq.mask, magnitude.mask)
+
+
+def test_wanda_hand_computed():
+    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0],
+                           [4.0, -3.0, 2.0, 1.0]])
+    stat = SquaredNorm(4, "cpu")
+    stat.add(torch.tensor([[4.0, 1.0, 1.0, 1.0]]))  # ||X_j|| = 4, 1, 1, 1
+    # scores: [4, 2, 3, 4] and [16, 3, 2, 1]
+    result = get_method("wanda").prune(weight, stat, _settings("wanda", "unstructured"))
+    assert result.mask.tolist() == [[False, True, True, False],
+                                    [False, False, True, True]]
+    assert result.weight.tolist() == [[1.0, 0.0, 0.0, 4.0],
+                                      [4.0, -3.0, 0.0, 0.0]]
+    # magnitude prunes the first row differently
+    assert get_method("magnitude").prune(weight, None, _settings("magnitude", "2:4")).mask.tolist() == [
+        [True, True, False, False],
+        [False, False, True, True],
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_wanda_equals_an_independent_computation(pattern, seed):
+    weight, x, result = _run("wanda", pattern, seed)
+    nm = None if pattern == "unstructured" else tuple(map(int, pattern.split(":")))
+    expected = _reference_wanda_mask(weight, x, 0.5, nm)
+    assert torch.equal(result.mask, expected)
+    # and it differs from magnitude on these anisotropic inputs, so the statistic is really used
+    magnitude = get_method("magnitude").prune(weight, None, _settings("magnitude", pattern)).mask
+    assert not torch.equal(result.mask, magnitude)
+
+
+def test_wanda_accepts_a_gram_statistic():
+    weight, x = _data()
+    a = get_method("wanda").prune(weight, _stat(SquaredNorm, x), _settings("wanda", "unstructured"))
+    b = get_method("wanda").prune(weight, _stat(Gram, x), _settings("wanda", "unstructured"))
+    assert torch.equal(a.mask, b.mask)
+
+
+def test_wanda_variant_reaches_the_ratio():
+    weight, x = _data()
+    settings = _settings("wanda", "unstructured", sparsity_ratio=0.4, use_variant=True)
+    result = get_method("wanda").prune(weight, _stat(SquaredNorm, x), settings)
+    assert abs(result.mask.float().mean().item() - 0.4) <= settings.variant_tolerance
+    assert torch.equal(result.weight == 0, result.mask)
+
+
+def _output_error(weight: torch.Tensor, new: torch.Tensor, x: torch.Tensor) -> float:
+    """||W X^T - W_hat X^T||_F in float64."""
+    return torch.linalg.matrix_norm((weight.double() - new.double()) @ x.double().T).item()
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("method", OBS_METHODS)
+def test_obs_update_lowers_the_output_error_of_its_own_mask(method, pattern):
+    weight, x, result = _run(method, pattern)
+    with_update = _output_error(weight, result.weight, x)
+    mask_only = _output_error(weight, weight.masked_fill(result.mask, 0), x)
+    # the reconstruction removes a large part of the error of simply zeroing the same weights
+    assert with_update < 0.9 * mask_only, (with_update, mask_only)
+
+
+@pytest.mark.parametrize("percdamp", [0.0, 0.01, 0.1])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("method", OBS_METHODS)
+def test_obs_predicted_loss_equals_the_real_error(method, pattern, percdamp):
+    """With H^-1 = U^T U (U upper Cholesky), OBS leaves W - W_hat = E U, where E holds the scaled errors
+    (w - q) / U_jj; hence 1/2 tr((W - W_hat) H (W - W_hat)^T) = 1/2 sum E^2, which is exactly the loss it
+    predicts. H here is the dampened Hessian it inverted; without dampening that is (1/n) ||(W - W_hat) X^T||^2."""
+    weight, x, result = _run(method, pattern, percdamp=percdamp)
+    delta = weight.double() - result.weight.double()
+    hessian = 2.0 / TOKENS * x.double().T @ x.double()
+    dampened = hessian + percdamp * hessian.diagonal().mean() * torch.eye(COLS, dtype=torch.float64)
+    real = 0.5 * torch.einsum("ri,ij,rj->", delta, dampened, delta).item()
+    assert result.obs_loss == pytest.approx(real, rel=1e-4)
+    if percdamp == 0.0:
+        assert result.obs_loss == pytest.approx(_output_error(weight, result.weight, x) ** 2 / TOKENS, rel=1e-4)
+
+
+def test_obs_with_a_dead_input_feature():
+    # a feature that is never active (H_jj == 0) must not break the Cholesky factorisation
+    weight, x = _data()
+    x[:, 5] = 0
+    for method in OBS_METHODS:
+        result = get_method(method).prune(weight, _stat(Gram, x), _settings(method, "2:4"))
+        assert torch.isfinite(result.weight).all()
+        assert torch.equal(result.weight == 0, result.mask)
+
+
+def test_accumulators_are_batch_invariant_and_agree():
+    _, x = _data()
+    whole_norm, whole_gram = SquaredNorm(COLS, "cpu"), Gram(COLS, "cpu")
+    whole_norm.add(x)
+    whole_gram.add(x)
+    batched = _stat(Gram, x)
+    expected = (x.double() ** 2).sum(0)
+    torch.testing.assert_close(whole_norm.squared_norm().double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(whole_gram.squared_norm().double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(batched.sum, whole_gram.sum, rtol=1e-5, atol=1e-4)
+    assert batched.tokens == whole_gram.tokens == TOKENS
+    torch.testing.assert_close(batched.hessian(), batched.sum * 2 / TOKENS)
+
+
+@pytest.mark.parametrize("method", list(METHOD_SPECS))
+def test_nm_on_columns_not_divisible_by_m_names_the_layer_width(method):
+    weight, x = torch.randn(8, 30), torch.randn(64, 30)
+    spec = get_method(method)
+    stat = None
+    if spec.statistic is not None:
+        stat = spec.statistic(30, "cpu")
+        stat.add(x)
+    with pytest.raises(WandaError, match="divisible by 4, but a layer has 30"):
+        spec.prune(weight, stat, _settings(method, "2:4"))
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(WandaError, match="unknown pruning method 'search'"):
+        get_method("search")
+    with pytest.raises(WandaError, match="--prune_method"):
+        PruneSettings(method="search").validate()
