@@ -1,0 +1,348 @@
+"""Zero-shot accuracy of a model held in memory, with the released lm-evaluation-harness (``lm-eval``).
+
+The model object that was just pruned is wrapped in the harness's ``HFLM`` and evaluated as it is: nothing
+is saved or reloaded, and the zeros of every linear layer are counted before and after (they must not move).
+
+Tasks come from one of two places:
+
+* the hub: the harness's own task of that name (``boolq``, ``arc_easy``, ...), downloaded by ``datasets``;
+* a local folder (``data_dir``): the task configs in ``wanda/eval/tasks/*.yaml``. Each is the harness's own
+  config for that task (same prompt, choices, metrics) with its ``dataset_path`` pointed at a local
+  json/jsonl/text file; where the file's layout differs from the hub's, its ``process_docs`` converts the rows
+  (``wanda/eval/tasks/convert.py``). The default seven are the tasks of the Wanda paper's table.
+
+Tasks named that have no local config are taken from the hub even when ``data_dir`` is set (and logged).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import WandaError
+from ..io import atomic_write_json, ensure_free
+
+__all__ = [
+    "SEED_TASKS",
+    "TASKS_DIR",
+    "ZeroShotSettings",
+    "ZeroShotResult",
+    "local_task_names",
+    "local_task_config",
+    "evaluate_zero_shot",
+    "format_table",
+    "linear_zero_counts",
+    "check_zero_shot_args",
+    "run_zero_shot",
+]
+
+log = logging.getLogger(__name__)
+
+#: The seven tasks of the Wanda paper's zero-shot table (the seed's defaults).
+SEED_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+#: Local task configs shipped with wanda (package data), one ``<task>.yaml`` each.
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+#: Values of ``data_dir`` / ``--zero_shot_data`` that mean "use the hub even if $WANDA_DATA_DIR is set".
+HUB = ("hub", "none")
+#: Written into ``--save`` beside the job's own results.
+ZERO_SHOT_FILE = "zero_shot.json"
+
+
+@dataclass
+class ZeroShotSettings:
+    """What to evaluate and how.
+
+    ``limit``: at most this many documents per task (the first ones, in file order), for quick runs.
+    ``batch_size``: requests per forward pass, or ``"auto"`` (the harness searches for the largest that fits).
+    ``data_dir``: folder with local copies of the task files (layout of ``../shared/data/zeroshot``);
+    None: every task from the hub.
+    """
+
+    tasks: tuple[str, ...] = SEED_TASKS
+    num_fewshot: int = 0
+    limit: int | None = None
+    batch_size: int | str = 8
+    data_dir: Path | None = None
+
+    def validate(self) -> "ZeroShotSettings":
+        if not self.tasks:
+            raise WandaError("--tasks is empty; name at least one task (e.g. --tasks arc_easy,hellaswag)")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise WandaError(f"--tasks names a task twice: {','.join(self.tasks)}")
+        if self.num_fewshot < 0:
+            raise WandaError(f"--num_fewshot must be 0 or more, got {self.num_fewshot}")
+        if self.limit is not None and self.limit < 1:
+            raise WandaError(f"--limit must be at least 1 (documents per task), got {self.limit}")
+        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
+            raise WandaError(f"--eval_batch_size must be a positive integer or 'auto', got {self.batch_size!r}")
+        if self.data_dir is not None:
+            if not Path(self.data_dir).is_dir():
+                raise WandaError(f"--zero_shot_data {self.data_dir} is not a folder (expected the layout of "
+                                 "shared/data/zeroshot: boolq/val.jsonl, arc_easy/ARC-Easy-Test.jsonl, ...); "
+                                 "pass --zero_shot_data hub to download the tasks instead")
+            for name in self.tasks:
+                if name in local_task_names():
+                    _local_files(name, Path(self.data_dir))  # raises if a file is missing
+        return self
+
+    @classmethod
+    def from_namespace(cls, args: Any) -> "ZeroShotSettings":
+        """Settings from parsed flags (``--tasks --num_fewshot --limit --eval_batch_size --zero_shot_data``);
+        flags that are absent take their defaults."""
+        tasks = getattr(args, "tasks", None)
+        names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else SEED_TASKS
+        batch = getattr(args, "eval_batch_size", None)
+        if batch is None:
+            batch = cls.batch_size
+        elif str(batch).strip().lower() == "auto":
+            batch = "auto"
+        else:
+            try:
+                batch = int(batch)
+            except ValueError:
+                raise WandaError(f"--eval_batch_size must be a positive integer or 'auto', got {batch!r}") from None
+        return cls(tasks=names, num_fewshot=getattr(args, "num_fewshot", None) or 0, limit=getattr(args, "limit", None),
+                   batch_size=batch, data_dir=resolve_data_dir(getattr(args, "zero_shot_data", None)))
+
+
+def resolve_data_dir(value: str | Path | None) -> Path | None:
+    """``--zero_shot_data``: a folder; 'hub'/'none' for the hub; unset: ``$WANDA_DATA_DIR/zeroshot`` if that
+    folder exists, else the hub."""
+    if value is None:
+        env = os.environ.get("WANDA_DATA_DIR")
+        if env and (Path(env) / "zeroshot").is_dir():
+            return Path(env) / "zeroshot"
+        return None
+    if str(value).lower() in HUB:
+        return None
+    return Path(value).expanduser()
+
+
+@dataclass
+class ZeroShotResult:
+    """``metrics[task][metric]`` (acc, acc_norm, ...), ``stderr[task][metric]``, ``samples[task]`` = (evaluated,
+    documents in the split), ``sources[task]`` = the local file(s) or ``hub``."""
+
+    settings: dict
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    stderr: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    samples: dict[str, tuple[int, int]] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    zero_fraction_before: float = 0.0
+    zero_fraction_after: float = 0.0
+    seconds: float = 0.0
+    lm_eval_version: str = ""
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["samples"] = {t: {"evaluated": n, "total": total} for t, (n, total) in self.samples.items()}
+        return out
+
+
+# ------------------------------------------------------------------------------------------- local tasks
+def local_task_names() -> tuple[str, ...]:
+    return tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
+
+
+def _function(loader, node):
+    """``!function module.name``: ``convert.x`` is wanda's converter module; other dotted paths are imported
+    (e.g. the harness's own winogrande prompt functions)."""
+    qualified = loader.construct_scalar(node)
+    module, _, name = qualified.rpartition(".")
+    if module == "convert":
+        module = f"{__package__}.tasks.convert"
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise WandaError(f"task config function {qualified!r} could not be imported ({exc}); is lm-eval "
+                         "installed in a version that has it? (pip install 'wanda[zeroshot]')") from exc
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", _function)
+    with open(path, encoding="utf-8") as handle:
+        return yaml.load(handle, Loader=Loader)  # noqa: S506 - SafeLoader plus one constructor
+
+
+def _local_files(name: str, data_dir: Path) -> dict[str, str]:
+    raw = _read_yaml(TASKS_DIR / f"{name}.yaml")
+    files = {}
+    for split, relative in raw["dataset_kwargs"]["data_files"].items():
+        path = (data_dir / relative).resolve()
+        if not path.is_file():
+            raise WandaError(f"task {name}: {path} is missing; --zero_shot_data must hold {relative} "
+                             "(see shared/data/SOURCES.md), or pass --zero_shot_data hub")
+        files[split] = str(path)
+    return files
+
+
+def local_task_config(name: str, data_dir: str | Path, num_fewshot: int = 0) -> dict:
+    """The harness task config (a dict for ``TaskManager.load``) of local task ``name`` over ``data_dir``."""
+    if name not in local_task_names():
+        raise WandaError(f"no local definition of task {name!r}; local tasks: {', '.join(local_task_names())}")
+    config = _read_yaml(TASKS_DIR / f"{name}.yaml")
+    config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": _local_files(name, Path(data_dir))}
+    if num_fewshot > 0:
+        # The local copies hold only the evaluation split, so examples are drawn from it. The harness leaves the
+        # document being evaluated out of its own examples only when the few-shot split is the test split.
+        split = config.get("test_split") or config.get("validation_split")
+        config.update(test_split=split, validation_split=None, fewshot_split=split)
+        log.warning("%s: %d-shot examples come from the evaluation file itself (no training split offline; the "
+                    "document being evaluated is left out), so scores differ from the hub version's", name,
+                    num_fewshot)
+    return config
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+def linear_zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(zeros, size) of the weight of every ``nn.Linear`` except the output embedding."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head:
+            weight = module.weight
+            counts[name] = (int((weight == 0).sum().item()), weight.numel())
+    return counts
+
+
+def _zero_fraction(counts: dict[str, tuple[int, int]]) -> float:
+    total = sum(size for _, size in counts.values())
+    return sum(zeros for zeros, _ in counts.values()) / total if total else 0.0
+
+
+def _task_specs(settings: ZeroShotSettings) -> tuple[list, dict[str, str]]:
+    specs, sources = [], {}
+    local = set(local_task_names()) if settings.data_dir is not None else set()
+    for name in settings.tasks:
+        if name in local:
+            config = local_task_config(name, settings.data_dir, settings.num_fewshot)
+            specs.append(config)
+            sources[name] = ", ".join(config["dataset_kwargs"]["data_files"].values())
+        else:
+            if settings.data_dir is not None:
+                log.info("%s has no local definition (local: %s); taking it from the hub", name,
+                         ", ".join(sorted(local)))
+            specs.append(name)
+            sources[name] = "hub"
+    return specs, sources
+
+
+def _split_metrics(task_results: dict) -> tuple[dict[str, float], dict[str, float | None]]:
+    """The harness's ``{"acc,none": v, "acc_stderr,none": s, "alias": ...}`` -> ({acc: v}, {acc: s})."""
+    values, errors = {}, {}
+    for key, value in task_results.items():
+        metric, _, _filter = key.partition(",")
+        if not _ or metric == "alias":
+            continue
+        if metric.endswith("_stderr"):
+            errors[metric[: -len("_stderr")]] = value if isinstance(value, (int, float)) else None
+        elif isinstance(value, (int, float)):
+            values[metric] = float(value)
+    return values, {m: errors.get(m) for m in values}
+
+
+def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) -> ZeroShotResult:
+    """Run the harness on ``model`` (in memory, where it is) and ``tokenizer``; raise if any zero moved."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise WandaError("zero-shot evaluation needs lm-eval: pip install 'wanda[zeroshot]'") from exc
+    settings.validate()
+    start = time.perf_counter()
+    before = linear_zero_counts(model)
+    specs, sources = _task_specs(settings)
+    # The harness sets a pad token on the tokenizer it is given; keep the caller's (it may be saved later).
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=settings.batch_size)
+    # Indexing the harness's thousands of built-in configs takes a while; only do it when a task needs it.
+    manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=settings.num_fewshot,
+                                             limit=settings.limit, task_manager=manager, log_samples=False)
+    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
+        raise WandaError(f"lm-eval could not run {', '.join(settings.tasks)}: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''} (offline, point --zero_shot_data "
+                         "at local task files)") from exc
+    finally:
+        model.train(was_training)
+    after = linear_zero_counts(model)
+    moved = [name for name in before if before[name] != after.get(name)]
+    if moved:
+        raise WandaError(f"zero-shot evaluation changed the zeros of {len(moved)} layers (first: {moved[0]}: "
+                         f"{before[moved[0]][0]} -> {after[moved[0]][0]} zeros); this is a bug, please report it")
+
+    result = ZeroShotResult(settings={**asdict(settings), "data_dir": str(settings.data_dir or "hub")},
+                            sources=sources, zero_fraction_before=_zero_fraction(before),
+                            zero_fraction_after=_zero_fraction(after), lm_eval_version=lm_eval.__version__)
+    for task, task_results in output["results"].items():
+        values, errors = _split_metrics(task_results)
+        if not values:
+            continue
+        result.metrics[task], result.stderr[task] = values, errors
+        counts = output.get("n-samples", {}).get(task)
+        if counts:
+            result.samples[task] = (int(counts["effective"]), int(counts["original"]))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def format_table(result: ZeroShotResult) -> str:
+    """Markdown table: task, metric, value, stderr, documents evaluated (of the split's total)."""
+    lines = ["| task | metric | value | stderr | n |", "|---|---|---|---|---|"]
+    for task, values in result.metrics.items():
+        n, total = result.samples.get(task, (None, None))
+        docs = "-" if n is None else (f"{n}" if n == total else f"{n} of {total}")
+        for metric, value in values.items():
+            err = result.stderr[task].get(metric)
+            lines.append(f"| {task} | {metric} | {value:.4f} | {'-' if err is None else f'{err:.4f}'} | {docs} |")
+    if result.metrics:
+        means = [values["acc"] for values in result.metrics.values() if "acc" in values]
+        if means:
+            lines.append(f"| mean of {len(means)} | acc | {sum(means) / len(means):.4f} | - | - |")
+    return "\n".join(lines)
+
+
+def check_zero_shot_args(args: Any) -> ZeroShotSettings:
+    """Validate the zero-shot flags and that ``zero_shot.json`` may be written, before any long work."""
+    settings = ZeroShotSettings.from_namespace(args).validate()
+    if getattr(args, "save", None):
+        ensure_free(Path(args.save) / ZERO_SHOT_FILE, getattr(args, "overwrite", False), "result")
+    return settings
+
+
+def run_zero_shot(model: nn.Module, tokenizer, args: Any) -> dict:
+    """The command line's zero-shot step: settings from ``args``, evaluate, print the table, and write
+    ``zero_shot.json`` into ``args.save`` when set. Returns the result as a JSON-ready dict."""
+    settings = check_zero_shot_args(args)
+    save = getattr(args, "save", None)
+    if not getattr(args, "verbose", False):
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter; -v shows it
+    log.info("zero-shot: %s (%d-shot%s) from %s", ", ".join(settings.tasks), settings.num_fewshot,
+             f", first {settings.limit} documents per task" if settings.limit else "",
+             settings.data_dir or "the hub")
+    result = evaluate_zero_shot(model, tokenizer, settings)
+    print(f"\nzero-shot ({settings.num_fewshot}-shot, lm-eval {result.lm_eval_version}, {result.seconds:.0f}s; "
+          f"linear-layer zeros {result.zero_fraction_after:.4f}, unchanged):")
+    print(format_table(result), flush=True)
+    payload = result.to_dict()
+    if save:
+        atomic_write_json(Path(save) / ZERO_SHOT_FILE, payload, getattr(args, "overwrite", False))
+    return payload
