@@ -427,3 +427,198 @@ def test_command_reports_bad_flags_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--data_path", str(tmp_path / "missing")], "wanda vision")
     assert "has no train/ folder" in capsys.readouterr().err
+
+
+# --- the seed's checkpoints (official ConvNeXt, timm ViT / DeiT) without timm ------------------------------------
+# The references below are independent re-implementations of the original forward passes, written from the
+# papers' definitions on the original key names; the converted transformers model must give the same logits.
+
+import torch.nn.functional as F  # noqa: E402
+
+from wanda.vision.convert import CONFIG_OVERRIDES, checkpoint_format, to_transformers  # noqa: E402
+
+
+def random_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in shapes.items():
+        value = torch.randn(shape, generator=g) * 0.3
+        out[key] = value + 1 if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".1.weight")) and \
+            len(shape) == 1 else value
+    return out
+
+
+def timm_vit_state(depth=2, dim=16, mlp=32, patch=4, tokens=16, classes=5, distilled=False) -> dict:
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, tokens + 1 + distilled, dim),
+              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
+              "norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (classes, dim), "head.bias": (classes,)}
+    if distilled:
+        shapes |= {"dist_token": (1, 1, dim), "head_dist.weight": (classes, dim), "head_dist.bias": (classes,)}
+    for i in range(depth):
+        p = f"blocks.{i}."
+        shapes |= {p + "norm1.weight": (dim,), p + "norm1.bias": (dim,), p + "attn.qkv.weight": (3 * dim, dim),
+                   p + "attn.qkv.bias": (3 * dim,), p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,),
+                   p + "norm2.weight": (dim,), p + "norm2.bias": (dim,), p + "mlp.fc1.weight": (mlp, dim),
+                   p + "mlp.fc1.bias": (mlp,), p + "mlp.fc2.weight": (dim, mlp), p + "mlp.fc2.bias": (dim,)}
+    return random_state(shapes)
+
+
+def timm_vit_reference(sd: dict, x: torch.Tensor, depth: int, heads: int, patch: int, distilled: bool) -> torch.Tensor:
+    """ViT (Dosovitskiy et al.) / DeiT on timm's keys: pre-norm blocks, fused qkv, class token (and distillation
+    token, whose head's logits are averaged with the class token's at inference)."""
+    b = x.shape[0]
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch).flatten(2).transpose(1, 2)
+    extra = [sd["cls_token"].expand(b, -1, -1)] + ([sd["dist_token"].expand(b, -1, -1)] if distilled else [])
+    t = torch.cat(extra + [t], dim=1) + sd["pos_embed"]  # (B, N, D)
+    dim = t.shape[-1]
+    hd = dim // heads
+    for i in range(depth):
+        p = f"blocks.{i}."
+        h = F.layer_norm(t, (dim,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
+        q, k, v = F.linear(h, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).view(b, -1, 3, heads, hd).permute(
+            2, 0, 3, 1, 4)  # each (B, heads, N, hd)
+        a = ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(-1) @ v
+        t = t + F.linear(a.transpose(1, 2).reshape(b, -1, dim), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
+        h = F.layer_norm(t, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-6)
+        h = F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+        t = t + F.linear(h, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+    t = F.layer_norm(t, (dim,), sd["norm.weight"], sd["norm.bias"], 1e-6)
+    logits = F.linear(t[:, 0], sd["head.weight"], sd["head.bias"])
+    if distilled:
+        logits = (logits + F.linear(t[:, 1], sd["head_dist.weight"], sd["head_dist.bias"])) / 2
+    return logits
+
+
+@pytest.mark.parametrize("distilled", [False, True], ids=["vit", "deit-distilled"])
+def test_timm_vit_checkpoint_converts_exactly(distilled):
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+
+    sd = timm_vit_state(distilled=distilled)
+    assert checkpoint_format(sd) == "vit_timm"
+    kw = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=16,
+              patch_size=4, num_labels=5, **CONFIG_OVERRIDES)
+    model = (DeiTForImageClassificationWithTeacher(DeiTConfig(**kw)) if distilled else
+             ViTForImageClassification(ViTConfig(**kw))).eval()
+    model.load_state_dict(to_transformers(sd, model))  # strict: every key is produced, none is left over
+    x = images(2, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=x).logits, timm_vit_reference(sd, x, 2, 2, 4, distilled), atol=1e-5)
+
+
+def official_convnext_state(depths=(1, 2), dims=(8, 16), classes=5) -> dict:
+    shapes = {"downsample_layers.0.0.weight": (dims[0], 3, 4, 4), "downsample_layers.0.0.bias": (dims[0],),
+              "downsample_layers.0.1.weight": (dims[0],), "downsample_layers.0.1.bias": (dims[0],),
+              "norm.weight": (dims[-1],), "norm.bias": (dims[-1],), "head.weight": (classes, dims[-1]),
+              "head.bias": (classes,)}
+    for i, (depth, dim) in enumerate(zip(depths, dims)):
+        if i:
+            d = f"downsample_layers.{i}."
+            shapes |= {d + "0.weight": (dims[i - 1],), d + "0.bias": (dims[i - 1],),
+                       d + "1.weight": (dim, dims[i - 1], 2, 2), d + "1.bias": (dim,)}
+        for j in range(depth):
+            p = f"stages.{i}.{j}."
+            shapes |= {p + "gamma": (dim,), p + "dwconv.weight": (dim, 1, 7, 7), p + "dwconv.bias": (dim,),
+                       p + "norm.weight": (dim,), p + "norm.bias": (dim,), p + "pwconv1.weight": (4 * dim, dim),
+                       p + "pwconv1.bias": (4 * dim,), p + "pwconv2.weight": (dim, 4 * dim), p + "pwconv2.bias": (dim,)}
+    return random_state(shapes)
+
+
+def official_convnext_reference(sd: dict, x: torch.Tensor, depths) -> torch.Tensor:
+    """ConvNeXt (Liu et al. 2022) on the official keys: 4x4 stem, channels-first LayerNorm before each 2x2
+    downsampling, blocks of dwconv 7x7 -> LN -> Linear 4x -> GELU -> Linear -> gamma, global pool, LN, head."""
+
+    def norm_channels_first(t, prefix):  # LayerNorm over the channel dimension of (B, C, H, W)
+        return F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), sd[prefix + ".weight"], sd[prefix + ".bias"],
+                            1e-6).permute(0, 3, 1, 2)
+
+    for i, depth in enumerate(depths):
+        if i == 0:
+            x = F.conv2d(x, sd["downsample_layers.0.0.weight"], sd["downsample_layers.0.0.bias"], stride=4)
+            x = norm_channels_first(x, "downsample_layers.0.1")
+        else:
+            x = norm_channels_first(x, f"downsample_layers.{i}.0")
+            x = F.conv2d(x, sd[f"downsample_layers.{i}.1.weight"], sd[f"downsample_layers.{i}.1.bias"], stride=2)
+        for j in range(depth):
+            p = f"stages.{i}.{j}."
+            y = F.conv2d(x, sd[p + "dwconv.weight"], sd[p + "dwconv.bias"], padding=3, groups=x.shape[1])
+            y = F.layer_norm(y.permute(0, 2, 3, 1), (x.shape[1],), sd[p + "norm.weight"], sd[p + "norm.bias"], 1e-6)
+            y = F.gelu(F.linear(y, sd[p + "pwconv1.weight"], sd[p + "pwconv1.bias"]))
+            y = F.linear(y, sd[p + "pwconv2.weight"], sd[p + "pwconv2.bias"])
+            x = x + (sd[p + "gamma"] * y).permute(0, 3, 1, 2)
+    pooled = F.layer_norm(x.mean(dim=(2, 3)), (x.shape[1],), sd["norm.weight"], sd["norm.bias"], 1e-6)
+    return F.linear(pooled, sd["head.weight"], sd["head.bias"])
+
+
+def test_official_convnext_checkpoint_converts_exactly():
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    sd = official_convnext_state()
+    assert checkpoint_format(sd) == "convnext_official"
+    model = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 2], num_stages=2,
+                                                          num_labels=5, **CONFIG_OVERRIDES)).eval()
+    model.load_state_dict(to_transformers(sd, model))
+    x = images(2, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(pixel_values=x).logits, official_convnext_reference(sd, x, (1, 2)), atol=1e-5)
+
+
+def test_seed_checkpoint_loads_by_name_without_timm(tmp_path):
+    # vit_tiny_patch16_224's real shapes: 12 blocks of width 192, 196 patches, in the seed's {"model": ...} wrapper
+    sd = timm_vit_state(depth=12, dim=192, mlp=768, patch=16, tokens=196, classes=5)
+    torch.save({"model": sd}, tmp_path / "seed.pth")
+    loaded = load_classifier("vit_tiny_patch16_224", str(tmp_path / "seed.pth"), "transformers", num_classes=5)
+    assert loaded.model.config.layer_norm_eps == 1e-6
+    x = images(1, 224)
+    with torch.no_grad():
+        assert torch.allclose(loaded.forward(loaded.model, x), timm_vit_reference(sd, x, 12, 3, 16, False), atol=1e-4)
+    with pytest.raises(WandaError, match="checkpoint is a vit"):
+        load_classifier("convnext_tiny", str(tmp_path / "seed.pth"), "transformers", num_classes=5)
+
+
+# --- the timm path, through a stand-in module (timm itself needs a torchvision that matches torch) ----------------
+
+
+@pytest.fixture
+def stub_timm(monkeypatch):
+    import importlib.machinery
+    import sys
+    import types
+
+    class TimmNet(PointwiseNet):
+        def __init__(self, num_classes: int):
+            super().__init__(classes=num_classes)
+            self.num_classes = num_classes
+            self.pretrained_cfg = {"classifier": "head", "input_size": (3, 16, 16), "crop_pct": 0.8,
+                                   "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+    calls = []
+
+    def create_model(name, pretrained=False, num_classes=1000):
+        calls.append((name, pretrained, num_classes))
+        return TimmNet(num_classes)
+
+    stub = types.ModuleType("timm")
+    stub.__spec__ = importlib.machinery.ModuleSpec("timm", None)
+    stub.create_model = create_model
+    monkeypatch.setitem(sys.modules, "timm", stub)
+    return calls
+
+
+def test_timm_path_loads_prunes_and_saves(stub_timm, tmp_path, capsys):
+    from wanda.cli.vision import run
+
+    torch.save({"model": PointwiseNet(classes=5).state_dict()}, tmp_path / "seed.pth")
+    loaded = load_classifier("pointwise_net", str(tmp_path / "seed.pth"), num_classes=5)
+    assert loaded.library == "timm" and stub_timm == [("pointwise_net", False, 5)]
+    assert loaded.preprocess == Preprocess(20, (16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
+
+    data = write_image_tree(tmp_path / "data")
+    argv = ["--model", "pointwise_net", "--resume", str(tmp_path / "seed.pth"), "--data_path", str(data),
+            "--nsamples", "6", "--workers", "0", "--sparsity_type", "2:4", "--save_model", str(tmp_path / "pruned"),
+            "--no_progress", "--library", "timm"]
+    assert run(argv, "wanda vision") == 0
+    assert "[timm]" in capsys.readouterr().out
+    again = load_classifier("pointwise_net", str(tmp_path / "pruned" / "checkpoint.pth"), "timm", num_classes=5)
+    for layer in find_layout(again.model).prunable.values():
+        assert check_nm(matrix_view(layer) == 0, 2, 4)
+    assert torch.equal(again.model.head.weight, loaded.model.head.weight)

@@ -17,7 +17,7 @@ import torch
 from ..errors import WandaError
 from ..io import atomic_directory, atomic_write_json, ensure_free
 from ..resources import peak_rss_mb
-from ..vision import (GRANULARITIES, VISION_METRICS, ImageFolder, VisionPruneSettings, calibration_batches,
+from ..vision import (METRICS, VISION_METRICS, ImageFolder, VisionPruneSettings, calibration_batches,
                       load_classifier, prune_classifier, topk_accuracy)
 from ..vision.data import Preprocess, loader
 from ..vision.models import LIBRARIES
@@ -83,7 +83,8 @@ def _device(text: str) -> torch.device:
 def _preprocess(base: Preprocess, args) -> Preprocess:
     if args.input_size is None and args.crop_pct is None:
         return base
-    size = args.input_size or (base.crop or base.resize)[0]
+    current = base.crop or base.resize
+    size = args.input_size or (current if isinstance(current, int) else current[0])
     crop_pct = args.crop_pct or 0.875
     if not 0 < crop_pct <= 1 or size < 1:
         raise WandaError(f"--crop_pct must be in (0, 1] and --input_size positive; got {crop_pct}, {size}")
@@ -135,6 +136,8 @@ def run(argv: list[str], prog: str) -> int:
         raise WandaError(f"{args.model} has {loaded.num_classes} outputs but {root / 'train'} has {len(classes)} "
                          "class folders; the folders must be the model's classes (ImageNet: all 1000 synsets)")
     preprocess = _preprocess(loaded.preprocess, args)
+    if preprocess != loaded.preprocess:  # the saved checkpoint then describes the preprocessing actually used
+        loaded.preprocess, loaded.processor_config = preprocess, None
     log.info("%s from %s (%s); preprocessing %s", args.model, args.resume or "the hub", loaded.library, preprocess)
     model = loaded.model.to(device)
     train = ImageFolder(root / "train", preprocess)
@@ -146,6 +149,9 @@ def run(argv: list[str], prog: str) -> int:
                              desc=f"{label} eval", progress=progress)
 
     dense = {} if args.skip_dense_eval else evaluate("dense")
+    if settings.nsamples > len(train) and METRICS[settings.metric].statistic is not None:
+        log.info("--nsamples %d is more than the %d training images; calibrating on all of them",
+                 settings.nsamples, len(train))
     calibration = calibration_batches(train, settings.nsamples, settings.batch_size, settings.seed, args.workers)
     report = prune_classifier(model, calibration, settings, loaded.forward)
     pruned = evaluate("pruned")

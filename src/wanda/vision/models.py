@@ -4,7 +4,8 @@
 ``vit_large_patch16_224`` and the other sizes of the same families). With timm importable (it needs
 torchvision) the name goes to ``timm.create_model``, the seed's choice. Otherwise the name picks a
 ``transformers`` architecture and config from the registry below, whose weights come from ``--resume`` (a
-state dict in transformers' keys, e.g. a checkpoint this command wrote) or from the matching hub checkpoint.
+state dict in transformers' keys, or one of the seed's official ConvNeXt / timm ViT and DeiT checkpoints, which
+``convert`` renames) or from the matching hub checkpoint.
 ``--resume`` may also be a ``from_pretrained`` folder of any transformers image classifier; then ``--model`` is
 only a label.
 """
@@ -12,8 +13,10 @@ only a label.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
+from .convert import CONFIG_OVERRIDES, checkpoint_format, to_transformers
 from .data import Preprocess
 
 __all__ = ["ModelSpec", "named_spec", "LoadedClassifier", "load_classifier", "read_state_dict", "timm_available",
@@ -53,7 +57,7 @@ class ModelSpec:
     """A named transformers architecture: how to build it, where its weights live, how to preprocess."""
 
     name: str
-    build: Callable[[int], nn.Module]  # num_labels -> randomly initialised model
+    build: Callable[..., nn.Module]  # (num_labels, **config overrides) -> randomly initialised model
     hub_id: str
     preprocess: Preprocess
 
@@ -69,8 +73,8 @@ def named_spec(name: str) -> ModelSpec:
         config = dict(depths=list(depths), hidden_sizes=list(widths), image_size=res)
         hub = f"facebook/convnext-{size}-{res}" + ("-22k-1k" if size == "xlarge" else "")
         pre = Preprocess.center_crop_pct(res, **_CONVNEXT_PRE)
-        return ModelSpec(name, lambda n: ConvNextForImageClassification(ConvNextConfig(num_labels=n, **config)),
-                         hub, pre)
+        return ModelSpec(name, lambda n, **kw: ConvNextForImageClassification(
+            ConvNextConfig(num_labels=n, **config, **kw)), hub, pre)
     if match := re.fullmatch(r"(deit|vit)_(tiny|small|base|large|huge)(_distilled)?_patch(\d+)_(\d+)", name):
         family, size, distilled, patch, res = match[1], match[2], bool(match[3]), int(match[4]), int(match[5])
         if family == "vit" and distilled:
@@ -82,12 +86,14 @@ def named_spec(name: str) -> ModelSpec:
         if family == "deit":
             hub = f"facebook/deit-{size}{'-distilled' if distilled else ''}-patch{patch}-{res}"
             if distilled:  # two heads (class and distillation token), averaged at inference
-                return ModelSpec(name, lambda n: DeiTForImageClassificationWithTeacher(
-                    DeiTConfig(num_labels=n, **config)), hub, pre)
+                return ModelSpec(name, lambda n, **kw: DeiTForImageClassificationWithTeacher(
+                    DeiTConfig(num_labels=n, **config, **kw)), hub, pre)
             # DeiT without distillation is a ViT with another training recipe (its hub checkpoints are ViTs)
-            return ModelSpec(name, lambda n: ViTForImageClassification(ViTConfig(num_labels=n, **config)), hub, pre)
+            return ModelSpec(name, lambda n, **kw: ViTForImageClassification(ViTConfig(num_labels=n, **config, **kw)),
+                             hub, pre)
         hub = f"google/vit-{size}-patch{patch}-{res}"
-        return ModelSpec(name, lambda n: ViTForImageClassification(ViTConfig(num_labels=n, **config)), hub, pre)
+        return ModelSpec(name, lambda n, **kw: ViTForImageClassification(ViTConfig(num_labels=n, **config, **kw)),
+                         hub, pre)
     raise WandaError(
         f"unknown model {name!r}: use convnext_{{tiny,small,base,large,xlarge}}, deit_{{tiny,small,base}}_patch16_224 "
         "(optionally _distilled_), vit_{tiny,small,base,large,huge}_patch{16,32}_224 (or _384), or pass "
@@ -96,11 +102,14 @@ def named_spec(name: str) -> ModelSpec:
 
 
 def timm_available() -> bool:
-    """timm imports only beside a torchvision that matches torch; a broken install counts as absent."""
+    """timm imports only beside a torchvision that matches torch; an install that fails to import counts as
+    absent (with a warning, since ``--library auto`` then falls back to transformers)."""
+    if importlib.util.find_spec("timm") is None:
+        return False
     try:
         importlib.import_module("timm")
-    except ImportError as exc:  # ModuleNotFoundError for timm itself or for its torchvision
-        log.debug("timm is not usable: %s", exc)
+    except ImportError as exc:  # typically its torchvision is missing or built for another torch
+        log.warning("timm is installed but does not import (%s); using transformers", exc)
         return False
     return True
 
@@ -115,7 +124,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects, which could run code
+        raise WandaError(f"{path} holds more than tensors (e.g. an optimizer or args); if you trust it, save its "
+                         "state dict alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
+                         ) from exc
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -193,16 +207,17 @@ def _load_transformers_named(name: str, resume: str | None, num_classes: int | N
         processor = json.loads(Path(processor_file).read_text())
         return LoadedClassifier(model, "transformers", name, Preprocess.from_image_processor(processor), processor)
     state = read_state_dict(resume)
-    model = spec.build(num_classes or 1000)
+    fmt = checkpoint_format(state)
+    model = spec.build(num_classes or 1000, **({} if fmt == "transformers" else CONFIG_OVERRIDES))
+    state = to_transformers(state, model)
+    if fmt != "transformers":
+        log.info("converted a %s checkpoint to transformers' %s", fmt, type(model).__name__)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
-        hint = ("it looks like a timm / official checkpoint (keys such as 'blocks.' or 'stages.'): install timm "
-                "(and a torchvision matching torch) and pass --library timm" if any(
-                    k.startswith(("blocks.", "stages.", "downsample_layers.", "patch_embed.")) for k in state) else
-                "check --model and the number of classes in train/")
+        hint = "check --model (its size and patch) and the number of class folders in train/"
         raise WandaError(f"--resume {resume} does not fit transformers' {type(model).__name__} for {name}: "
                          f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                          f"(e.g. {unexpected[:3]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]}); "
