@@ -376,6 +376,12 @@ def test_zeros_that_move_are_reported(local_data, tmp_path, monkeypatch):
         evaluate_zero_shot(model, tokenizer, ZeroShotSettings(tasks=("rte",), data_dir=local_data))
 
 
+def test_auto_batch_size_is_refused_on_cpu(local_data, tmp_path):
+    model, tokenizer = _pruned_tiny(tmp_path)
+    with pytest.raises(WandaError, match="needs a GPU"):
+        evaluate_zero_shot(model, tokenizer, ZeroShotSettings(tasks=("rte",), batch_size="auto", data_dir=local_data))
+
+
 @needs_shared
 def test_seven_local_tasks_on_a_pruned_tiny_model(tmp_path, capsys):
     model, tokenizer = _pruned_tiny(tmp_path)

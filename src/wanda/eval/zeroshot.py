@@ -36,6 +36,7 @@ __all__ = [
     "TASKS_DIR",
     "ZeroShotSettings",
     "ZeroShotResult",
+    "resolve_data_dir",
     "local_task_names",
     "local_task_config",
     "evaluate_zero_shot",
@@ -62,7 +63,8 @@ class ZeroShotSettings:
     """What to evaluate and how.
 
     ``limit``: at most this many documents per task (the first ones, in file order), for quick runs.
-    ``batch_size``: requests per forward pass, or ``"auto"`` (the harness searches for the largest that fits).
+    ``batch_size``: requests per forward pass, or ``"auto"`` (GPU only: the harness searches for the largest
+    batch that fits).
     ``data_dir``: folder with local copies of the task files (layout of ``../shared/data/zeroshot``);
     None: every task from the hub.
     """
@@ -264,6 +266,10 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
     except ImportError as exc:
         raise WandaError("zero-shot evaluation needs lm-eval: pip install 'wanda[zeroshot]'") from exc
     settings.validate()
+    if settings.batch_size == "auto" and next(model.parameters()).device.type == "cpu":
+        # the harness probes batch sizes at the model's full context (8k tokens x 64 for SmolLM2): on CPU that
+        # exhausts memory instead of raising an out-of-memory error it could catch
+        raise WandaError("--eval_batch_size auto needs a GPU; on CPU give a number (e.g. 8)")
     start = time.perf_counter()
     before = linear_zero_counts(model)
     specs, sources = _task_specs(settings)
@@ -277,10 +283,13 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
         with torch.no_grad():
             output = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=settings.num_fewshot,
                                              limit=settings.limit, task_manager=manager, log_samples=False)
-    except (KeyError, ValueError, FileNotFoundError, ConnectionError) as exc:
-        raise WandaError(f"lm-eval could not run {', '.join(settings.tasks)}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:300] if str(exc) else ''} (offline, point --zero_shot_data "
-                         "at local task files)") from exc
+    except KeyError as exc:
+        raise WandaError(f"lm-eval does not know a task of --tasks {','.join(settings.tasks)}: {exc}") from exc
+    except (ValueError, FileNotFoundError, ConnectionError) as exc:  # datasets' offline/missing-data errors
+        hint = (" (offline, point --zero_shot_data at local copies of the task files)"
+                if "hub" in sources.values() else "")
+        raise WandaError(f"lm-eval could not run {','.join(settings.tasks)}: {type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:300]}{hint}") from exc
     finally:
         model.train(was_training)
     after = linear_zero_counts(model)
