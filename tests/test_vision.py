@@ -266,16 +266,15 @@ def test_wanda_mask_matches_recorded_activations(case, granularity):
         assert torch.equal(matrix_view(layer) == 0, expected), name
 
 
-def test_wanda_differs_from_magnitude_when_activations_are_uneven():
-    model = tiny_vit()
-    data = [images(4, 16) * 1.0]
+def test_wanda_uses_the_activations():
+    # the same weights pruned per row with and without the activation norms give different masks
+    data = [images(4, 16)]
     a, b = tiny_vit(), tiny_vit()
     prune_classifier(a, data, settings(metric="wanda"), hf_forward)
     prune_classifier(b, data, settings(metric="magnitude", granularity="row"), hf_forward)
     masks_a = [matrix_view(l) == 0 for l in find_layout(a).prunable.values()]
     masks_b = [matrix_view(l) == 0 for l in find_layout(b).prunable.values()]
     assert any(not torch.equal(x, y) for x, y in zip(masks_a, masks_b))
-    del model
 
 
 # --- settings ---------------------------------------------------------------------------------------------------
@@ -400,7 +399,7 @@ def test_command_end_to_end(tmp_path, build, capsys):
     assert "| dense |" in printed and "| pruned |" in printed and "actual sparsity 0.5000" in printed
     results = json.loads((tmp_path / "out" / RESULTS_FILE).read_text())
     assert results["prune"]["actual_sparsity"] == 0.5 and results["prune"]["calibration_images"] == 8
-    assert set(results["accuracy"]["pruned"]) == {"top1", "top5", "images"}
+    assert set(results["accuracy"]["pruned"]) == {"top1", "top5", "loss", "images"}
     assert results["accuracy"]["pruned"]["images"] == 20
 
     pruned = load_classifier("tiny", str(tmp_path / "pruned"))
@@ -622,3 +621,28 @@ def test_timm_path_loads_prunes_and_saves(stub_timm, tmp_path, capsys):
     for layer in find_layout(again.model).prunable.values():
         assert check_nm(matrix_view(layer) == 0, 2, 4)
     assert torch.equal(again.model.head.weight, loaded.model.head.weight)
+
+
+def test_topk_accuracy_by_hand():
+    from wanda.vision import topk_accuracy
+
+    logits = torch.tensor([[5.0, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [0, 5, 4, 3, 2, 1]])
+    labels = torch.tensor([0, 0, 5])  # top-1 hit; in no top-5; in the top-5 only
+    model = nn.Linear(1, 1)  # only its device is read
+    out = topk_accuracy(model, [(logits, labels)], lambda m, x: x, progress=False)
+    assert out["top1"] == pytest.approx(100 / 3) and out["top5"] == pytest.approx(200 / 3) and out["images"] == 3
+    assert out["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+
+
+def test_hooks_are_removed_when_a_forward_fails():
+    model = tiny_vit()
+
+    def failing(m, x):
+        m(pixel_values=x)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        prune_classifier(model, [images(2, 16)], settings(metric="wanda"), failing)
+    for layer in find_layout(model).prunable.values():
+        assert not layer._forward_pre_hooks
+        assert torch.count_nonzero(matrix_view(layer)) == matrix_view(layer).numel()  # nothing was pruned
