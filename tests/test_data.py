@@ -149,3 +149,15 @@ def test_wikitext2_from_local_data_dir(monkeypatch):
     # the hub's row layout: lines with their newline, blank lines as ""
     assert source.documents[:3] == ["", " = Robert Boulter = \n", ""]
     assert source.separator == "\n\n"
+
+
+def test_chunked_tokenization_equals_whole_text_for_a_char_tokenizer():
+    from wanda.data import tokenize_documents, tokenize_stream
+
+    class Tok(CharTokenizer):
+        all_special_ids = [1]
+
+    tok = Tok()
+    whole = tokenize_stream(tok, "\n\n".join(DOCS))
+    assert torch.equal(tokenize_documents(tok, DOCS, "\n\n", chunk_chars=200), whole)
+    assert torch.equal(tokenize_documents(tok, DOCS, "\n\n"), whole)

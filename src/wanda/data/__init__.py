@@ -2,7 +2,7 @@
 
 from .sources import NAMED_SOURCES, TextSource, load_documents, resolve_source
 from .summaries import summaries_split
-from .windows import calibration_windows, evaluation_windows, tokenize_stream
+from .windows import calibration_windows, evaluation_windows, tokenize_documents, tokenize_stream
 
 __all__ = [
     "NAMED_SOURCES",
@@ -12,5 +12,6 @@ __all__ = [
     "summaries_split",
     "calibration_windows",
     "evaluation_windows",
+    "tokenize_documents",
     "tokenize_stream",
 ]

@@ -17,6 +17,12 @@ from .sources import TextSource
 log = logging.getLogger(__name__)
 
 
+#: Texts longer than this are tokenized in pieces (at document boundaries): a fast tokenizer's encoding of a
+#: 4 MB string holds ~600 MB of offsets and token strings at its peak. Shorter texts (WikiText-2 test is
+#: 1.3 MB) are tokenized whole, exactly as the papers' protocol does.
+CHUNK_CHARS = 2_000_000
+
+
 def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     """Token ids of one long text, (tokens,). Long inputs are fine: windows are cut afterwards."""
     previous = getattr(tokenizer, "model_max_length", None)
@@ -26,6 +32,41 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     finally:
         if previous is not None:
             tokenizer.model_max_length = previous
+
+
+def tokenize_documents(tokenizer, documents: list[str], separator: str, chunk_chars: int = CHUNK_CHARS) -> torch.Tensor:
+    """Token ids of ``separator.join(documents)``, tokenized in pieces of about ``chunk_chars`` characters.
+
+    Each piece ends with the separator and the next starts at a document, so only the special tokens of the
+    first piece are kept; the result equals whole-text tokenization whenever the text fits in one piece.
+    """
+    pieces: list[torch.Tensor] = []
+    group: list[str] = []
+    size = 0
+
+    def flush(last: bool) -> None:
+        text = separator.join(group) + ("" if last else separator)
+        ids = tokenize_stream(tokenizer, text)
+        if pieces:  # drop the BOS (or other leading special tokens) the tokenizer adds to every call
+            ids = _strip_leading_special(tokenizer, ids)
+        pieces.append(ids)
+
+    for doc in documents:
+        if group and size + len(doc) > chunk_chars:
+            flush(last=False)
+            group, size = [], 0
+        group.append(doc)
+        size += len(doc) + len(separator)
+    flush(last=True)
+    return torch.cat(pieces)
+
+
+def _strip_leading_special(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    start = 0
+    while start < ids.numel() and int(ids[start]) in special:
+        start += 1
+    return ids[start:]
 
 
 def _from_stream(stream: torch.Tensor, nsamples: int, seqlen: int, rng: np.random.Generator) -> torch.Tensor:
@@ -64,7 +105,7 @@ def calibration_windows(source: TextSource, tokenizer, nsamples: int, seqlen: in
     rng = np.random.Generator(np.random.PCG64(seed))
     if source.sampling == "documents":
         return _from_documents(source, tokenizer, nsamples, seqlen, rng)
-    stream = tokenize_stream(tokenizer, source.separator.join(source.documents))
+    stream = tokenize_documents(tokenizer, source.documents, source.separator)
     needed = nsamples * seqlen
     if stream.numel() < needed:
         raise WandaError(
@@ -77,7 +118,7 @@ def calibration_windows(source: TextSource, tokenizer, nsamples: int, seqlen: in
 def evaluation_windows(source: TextSource, tokenizer, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows of ``seqlen`` tokens from the start of the joined corpus
     (the paper's WikiText-2 protocol; the tail shorter than a window is dropped)."""
-    stream = tokenize_stream(tokenizer, source.separator.join(source.documents))
+    stream = tokenize_documents(tokenizer, source.documents, source.separator)
     count = stream.numel() // seqlen
     if source.max_eval_windows is not None:
         count = min(count, source.max_eval_windows)
