@@ -304,6 +304,16 @@ def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path,
     assert code == 0, err[-3000:]
     assert f"| corpus.txt | {adapter_ppl:.3f} |" in stdout
 
+    # merging the saved adapter later gives the same model as --merge did
+    code, stdout, err = wanda(capsys, "merge", "--model", str(folder), "--adapter", str(out), "--output",
+                              str(tmp_path / "merged2"), "--device", "cpu")
+    assert code == 0, err[-3000:]
+    assert "0 pruned weights non-zero" in stdout
+    from safetensors.torch import load_file
+
+    first, second = (load_file(d / "model.safetensors") for d in (out / "merged", tmp_path / "merged2"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
     # the same command again resumes from the last checkpoint, which is already at the last step
     with caplog.at_level(logging.INFO):
         code, _, err = wanda(capsys, "lora", "--model", str(folder), "--dataset", str(corpus), "--output_dir",
@@ -312,7 +322,7 @@ def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path,
     assert f"resuming from {out / 'checkpoint-3'}" in caplog.text
 
 
-def test_cli_full_finetuning_and_merge_command(pruned_folder, tmp_path, capsys):
+def test_cli_full_finetuning(pruned_folder, tmp_path, capsys):
     folder, corpus = pruned_folder
     out = tmp_path / "full"
     code, stdout, err = wanda(capsys, "full", "--model", str(folder), "--dataset", str(corpus), "--output_dir",
