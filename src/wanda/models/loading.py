@@ -83,6 +83,13 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
         path = Path(name).expanduser()
         if not path.exists():
             raise WandaError(f"model path {path} does not exist")
+        if (path / "wanda_compressed.json").is_file():  # a compact sparse checkpoint (wanda.export.compressed)
+            from ..export.compressed import load_compressed
+
+            model, tokenizer = load_compressed(path, dtype=torch_dtype, device=target)
+            model.config.use_cache = False
+            log.info("loaded compressed %s (%s, %s)", name, type(model).__name__, torch_dtype)
+            return LoadedModel(model, tokenizer, str(path))
         if path.suffix == ".gguf":
             location = str(path.parent)
             kwargs["gguf_file"] = tok_kwargs["gguf_file"] = path.name

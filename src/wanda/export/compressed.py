@@ -1,0 +1,390 @@
+"""Compact sparse checkpoints: each sparse tensor stored as its non-zero values plus where they are.
+
+Pruning hands on dense weights with zeros, so ``save_pretrained`` writes a checkpoint as large as the dense
+model. This format writes every floating-point tensor in whichever of three encodings is smallest:
+
+``dense``
+    the tensor as it is (embeddings, norms, anything not sparse enough to gain).
+``bitmask``
+    the non-zero values in row-major order, (nnz,), plus a bitmask of the whole tensor, one bit per
+    entry, packed 8 per byte with ``numpy.packbits``: nnz * itemsize + ceil(numel / 8) bytes.
+``2:4``
+    for (rows, cols) matrices with at most 2 non-zeros in every group of 4 consecutive inputs: exactly 2
+    values per group, (rows, cols / 2), plus the 2-bit position (0-3) of each value inside its group,
+    packed 4 per byte, ascending within a group as in the CUTLASS / cuSPARSELt metadata:
+    numel / 2 * itemsize + numel / 8 bytes. At exactly 50% this is the bitmask's size; it wins ties because
+    its layout is the one the 2:4 kernels use (values (rows, cols/2) plus per-group indices).
+
+"Zero" means all bits zero, so ``-0.0`` is kept as a value and loading rebuilds every tensor bit for bit.
+Tensors that share storage (tied embeddings) are written once and recorded as aliases.
+
+A folder holds ``config.json``, the tokenizer files, ``compressed.safetensors`` and the manifest
+``wanda_compressed.json`` (format, version, each tensor's encoding, shape and dtype), whose presence marks
+the format; ``wanda.models.load_model`` and therefore every ``wanda`` command accept such a folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import WandaError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "MANIFEST_NAME",
+    "WEIGHTS_NAME",
+    "Encoding",
+    "EncodedTensor",
+    "CompressionReport",
+    "encode_tensor",
+    "decode_tensor",
+    "is_compressed_folder",
+    "save_compressed",
+    "load_compressed",
+    "load_compressed_state_dict",
+    "same_bits",
+]
+
+MANIFEST_NAME = "wanda_compressed.json"
+WEIGHTS_NAME = "compressed.safetensors"
+FORMAT_NAME = "wanda-compressed"
+FORMAT_VERSION = 1
+
+Encoding = Literal["dense", "bitmask", "2:4"]
+# Order of preference when two encodings are equally small.
+_PREFERENCE: tuple[Encoding, ...] = ("2:4", "bitmask", "dense")
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass
+class EncodedTensor:
+    """One tensor in one encoding: ``parts`` are what goes into the safetensors file under ``key::part``."""
+
+    encoding: Encoding
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    parts: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts.values())
+
+    @property
+    def dense_nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+@dataclass
+class CompressionReport:
+    """Bytes of tensor data written versus the same tensors stored dense (what ``save_pretrained`` writes)."""
+
+    encodings: dict[str, str] = field(default_factory=dict)
+    tensor_bytes: dict[str, int] = field(default_factory=dict)
+    dense_tensor_bytes: dict[str, int] = field(default_factory=dict)
+    file_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.tensor_bytes.values())
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(self.dense_tensor_bytes.values())
+
+    @property
+    def ratio(self) -> float:
+        return self.bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for encoding in self.encodings.values():
+            out[encoding] = out.get(encoding, 0) + 1
+        return out
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "dense_bytes": self.dense_bytes, "ratio": self.ratio,
+                "file_bytes": self.file_bytes, "encodings": self.counts(), **asdict(self)}
+
+
+def _nonzero(tensor: torch.Tensor) -> torch.Tensor:
+    """True where any bit is set: ``-0.0`` counts as a value, so decoding is bit-exact."""
+    view = _INT_VIEW.get(tensor.element_size())
+    if view is None:
+        raise WandaError(f"cannot encode a tensor of dtype {tensor.dtype} sparsely; only 2, 4 or 8-byte floats")
+    return tensor.contiguous().view(view) != 0
+
+
+def _encode_bitmask(tensor: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    bits = np.packbits(keep.reshape(-1).numpy())  # (ceil(numel / 8),) uint8, big-endian bit order
+    return {"values": tensor[keep].contiguous(), "bitmask": torch.from_numpy(bits)}
+
+
+def _decode_bitmask(parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    numel = math.prod(shape)
+    keep = torch.from_numpy(np.unpackbits(parts["bitmask"].numpy(), count=numel).astype(bool)).reshape(shape)
+    values = parts["values"]
+    if int(keep.sum()) != values.numel():
+        raise WandaError(f"corrupt bitmask tensor: {int(keep.sum())} bits set but {values.numel()} values stored")
+    out = torch.zeros(shape, dtype=dtype)
+    out[keep] = values  # boolean-mask assignment fills in row-major order, the order _encode_bitmask read
+    return out
+
+
+def _fits_24(keep: torch.Tensor) -> bool:
+    return keep.dim() == 2 and keep.shape[1] % 4 == 0 and bool((keep.reshape(keep.shape[0], -1, 4).sum(-1) <= 2).all())
+
+
+def _encode_24(tensor: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    rows, cols = tensor.shape
+    groups = keep.reshape(rows, cols // 4, 4)
+    # Positions of the (at most 2) non-zeros first, then zero positions to make exactly 2; ascending order.
+    position = torch.arange(4, dtype=torch.int64)
+    key = (~groups).to(torch.int64) * 4 + position  # non-zeros sort first, ties by position
+    index = key.argsort(dim=-1)[..., :2].sort(dim=-1).values  # (rows, cols/4, 2) in 0..3
+    values = tensor.reshape(rows, cols // 4, 4).gather(-1, index).reshape(rows, cols // 2)
+    flat = index.reshape(-1).to(torch.uint8)  # rows * cols / 2 indices of 2 bits
+    pad = (-flat.numel()) % 4
+    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 4)
+    packed = flat[:, 0] | (flat[:, 1] << 2) | (flat[:, 2] << 4) | (flat[:, 3] << 6)
+    return {"values": values.contiguous(), "indices": packed.contiguous()}
+
+
+def _decode_24(parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    rows, cols = shape
+    packed = parts["indices"]
+    flat = torch.stack([(packed >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).reshape(-1)
+    index = flat[: rows * cols // 2].to(torch.int64).reshape(rows, cols // 4, 2)
+    if not bool((index[..., 0] < index[..., 1]).all()):
+        raise WandaError("corrupt 2:4 tensor: the two positions of a group must be distinct and ascending")
+    out = torch.zeros(rows, cols // 4, 4, dtype=dtype)
+    out.scatter_(-1, index, parts["values"].reshape(rows, cols // 4, 2))
+    return out.reshape(rows, cols)
+
+
+def encode_tensor(tensor: torch.Tensor) -> EncodedTensor:
+    """The smallest exact encoding of ``tensor`` (ties go to 2:4, then bitmask, then dense)."""
+    tensor = tensor.detach().cpu().contiguous()
+    shape, dtype = tuple(tensor.shape), tensor.dtype
+    dense = EncodedTensor("dense", shape, dtype, {"data": tensor})
+    if not tensor.is_floating_point() or tensor.element_size() not in _INT_VIEW or tensor.numel() == 0:
+        return dense
+    keep = _nonzero(tensor)
+    nnz = int(keep.sum())
+    numel, itemsize = tensor.numel(), tensor.element_size()
+    sizes: dict[Encoding, int] = {"dense": numel * itemsize, "bitmask": nnz * itemsize + math.ceil(numel / 8)}
+    if _fits_24(keep):
+        sizes["2:4"] = numel // 2 * itemsize + math.ceil(numel // 2 / 4)
+    best = min(sizes, key=lambda e: (sizes[e], _PREFERENCE.index(e)))
+    if best == "dense":
+        return dense
+    parts = _encode_bitmask(tensor, keep) if best == "bitmask" else _encode_24(tensor, keep)
+    return EncodedTensor(best, shape, dtype, parts)
+
+
+def _expected_parts(encoding: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
+    """The stored parts of an encoding and their shapes (``None``: checked against the bitmask)."""
+    numel = math.prod(shape)
+    if encoding == "dense":
+        return {"data": shape}
+    if encoding == "bitmask":
+        return {"values": None, "bitmask": (math.ceil(numel / 8),)}
+    if encoding == "2:4":
+        if len(shape) != 2 or shape[1] % 4:
+            raise WandaError(f"corrupt compressed checkpoint: a 2:4 tensor of shape {shape}")
+        return {"values": (shape[0], shape[1] // 2), "indices": (math.ceil(numel // 2 / 4),)}
+    raise WandaError(f"unknown tensor encoding {encoding!r} in a compressed checkpoint; upgrade wanda")
+
+
+def decode_tensor(encoding: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...],
+                  dtype: torch.dtype) -> torch.Tensor:
+    expected = _expected_parts(encoding, shape)
+    if set(parts) != set(expected):
+        raise WandaError(f"corrupt compressed checkpoint: {encoding} tensor with parts {sorted(parts)}, "
+                         f"expected {sorted(expected)}")
+    for part, part_shape in expected.items():
+        if part_shape is not None and tuple(parts[part].shape) != part_shape:
+            raise WandaError(f"corrupt compressed checkpoint: {encoding} part {part} has shape "
+                             f"{tuple(parts[part].shape)}, expected {part_shape} for a tensor of shape {shape}")
+    for part in ("data", "values"):
+        if part in parts and parts[part].dtype != dtype:
+            raise WandaError(f"corrupt compressed checkpoint: {part} stored as {parts[part].dtype}, expected {dtype}")
+    if encoding == "dense":
+        out = parts["data"]
+    elif encoding == "bitmask":
+        out = _decode_bitmask(parts, shape, dtype)
+    else:  # "2:4", the only other encoding _expected_parts accepts
+        out = _decode_24(parts, shape, dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise WandaError(f"corrupt compressed tensor: decoded {tuple(out.shape)} {out.dtype}, expected {shape} {dtype}")
+    return out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bitwise equality (``torch.equal`` would call NaN != NaN and -0.0 == 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    view = _INT_VIEW.get(a.element_size()) if a.is_floating_point() else None
+    if view is None:
+        return torch.equal(a.cpu(), b.cpu())
+    return torch.equal(a.detach().cpu().contiguous().view(view), b.detach().cpu().contiguous().view(view))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _parse_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise WandaError(f"unknown dtype {name!r} in a compressed checkpoint")
+    return dtype
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict without repeated storage: (tensors to write, alias -> key it shares storage with)."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, tensor in model.state_dict().items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                 tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and ident in seen:
+            aliases[key] = seen[ident]
+        else:
+            seen[ident] = key
+            tensors[key] = tensor
+    return tensors, aliases
+
+
+def is_compressed_folder(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST_NAME).is_file()
+
+
+def save_compressed(model: nn.Module, folder: str | Path, tokenizer=None) -> CompressionReport:
+    """Write ``model`` (and ``tokenizer``) into the existing folder ``folder`` in the compressed format.
+
+    Callers that need the folder to appear atomically write into a temporary folder
+    (see ``wanda.export.save_model``).
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tensors, aliases = _unique_state(model)
+    report = CompressionReport()
+    entries: dict[str, dict] = {}
+    payload: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if "::" in key:
+            raise WandaError(f"cannot save parameter {key!r}: '::' is reserved by the compressed format")
+        encoded = encode_tensor(tensor)
+        entries[key] = {"encoding": encoded.encoding, "shape": list(encoded.shape), "dtype": _dtype_name(encoded.dtype)}
+        for part, data in encoded.parts.items():
+            payload[f"{key}::{part}"] = data
+        report.encodings[key] = encoded.encoding
+        report.tensor_bytes[key] = encoded.nbytes
+        report.dense_tensor_bytes[key] = encoded.dense_nbytes
+    save_file(payload, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "wanda": FORMAT_NAME})
+    report.file_bytes = (folder / WEIGHTS_NAME).stat().st_size
+    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
+                "model_class": type(model).__name__, "tensors": entries, "aliases": aliases,
+                "bytes": report.bytes, "dense_bytes": report.dense_bytes}
+    model.config.save_pretrained(folder)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    # The manifest last: its presence marks a complete folder.
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    log.info("compressed %d tensors (%s): %.1f MB versus %.1f MB dense (%.1f%%)", len(entries), report.counts(),
+             report.bytes / 1e6, report.dense_bytes / 1e6, 100 * report.ratio)
+    return report
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        raise WandaError(f"{folder} is not a compressed checkpoint: {MANIFEST_NAME} is missing")
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT_NAME:
+        raise WandaError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
+    if manifest.get("version", 0) > FORMAT_VERSION:
+        raise WandaError(f"{path}: format version {manifest['version']} is newer than this wanda "
+                         f"({FORMAT_VERSION}); upgrade wanda")
+    return manifest
+
+
+def load_compressed_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The full state dict (aliases included, as the same tensor objects) and the manifest."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    stored = load_file(str(folder / manifest["weights"]))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for name, data in stored.items():
+        key, _, part = name.rpartition("::")
+        grouped.setdefault(key, {})[part] = data
+    if set(grouped) != set(manifest["tensors"]):
+        missing = sorted(set(manifest["tensors"]) - set(grouped))
+        extra = sorted(set(grouped) - set(manifest["tensors"]))
+        raise WandaError(f"{folder}: weights and manifest disagree (missing {missing[:3]}, unexpected {extra[:3]})")
+    state = {}
+    for key, entry in manifest["tensors"].items():
+        try:
+            state[key] = decode_tensor(entry["encoding"], grouped.pop(key), tuple(entry["shape"]),
+                                       _parse_dtype(entry["dtype"]))
+        except WandaError as exc:
+            raise WandaError(f"{folder}: {key}: {exc}") from exc
+    for alias, key in manifest["aliases"].items():
+        state[alias] = state[key]
+    return state, manifest
+
+
+def load_compressed(folder: str | Path, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> tuple[nn.Module, object | None]:
+    """Rebuild ``(model, tokenizer)`` from a compressed folder; the tokenizer is ``None`` if none was saved.
+
+    With ``dtype=None`` every tensor comes back bit for bit as it was saved; a ``dtype`` casts floating
+    tensors afterwards, as ``from_pretrained(dtype=...)`` would. ``device``: where to move the model
+    (default: CPU).
+    """
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    state, manifest = load_compressed_state_dict(folder)
+    model_class = getattr(transformers, manifest["model_class"], None)
+    if model_class is None:
+        raise WandaError(f"{folder}: model class {manifest['model_class']} is not in this transformers version")
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    stored_dtype = max(set(floating), key=floating.count) if floating else torch.float32
+    config = AutoConfig.from_pretrained(folder)
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=stored_dtype)
+    loaded = model.state_dict()
+    if set(loaded) != set(state):
+        missing, extra = sorted(set(loaded) - set(state)), sorted(set(state) - set(loaded))
+        raise WandaError(f"{folder}: checkpoint does not match {manifest['model_class']} "
+                         f"(not in checkpoint: {missing[:3]}, not in model: {extra[:3]})")
+    for key, tensor in state.items():
+        if not same_bits(loaded[key], tensor):
+            raise WandaError(f"{folder}: {key} changed while loading ({tensor.dtype} -> {loaded[key].dtype})")
+    if dtype is not None:
+        model.to(dtype)
+    if device is not None:
+        model.to(device)
+    model.eval()
+    tokenizer = None
+    if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer

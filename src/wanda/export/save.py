@@ -1,0 +1,57 @@
+"""Writing a pruned model: the usual ``from_pretrained`` folder, or the compact sparse format."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import WandaError
+from ..io import atomic_directory
+from .compressed import CompressionReport, save_compressed
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SAVE_FORMATS", "SavedModel", "save_model", "folder_bytes"]
+
+#: ``--save_format`` choices: ``dense`` is ``save_pretrained``; ``compressed`` is ``wanda.export.compressed``.
+SAVE_FORMATS = ("dense", "compressed")
+
+
+@dataclass
+class SavedModel:
+    path: Path
+    save_format: str
+    #: Bytes of every file written (weights, config, tokenizer).
+    bytes: int
+    #: Only for ``compressed``: tensor bytes written versus the same tensors dense.
+    compression: CompressionReport | None = None
+
+
+def folder_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def save_model(model: nn.Module, tokenizer, target: str | Path, save_format: str = "dense",
+               overwrite: bool = False) -> SavedModel:
+    """Write ``model`` and ``tokenizer`` to ``target`` atomically in ``save_format``."""
+    if save_format not in SAVE_FORMATS:
+        raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
+    compression = None
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        if save_format == "dense":
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        else:
+            compression = save_compressed(model, tmp, tokenizer)
+    saved = SavedModel(Path(target), save_format, folder_bytes(target), compression)
+    if compression is not None:
+        log.info("compressed model written to %s: %.1f MB of weights versus %.1f MB dense (%.1f%%)", target,
+                 compression.file_bytes / 1e6, compression.dense_bytes / 1e6,
+                 100 * compression.file_bytes / max(compression.dense_bytes, 1))
+    else:
+        log.info("pruned model written to %s (%.1f MB)", target, saved.bytes / 1e6)
+    return saved
