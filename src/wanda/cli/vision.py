@@ -160,11 +160,11 @@ def run(argv: list[str], prog: str) -> int:
     print(f"\n{settings.metric} {pattern} (sparsity {settings.sparsity:g}) on {args.model} [{loaded.library}]: "
           f"actual sparsity {report.actual_sparsity:.4f} over {len(report.layers)} layers; head {report.head} dense; "
           f"{report.calibration_images} calibration images; {pruned['images']} val images")
-    print("| model | top-1 | top-5 |")
-    print("|---|---|---|")
-    if dense:
-        print(f"| dense | {_fmt(dense, 'top1')} | {_fmt(dense, 'top5')} |")
-    print(f"| pruned | {_fmt(pruned, 'top1')} | {_fmt(pruned, 'top5')} |")
+    print("| model | top-1 % | top-5 % | cross-entropy |")
+    print("|---|---|---|---|")
+    for label, acc in (("dense", dense), ("pruned", pruned)):
+        if acc:
+            print(f"| {label} | {_fmt(acc, 'top1')} | {_fmt(acc, 'top5')} | {acc['loss']:.4f} |")
     sys.stdout.flush()
 
     results = {"model": args.model, "library": loaded.library, "resume": args.resume, "data_path": str(root),
