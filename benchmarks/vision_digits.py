@@ -5,12 +5,13 @@
 2. Train a small ConvNeXt and a small ViT (transformers classes, random init) on ``train/`` through the
    command's own preprocessing (8x8 upsampled to 16x16, bicubic), and save each as a ``from_pretrained``
    folder with its ``preprocessor_config.json``. Both are cached under ``cache/`` (keyed by the recipe) so a
-   rerun only prunes; training takes a few minutes on two CPU cores.
+   rerun only prunes; training one model of each takes about 4 minutes on one busy CPU core.
 3. Prune each through the command (``python -m wanda vision``) at 50% and 70% with magnitude and Wanda, per
    layer and per row, and at 2:4, calibrating on 256 training images; read each run's results json.
 4. Write ``results/vision_digits.md`` (the table) and ``results/vision_digits.json`` (every number).
 
     nice -n 10 python benchmarks/vision_digits.py            # train if not cached, prune, write the table
+    nice -n 10 python benchmarks/vision_digits.py --seeds 3  # the committed table: 3 models per architecture
     nice -n 10 python benchmarks/vision_digits.py --retrain  # ignore the cache
     python benchmarks/vision_digits.py --tables_only         # rewrite the table from the saved json
 """
