@@ -46,7 +46,9 @@ def worker(method: str, pattern: str, variant: bool) -> dict:
     calib, evals = protocol_data(tokenizer)
     out: dict = {"method": method, "pattern": pattern, "variant": variant}
     if method != "dense":
-        out["floor_seconds"] = two_forward_floor(model, calib, PROTOCOL["batch_size"])
+        # magnitude needs no forward pass at all, so it has no floor to compare with
+        floor = two_forward_floor(model, calib, PROTOCOL["batch_size"]) if method != "magnitude" else float("nan")
+        out["floor_seconds"] = floor
         settings = PruneSettings(method=method, sparsity_type=pattern, use_variant=variant,
                                  sparsity_ratio=0.5 if pattern == "unstructured" else None,
                                  batch_size=PROTOCOL["batch_size"])
@@ -114,10 +116,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="run keys such as wanda:unstructured or wanda-variant:unstructured")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "paper_table"), help="output path without extension")
+    parser.add_argument("--collect", nargs="+", help="build the table from earlier runs instead: results JSON files "
+                        "or logs of this script (one JSON line per run), e.g. of runs done in parallel")
     args = parser.parse_args()
     if args.worker:
         method, variant, pattern = json.loads(args.worker)
         print(json.dumps(worker(method, pattern, variant)))
+        return
+    if args.collect:
+        write_outputs(collect(args.collect), args.out)
         return
     runs = [r for r in RUNS if not args.only or run_key(*r) in args.only]
     rows = []
@@ -129,16 +136,35 @@ def main() -> None:
             sys.exit(f"run {run_key(method, pattern, variant)} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    write_outputs(rows, args.out)
+
+
+def collect(paths: list[str]) -> list[dict]:
+    """Runs from results files and logs, in the order of RUNS (the last occurrence of a run wins)."""
+    found: dict[str, dict] = {}
+    for path in paths:
+        with open(path) as handle:
+            text = handle.read()
+        if text.lstrip().startswith("{") and '"runs"' in text[:2000]:
+            runs = json.loads(text)["runs"]
+        else:
+            runs = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        for run in runs:
+            found[run_key(run["method"], run["pattern"], run["variant"])] = run
+    return [found[run_key(*r)] for r in RUNS if run_key(*r) in found]
+
+
+def write_outputs(rows: list[dict], out: str) -> None:
     payload = {"model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32)", "protocol": PROTOCOL,
                "runs": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(args.out + ".json", "w") as handle:
+    with open(out + ".json", "w") as handle:
         json.dump(payload, handle, indent=2)
     table = markdown(rows)
-    with open(args.out + ".md", "w") as handle:
+    with open(out + ".md", "w") as handle:
         handle.write(table)
     if any(r["method"] == "dense" for r in rows):
-        plot(rows, args.out + ".png")
+        plot(rows, out + ".png")
     print(table)
 
 
