@@ -6,9 +6,8 @@ prompt templates can be the harness's own, unchanged. The row-level ``*_record``
 conversions themselves (pure, tested one task at a time); file layouts are described in the data folder's
 SOURCES.md.
 
-This file is loaded two ways: as ``wanda.eval.tasks.convert`` by wanda, and by path by lm-eval's YAML
-loader (``!function convert.name``) when the task folder is given to ``lm_eval --include_path``; so it only
-uses absolute imports.
+wanda imports this file as ``wanda.eval.tasks.convert``; lm-eval's own YAML loader, given these configs,
+would load it by path (``!function convert.name`` next to the YAML), so it only uses absolute imports.
 """
 
 from __future__ import annotations
