@@ -18,12 +18,22 @@ Scope = Literal["row", "matrix"]
 
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Mark the ``k`` lowest scores along the last dimension (exactly ``k`` per slice)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
+    """Mark the ``k`` lowest scores along the last dimension (exactly ``k`` per slice).
+
+    A selection instead of a sort: the k-th smallest value t of each slice (``kthvalue``, linear time), then
+    everything below t, then as many entries equal to t as are still needed, lowest index first: the same
+    mask a stable ascending sort would give, at a fraction of its cost on long rows.
+    """
+    n = scores.shape[-1]
     if k <= 0:
-        return mask
-    order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-    return mask.scatter_(-1, order, True)
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    threshold = scores.kthvalue(k, dim=-1, keepdim=True).values
+    below = scores < threshold
+    ties = scores == threshold
+    still_needed = k - below.sum(dim=-1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=-1) <= still_needed))
 
 
 def prune_count(ratio: float, total: int) -> int:
