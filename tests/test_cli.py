@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -163,8 +162,6 @@ def test_help_mentions_every_seed_flag(env, tmp_path):
 
 # bad inputs: exit code 2, one plain line, nothing written ------------------------------------------------------
 
-ZERO_SHOT_BUILT = importlib.util.find_spec("wanda.eval.zeroshot") is not None
-
 #: case -> (flags replacing or adding to the working command, pattern the error line must match)
 BAD = {
     "nm_n_not_below_m": ({"--sparsity_type": "5:4"}, r"0 < N < M"),
@@ -174,7 +171,8 @@ BAD = {
     "missing_model": ({"--model": "/nonexistent/tiny-model"}, r"/nonexistent/tiny-model does not exist"),
     "unknown_method": ({"--prune_method": "search"}, r"--prune_method must be one of .*ablate_wanda_iter.*'search'"),
     "variant_with_sparsegpt": ({"--prune_method": "sparsegpt", "--use_variant": None}, r"--use_variant"),
-    "zero_shot": ({"--eval_zero_shot": None}, r"zero-shot"),
+    "seqlen_too_short": ({"--seqlen": "1"}, r"--seqlen must be at least 2, got 1"),
+    "nm_not_parsable": ({"--sparsity_type": "2-4"}, r"'unstructured' or N:M"),
     "existing_results": ({}, r"log_wanda\.txt already exists.*--overwrite"),
     "short_corpus": ({"--calib_dataset": "short"}, r"has 100 tokens.*8 windows of 32 tokens need 256"),
     "unknown_flag": ({"--bogus": None}, r"unrecognized arguments: --bogus"),
@@ -186,8 +184,6 @@ def bad_runs(files, env, tmp_path_factory) -> dict[str, tuple[subprocess.Complet
     """All bad commands at once (each is mostly interpreter start-up): case -> (process, tree before, after)."""
     started = {}
     for case, (flags, _) in BAD.items():
-        if case == "zero_shot" and ZERO_SHOT_BUILT:
-            continue
         cwd = tmp_path_factory.mktemp(case)
         if case == "existing_results":
             (cwd / "out").mkdir()
@@ -207,8 +203,6 @@ def bad_runs(files, env, tmp_path_factory) -> dict[str, tuple[subprocess.Complet
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_exits_2_with_one_line(case, bad_runs):
-    if case == "zero_shot" and ZERO_SHOT_BUILT:
-        pytest.skip("zero-shot evaluation is built now; this case needs a new bad input")
     proc, before, after = bad_runs[case]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
