@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import sys
@@ -89,8 +88,10 @@ def _check_args(args, settings: PruneSettings) -> None:
             ensure_free(Path(args.save) / name, args.overwrite, "result")
     if args.save_model:
         ensure_free(args.save_model, args.overwrite, "model folder")
-    if args.eval_zero_shot and importlib.util.find_spec("wanda.eval.zeroshot") is None:
-        raise WandaError("--eval_zero_shot is not available in this version (zero-shot evaluation is not built yet)")
+    if args.eval_zero_shot:  # fail before pruning, not after it
+        from ..eval.zeroshot import check_zero_shot_args
+
+        check_zero_shot_args(args)
 
 
 def _eval_specs(args, bundled: bool) -> list[str]:
