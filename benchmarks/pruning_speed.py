@@ -71,7 +71,7 @@ def _device_tag(device: torch.device) -> str:
 def _environment(device: torch.device) -> dict:
     env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg())}
+           "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()), "code": _code_version()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -81,6 +81,21 @@ def _environment(device: torch.device) -> dict:
         except OSError:
             env["cpu"] = platform.processor()
     return env
+
+
+def _code_version() -> str:
+    """The commit the measured code comes from, with ``+dirty`` when ``src/wanda`` has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/wanda"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def _layer_type(name: str) -> str:
@@ -144,10 +159,15 @@ def bench_llama7b(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], env: dict) -> str:
+def markdown(rows: list[dict], payload: dict) -> str:
+    env = payload["environment"]
     hardware = env.get("gpu") or f"{env.get('cpu')}, {env['threads']} torch thread(s)"
-    lines = [f"Pruning speed on {hardware} (torch {env['torch']}): mask-and-update seconds summed over all pruned "
-             "layers, without forward passes.", ""]
+    lines = [f"Pruning speed on {hardware} (torch {env['torch']}, {payload['dtype'].removeprefix('torch.')}, "
+             f"wanda at {env.get('code', 'unknown')}): "
+             "mask-and-update seconds summed over all pruned layers, without forward passes. Calibration: "
+             f"smollm2-135m {payload['smollm_windows']} windows of {payload['seqlen']} tokens from wiki-summaries; "
+             f"the 7B-shaped blocks {payload['llama_windows']} windows of {payload['seqlen']} random tokens. "
+             "The 32-block column is the per-block time times 32.", ""]
     load = max(env["load_average_at_start"][0], env.get("load_average_at_end", [0])[0])
     if env["device"] == "cpu" and load > env["cpu_count"]:
         lines.insert(1, f"The machine was shared (1-minute load average up to {load:.1f} on {env['cpu_count']} cores), "
@@ -197,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                "llama_blocks": args.llama_blocks, "llama_windows": args.llama_windows,
                "total_seconds": time.perf_counter() - start, "runs": rows}
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
-    table = markdown(rows, env)
+    table = markdown(rows, payload)
     stem.with_suffix(".md").write_text(table)
     print(table)
     return 0
