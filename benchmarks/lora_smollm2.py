@@ -5,7 +5,7 @@ the wiki-summaries calibration part, and measure perplexity on WikiText-2 test a
 for the pruned model, the model plus the unmerged adapter, and the masked merge; the merge's sparsity is
 verified matrix by matrix (it must equal the pruned model's exactly), beside what a plain merge would give.
 
-    WANDA_DATA_DIR=../shared/data nice -n 10 python benchmarks/lora_smollm2.py            # ~30 min per pattern
+    WANDA_DATA_DIR=../shared/data nice -n 10 python benchmarks/lora_smollm2.py            # ~30 min, both patterns
     python benchmarks/lora_smollm2.py --patterns unstructured --steps 20 --eval_windows 4  # a quick look
 
 Writes benchmarks/results/lora_smollm2.{md,json} after every pattern, so a partial run keeps its rows.
@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--patterns", default="unstructured,2:4", help="comma-separated: unstructured (50%%), 2:4, 4:8")
     # The budget. Chosen so one pattern takes about 30 minutes on 2 shared CPU cores (see the table's notes).
-    p.add_argument("--steps", type=int, default=80, help="LoRA optimizer steps (default: 80)")
+    p.add_argument("--steps", type=int, default=100, help="LoRA optimizer steps (default: 100)")
     p.add_argument("--block_size", type=int, default=256, help="tokens per training sequence (default: 256)")
     p.add_argument("--batch_size", type=int, default=1, help="sequences per step (default: 1)")
     p.add_argument("--learning_rate", type=float, default=1e-3,
@@ -53,7 +53,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--nsamples", type=int, default=16, help="Wanda calibration windows (default: 16)")
     p.add_argument("--calib_seqlen", type=int, default=256, help="tokens per calibration window (default: 256)")
     p.add_argument("--eval_seqlen", type=int, default=512, help="tokens per evaluation window (default: 512)")
-    p.add_argument("--eval_windows", type=int, default=8, help="windows per evaluation set (default: 8)")
+    p.add_argument("--eval_windows", type=int, default=12, help="windows per evaluation set (default: 12)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default: 1; on a 2-core machine shared with other jobs, two OpenMP threads "
+                   "spin-wait for each other: a LoRA step measured 2.5 s with one thread, 5-34 s with two)")
     p.add_argument("--no_dense", action="store_true", help="skip the dense model's perplexity")
     p.add_argument("--out", default=str(RESULTS / "lora_smollm2"), help="results path without suffix")
     return p.parse_args()
@@ -86,25 +89,45 @@ def write(path: str, args, rows: list[dict], meta: dict) -> None:
         f"part, seed 0). Perplexity: the first {args.eval_windows} windows of {args.eval_seqlen} tokens of "
         f"{' and '.join(sets)} ({args.eval_windows * args.eval_seqlen} tokens per set, a small sample; compare "
         "rows, not with full-set numbers). fp32, "
-        f"{meta['threads']} threads on {meta['cpu']} shared with other jobs, so seconds are only indicative.",
+        f"{meta['threads']} torch thread(s) on a 2-core machine shared with other jobs: wall seconds depend on "
+        "the load, CPU seconds less so. The adapter row's seconds include training.",
         "",
-        "| pattern | model | sparsity | " + " | ".join(f"{s} ppl" for s in sets) + " | seconds |",
-        "|---|---|---|" + "---|" * len(sets) + "---|",
+        "| pattern | model | sparsity | " + " | ".join(f"{s} ppl" for s in sets) + " | wall s | CPU s |",
+        "|---|---|---|" + "---|" * len(sets) + "---|---|",
     ]
     for row in rows:
         ppl = " | ".join(f"{row['ppl'][s]:.2f}" if s in row.get("ppl", {}) else "-" for s in sets)
-        lines.append(f"| {row['pattern']} | {row['model']} | {row['sparsity']:.4f} | {ppl} | {row['seconds']:.0f} |")
+        lines.append(f"| {row['pattern']} | {row['model']} | {row['sparsity']:.4f} | {ppl} | {row['seconds']:.0f} | "
+                     f"{row.get('cpu_seconds', 0.0):.0f} |")
     lines += ["", "*sparsity*: exact zeros over all linear layers of the decoder blocks. *masked merge*: "
               "W + M * (alpha/r) BA with M zero at the pruned weights; checked matrix by matrix to keep exactly "
               "the pruned model's zeros (0 pruned weights non-zero in every row marked so). *plain merge*: "
               "peft's merge_and_unload without the mask, its sparsity computed, not evaluated.", ""]
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
+    if "total_wall_seconds" in meta:
+        lines.append(f"- whole run: {meta['total_wall_seconds'] / 60:.1f} min wall, {meta['total_cpu_seconds'] / 60:.1f} "
+                     f"min CPU, {meta['threads']} torch thread(s); load average at the end {meta['load_end']}.")
     Path(f"{path}.md").write_text("\n".join(lines) + "\n")
+
+
+class Clock:
+    """Wall and CPU seconds since the last ``lap`` (CPU time counts every thread of this process)."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> dict:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = {"seconds": wall - self.wall, "cpu_seconds": cpu - self.cpu}
+        self.wall, self.cpu = wall, cpu
+        return out
 
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
+    whole = Clock()
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
     meta = {"model": "smollm2-135m", "threads": torch.get_num_threads(), "cpu": platform.processor() or "CPU",
             "torch": torch.__version__, "args": vars(args), "eval_sets": [], "notes": []}
@@ -117,23 +140,20 @@ def main() -> None:
                                 args.calib_seqlen, seed=0)
     blocks = training_blocks(resolve_source("wiki-summaries", "calibration"), tokenizer, args.block_size,
                              args.steps * args.batch_size)
+    clock = Clock()
     if not args.no_dense:
-        start = time.perf_counter()
         ppl = evaluate_perplexity(loaded.model, sets, label="dense")
-        rows.append({"pattern": "-", "model": "dense", "sparsity": 0.0, "ppl": ppl,
-                     "seconds": time.perf_counter() - start})
+        rows.append({"pattern": "-", "model": "dense", "sparsity": 0.0, "ppl": ppl, **clock.lap()})
         write(args.out, args, rows, meta)
     del loaded
 
     for pattern in patterns:
         model = load_model("smollm2-135m", dtype="float32", device="cpu").model
-        start = time.perf_counter()
+        clock.lap()
         report = prune(model, calib, PruneSettings(method="wanda", sparsity_type=pattern))
-        prune_seconds = time.perf_counter() - start
-        start = time.perf_counter()
         ppl = evaluate_perplexity(model, sets, label=f"{pattern} pruned")
         rows.append({"pattern": pattern, "model": "Wanda pruned", "sparsity": report.actual_sparsity, "ppl": ppl,
-                     "seconds": prune_seconds + time.perf_counter() - start, "prune_seconds": prune_seconds})
+                     "prune_seconds": report.wall_seconds, **clock.lap()})
         write(args.out, args, rows, meta)
 
         settings = TrainSettings(block_size=args.block_size, learning_rate=args.learning_rate, max_steps=args.steps,
@@ -142,28 +162,24 @@ def main() -> None:
         lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
         with tempfile.TemporaryDirectory(prefix="lora_smollm2_") as out:
             outcome = finetune(model, tokenizer, blocks, settings, out, mode="lora", lora=lora)
-        start = time.perf_counter()
         ppl = evaluate_perplexity(outcome.model, sets, label=f"{pattern} adapter")
         losses = [e["loss"] for e in outcome.log_history if "loss" in e]
         adapter = f"+ LoRA adapter ({outcome.global_step} steps, unmerged; sparsity of the base)"
-        rows.append({"pattern": pattern, "model": adapter,
-                     "sparsity": outcome.sparsity.sparsity, "ppl": ppl,
-                     "seconds": outcome.train_seconds + time.perf_counter() - start,
-                     "train_seconds": outcome.train_seconds, "loss_log": losses})
+        rows.append({"pattern": pattern, "model": adapter, "sparsity": outcome.sparsity.sparsity, "ppl": ppl,
+                     "train_seconds": outcome.train_seconds, "loss_log": losses, **clock.lap()})
         write(args.out, args, rows, meta)
 
         revived = plain_merge_revivals(outcome.model, outcome.masks)
         total = sum(m.numel() for m in outcome.masks.values())
         zeros = sum(int(m.sum()) for m in outcome.masks.values())
-        start = time.perf_counter()
         merged = masked_merge(outcome.model, outcome.masks)
         check = verify_sparsity(merged, outcome.masks)
         check.raise_if_revived("the merged model")
         exact = all(torch.equal(merged.get_submodule(n).weight == 0, m) for n, m in outcome.masks.items())
         ppl = evaluate_perplexity(merged, sets, label=f"{pattern} merged")
         rows.append({"pattern": pattern, "model": "+ LoRA, masked merge", "sparsity": check.sparsity, "ppl": ppl,
-                     "seconds": time.perf_counter() - start, "revived": check.revived,
-                     "zero_pattern_identical": exact, "per_matrix": check.to_dict()["matrices"]})
+                     "revived": check.revived, "zero_pattern_identical": exact,
+                     "per_matrix": check.to_dict()["matrices"], **clock.lap()})
         rows.append({"pattern": pattern, "model": "(+ LoRA, plain merge: not evaluated)",
                      "sparsity": (zeros - sum(revived.values())) / total, "ppl": {}, "seconds": 0.0,
                      "revived": sum(revived.values())})
@@ -174,6 +190,10 @@ def main() -> None:
             + ", ".join(f"{x:.3f}" for x in losses))
         write(args.out, args, rows, meta)
         del merged, outcome, model
+    total_time = whole.lap()
+    meta.update(total_wall_seconds=total_time["seconds"], total_cpu_seconds=total_time["cpu_seconds"],
+                load_end=" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    write(args.out, args, rows, meta)
     print(Path(f"{args.out}.md").read_text())
 
 
