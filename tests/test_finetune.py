@@ -304,6 +304,21 @@ def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path,
     assert code == 0, err[-3000:]
     assert f"| corpus.txt | {adapter_ppl:.3f} |" in stdout
 
+    # the top-level evaluation command takes the adapter too; the sparsity it reports is the base model's
+    from wanda.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--model", str(folder), "--lora_weights", str(out), "--eval_dataset", str(corpus),
+              "--ctx_length", "32", "--eval_windows", "4", "--device", "cpu", "--save", str(tmp_path / "ev")], "wanda")
+    _, err = capsys.readouterr()
+    assert exited.value.code == 0, err[-3000:]
+    saved = json.loads((tmp_path / "ev" / "results_eval.json").read_text())
+    assert saved["perplexity"]["corpus.txt"] == pytest.approx(adapter_ppl, rel=1e-6)
+    assert saved["adapter"] == str(out) and saved["linear_sparsity"] == pytest.approx(0.5, abs=0.01)
+    code, stdout, _ = wanda(capsys, "eval", "--model", str(folder), "--eval_dataset", str(corpus), "--seqlen", "32",
+                            "--eval_windows", "4", "--device", "cpu")
+    assert code == 0 and f"| corpus.txt | {adapter_ppl:.3f} |" not in stdout  # without it: another model
+
     # merging the saved adapter later gives the same model as --merge did
     code, stdout, err = wanda(capsys, "merge", "--model", str(folder), "--adapter", str(out), "--output",
                               str(tmp_path / "merged2"), "--device", "cpu")

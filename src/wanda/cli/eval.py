@@ -1,5 +1,8 @@
 """``wanda eval``: perplexity and/or zero-shot accuracy of a saved model, without pruning it.
 
+With ``--adapter`` the model is evaluated with a LoRA adapter attached unmerged (the seed's
+``lora_ft/evaluate_ppl.py``); ``wanda finetune eval`` is this command.
+
 Also home of the zero-shot flags, which the pruning job (``wanda --eval_zero_shot``) shares.
 """
 
@@ -45,11 +48,13 @@ def build_parser(prog: str) -> Parser:
                "accuracy with lm-eval. Nothing is pruned or changed.")
     p.add_argument("--model", default=None, help="from_pretrained folder (e.g. written by --save_model), hub id, "
                    f".gguf file or '{BUNDLED_NAME}' (default: the bundled model)")
+    p.add_argument("--adapter", "--lora_weights", dest="adapter", default=None,
+                   help="LoRA adapter folder (written by 'wanda finetune lora') to evaluate attached, unmerged")
     p.add_argument("--eval_dataset", default=["wikitext2"], nargs="+",
                    help="perplexity sets: c4, wikitext2, ptb, wiki-summaries, a .txt/.json/.jsonl/.parquet file or "
                    "folder, or 'none' for zero-shot only (default: wikitext2)")
     p.add_argument("--eval_windows", type=int, default=None, help="evaluate on at most this many windows per set")
-    p.add_argument("--seqlen", type=int, default=None, help="tokens per window (default: min(model context, 2048))")
+    p.add_argument("--seqlen", "--ctx_length", dest="seqlen", type=int, default=None, help="tokens per window (default: min(model context, 2048))")
     p.add_argument("--batch_size", type=int, default=8, help="perplexity windows per forward pass (default: 8)")
     p.add_argument("--text_field", default="text", help="field holding the text in json/jsonl/parquet (default: text)")
     p.add_argument("--eval_zero_shot", action="store_true", help="run zero-shot tasks (lm-eval)")
@@ -84,12 +89,25 @@ def _check_args(args, specs: list[str]) -> None:
         raise WandaError(f"{', '.join(zero_shot_flags)} only apply to zero-shot evaluation; add --eval_zero_shot")
     if not specs and not args.eval_zero_shot:
         raise WandaError("nothing to evaluate: --eval_dataset none without --eval_zero_shot")
+    if args.adapter is not None and not (Path(args.adapter).expanduser() / "adapter_config.json").is_file():
+        raise WandaError(f"{args.adapter} is not a LoRA adapter folder (no adapter_config.json); pass the "
+                         "--output_dir of 'wanda finetune lora' or a checkpoint-N folder inside it")
     if args.save:
         ensure_free(Path(args.save) / RESULTS_FILE, args.overwrite, "result")
     if args.eval_zero_shot:
         from ..eval.zeroshot import check_zero_shot_args
 
         check_zero_shot_args(args)
+
+
+def _attach_adapter(model, adapter: str):
+    """The causal LM with the adapter's LoRA layers active inside it, so evaluation code needs no peft case."""
+    from ..finetune import load_adapter
+
+    peft_model = load_adapter(model, adapter)
+    peft_model.eval()
+    log.info("attached the LoRA adapter %s (unmerged)", adapter)
+    return peft_model.get_base_model()
 
 
 def run(argv: list[str], prog: str) -> int:
@@ -105,14 +123,17 @@ def run(argv: list[str], prog: str) -> int:
     seqlen = args.seqlen or default_seqlen(model)
     from ..eval.zeroshot import linear_zero_counts
 
-    counts = linear_zero_counts(model)
+    counts = linear_zero_counts(model)  # of the base weights, before an adapter adds its own matrices
     total = sum(size for _, size in counts.values())
     sparsity = sum(zeros for zeros, _ in counts.values()) / total if total else 0.0
+    if args.adapter is not None:
+        model = _attach_adapter(model, args.adapter)
     ppl = {}
     for source in sources:
         windows = evaluation_windows(source, tokenizer, seqlen, args.eval_windows)
         ppl[source.name] = perplexity(model, windows, batch_size=args.batch_size, desc=f"ppl {source.name}")
-    print(f"\n{args.model or BUNDLED_NAME}: linear-layer sparsity {sparsity:.4f}")
+    label = (args.model or BUNDLED_NAME) + (f" + adapter {args.adapter}" if args.adapter else "")
+    print(f"\n{label}: linear-layer sparsity {sparsity:.4f}" + (" (of the base weights)" if args.adapter else ""))
     if ppl:
         print(f"| eval set | perplexity (seqlen {seqlen}) |\n|---|---|")
         for name, value in ppl.items():
@@ -125,7 +146,7 @@ def run(argv: list[str], prog: str) -> int:
 
         zero_shot = run_zero_shot(model, tokenizer, args)
     if args.save:
-        payload = {"model": args.model or BUNDLED_NAME, "linear_sparsity": sparsity, "seqlen": seqlen,
+        payload = {"model": args.model or BUNDLED_NAME, "adapter": args.adapter, "linear_sparsity": sparsity, "seqlen": seqlen,
                    "perplexity": ppl, "zero_shot": zero_shot, "total_wall_seconds": time.perf_counter() - start,
                    "peak_rss_mb": peak_rss_mb()}
         atomic_write_json(Path(args.save) / RESULTS_FILE, payload, args.overwrite)

@@ -115,16 +115,8 @@ def build_parser(prog: str) -> Parser:
     merge.add_argument("--adapter", required=True, help="adapter folder (the --output_dir of 'lora', or a checkpoint)")
     merge.add_argument("--output", required=True, help="folder for the merged model and tokenizer")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    ev = sub.add_parser("eval", help="perplexity of the pruned model, plus an unmerged adapter if given")
-    _model_arguments(ev)
-    ev.add_argument("--adapter", "--lora_weights", dest="adapter", default=None, help="adapter folder (optional)")
-    ev.add_argument("--eval_dataset", nargs="+", default=["wikitext2"],
-                    help="sets as for 'lora --dataset' (default: wikitext2, as the seed's evaluate_ppl.py)")
-    ev.add_argument("--seqlen", "--ctx_length", dest="seqlen", type=int, default=None,
-                    help="tokens per window (default: min(model context, 2048))")
-    ev.add_argument("--eval_windows", type=int, default=None, help="evaluate on at most this many windows per set")
-    ev.add_argument("--batch_size", type=int, default=8, help="windows per forward pass (default: 8)")
-    ev.add_argument("--text_field", default="text", help="field holding the text in json/jsonl/parquet (default: text)")
+    # 'eval' is 'wanda eval' (run() hands it over before parsing); listed here so --help shows it.
+    sub.add_parser("eval", help="perplexity of a model plus an unmerged --adapter: the same as 'wanda eval'")
     return p
 
 
@@ -320,40 +312,17 @@ def _run_merge(args) -> int:
     return 0
 
 
-def _run_eval(args) -> int:
-    from ..finetune import evaluate_perplexity, load_with_adapter
-
-    if args.seqlen is not None and args.seqlen < 2:
-        raise WandaError(f"--seqlen must be at least 2, got {args.seqlen}")
-    if args.eval_windows is not None and args.eval_windows < 1:
-        raise WandaError(f"--eval_windows must be at least 1, got {args.eval_windows}")
-    if args.batch_size < 1:
-        raise WandaError(f"--batch_size must be at least 1, got {args.batch_size}")
-    specs = _specs(args.eval_dataset)
-    if not specs:
-        raise WandaError("nothing to evaluate: name at least one --eval_dataset")
-    if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
-        raise WandaError(f"{args.adapter} is not a LoRA adapter folder (no adapter_config.json)")
-    if args.adapter is not None:
-        loaded = load_with_adapter(args.model, args.adapter, args.cache_dir, args.dtype, args.device)
-    else:
-        loaded = load_model(args.model, args.cache_dir, args.dtype, args.device)
-    seqlen = args.seqlen or default_seqlen(loaded.model)
-    windows = _eval_windows(specs, loaded.tokenizer, args.text_field, seqlen, args.eval_windows)
-    label = "model + adapter" if args.adapter else "model"
-    _print_ppl({label: evaluate_perplexity(loaded.model, windows, args.batch_size, label)}, seqlen)
-    return 0
-
-
 def run(argv: list[str], prog: str) -> int:
+    if argv[:1] == ["eval"]:
+        from .eval import run as run_eval
+
+        return run_eval(argv[1:], f"{prog} eval")
     args = build_parser(prog).parse_args(argv)
     setup_logging(args.verbose)
     if args.command in ("lora", "full"):
         return _run_training(args, args.command)
     if args.command == "merge":
         return _run_merge(args)
-    if args.command == "eval":
-        return _run_eval(args)
     raise WandaError(f"unknown command {args.command!r}; use lora, full, merge or eval")
 
 

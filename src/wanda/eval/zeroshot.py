@@ -211,11 +211,16 @@ def local_task_config(name: str, data_dir: str | Path, num_fewshot: int = 0) -> 
 
 # ----------------------------------------------------------------------------------------- evaluation
 def linear_zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(zeros, size) of the weight of every ``nn.Linear`` except the output embedding."""
+    """(zeros, size) of the weight of every ``nn.Linear`` except the output embedding.
+
+    A LoRA adapter's own matrices (peft's ``lora_A``/``lora_B``) are dense by design and not part of the
+    pruned model, so they are left out; the wrapped ``base_layer`` counts.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     counts = {}
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module is not head:
+        adapter_part = any(part.startswith("lora_") for part in name.split("."))
+        if isinstance(module, nn.Linear) and module is not head and not adapter_part:
             weight = module.weight
             counts[name] = (int((weight == 0).sum().item()), weight.numel())
     return counts
