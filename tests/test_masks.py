@@ -90,6 +90,29 @@ def test_nm_mask_exact_per_group_on_random_scores(n, m):
     assert (highest_pruned <= lowest_kept).all()
 
 
+def _stable_sort_nm(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Independent reference: the first n positions of a stable ascending sort of every group."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).reshape(rows, cols)
+
+
+@pytest.mark.parametrize("n,m", [(1, 2), (2, 4), (4, 8), (1, 4), (3, 4), (2, 6), (3, 5), (5, 16), (7, 32)])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "nan"])
+def test_nm_mask_equals_a_stable_sort(n, m, kind, monkeypatch):
+    import wanda.masks.select as select
+
+    monkeypatch.setattr(select, "_CPU_CHUNK", 5 * 40 * m)  # several row chunks, and a last partial one
+    generator = torch.Generator().manual_seed(n * 100 + m)
+    scores = torch.randn(23, 40 * m, generator=generator)
+    if kind == "ties":  # few distinct values: most groups hold ties at the n-th smallest
+        scores = torch.randint(0, 3, scores.shape, generator=generator).float()
+    if kind == "nan":  # a NaN sorts last, so it is never pruned before a number
+        scores[scores > 1.5] = math.nan
+    assert torch.equal(nm_mask(scores, n, m), _stable_sort_nm(scores, n, m))
+
+
 def test_nm_mask_rejects_columns_not_divisible_by_m():
     with pytest.raises(WandaError, match="divisible by 4"):
         nm_mask(torch.rand(2, 6), 2, 4)

@@ -53,39 +53,88 @@ def matrix_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return lowest_k_mask(flat, prune_count(ratio, flat.shape[-1])).reshape(scores.shape)
 
 
-#: Up to this M, N:M ranks come from pairwise comparisons (M * numel element operations, no sort).
-_PAIRWISE_MAX_M = 32
+#: Up to this M the selection network is used; beyond it (rare patterns) a k-th value selection.
+_NETWORK_MAX_M = 32
 
 
-def _nm_pairwise(groups: torch.Tensor, n: int) -> torch.Tensor:
-    """Mask of the ``n`` lowest entries of each group of M (last dim), with a stable sort's tie-breaking.
+def _stable_lowest(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` positions of a stable ascending sort of each group (last dim); NaN sorts last."""
+    order = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
 
-    Entry i is preceded by j when s_j < s_i, or s_j == s_i and j < i; it is pruned when fewer than ``n``
-    entries precede it. M*(M-1) comparisons of (rows, cols/M) planes are many times faster than sorting
-    millions of length-M rows, and no transposed copy of the matrix is made.
-    """
-    m = groups.shape[-1]
-    planes = [groups[..., j].contiguous() for j in range(m)]  # plane j: every group's j-th entry
-    mask = torch.empty(groups.shape, dtype=torch.bool, device=groups.device)
-    rank = torch.empty(planes[0].shape, dtype=torch.uint8 if m < 256 else torch.int32, device=groups.device)
-    for i in range(m):
-        rank.zero_()
-        for j in range(m):
-            if j != i:
-                rank += (planes[j] <= planes[i]) if j < i else (planes[j] < planes[i])
-        mask[..., i] = rank < n
-    return mask
+
+#: Elements of scores handled per step on the CPU: a few MB, so the dozen passes of the network stay in cache.
+_CPU_CHUNK = 1 << 19
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune exactly ``n`` of every ``m`` consecutive input weights of every row."""
+    """Prune exactly ``n`` of every ``m`` consecutive input weights of every row.
+
+    The n-th and (n+1)-th smallest scores t and u of each group come from a min/max selection network over
+    the M planes of the matrix (groups[..., j] for every j), and every entry <= t is pruned. Where u is not
+    above t (a tie, or a NaN) the group is redone by a stable sort: ties go lowest index first, NaN last.
+    On the CPU the rows go through in chunks of a few MB, so the matrix is read from memory about once.
+    """
     rows, cols = scores.shape
     if cols % m:
         raise WandaError(f"N:M sparsity {n}:{m} needs in_features divisible by {m}, but a layer has {cols}")
+    if not 0 < n < m:
+        return torch.full_like(scores, n >= m, dtype=torch.bool)
     groups = scores.reshape(rows, cols // m, m)
-    if m > _PAIRWISE_MAX_M:
+    if m > _NETWORK_MAX_M:
         return lowest_k_mask(groups, n).reshape(rows, cols)
-    return _nm_pairwise(groups, n).reshape(rows, cols)
+    mask = torch.empty(groups.shape, dtype=torch.bool, device=scores.device)
+    step = max(1, _CPU_CHUNK // cols) if scores.device.type == "cpu" else rows
+    network = _selection_network(m, n - 1)
+    for start in range(0, rows, step):
+        _nm_chunk(groups[start : start + step], n, network, mask[start : start + step])
+    return mask.reshape(rows, cols)
+
+
+def _nm_chunk(groups: torch.Tensor, n: int, network: list[tuple[int, int, bool, bool]], out: torch.Tensor) -> None:
+    entries = groups.unbind(-1)
+    planes = list(entries)
+    for i, j, need_low, need_high in network:
+        low = torch.minimum(planes[i], planes[j]) if need_low else None
+        high = torch.maximum(planes[i], planes[j]) if need_high else None
+        planes[i], planes[j] = low, high
+    nth, next_ = planes[n - 1], planes[n]  # the n-th and (n+1)-th smallest of every group
+    for j, entry in enumerate(entries):
+        torch.le(entry, nth, out=out[..., j])
+    # exactly n entries <= nth unless the (n+1)-th equals it (a tie) or the comparison meets a NaN
+    ambiguous = torch.gt(next_, nth).logical_not_()
+    if ambiguous.any():
+        out[ambiguous] = _stable_lowest(groups[ambiguous], n)
+
+
+def _selection_network(m: int, position: int) -> list[tuple[int, int, bool, bool]]:
+    """Comparators (i, j, need min, need max) of Batcher's odd-even merge sort on ``m`` wires that the values
+    ending at ``position`` and ``position + 1`` depend on; wires beyond ``m`` (up to a power of two) would
+    hold +inf and are dropped with the comparators that touch them, which leave the real wires unchanged."""
+    size = 1 << max(1, (m - 1).bit_length())
+    comparators = [(i, j) for i, j in _batcher(size) if j < m]
+    needed, kept = {position, position + 1}, []
+    for i, j in reversed(comparators):
+        if i in needed or j in needed:
+            kept.append((i, j, i in needed, j in needed))
+            needed |= {i, j}
+    return kept[::-1]
+
+
+def _batcher(size: int) -> list[tuple[int, int]]:
+    """Knuth's formulation of Batcher's odd-even merge sort network for a power-of-two ``size``."""
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return pairs
 
 
 def variant_mask(scores: torch.Tensor, ratio: float, tolerance: float = 1e-3, max_steps: int = 60) -> torch.Tensor:

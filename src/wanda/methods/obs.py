@@ -4,8 +4,8 @@ For a layer W (rows x cols) and Hessian H = 2/n X^T X of its inputs, columns are
 pruning column j (setting the masked entries of w_j to zero) leaves an error err = (w_j - q_j) / [H^-1]_jj,
 which is compensated on the not-yet-processed columns: W[:, j:] -= err [H^-1]_{j, j:}. Here H^-1 is the
 upper Cholesky factor of the inverse, so each row of it already has the previous columns eliminated.
-Updates are lazy: within a block of ``blocksize`` columns they are applied in place, and the accumulated
-error of the block is pushed to the rest of the matrix with one matmul.
+Updates are lazy on two levels: column by column inside a batch of ``lazy`` columns, batch by batch (one
+matmul) inside a block of ``blocksize`` columns, and block by block (one matmul) for the rest of the matrix.
 
 ``select`` decides the mask: called once per block with (W_block, diag(H^-1)_block, first column) for
 unstructured patterns, or once per group of M columns inside the column loop for N:M patterns, always on the
@@ -23,9 +23,17 @@ from ..errors import WandaError
 
 Selector = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
+#: Columns whose updates are applied one by one before the rest of the block gets them in one matmul.
+LAZY_COLUMNS = 32
+
 
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + lambda I)^-1, lambda = percdamp * mean(diag H).
+    """Upper Cholesky factor U of (H + lambda I)^-1 (so that (H + lambda I)^-1 = U^T U), lambda = percdamp *
+    mean(diag H).
+
+    With P the reversal permutation and P H P = L L^T, H = R R^T for the upper triangular R = P L P, so
+    H^-1 = R^-T R^-1 and U = R^-1 = P L^-1 P: one Cholesky and one triangular inverse, instead of the
+    Cholesky, inverse and second Cholesky of the reference code.
 
     Inputs that were never active (H_jj == 0) get H_jj = 1 so that H stays invertible; their weights have no
     effect on the output either way.
@@ -34,48 +42,90 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
     diag = H.diagonal()
     diag[diag == 0] = 1.0
     diag.add_(percdamp * diag.mean())
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+    if info.item():
+        raise WandaError(f"the dampened Hessian of a layer is not positive definite (minor {info.item()}); "
+                         f"raise the dampening (PruneSettings.percdamp, now {percdamp})")
+    return _lower_inverse(L).flip(0, 1)
+
+
+def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
+    if L.device.type == "cpu" and L.dtype == torch.float32:
+        try:
+            from scipy.linalg.lapack import strtri
+        except ImportError:
+            strtri = None
+        if strtri is not None:  # LAPACK's triangular inverse: a third of the work of a triangular solve with I
+            inverse, info = strtri(L.numpy(), lower=1)
+            if info == 0:
+                return torch.from_numpy(inverse)
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False)
 
 
 def obs_prune(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None,
     pattern: SparsityPattern,
     select: Selector,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    lazy: int = LAZY_COLUMNS,
+    factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return (updated weight in fp32 with zeros at the mask, mask, OBS-predicted loss sum)."""
-    W = weight.detach().float().clone()
-    rows, cols = W.shape
+    """Return (updated weight in fp32 with zeros at the mask, mask, OBS-predicted loss sum).
+
+    ``blocksize`` is the paper's mask-selection block; ``lazy`` only batches the updates inside it (the result
+    is the same up to float rounding) so that each column costs two small vector operations. ``factor``:
+    ``inverse_hessian_factor(hessian, percdamp)`` when the caller already has it (layers sharing an input).
+    """
+    rows, cols = weight.shape
     if pattern.is_nm and cols % pattern.m:
         # checked here: inside the column loop only the last, partial group of M would be seen
         raise WandaError(f"N:M sparsity {pattern} needs in_features divisible by {pattern.m}, but a layer has {cols}")
-    Hinv = inverse_hessian_factor(hessian.float().to(W.device), percdamp)
-    mask = torch.zeros_like(W, dtype=torch.bool)
-    loss = torch.zeros(rows, dtype=torch.float32, device=W.device)
-
+    if pattern.is_nm:
+        lazy = max(pattern.m, lazy // pattern.m * pattern.m)  # a group of M never straddles two lazy batches
+    # Transposed (cols x rows): column j of W is the contiguous row WT[j], so the column loop reads and
+    # updates contiguous memory.
+    WT = weight.detach().T.float().contiguous()
+    Hinv = factor if factor is not None else inverse_hessian_factor(hessian.float().to(WT.device), percdamp)
+    maskT = torch.zeros_like(WT, dtype=torch.bool)
+    loss = torch.zeros((), dtype=torch.float32, device=WT.device)
     for start in range(0, cols, blocksize):
         stop = min(start + blocksize, cols)
-        W1 = W[:, start:stop].clone()
-        Hinv1 = Hinv[start:stop, start:stop]
-        d = Hinv1.diagonal()
-        errors = torch.zeros_like(W1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if not pattern.is_nm:
-            mask1 = select(W1, d, start)
-        for i in range(stop - start):
-            if pattern.is_nm and i % pattern.m == 0:
-                mask1[:, i : i + pattern.m] = select(W1[:, i : i + pattern.m], d[i : i + pattern.m], start + i)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
-            err = (w - q) / d[i]
-            loss += (w - q).square() / d[i].square() / 2
-            W1[:, i:].sub_(err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0))
-            W1[:, i] = q  # exact zeros, not the rounding residue of the update
-            errors[:, i] = err
-        W[:, start:stop] = W1
-        mask[:, start:stop] = mask1
-        W[:, stop:].sub_(errors @ Hinv[start:stop, stop:])
-    return W, mask, loss.sum().item()
+        errors = _prune_block(WT[start:stop], maskT[start:stop], Hinv[start:stop, start:stop], pattern, select,
+                              start, lazy)
+        loss += errors.square().sum() / 2
+        WT[stop:].addmm_(Hinv[start:stop, stop:].T, errors, alpha=-1)
+    return WT.T.contiguous(), maskT.T.contiguous(), loss.item()
+
+
+def _prune_block(WT: torch.Tensor, maskT: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern,
+                 select: Selector, start: int, lazy: int) -> torch.Tensor:
+    """Prune the columns of one block in place (``WT``, ``maskT``: views, transposed); return their errors.
+
+    Column i's error is err_i = M_i * w_i / U_ii, with w_i the column as updated by every earlier column;
+    it is then subtracted, times U[i, j], from every later column j. Since nothing reads column i again, its
+    pruned entries are zeroed once at the end of the block instead of column by column.
+    """
+    width = WT.shape[0]
+    d = U.diagonal()
+    errors = torch.empty_like(WT)
+    scale = torch.empty_like(WT)  # M_ij / U_jj (transposed): the error of column j is WT[j] * scale[j]
+    if not pattern.is_nm:
+        maskT.copy_(select(WT.T, d, start).T)
+        torch.div(maskT, d.unsqueeze(1), out=scale)
+    for s0 in range(0, width, lazy):
+        s1 = min(s0 + lazy, width)
+        for i in range(s0, s1):
+            if pattern.is_nm and (i - s0) % pattern.m == 0:
+                group = slice(i, i + pattern.m)
+                maskT[group] = select(WT[group].T, d[group], start + i).T
+                torch.div(maskT[group], d[group].unsqueeze(1), out=scale[group])
+            torch.mul(WT[i], scale[i], out=errors[i])
+            if i + 1 < s1:
+                WT[i + 1 : s1].addr_(U[i, i + 1 : s1], errors[i], alpha=-1)
+        if s1 < width:
+            WT[s1:].addmm_(U[s0:s1, s1:].T, errors[s0:s1], alpha=-1)
+    WT.masked_fill_(maskT, 0.0)  # exact zeros, not the rounding residue of the updates
+    return errors

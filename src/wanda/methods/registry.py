@@ -11,7 +11,7 @@ from ..config import PruneSettings
 from ..errors import WandaError
 from ..masks import nm_mask, row_mask, select_mask, variant_mask
 from ..stats import Gram, InputStatistic, SquaredNorm
-from .obs import obs_prune
+from .obs import inverse_hessian_factor, obs_prune
 from .scores import magnitude_scores, wanda_scores
 
 
@@ -58,7 +58,12 @@ def _select_block(scores: torch.Tensor, s: PruneSettings, scope: str) -> torch.T
 
 
 def _obs(weight: torch.Tensor, stat: Gram, s: PruneSettings, select) -> LayerResult:
-    new, mask, loss = obs_prune(weight, stat.hessian(), s.pattern, select, s.blocksize, s.percdamp)
+    # q/k/v (and gate/up) share one Gram, so its factorisation is computed once for all of them
+    key = ("inverse_factor", s.percdamp, weight.device)
+    if key not in stat.derived:
+        stat.derived[key] = inverse_hessian_factor(stat.hessian().to(weight.device), s.percdamp)
+    new, mask, loss = obs_prune(weight, None, s.pattern, select, s.blocksize, s.percdamp,
+                                factor=stat.derived[key])
     return LayerResult(new, mask, loss)
 
 
