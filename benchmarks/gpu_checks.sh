@@ -19,10 +19,10 @@ status=0
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'cusparselt', torch.backends.cusparselt.is_available())"
-  timeout 240 $PY -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_cuda_pruning.py tests/test_speedup_gpu.py
+  timeout 170 $PY -m pytest -q -ra -m gpu -p no:cacheprovider tests/test_cuda_pruning.py tests/test_speedup_gpu.py
 } 2>&1 | tee "$OUT/gpu_tests.log" || status=1
-timeout 240 $PY benchmarks/speedup_gpu.py --skip_smollm --blocks 4 --output "$OUT/speedup" 2>&1 \
+timeout 200 $PY benchmarks/speedup_gpu.py --skip_smollm --blocks 4 --output "$OUT/speedup" 2>&1 \
   | tee "$OUT/speedup.log" || status=1
-timeout 180 $PY benchmarks/pruning_speed.py --device cuda --smollm_windows 0 --llama_blocks 2 \
+timeout 150 $PY benchmarks/pruning_speed.py --device cuda --smollm_windows 0 --llama_blocks 2 \
   --output "$OUT/pruning_speed" 2>&1 | tee "$OUT/pruning_speed.log" || status=1
 exit $status
