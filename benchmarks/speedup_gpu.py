@@ -28,7 +28,7 @@ import torch
 from wanda import PruneSettings, prune
 from wanda.cli.speedup import EXIT_NO_GPU, environment, gpu_slug
 from wanda.data import calibration_windows, resolve_source
-from wanda.export import BACKENDS, SemiStructuredBackend, SpeedupSettings, format_tables, gpu_problem, run_speedup
+from wanda.export import BACKENDS, SemiStructuredBackend, available_backends, SpeedupSettings, format_tables, gpu_problem, run_speedup
 from wanda.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*prototype.*")
     device = torch.device("cuda", torch.cuda.current_device())
     dtype = _DTYPES[args.dtype]
-    backends = [b for b in args.backends.split(",") if b != "cusparselt" or torch.backends.cusparselt.is_available()]
+    usable = available_backends(device)
+    backends = [b for b in args.backends.split(",") if b in usable]
+    if not backends:
+        print(f"speedup_gpu.py: none of {args.backends} runs on this GPU", file=sys.stderr)
+        return EXIT_NO_GPU
     builders = {f"LLaMA-7B-shaped ({args.blocks} random blocks, magnitude 2:4)": lambda: llama7b_24(args.blocks, dtype, device)}
     if not args.skip_smollm:
         builders["smollm2-135m (Wanda 2:4)"] = lambda: smollm_24(dtype, device)

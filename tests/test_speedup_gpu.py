@@ -25,8 +25,11 @@ pytestmark = [
 
 
 def _backends() -> list:
-    cusparselt = torch.backends.cusparselt.is_available()
-    return ["cutlass", pytest.param("cusparselt", marks=pytest.mark.skipif(not cusparselt, reason="no cuSPARSELt"))]
+    from wanda.export import backend_problem
+
+    problems = {name: backend_problem(name) for name in ("cutlass", "cusparselt")} if _PROBLEM is None else {}
+    return [pytest.param(name, marks=pytest.mark.skipif(problems.get(name) is not None, reason=str(problems.get(name))))
+            for name in ("cutlass", "cusparselt")]
 
 
 @pytest.fixture(params=_backends())

@@ -17,7 +17,9 @@ from typing import NoReturn
 
 import torch
 
-from ..export.semi_structured import BACKENDS, MIN_CAPABILITY, SemiStructuredBackend, gpu_problem
+from ..errors import WandaError
+from ..export.semi_structured import (BACKENDS, MIN_CAPABILITY, SemiStructuredBackend, available_backends,
+                                      backend_problem, gpu_problem)
 from ..export.speedup import SpeedupSettings, format_tables, run_speedup
 from ..io import atomic_write_json, ensure_free
 from .common import Parser, guarded, setup_logging
@@ -52,7 +54,8 @@ def build_parser(prog: str) -> Parser:
                "tolerance (results still written)")
     p.add_argument("--model", required=True, help="a 2:4-pruned model: from_pretrained folder, compressed folder, "
                    "hub id, or smollm2-135m")
-    p.add_argument("--backend", default="cutlass", choices=BACKENDS, help="sparse kernels (default: cutlass)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="sparse kernels (default: auto: cutlass on compute capability 8.x, else cusparselt)")
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"),
                    help="weights and activations (default: float16; cuSPARSELt has no float32)")
     p.add_argument("--device", default="cuda", help="CUDA device (default: cuda, the current one)")
@@ -98,8 +101,14 @@ def run(args) -> int:
     device = torch.device(args.device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    backend = SemiStructuredBackend(args.backend)
-    output = Path(args.output or f"speedup_{gpu_slug(device)}_{args.backend}.json")
+    name = args.backend
+    if name == "auto":
+        usable = available_backends(device)
+        if not usable:
+            raise WandaError(f"no 2:4 backend runs here: {backend_problem('cusparselt', device)}")
+        name = usable[0]
+    backend = SemiStructuredBackend(name, device)
+    output = Path(args.output or f"speedup_{gpu_slug(device)}_{name}.json")
     ensure_free(output, args.overwrite, "result")
     loaded = load_model(args.model, args.cache_dir, args.dtype, str(device))
     warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*prototype.*")

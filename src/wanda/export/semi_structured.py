@@ -27,6 +27,8 @@ __all__ = [
     "Converter",
     "SemiStructuredBackend",
     "SparsifyReport",
+    "available_backends",
+    "backend_problem",
     "check_24",
     "gpu_problem",
     "relative_error",
@@ -36,6 +38,28 @@ __all__ = [
 BACKENDS = ("cutlass", "cusparselt")
 #: Sparse tensor cores arrived with Ampere (sm_80).
 MIN_CAPABILITY = (8, 0)
+#: PyTorch's CUTLASS 2:4 kernels are built for sm_8x only ("Supported only on GPUs with compute capability
+#: 8.x", seen on an H200); Hopper and later need cuSPARSELt.
+CUTLASS_MAJOR = 8
+
+
+def backend_problem(name: str, device: torch.device | str | None = None) -> str | None:
+    """Why backend ``name`` cannot run on ``device`` (default: the current CUDA device), or ``None``."""
+    problem = gpu_problem(device)
+    if problem is not None:
+        return problem
+    if name == "cusparselt" and not torch.backends.cusparselt.is_available():
+        return "this PyTorch build has no cuSPARSELt"
+    if name == "cutlass":
+        major, minor = torch.cuda.get_device_capability(torch.device(device if device is not None else "cuda"))
+        if major != CUTLASS_MAJOR:
+            return f"PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only, this GPU has {major}.{minor}"
+    return None
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that run on ``device``, in the order of ``BACKENDS``."""
+    return [name for name in BACKENDS if backend_problem(name, device) is None]
 
 
 def gpu_problem(device: torch.device | str | None = None) -> str | None:
@@ -85,11 +109,13 @@ class Converter(Protocol):
 class SemiStructuredBackend:
     """``torch.sparse.SparseSemiStructuredTensor`` with an explicit backend (no global ``_FORCE_CUTLASS``)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, device: torch.device | str | None = None):
         if name not in BACKENDS:
             raise WandaError(f"--backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-        if name == "cusparselt" and not torch.backends.cusparselt.is_available():
-            raise WandaError("this PyTorch build has no cuSPARSELt; use --backend cutlass")
+        problem = backend_problem(name, device) if torch.cuda.is_available() else None
+        if problem is not None:
+            others = [b for b in available_backends(device) if b != name]
+            raise WandaError(f"--backend {name}: {problem}" + (f"; use --backend {others[0]}" if others else ""))
         from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
         self.name = name

@@ -16,6 +16,9 @@ from ..errors import WandaError
 
 Scope = Literal["row", "matrix"]
 
+#: Longest slice for which CUDA's kthvalue (one thread block per slice) is used; longer ones are sorted.
+_CUDA_KTHVALUE_MAX = 1 << 16
+
 
 def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mark the ``k`` lowest scores along the last dimension (exactly ``k`` per slice).
@@ -29,7 +32,12 @@ def lowest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= n:
         return torch.ones_like(scores, dtype=torch.bool)
-    threshold = scores.kthvalue(k, dim=-1, keepdim=True).values
+    if scores.is_cuda and n > _CUDA_KTHVALUE_MAX:
+        # CUDA's kthvalue gives each slice one thread block: a whole 4096 x 11008 matrix as one slice takes
+        # ~0.2 s on an H200, its radix sort a few ms
+        threshold = scores.sort(dim=-1).values[..., k - 1 : k]
+    else:
+        threshold = scores.kthvalue(k, dim=-1, keepdim=True).values
     below = scores < threshold
     ties = scores == threshold
     still_needed = k - below.sum(dim=-1, keepdim=True)
@@ -73,7 +81,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     The n-th and (n+1)-th smallest scores t and u of each group come from a min/max selection network over
     the M planes of the matrix (groups[..., j] for every j), and every entry <= t is pruned. Where u is not
     above t (a tie, or a NaN) the group is redone by a stable sort: ties go lowest index first, NaN last.
-    On the CPU the rows go through in chunks of a few MB, so the matrix is read from memory about once.
+    The rows go through in chunks of a few MB, so the matrix is read from memory about once. On a GPU a
+    stable sort of the groups gives the same mask without any device sync.
     """
     rows, cols = scores.shape
     if cols % m:
@@ -83,8 +92,11 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     groups = scores.reshape(rows, cols // m, m)
     if m > _NETWORK_MAX_M:
         return lowest_k_mask(groups, n).reshape(rows, cols)
+    if scores.device.type != "cpu":
+        # a GPU sorts short segments fast, and the network's tie check would cost a device sync per call
+        return _stable_lowest(groups, n).reshape(rows, cols)
     mask = torch.empty(groups.shape, dtype=torch.bool, device=scores.device)
-    step = max(1, _CPU_CHUNK // cols) if scores.device.type == "cpu" else rows
+    step = max(1, _CPU_CHUNK // cols)
     network = _selection_network(m, n - 1)
     for start in range(0, rows, step):
         _nm_chunk(groups[start : start + step], n, network, mask[start : start + step])
