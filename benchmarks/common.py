@@ -17,7 +17,7 @@ WIKITEXT_TEST = Path(os.environ.get("WANDA_WIKITEXT_TEST", ROOT.parent / "shared
 
 #: The default protocol (issue 3): fp32 on CPU, 1024-token windows, 32 calibration windows from the
 #: wiki-summaries calibration part with seed 0, 40 evaluation windows per set.
-PROTOCOL = {"seqlen": 1024, "nsamples": 32, "seed": 0, "eval_windows": 40, "batch_size": 8, "dtype": "float32"}
+PROTOCOL = {"seqlen": 1024, "nsamples": 32, "seed": 0, "eval_windows": 40, "batch_size": 2, "dtype": "float32"}
 
 
 def protocol_data(tokenizer, protocol: dict = PROTOCOL) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -15,6 +15,7 @@ from .engine import BlockInputs, LayerwiseEngine
 from .errors import WandaError
 from .methods import MethodSpec, get_method
 from .models import find_decoder_layout, find_linears
+from .resources import peak_rss_mb, release_memory, reset_peak_rss
 from .stats import InputRecorder
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     wall_seconds: float = 0.0
     calibration_tokens: int = 0
+    #: peak resident memory during this call (Linux; elsewhere the process's peak so far), MiB
+    peak_rss_mb: float = 0.0
 
     @property
     def prune_seconds(self) -> float:
@@ -57,6 +60,7 @@ class PruneReport:
             "prune_seconds": self.prune_seconds,
             "wall_seconds": self.wall_seconds,
             "calibration_tokens": self.calibration_tokens,
+            "peak_rss_mb": self.peak_rss_mb,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -92,6 +96,8 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     spec = get_method(settings.method)
     layout = find_decoder_layout(model)
     report = PruneReport(settings=settings.to_dict())
+    release_memory()
+    reset_peak_rss()
     start = time.perf_counter()
     if spec.statistic is None:
         for index, block in enumerate(tqdm(layout.blocks, desc="blocks", unit="block", disable=not progress)):
@@ -114,6 +120,8 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
 
         engine.walk(calibration_ids, visit)
     report.wall_seconds = time.perf_counter() - start
+    report.peak_rss_mb = peak_rss_mb()
+    release_memory()  # the calibration activations
     log.info("pruned %d layers with %s: sparsity %.4f, %.1fs pruning, %.1fs wall", len(report.layers),
              settings.method, report.actual_sparsity, report.prune_seconds, report.wall_seconds)
     return report

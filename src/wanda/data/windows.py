@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import WandaError
+from ..resources import release_memory
 from .sources import TextSource
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,14 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
             tokenizer.model_max_length = previous
 
 
-def tokenize_documents(tokenizer, documents: list[str], separator: str, chunk_chars: int = CHUNK_CHARS) -> torch.Tensor:
+def tokenize_documents(tokenizer, documents: list[str], separator: str, chunk_chars: int = CHUNK_CHARS,
+                       max_tokens: int | None = None) -> torch.Tensor:
     """Token ids of ``separator.join(documents)``, tokenized in pieces of about ``chunk_chars`` characters.
 
     Each piece ends with the separator and the next starts at a document, so only the special tokens of the
     first piece are kept; the result equals whole-text tokenization whenever the text fits in one piece.
+    With ``max_tokens``, pieces stop once that many tokens are there (the result then holds at least
+    ``max_tokens`` tokens, or all of them): the first N tokens are the same either way.
     """
     pieces: list[torch.Tensor] = []
     group: list[str] = []
@@ -55,10 +59,15 @@ def tokenize_documents(tokenizer, documents: list[str], separator: str, chunk_ch
         if group and size + len(doc) > chunk_chars:
             flush(last=False)
             group, size = [], 0
+            if max_tokens is not None and sum(piece.numel() for piece in pieces) >= max_tokens:
+                break
         group.append(doc)
         size += len(doc) + len(separator)
-    flush(last=True)
-    return torch.cat(pieces)
+    else:
+        flush(last=True)
+    stream = torch.cat(pieces)
+    release_memory()  # the tokenizer's transient buffers (hundreds of MB for a few MB of text)
+    return stream
 
 
 def _strip_leading_special(tokenizer, ids: torch.Tensor) -> torch.Tensor:
@@ -118,12 +127,12 @@ def calibration_windows(source: TextSource, tokenizer, nsamples: int, seqlen: in
 def evaluation_windows(source: TextSource, tokenizer, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows of ``seqlen`` tokens from the start of the joined corpus
     (the paper's WikiText-2 protocol; the tail shorter than a window is dropped)."""
-    stream = tokenize_documents(tokenizer, source.documents, source.separator)
+    limits = [n for n in (source.max_eval_windows, max_windows) if n is not None]
+    needed = min(limits) * seqlen if limits else None
+    stream = tokenize_documents(tokenizer, source.documents, source.separator, max_tokens=needed)
     count = stream.numel() // seqlen
-    if source.max_eval_windows is not None:
-        count = min(count, source.max_eval_windows)
-    if max_windows is not None:
-        count = min(count, max_windows)
+    for limit in limits:
+        count = min(count, limit)
     if count < 1:
         raise WandaError(
             f"evaluation corpus {source.name} has {stream.numel()} tokens, fewer than one window of {seqlen}; "

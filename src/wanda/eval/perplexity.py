@@ -19,7 +19,7 @@ def _logit_cap(model: nn.Module) -> float | None:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 512,
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 128,
                progress: bool = True, desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on ``windows`` (n, seqlen) of token ids."""
     was_training = model.training

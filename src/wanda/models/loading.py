@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
+from ..resources import release_memory
 from .bundled import BUNDLED_NAME, bundled_model_dir
 
 log = logging.getLogger(__name__)
@@ -107,5 +108,6 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
         raise WandaError(f"could not load model {name!r}: {exc}".splitlines()[0]) from exc
     model.eval()
     model.config.use_cache = False
+    release_memory()  # the loader's freed buffers
     log.info("loaded %s (%s, %s)", name, type(model).__name__, torch_dtype)
     return LoadedModel(model, tokenizer, location)
