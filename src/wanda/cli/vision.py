@@ -16,6 +16,7 @@ import torch
 
 from ..errors import WandaError
 from ..io import atomic_directory, atomic_write_json, ensure_free
+from ..models.loading import resolve_device
 from ..resources import peak_rss_mb
 from ..vision import (METRICS, VISION_METRICS, ImageFolder, VisionPruneSettings, calibration_batches,
                       load_classifier, prune_classifier, topk_accuracy)
@@ -68,18 +69,6 @@ def build_parser(prog: str) -> Parser:
     return p
 
 
-def _device(text: str) -> torch.device:
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(text)
-    except RuntimeError as exc:
-        raise WandaError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise WandaError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
-
-
 def _preprocess(base: Preprocess, args) -> Preprocess:
     if args.input_size is None and args.crop_pct is None:
         return base
@@ -126,7 +115,7 @@ def run(argv: list[str], prog: str) -> int:
                                    sparsity=args.sparsity, sparsity_type=args.sparsity_type, nsamples=args.nsamples,
                                    batch_size=args.batch_size, seed=args.seed)
     _check_args(args, settings)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     start = time.perf_counter()
     root = Path(args.data_path)
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())

