@@ -50,15 +50,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tens
 
 
 def _lower_inverse(L: torch.Tensor) -> torch.Tensor:
-    if L.device.type == "cpu" and L.dtype == torch.float32:
-        try:
-            from scipy.linalg.lapack import strtri
-        except ImportError:
-            strtri = None
-        if strtri is not None:  # LAPACK's triangular inverse: a third of the work of a triangular solve with I
-            inverse, info = strtri(L.numpy(), lower=1)
-            if info == 0:
-                return torch.from_numpy(inverse)
+    # (scipy's LAPACK strtri does a third of the work, but its OpenBLAS threads and torch's OpenMP threads
+    # then compete for the cores: measured slower overall on 2 cores)
     eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
     return torch.linalg.solve_triangular(L, eye, upper=False)
 
