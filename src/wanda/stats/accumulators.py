@@ -36,8 +36,12 @@ class SquaredNorm(InputStatistic):
 
     def add(self, x: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
-        # fp32 accumulation without materialising an fp32 copy of a half-precision batch
-        self.sum += torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).square()
+        if flat.dtype == torch.float32:
+            # a plain column sum: vector_norm over dim 0 took 7x longer on a CPU (18 ms against 2.6 ms for a
+            # 2048 x 1536 batch, ~10 s over SmolLM2's pruning)
+            self.sum += (flat * flat).sum(dim=0)
+        else:  # fp32 accumulation without materialising an fp32 copy of a half-precision batch
+            self.sum += torch.linalg.vector_norm(flat, dim=0, dtype=torch.float32).square()
         self.tokens += flat.shape[0]
 
     def squared_norm(self) -> torch.Tensor:
