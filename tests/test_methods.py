@@ -227,6 +227,24 @@ def test_accumulators_are_batch_invariant_and_agree():
     torch.testing.assert_close(batched.hessian(), batched.sum * 2 / TOKENS)
 
 
+@pytest.mark.parametrize("features", [63, 130, 200, 577])
+def test_gram_panels_give_the_full_symmetric_product(features):
+    """On a CPU the Gram matrix is summed as lower-triangle row panels (uneven ones for widths not divisible
+    by the panel count); ``total`` must still be the whole X^T X, also after more batches arrive."""
+    g = torch.Generator().manual_seed(features)
+    batches = [torch.randn(2, 40, features, generator=g) for _ in range(3)]
+    gram = Gram(features, "cpu")
+    for batch in batches[:2]:
+        gram.add(batch)
+    flat = torch.cat([b.reshape(-1, features) for b in batches]).double()
+    torch.testing.assert_close(gram.total().double(), flat[:160].T @ flat[:160], rtol=1e-5, atol=1e-3)
+    gram.add(batches[2])
+    total = gram.total()
+    assert torch.equal(total, total.T)
+    torch.testing.assert_close(total.double(), flat.T @ flat, rtol=1e-5, atol=1e-3)
+    assert gram.tokens == 240
+
+
 @pytest.mark.parametrize("method", list(METHOD_SPECS))
 def test_nm_on_columns_not_divisible_by_m_names_the_layer_width(method):
     weight, x = torch.randn(8, 30), torch.randn(64, 30)

@@ -6,6 +6,7 @@ Ties are broken deterministically: among equal scores the one with the lower ind
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -106,7 +107,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def _nm_chunk(groups: torch.Tensor, n: int, network: list[tuple[int, int, bool, bool]], out: torch.Tensor) -> None:
+def _nm_chunk(groups: torch.Tensor, n: int, network: tuple[tuple[int, int, bool, bool], ...], out: torch.Tensor) -> None:
     entries = groups.unbind(-1)
     planes = list(entries)
     for i, j, need_low, need_high in network:
@@ -122,7 +123,8 @@ def _nm_chunk(groups: torch.Tensor, n: int, network: list[tuple[int, int, bool, 
         out[ambiguous] = _stable_lowest(groups[ambiguous], n)
 
 
-def _selection_network(m: int, position: int) -> list[tuple[int, int, bool, bool]]:
+@functools.lru_cache(maxsize=None)
+def _selection_network(m: int, position: int) -> tuple[tuple[int, int, bool, bool], ...]:
     """Comparators (i, j, need min, need max) of Batcher's odd-even merge sort on ``m`` wires that the values
     ending at ``position`` and ``position + 1`` depend on; wires beyond ``m`` (up to a power of two) would
     hold +inf and are dropped with the comparators that touch them, which leave the real wires unchanged."""
@@ -133,7 +135,7 @@ def _selection_network(m: int, position: int) -> list[tuple[int, int, bool, bool
         if i in needed or j in needed:
             kept.append((i, j, i in needed, j in needed))
             needed |= {i, j}
-    return kept[::-1]
+    return tuple(kept[::-1])  # cached: SparseGPT asks for it once per group of M columns
 
 
 def _batcher(size: int) -> list[tuple[int, int]]:

@@ -49,28 +49,28 @@ class SquaredNorm(InputStatistic):
 
 
 class Gram(InputStatistic):
-    """X^T X, accumulated as its lower block triangle: with the features split in two halves, the three
-    products X1^T X1, X2^T X1 and X2^T X2 are 3/4 of the multiply-adds of the full product. This sum is most of
-    SparseGPT's cost beyond the forward passes (for an MLP's down projection it costs more than the projection
-    itself). BLAS ``syrk`` would halve it, but scipy's OpenBLAS threads and torch's OpenMP threads then take
-    turns spinning on the same cores: measured on 2 cores, SparseGPT's pruning got 30 s slower, not faster."""
+    """X^T X, accumulated as its lower triangle in row panels: with the features cut into k panels, panel i
+    multiplies its columns by every column up to its end, (k + 1) / 2k of the multiply-adds of the full product
+    (9/16 for k = 8). This sum is most of SparseGPT's cost beyond the forward passes (for an MLP's down
+    projection, 2048 x 1536 inputs per batch, the full product takes 70 ms and the projection itself 25 ms; the
+    panels take 43 ms). BLAS ``syrk`` would halve it, but scipy's OpenBLAS threads and torch's OpenMP threads
+    then take turns spinning on the same cores: measured on 2 cores, SparseGPT's pruning got 30 s slower."""
 
     def __init__(self, features: int, device: torch.device | str):
         self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.tokens = 0
-        self._lower_only = False  # True while the upper-right block of ``sum`` is stale
+        self._lower_only = False  # True while the strict upper triangle of ``sum`` is stale
         self.derived: dict = {}  # what methods compute from the finished sum (the inverse factor), kept once
+        panels = _PANELS if features >= _PANELS * _MIN_PANEL else max(1, features // _MIN_PANEL)
+        self._edges = [round(i * features / panels) for i in range(panels + 1)]
 
     def add(self, x: torch.Tensor) -> None:
         flat = flatten_inputs(x)
-        half = flat.shape[1] // 2
-        if flat.device.type == "cpu" and half >= _MIN_SPLIT:
-            first, second = flat[:, :half], flat[:, half:]
-            self.sum[:half, :half].addmm_(first.T, first)
-            self.sum[half:, :half].addmm_(second.T, first)
-            self.sum[half:, half:].addmm_(second.T, second)
+        if flat.device.type == "cpu" and len(self._edges) > 2:
+            for low, high in zip(self._edges, self._edges[1:]):
+                self.sum[low:high, :high].addmm_(flat[:, low:high].T, flat[:, :high])
             self._lower_only = True
-        else:  # on a GPU the full product is cheap next to the rest, and one kernel beats three
+        else:  # on a GPU the full product is cheap next to the rest, and one kernel beats several
             self.sum.addmm_(flat.T, flat)
         self.tokens += flat.shape[0]
         self.derived.clear()
@@ -78,8 +78,7 @@ class Gram(InputStatistic):
     def total(self) -> torch.Tensor:
         """The full symmetric X^T X."""
         if self._lower_only:
-            half = self.sum.shape[0] // 2
-            self.sum[:half, half:] = self.sum[half:, :half].T
+            self.sum.copy_(torch.tril(self.sum) + torch.tril(self.sum, diagonal=-1).T)
             self._lower_only = False
         return self.sum
 
@@ -91,5 +90,6 @@ class Gram(InputStatistic):
         return self.total() * (2.0 / max(self.tokens, 1))
 
 
-#: Below this many features per half, splitting saves less than the extra calls cost.
-_MIN_SPLIT = 128
+#: Row panels of the Gram matrix on a CPU, and the narrowest panel worth a call of its own.
+_PANELS = 8
+_MIN_PANEL = 64
