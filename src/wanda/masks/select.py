@@ -107,7 +107,11 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(rows, cols)
 
 
-def _nm_chunk(groups: torch.Tensor, n: int, network: tuple[tuple[int, int, bool, bool], ...], out: torch.Tensor) -> None:
+#: Comparators (i, j, need min, need max) of a selection network, in order.
+Network = tuple[tuple[int, int, bool, bool], ...]
+
+
+def _nm_chunk(groups: torch.Tensor, n: int, network: Network, out: torch.Tensor) -> None:
     entries = groups.unbind(-1)
     planes = list(entries)
     for i, j, need_low, need_high in network:
@@ -124,7 +128,7 @@ def _nm_chunk(groups: torch.Tensor, n: int, network: tuple[tuple[int, int, bool,
 
 
 @functools.lru_cache(maxsize=None)
-def _selection_network(m: int, position: int) -> tuple[tuple[int, int, bool, bool], ...]:
+def _selection_network(m: int, position: int) -> Network:
     """Comparators (i, j, need min, need max) of Batcher's odd-even merge sort on ``m`` wires that the values
     ending at ``position`` and ``position + 1`` depend on; wires beyond ``m`` (up to a power of two) would
     hold +inf and are dropped with the comparators that touch them, which leave the real wires unchanged."""
