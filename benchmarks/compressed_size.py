@@ -32,7 +32,7 @@ def measure(pattern: str | None, dtype: torch.dtype, workdir: Path) -> dict:
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     model = loaded.model
     if pattern is not None:
-        prune(model, None, PruneSettings(method="magnitude", sparsity_type=pattern), progress=False)
+        prune(model, None, PruneSettings(prune_method="magnitude", sparsity_type=pattern), progress=False)
     model.to(dtype)
     tag = f"{pattern or 'unpruned'}-{str(dtype).removeprefix('torch.')}".replace(":", "_")
     dense = save_model(model, loaded.tokenizer, workdir / f"{tag}-dense", "dense")

@@ -150,7 +150,7 @@ def main() -> None:
     for pattern in patterns:
         model = load_model("smollm2-135m", dtype="float32", device="cpu").model
         clock.lap()
-        report = prune(model, calib, PruneSettings(method="wanda", sparsity_type=pattern))
+        report = prune(model, calib, PruneSettings(prune_method="wanda", sparsity_type=pattern))
         ppl = evaluate_perplexity(model, sets, label=f"{pattern} pruned")
         rows.append({"pattern": pattern, "model": "Wanda pruned", "sparsity": report.actual_sparsity, "ppl": ppl,
                      "prune_seconds": report.wall_seconds, **clock.lap()})

@@ -55,10 +55,9 @@ def worker(method: str, pattern: str, variant: bool, floor: bool) -> dict:
         # magnitude needs no forward pass at all, so it has no floor to compare with
         floor = two_forward_floor(model, calib, PROTOCOL["batch_size"]) if floor else float("nan")
         out["floor_seconds"] = floor
-        settings = PruneSettings(method=method, sparsity_type=pattern, use_variant=variant,
-                                 sparsity_ratio=0.5 if pattern == "unstructured" else None,
-                                 batch_size=PROTOCOL["batch_size"])
-        report = prune(model, calib, settings, device="cpu", progress=False)
+        settings = PruneSettings(prune_method=method, sparsity_type=pattern, use_variant=variant,
+                                 sparsity_ratio=0.5 if pattern == "unstructured" else None)
+        report = prune(model, calib, settings, device="cpu", progress=False, batch_size=PROTOCOL["batch_size"])
         out.update(actual_sparsity=report.actual_sparsity, prune_seconds=report.prune_seconds,
                    prune_wall_seconds=report.wall_seconds, peak_rss_mb_pruning=report.peak_rss_mb,
                    wall_over_floor=report.wall_seconds / out["floor_seconds"])

@@ -118,7 +118,7 @@ def _summarise(model_name: str, blocks: int, method: str, pattern: str, report) 
 
 
 def _run(model, calib, method: str, pattern: str, device: torch.device):
-    settings = PruneSettings(method=method, sparsity_type=pattern)
+    settings = PruneSettings(prune_method=method, sparsity_type=pattern)
     return prune(model, calib if method != "magnitude" else None, settings, device=device, progress=False)
 
 

@@ -53,14 +53,14 @@ def llama7b_24(blocks: int, dtype: torch.dtype, device: torch.device):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     model.config.use_cache = False
-    prune(model, None, PruneSettings(method="magnitude", sparsity_type="2:4"), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude", sparsity_type="2:4"), progress=False)
     return model
 
 
 def smollm_24(dtype: torch.dtype, device: torch.device):
     loaded = load_model("smollm2-135m", dtype=str(dtype).removeprefix("torch."), device=str(device))
     calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), loaded.tokenizer, 32, 512, seed=0)
-    prune(loaded.model, calib, PruneSettings(method="wanda", sparsity_type="2:4"), device=device, progress=False)
+    prune(loaded.model, calib, PruneSettings(prune_method="wanda", sparsity_type="2:4"), device=device, progress=False)
     return loaded.model
 
 

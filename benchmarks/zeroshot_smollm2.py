@@ -52,9 +52,9 @@ def run(name: str, pattern: str | None, settings: ZeroShotSettings) -> dict:
     if pattern is not None:
         calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), tokenizer, PROTOCOL["nsamples"],
                                     PROTOCOL["seqlen"], PROTOCOL["seed"])
-        report = prune(model, calib, PruneSettings(method="wanda", sparsity_type=pattern,
-                                                   sparsity_ratio=0.5 if pattern == "unstructured" else None,
-                                                   batch_size=PROTOCOL["batch_size"]), device="cpu", progress=False)
+        report = prune(model, calib, PruneSettings(prune_method="wanda", sparsity_type=pattern,
+                                                   sparsity_ratio=0.5 if pattern == "unstructured" else None),
+                       device="cpu", progress=False, batch_size=PROTOCOL["batch_size"])
         out.update(actual_sparsity=report.actual_sparsity, prune_wall_seconds=report.wall_seconds)
     result = evaluate_zero_shot(model, tokenizer, settings)
     out.update(result.to_dict())

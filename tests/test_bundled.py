@@ -39,7 +39,7 @@ def test_wanda_prunes_every_row_of_the_real_model_to_exactly_half(smollm):
 
     model = smollm.model
     calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), smollm.tokenizer, 4, 128, seed=0)
-    report = prune(model, calib, PruneSettings(method="wanda", sparsity_ratio=0.5), progress=False)
+    report = prune(model, calib, PruneSettings(prune_method="wanda", sparsity_ratio=0.5), progress=False)
     assert len(report.layers) == 30 * 7
     for block in model.model.layers:
         for layer in (block.self_attn.q_proj, block.mlp.down_proj):

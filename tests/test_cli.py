@@ -114,7 +114,7 @@ def _check_saved_model(files, folder: Path) -> None:
     original = AutoModelForCausalLM.from_pretrained(files["llama"]).state_dict()
     tokenizer = AutoTokenizer.from_pretrained(files["llama"])
     calib = calibration_windows(resolve_source(str(files["corpus"]), "calibration"), tokenizer, 8, 32, 0)
-    prune(expected, calib, PruneSettings(method="wanda", sparsity_ratio=0.5), progress=False)
+    prune(expected, calib, PruneSettings(prune_method="wanda", sparsity_ratio=0.5), progress=False)
 
     layout = find_decoder_layout(reloaded)
     pruned = {f"{name}.weight" for i, block in enumerate(layout.blocks)

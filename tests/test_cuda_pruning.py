@@ -35,7 +35,7 @@ def _pruned(method: str, pattern: str, placement: str) -> dict[str, torch.Tensor
     if placement == "gpu":
         model = model.to("cuda")
     device = "cpu" if placement == "cpu" else "cuda"
-    settings = PruneSettings(method=method, sparsity_ratio=0.5, sparsity_type=pattern)
+    settings = PruneSettings(prune_method=method, sparsity_ratio=0.5, sparsity_type=pattern)
     prune(model, None if method == "magnitude" else _calibration(), settings, device=device, progress=False)
     if placement == "offload":
         assert all(p.device.type == "cpu" for p in model.parameters()), "an offloaded block stayed on the GPU"
@@ -69,7 +69,7 @@ def test_statistics_accumulate_in_float32_for_half_models():
     """A fp16 model on the GPU: the norms and Hessians are fp32, so the masks match a fp32 run's closely."""
     half = tiny_model("llama", seed=0).eval().to("cuda", torch.float16)
     full = tiny_model("llama", seed=0).eval().to("cuda")
-    settings = PruneSettings(method="wanda", sparsity_ratio=0.5)
+    settings = PruneSettings(prune_method="wanda", sparsity_ratio=0.5)
     prune(half, _calibration(), settings, progress=False)
     prune(full, _calibration(), settings, progress=False)
     reference = _weights(full)

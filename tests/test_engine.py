@@ -82,7 +82,7 @@ def test_wanda_in_prune_equals_independent_computation_one_block():
     inputs = _record_inputs(original, find_linears(block), ids)
 
     # batch_size 3 does not divide 8: batching must not change the statistics
-    prune(model, ids, PruneSettings(method="wanda", sparsity_ratio=0.5, batch_size=3), progress=False)
+    prune(model, ids, PruneSettings(prune_method="wanda", sparsity_ratio=0.5), progress=False, batch_size=3)
 
     pruned_block = find_decoder_layout(model).blocks[0]
     for name, layer in find_linears(pruned_block).items():
@@ -97,7 +97,7 @@ def test_second_block_is_calibrated_on_the_pruned_first_block():
     original = _fresh("llama", layers=2)
     model = copy.deepcopy(original)
     ids = calib_ids(8, 32)
-    prune(model, ids, PruneSettings(method="wanda", batch_size=4), progress=False)
+    prune(model, ids, PruneSettings(prune_method="wanda"), progress=False, batch_size=4)
 
     reference = copy.deepcopy(original)
     find_decoder_layout(reference).blocks[0].load_state_dict(find_decoder_layout(model).blocks[0].state_dict())
@@ -242,7 +242,7 @@ def test_prune_wanda_unstructured_exact_per_row(arch):
     original = _fresh(arch)
     model = copy.deepcopy(original)
     before = _hooks(model)
-    report = prune(model, calib_ids(4, 16), PruneSettings(method="wanda"), progress=False)
+    report = prune(model, calib_ids(4, 16), PruneSettings(prune_method="wanda"), progress=False)
     names = _check_untouched(original, model)
     weights = dict(model.named_parameters())
     assert len(names) == len(report.layers) == 2 * (6 if arch == "opt" else 7)
@@ -262,7 +262,7 @@ def test_prune_nm_valid_for_every_method(arch, method, pattern):
     n, m = map(int, pattern.split(":"))
     ids = None if method == "magnitude" else calib_ids(4, 16)
     before = _hooks(model)
-    report = prune(model, ids, PruneSettings(method=method, sparsity_type=pattern), progress=False)
+    report = prune(model, ids, PruneSettings(prune_method=method, sparsity_type=pattern), progress=False)
     names = _check_untouched(original, model)
     weights = dict(model.named_parameters())
     for name in names:
@@ -275,7 +275,7 @@ def test_prune_nm_valid_for_every_method(arch, method, pattern):
 
 def test_prune_needs_calibration_for_activation_methods():
     with pytest.raises(WandaError, match="needs calibration samples"):
-        prune(_fresh("llama"), None, PruneSettings(method="wanda"), progress=False)
+        prune(_fresh("llama"), None, PruneSettings(prune_method="wanda"), progress=False)
 
 
 # (e) models without decoder blocks -------------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_find_decoder_layout_rejects_a_model_without_blocks():
     with pytest.raises(WandaError, match="Sequential is not supported: found no decoder blocks"):
         find_decoder_layout(plain)
     with pytest.raises(WandaError, match="no decoder blocks"):
-        prune(plain, None, PruneSettings(method="magnitude"), progress=False)
+        prune(plain, None, PruneSettings(prune_method="magnitude"), progress=False)
 
 
 def test_find_decoder_layout_on_the_tiny_models(arch):

@@ -28,7 +28,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("eval-inputs")
     dense = save_tiny(root / "dense")
     model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32)
-    prune(model, None, PruneSettings(method="magnitude", sparsity_ratio=0.5), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude", sparsity_ratio=0.5), progress=False)
     pruned = root / "pruned"
     model.save_pretrained(pruned)
     AutoTokenizer.from_pretrained(dense).save_pretrained(pruned)

@@ -93,7 +93,7 @@ def test_non_float_tensors_stay_dense():
 
 def _pruned(pattern: str, dtype: torch.dtype = torch.float32, **overrides) -> nn.Module:
     model = tiny_model("llama", **overrides)
-    prune(model, None, PruneSettings(method="magnitude", sparsity_type=pattern), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude", sparsity_type=pattern), progress=False)
     return model.to(dtype)
 
 
@@ -139,7 +139,7 @@ def test_compressed_roundtrip_is_bit_identical_and_smaller(tmp_path, pattern, dt
 def test_load_model_reads_a_compressed_folder_with_tokenizer(tmp_path):
     folder = save_tiny(tmp_path)
     source = load_model(str(folder), dtype="float32", device="cpu")
-    prune(source.model, None, PruneSettings(method="magnitude", sparsity_type="2:4"), progress=False)
+    prune(source.model, None, PruneSettings(prune_method="magnitude", sparsity_type="2:4"), progress=False)
     save_model(source.model, source.tokenizer, tmp_path / "out", "compressed")
     again = load_model(str(tmp_path / "out"), dtype="float32", device="cpu")
     assert again.tokenizer("w1 w2")["input_ids"] == source.tokenizer("w1 w2")["input_ids"]

@@ -35,7 +35,7 @@ from wanda.data import TextSource  # noqa: E402
 
 def pruned_tiny(arch: str = "llama", sparsity_type: str = "unstructured"):
     model = tiny_model(arch)
-    prune(model, None, PruneSettings(method="magnitude", sparsity_type=sparsity_type), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude", sparsity_type=sparsity_type), progress=False)
     return model
 
 
@@ -175,7 +175,7 @@ def test_adapter_saved_and_reloaded_gives_the_same_perplexity(lora_run, tmp_path
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder)
-    prune(model, None, PruneSettings(method="magnitude"), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude"), progress=False)
     model.save_pretrained(folder)
     loaded = load_with_adapter(str(folder), adapter_dir, device="cpu")
     assert type(loaded.model).__name__ == "LlamaForCausalLM"  # a causal LM, LoRA layers active inside
@@ -265,7 +265,7 @@ def pruned_folder(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder)
-    prune(model, None, PruneSettings(method="magnitude"), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude"), progress=False)
     model.save_pretrained(folder)
     return folder, word_corpus(root / "corpus.txt", words=4000)
 

@@ -55,7 +55,7 @@ def _stat(kind, x: torch.Tensor):
 
 
 def _settings(method: str, pattern: str, **kw) -> PruneSettings:
-    return PruneSettings(method=method, sparsity_type=pattern, blocksize=BLOCKSIZE, **kw).validate()
+    return PruneSettings(prune_method=method, sparsity_type=pattern, blocksize=BLOCKSIZE, **kw)
 
 
 def _run(method: str, pattern: str, seed: int = 0, **kw):
@@ -261,4 +261,4 @@ def test_unknown_method_is_a_user_error():
     with pytest.raises(WandaError, match="unknown pruning method 'search'"):
         get_method("search")
     with pytest.raises(WandaError, match="--prune_method"):
-        PruneSettings(method="search").validate()
+        PruneSettings(prune_method="search")

@@ -46,7 +46,7 @@ def _model_24(dtype: torch.dtype = torch.float16):
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.config.use_cache = False
-    prune(model, None, PruneSettings(method="magnitude", sparsity_type="2:4"), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude", sparsity_type="2:4"), progress=False)
     return model.to("cuda", dtype)
 
 

@@ -358,7 +358,7 @@ def _pruned_tiny(tmp_path):
 
     folder = save_tiny(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    prune(model, None, PruneSettings(method="magnitude", sparsity_ratio=0.5), progress=False)
+    prune(model, None, PruneSettings(prune_method="magnitude", sparsity_ratio=0.5), progress=False)
     return model, AutoTokenizer.from_pretrained(folder)
 
 

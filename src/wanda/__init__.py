@@ -3,7 +3,7 @@
 The Python API mirrors the command line::
 
     from wanda import PruneSettings, prune, perplexity
-    report = prune(model, calibration_ids, PruneSettings(method="wanda", sparsity_ratio=0.5))
+    report = prune(model, calibration_ids, PruneSettings(prune_method="wanda", sparsity_ratio=0.5))
     ppl = perplexity(model, eval_windows)
 """
 

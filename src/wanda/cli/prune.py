@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import METHODS, PruneSettings
+from ..devices import default_batch_size
 from ..data import calibration_windows, evaluation_windows, resolve_source
 from ..errors import WandaError
 from ..eval import perplexity
@@ -27,9 +28,6 @@ log = logging.getLogger("wanda")
 #: The embedded default: the benchmark protocol's calibration (32 x 1024 tokens), and 20 windows per evaluation
 #: set (the benchmark uses 40) so that dense and pruned perplexity on two sets fit the first run's 15 minutes.
 BUNDLED_DEFAULTS = {"nsamples": 32, "seqlen": 1024, "eval_windows": 20}
-#: Windows per forward pass when --batch_size is not given. On a CPU, 2 windows of 1024 tokens already fill the
-#: matrix units; 8 made SmolLM2's pruning slower (202 s against 155 s) and 290 MB larger at its peak.
-AUTO_BATCH = {"cpu": 2, "cuda": 8}
 
 
 def build_parser(prog: str) -> Parser:
@@ -71,7 +69,7 @@ def build_parser(prog: str) -> Parser:
                    "(on by default for the bundled model)")
     r.add_argument("--text_field", default="text", help="field holding the text in json/jsonl/parquet (default: text)")
     r.add_argument("--batch_size", type=int, default=None,
-                   help=f"windows per forward pass (default: {AUTO_BATCH['cuda']} on a GPU, {AUTO_BATCH['cpu']} on a CPU)")
+                   help="windows per forward pass (default: 8 on a GPU, 2 on a CPU)")
     r.add_argument("--overwrite", action="store_true", help="replace existing results in --save / --save_model")
     r.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     from .eval import add_zero_shot_arguments  # --tasks --num_fewshot --limit --eval_batch_size --zero_shot_data
@@ -81,7 +79,6 @@ def build_parser(prog: str) -> Parser:
 
 
 def _check_args(args, settings: PruneSettings) -> None:
-    settings.validate()
     if args.nsamples is not None and args.nsamples < 1:
         raise WandaError(f"--nsamples must be at least 1, got {args.nsamples}")
     if args.seqlen is not None and args.seqlen < 2:
@@ -148,9 +145,8 @@ def _print_table(args, report: PruneReport, dense: dict, pruned: dict) -> None:
 def run(argv: list[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     setup_logging(args.verbose)
-    settings = PruneSettings(method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
-                             sparsity_type=args.sparsity_type, use_variant=args.use_variant,
-                             batch_size=args.batch_size or AUTO_BATCH["cuda"])
+    settings = PruneSettings(prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
+                             sparsity_type=args.sparsity_type, use_variant=args.use_variant)
     _check_args(args, settings)
     bundled = args.model in (None, BUNDLED_NAME)
     for key, value in BUNDLED_DEFAULTS.items():
@@ -165,7 +161,7 @@ def run(argv: list[str], prog: str) -> int:
     model, tokenizer = loaded.model, loaded.tokenizer
     device = torch.device("cuda") if next(model.parameters()).is_cuda else torch.device("cpu")
     if args.batch_size is None:
-        args.batch_size = settings.batch_size = AUTO_BATCH[device.type]
+        args.batch_size = default_batch_size(device)
     seqlen = args.seqlen or default_seqlen(model)
     log.info("sequence length %d", seqlen)
 
@@ -182,7 +178,7 @@ def run(argv: list[str], prog: str) -> int:
         log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
 
     dense = _evaluate(model, eval_windows, args.batch_size, "dense") if (args.eval_dense or bundled) else {}
-    report = prune(model, calib, settings, device=device)
+    report = prune(model, calib, settings, device=device, batch_size=args.batch_size)
     pruned = _evaluate(model, eval_windows, args.batch_size, "pruned")
 
     extra = {"model": args.model or BUNDLED_NAME, "seqlen": seqlen, "nsamples": args.nsamples, "seed": args.seed,

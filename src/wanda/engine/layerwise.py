@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..devices import default_batch_size
 from ..models import DecoderLayout, find_decoder_layout
 from .capture import BlockInputs, capture_block_inputs
 
@@ -28,13 +29,13 @@ def _dispatched(model: nn.Module) -> bool:
 
 
 class LayerwiseEngine:
-    def __init__(self, model: nn.Module, device: torch.device | str | None = None, batch_size: int = 8,
+    def __init__(self, model: nn.Module, device: torch.device | str | None = None, batch_size: int | None = None,
                  progress: bool = True, layout: DecoderLayout | None = None):
         self.model = model
         self.layout = layout or find_decoder_layout(model)
         first = next(self.layout.blocks[0].parameters())
         self.device = torch.device(device) if device is not None else first.device
-        self.batch_size = batch_size
+        self.batch_size = batch_size or default_batch_size(self.device)
         self.progress = progress
 
     @contextmanager

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ..config import SparsityPattern
+from .pattern import SparsityPattern
 from ..errors import WandaError
 
 Scope = Literal["row", "matrix"]

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..config import SparsityPattern
+from ..masks.pattern import SparsityPattern
 from ..errors import WandaError
 
 Selector = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]

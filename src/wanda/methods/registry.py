@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from ..config import PruneSettings
 from ..errors import WandaError
 from ..masks import nm_mask, row_mask, select_mask, variant_mask
 from ..stats import Gram, InputStatistic, SquaredNorm
 from .obs import inverse_hessian_factor, obs_prune
 from .scores import magnitude_scores, wanda_scores
+
+if TYPE_CHECKING:
+    from ..config import PruneSettings
 
 
 @dataclass
@@ -24,7 +26,7 @@ class LayerResult:
     obs_loss: float | None = None
 
 
-PruneFn = Callable[[torch.Tensor, "InputStatistic | None", PruneSettings], LayerResult]
+PruneFn = Callable[[torch.Tensor, "InputStatistic | None", "PruneSettings"], LayerResult]
 
 
 @dataclass(frozen=True)

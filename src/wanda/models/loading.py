@@ -9,14 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..devices import resolve_device, resolve_dtype
 from ..errors import WandaError
 from ..resources import release_memory
 from .bundled import BUNDLED_NAME, bundled_model_dir
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
@@ -25,30 +24,6 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     source: str
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as exc:
-        raise WandaError(f"--device {device!r} is not a valid device (e.g. cpu, cuda, cuda:1)") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise WandaError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
-    return resolved
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    """``auto``: fp32 on CPU (half precision is slow there), bf16 on GPUs that support it, else fp16."""
-    if dtype in (None, "auto"):
-        if device.type == "cpu":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        return _DTYPES[dtype]
-    except KeyError:
-        raise WandaError(f"--dtype must be auto or one of {', '.join(_DTYPES)}; got {dtype!r}") from None
 
 
 def default_seqlen(model: nn.Module, cap: int = 2048) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..config import SparsityPattern
+from ..masks.pattern import SparsityPattern
 from ..errors import WandaError
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
