@@ -34,16 +34,27 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
             batch = batch.to(device)
             hidden = body(input_ids=batch, use_cache=False).last_hidden_state  # (b, seq, hidden)
-            hidden, targets = hidden[:, :-1], batch[:, 1:]
-            step = max(1, chunk_tokens // batch.shape[0])  # positions per chunk, over the whole batch
-            for start in range(0, hidden.shape[1], step):
-                h = hidden[:, start : start + step]
-                logits = head(h.to(head.weight.device)).float()
-                if cap:
-                    logits = torch.tanh(logits / cap) * cap
-                t = targets[:, start : start + step].to(logits.device)
-                total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum").item()
-                total_tokens += t.numel()
+            nll, tokens = window_nll(head, hidden, batch, chunk_tokens, cap)
+            total_nll += nll
+            total_tokens += tokens
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens)
+
+
+def window_nll(head: nn.Module, hidden: torch.Tensor, batch: torch.Tensor, chunk_tokens: int,
+               cap: float | None) -> tuple[float, int]:
+    """Summed next-token NLL of one batch from its final hidden states (b, seq, hidden), and its token count;
+    the head sees at most ``chunk_tokens`` positions at a time."""
+    hidden, targets = hidden[:, :-1], batch[:, 1:]
+    step = max(1, chunk_tokens // batch.shape[0])  # positions per chunk, over the whole batch
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, hidden.shape[1], step):
+        h = hidden[:, start : start + step]
+        logits = head(h.to(head.weight.device)).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        t = targets[:, start : start + step].to(logits.device)
+        total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum").item()
+        total_tokens += t.numel()
+    return total_nll, total_tokens

@@ -1,0 +1,185 @@
+"""Pruning a model that stays on disk: the job around the streamed walk.
+
+``prune_streamed`` builds the skeleton (``wanda.models.streaming``), runs ``wanda.pruning.prune`` over
+``StreamedBlocks`` (so the walk and the per-block pruning are the in-memory path's), keeps its progress in a
+work folder so that a killed run resumes, and writes the pruned model as safetensors shards tensor by tensor
+(``wanda.export.shards``). ``open_pruned`` gives the result as a streamed model for evaluation block by block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PruneSettings
+from .devices import default_batch_size
+from .engine.resume import WorkFolder, tensor_digest
+from .engine.streaming import StreamedBlocks, StreamSettings, activation_bytes, available_memory
+from .errors import WandaError
+from .export.save import SavedModel, folder_bytes
+from .export.shards import DEFAULT_SHARD_SIZE, write_shards
+from .io import atomic_directory, ensure_free
+from .methods import get_method
+from .models.checkpoint import Checkpoint, file_entries
+from .models.streaming import StreamedModel, build_skeleton
+from .pruning import LayerReport, PruneReport, prune
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StreamedRun", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir"]
+
+
+@dataclass
+class StreamedRun:
+    report: PruneReport
+    #: the block the run started from (0 unless it resumed)
+    resumed_from: int
+    #: the pruned model's tensors: the source's outside the blocks, the work folder's inside
+    checkpoint: Checkpoint
+    work: WorkFolder
+    streamed: StreamedModel
+    saved: SavedModel | None = None
+
+    def cleanup(self) -> None:
+        """Remove the work folder (the run is complete and its result saved or no longer needed)."""
+        self.work.remove()
+
+
+def default_work_dir(save_model: str | Path | None, fingerprint: dict) -> Path:
+    if save_model is not None:
+        target = Path(save_model)
+        return target.with_name(target.name + ".work")
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path.cwd() / f"wanda-work-{digest}"
+
+
+def _activations_folder(stream: StreamSettings, work: WorkFolder, streamed: StreamedModel,
+                        calibration_ids: torch.Tensor | None, device: torch.device) -> Path | None:
+    """RAM unless asked for a folder, or unless the activations would not fit beside one block."""
+    if calibration_ids is None:
+        return None
+    if stream.offload_activations:
+        return Path(stream.offload_activations)
+    hidden = getattr(streamed.model.config, "hidden_size")
+    need = activation_bytes(*calibration_ids.shape, hidden, streamed.dtype)
+    block = sum(streamed.checkpoint.entries[n].numel for n in streamed.block_names(0)) * \
+        torch.empty((), dtype=streamed.dtype).element_size()
+    budget = available_memory(device) * stream.memory_fraction - 2 * block
+    if need > budget:
+        log.info("calibration activations (%.2f GB) would not fit in memory: memory-mapped in %s", need / 1e9, work.path)
+        return work.path
+    return None
+
+
+def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None, settings: PruneSettings,
+                   stream: StreamSettings = StreamSettings(), save_model: str | Path | None = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   batch_size: int | None = None, progress: bool = True, overwrite: bool = False,
+                   seed: int | None = None, tokenizer=None, cleanup: bool = True) -> StreamedRun:
+    """Prune the safetensors checkpoint in ``model_path`` one block at a time; write it to ``save_model``.
+
+    Restarted with the same arguments after a crash, it resumes from the last finished block and gives the
+    same bits. ``cleanup``: remove the work folder at the end (only when the model was saved; otherwise the
+    caller evaluates from it, then calls ``run.cleanup()``).
+    """
+    if save_model is not None:
+        ensure_free(save_model, overwrite, "model folder")
+    device = torch.device(device)
+    batch_size = batch_size or default_batch_size(device)
+    spec = get_method(settings.method)
+    streamed = build_skeleton(model_path, dtype, device, with_head=False)
+    fingerprint = {
+        "model": str(Path(model_path).resolve()), "checkpoint": streamed.checkpoint.signature(),
+        "settings": settings.to_dict(), "seed": seed, "dtype": str(dtype), "device": device.type,
+        "batch_size": batch_size,
+        "calibration": tensor_digest(calibration_ids) if spec.statistic is not None else None,
+    }
+    work_dir = Path(stream.work_dir) if stream.work_dir else default_work_dir(save_model, fingerprint)
+    num_blocks = len(streamed.layout.blocks)
+    work = WorkFolder(work_dir, fingerprint, num_blocks, needs_hidden=spec.statistic is not None)
+
+    report = PruneReport(settings=settings.to_dict())
+    start = work.resume_point()
+    for index in range(start):
+        report.layers += [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in work.block_layers(index)]
+
+    def rows(index: int) -> list[dict]:
+        prefix = streamed.layout.block_name(index) + "."
+        return [asdict(layer) for layer in report.layers if layer.name.startswith(prefix)]
+
+    activations = _activations_folder(stream, work, streamed, calibration_ids, device)
+    source = StreamedBlocks(streamed, device, work, activations, rows)
+    try:
+        done = len(report.layers)
+        result = prune(streamed.model, calibration_ids if spec.statistic is not None else None, settings,
+                       device=device, progress=progress, batch_size=batch_size, source=source)
+    finally:
+        source.close()
+    report.layers = report.layers[:done] + result.layers
+    report.wall_seconds, report.peak_rss_mb = result.wall_seconds, result.peak_rss_mb
+    report.calibration_tokens = result.calibration_tokens
+    # ``prune`` logged its own report (this process's blocks); ``report`` is the whole run's
+    pruned = pruned_checkpoint(streamed, work)
+    run = StreamedRun(report, source.resumed_from, pruned, work, streamed)
+    if save_model is not None:
+        run.saved = save_streamed(streamed, pruned, save_model, tokenizer=tokenizer, overwrite=overwrite)
+        if cleanup:
+            run.cleanup()
+    return run
+
+
+def pruned_checkpoint(streamed: StreamedModel, work: WorkFolder) -> Checkpoint:
+    entries = {}
+    for index in range(len(streamed.layout.blocks)):
+        entries.update(file_entries(work.block_file(index)))
+    missing = [n for i in range(len(streamed.layout.blocks)) for n in streamed.block_names(i) if n not in entries]
+    if missing:
+        raise WandaError(f"work folder {work.path} lacks pruned tensors such as {missing[0]}")
+    return streamed.checkpoint.with_entries(entries)
+
+
+def save_streamed(streamed: StreamedModel, checkpoint: Checkpoint, target: str | Path, tokenizer=None,
+                  overwrite: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> SavedModel:
+    """Write ``checkpoint`` as a ``from_pretrained`` folder, one tensor in memory at a time, atomically."""
+    model = streamed.model
+    order = [name for name in model.state_dict() if name in checkpoint]
+    order += [name for name in checkpoint.names() if name not in set(order)]
+    dtype = streamed.dtype
+    specs = []
+    for name in order:
+        info = checkpoint.entries[name]
+        specs.append((name, info.shape, dtype if info.dtype.is_floating_point else info.dtype))
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        write_shards(tmp, specs, lambda name: checkpoint.read([name], dtype)[name], max_shard_size)
+        model.config.save_pretrained(tmp)
+        if model.can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is None:
+            tokenizer = _tokenizer(streamed.source)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    saved = SavedModel(Path(target), "dense", folder_bytes(target))
+    log.info("pruned model written to %s (%.1f MB, streamed)", target, saved.bytes / 1e6)
+    return saved
+
+
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        log.info("no tokenizer saved with the model (%s)", str(exc).splitlines()[0])
+        return None
+
+
+def open_pruned(run: StreamedRun, device: torch.device | str = "cpu") -> StreamedModel:
+    """The run's pruned model, head loaded, blocks still on disk: for ``streamed_perplexity``."""
+    streamed = build_skeleton(run.streamed.source, run.streamed.dtype, device, with_head=True)
+    streamed.checkpoint = run.checkpoint
+    return streamed
