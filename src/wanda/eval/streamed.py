@@ -3,13 +3,13 @@
 The same walk as pruning (``wanda.engine.LayerwiseEngine`` over ``StreamedBlocks``): every evaluation window
 goes through block i before block i+1 is read from disk. At the end the model's own code after the blocks
 (final norm, OPT's output projection, ...) runs once per batch with the block list swapped for a stand-in that
-hands back the walked hidden states, and the LM head is applied in chunks as in ``perplexity``: with the same
+hands back the walked hidden states, and the head (with the model's logit post-processing) is applied in
+chunks by ``perplexity``'s own ``batch_nll``: with the same
 batch size the operations, and so the result, are the in-memory evaluation's.
 """
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +20,7 @@ from torch import nn
 from ..engine import LayerwiseEngine
 from ..engine.streaming import StreamedBlocks
 from ..models.streaming import StreamedModel
-from .perplexity import _logit_cap, window_nll
+from .perplexity import batch_nll, nll_to_perplexity
 
 __all__ = ["streamed_perplexity"]
 
@@ -62,7 +62,7 @@ def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, device: 
     try:
         inputs = engine.walk(windows)
         replay = _Replay(engine.block_returns_tuple)
-        head, body, cap = model.get_output_embeddings(), model.base_model, _logit_cap(model)
+        body = getattr(model, model.base_model_prefix)
         embed_device = model.get_input_embeddings().weight.device
         total_nll, total_tokens = 0.0, 0
         with _replaying(model, streamed.layout.path, replay):
@@ -70,9 +70,9 @@ def streamed_perplexity(streamed: StreamedModel, windows: torch.Tensor, device: 
                 replay.hidden = hidden
                 batch = batch.to(embed_device)
                 final = body(input_ids=batch, use_cache=False).last_hidden_state
-                nll, tokens = window_nll(head, final, batch, chunk_tokens, cap)
+                nll, tokens = batch_nll(model, final, batch, chunk_tokens)
                 total_nll += nll
                 total_tokens += tokens
     finally:
         source.close()
-    return math.exp(total_nll / total_tokens)
+    return nll_to_perplexity(total_nll, total_tokens)
