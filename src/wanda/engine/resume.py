@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..errors import WandaError
-from ..export.shards import fsync_dir
+from ..export.shards import fsync_dir, write_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +46,8 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+        write_safetensors(Path(tmp), specs, tensors.values(), metadata)  # fsynced
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except BaseException:

@@ -18,7 +18,7 @@ import torch
 
 from ..models.checkpoint import DTYPE_CODES, INDEX_NAME, SINGLE_NAME
 
-__all__ = ["DEFAULT_SHARD_SIZE", "parse_size", "write_shards", "fsync_file", "fsync_dir"]
+__all__ = ["DEFAULT_SHARD_SIZE", "parse_size", "write_shards", "write_safetensors", "fsync_file", "fsync_dir"]
 
 #: ``save_pretrained``'s default ``max_shard_size`` in transformers 5.
 DEFAULT_SHARD_SIZE = "50GB"
@@ -71,9 +71,10 @@ def _plan(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int)
     return shards
 
 
-def _write_one(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
-               tensors: Iterable[torch.Tensor]) -> None:
-    header: dict = {"__metadata__": {"format": "pt"}}
+def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                      tensors: Iterable[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file, written from ``tensors`` in the order of ``specs`` without copying them, fsynced."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
     for name, shape, dtype in specs:
         end = offset + _nbytes(shape, dtype)
@@ -103,7 +104,7 @@ def write_shards(folder: Path, specs: list[tuple[str, tuple[int, ...], torch.dty
     weight_map, total = {}, 0
     for shard, indices in zip(names, plan):
         group = [specs[i] for i in indices]
-        _write_one(folder / shard, group, (load(name) for name, _, _ in group))
+        write_safetensors(folder / shard, group, (load(name) for name, _, _ in group))
         for name, shape, dtype in group:
             weight_map[name] = shard
             total += _nbytes(shape, dtype)
