@@ -1,0 +1,208 @@
+"""Streaming: blocks materialised from the checkpoint one at a time, saved as they finish, a killed run resumed.
+
+The streamed path must give the in-memory path's bits (same walk, same block computations), so results are
+compared with ``torch.equal``; perplexity within 1e-4 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from conftest import calib_ids, save_tiny, tiny_model
+from wanda import PruneSettings, WandaError, perplexity, prune
+from wanda.engine.streaming import StreamSettings, choose_streaming
+from wanda.eval.streamed import streamed_perplexity
+from wanda.export import save_model
+from wanda.models import load_model
+from wanda.models.checkpoint import INDEX_NAME
+from wanda.models.streaming import build_skeleton
+from wanda.streaming import open_pruned, prune_streamed, save_streamed
+
+ENTRY = Path(__file__).with_name("streaming_entry.py")
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+
+
+def _in_memory(folder: Path, settings: PruneSettings, target: Path, ids: torch.Tensor) -> None:
+    model = load_model(str(folder), dtype="float32", device="cpu").model
+    prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
+    save_model(model, None, target)
+
+
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
+def test_streamed_prune_and_save_equal_in_memory(tmp_path, arch, method):
+    folder = save_tiny(tmp_path, arch)
+    settings = PruneSettings(prune_method=method, sparsity_ratio=0.5)
+    ids = calib_ids()
+    _in_memory(folder, settings, tmp_path / "memory", ids)
+    run = prune_streamed(folder, ids, settings, StreamSettings(offload="disk"), save_model=tmp_path / "streamed",
+                         batch_size=2, progress=False)
+    assert not run.work.path.exists()  # removed on success
+    assert run.report.actual_sparsity == pytest.approx(0.5, rel=1e-9)
+    memory, streamed = _state(tmp_path / "memory"), _state(tmp_path / "streamed")
+    assert memory.keys() == streamed.keys()
+    for name, tensor in memory.items():
+        if method == "sparsegpt":  # the issue asks for the same masks; the weights are the same bits as well
+            assert torch.equal(tensor == 0, streamed[name] == 0), name
+        assert torch.equal(tensor, streamed[name]), name
+    assert (tmp_path / "streamed" / "tokenizer.json").is_file()
+
+
+def test_streamed_save_in_shards_with_index(tmp_path):
+    folder = save_tiny(tmp_path, "llama")
+    settings = PruneSettings(prune_method="wanda")
+    run = prune_streamed(folder, calib_ids(), settings, StreamSettings(offload="disk", work_dir=str(tmp_path / "w")),
+                         batch_size=2, progress=False)
+    save_streamed(run.streamed, run.checkpoint, tmp_path / "sharded", max_shard_size=100_000)
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "sharded" / INDEX_NAME).is_file()
+    index = json.loads((tmp_path / "sharded" / INDEX_NAME).read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    save_streamed(run.streamed, run.checkpoint, tmp_path / "single")
+    run.cleanup()
+    single, sharded = _state(tmp_path / "single"), _state(tmp_path / "sharded")
+    assert all(torch.equal(single[k], sharded[k]) for k in single)
+
+
+def test_streamed_perplexity_equals_in_memory(tmp_path, arch):
+    folder = save_tiny(tmp_path, arch)
+    windows = calib_ids(6, 32, seed=3)
+    model = load_model(str(folder), dtype="float32", device="cpu").model
+    expected = perplexity(model, windows, batch_size=2, progress=False)
+    got = streamed_perplexity(build_skeleton(folder, torch.float32), windows, "cpu", batch_size=2, progress=False)
+    assert got == pytest.approx(expected, rel=1e-4)
+    offloaded = streamed_perplexity(build_skeleton(folder, torch.float32), windows, "cpu", batch_size=2,
+                                    activations=tmp_path / "act", progress=False)
+    assert offloaded == pytest.approx(expected, rel=1e-4)
+    assert not any((tmp_path / "act").iterdir())  # the activation file is removed afterwards
+
+
+def test_streamed_perplexity_of_the_pruned_run(tmp_path):
+    """Evaluating straight from the work folder (no saved model) equals evaluating the in-memory pruned model."""
+    folder = save_tiny(tmp_path, "qwen2")
+    settings, ids, windows = PruneSettings(prune_method="wanda"), calib_ids(), calib_ids(4, 32, seed=5)
+    model = load_model(str(folder), dtype="float32", device="cpu").model
+    prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
+    run = prune_streamed(folder, ids, settings, StreamSettings(offload="disk", work_dir=str(tmp_path / "w")),
+                         batch_size=2, progress=False)
+    got = streamed_perplexity(open_pruned(run), windows, "cpu", batch_size=2, progress=False)
+    run.cleanup()
+    assert got == pytest.approx(perplexity(model, windows, batch_size=2, progress=False), rel=1e-4)
+
+
+def test_activations_offloaded_to_a_file_give_the_same_model(tmp_path):
+    folder = save_tiny(tmp_path, "mistral")
+    settings = PruneSettings(prune_method="wanda")
+    prune_streamed(folder, calib_ids(), settings, StreamSettings(offload="disk"), save_model=tmp_path / "ram",
+                   batch_size=2, progress=False)
+    prune_streamed(folder, calib_ids(), settings,
+                   StreamSettings(offload="disk", offload_activations=str(tmp_path / "act")),
+                   save_model=tmp_path / "file", batch_size=2, progress=False)
+    ram, file = _state(tmp_path / "ram"), _state(tmp_path / "file")
+    assert all(torch.equal(ram[k], file[k]) for k in ram)
+
+
+def _four_block_model(tmp_path: Path) -> Path:
+    folder = tmp_path / "tiny4"
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(folder)
+    return folder
+
+
+def _entry(*args: str, stall: bool = False) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ENTRY), *args], stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.parametrize("stall_at", ["save_hidden", "save_block"])
+def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, stall_at):
+    folder = _four_block_model(tmp_path)
+    work = tmp_path / "work"
+    proc = _entry(str(folder), str(tmp_path / "resumed"), "--work_dir", str(work), "--stall_after", "1",
+                  "--stall_at", stall_at)
+    deadline = time.monotonic() + 120
+    line = ""
+    while "stalled" not in line and time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        assert line or proc.poll() is None, "the run ended before it stalled"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "resumed").exists() and work.is_dir()
+
+    again = subprocess.run([sys.executable, str(ENTRY), str(folder), str(tmp_path / "resumed"), "--work_dir", str(work)],
+                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert again.returncode == 0, again.stderr
+    resumed_from = 2 if stall_at == "save_hidden" else 1  # a kill before block 1's outputs were saved redoes it
+    assert f"resuming from block {resumed_from} of 4" in again.stderr
+    assert not work.exists()
+
+    uninterrupted = prune_streamed(folder, calib_ids(8, 32), PruneSettings(prune_method="wanda", sparsity_ratio=0.5),
+                                   StreamSettings(offload="disk"), save_model=tmp_path / "straight", batch_size=2,
+                                   progress=False, seed=0)
+    assert uninterrupted.resumed_from == 0
+    for shard in (tmp_path / "straight").glob("*.safetensors"):
+        assert shard.read_bytes() == (tmp_path / "resumed" / shard.name).read_bytes()
+    with safe_open(str(tmp_path / "resumed" / "model.safetensors"), "pt") as handle:
+        assert (handle.get_tensor("model.layers.3.mlp.down_proj.weight") == 0).float().mean() == 0.5
+
+
+def test_mismatched_work_folder_is_refused_with_exit_2(tmp_path):
+    folder = _four_block_model(tmp_path)
+    work = tmp_path / "work"
+    proc = _entry(str(folder), str(tmp_path / "out"), "--work_dir", str(work), "--stall_after", "0")
+    while "stalled" not in proc.stderr.readline():
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = sorted(p.name for p in work.iterdir())
+    other = subprocess.run([sys.executable, str(ENTRY), str(folder), str(tmp_path / "out"), "--work_dir", str(work),
+                            "--sparsity_ratio", "0.6"], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].startswith("wanda: error: work folder")
+    assert "differs in settings" in other.stderr
+    assert sorted(p.name for p in work.iterdir()) == before  # nothing of the earlier run is lost
+    with pytest.raises(WandaError, match="differs in calibration"):
+        prune_streamed(folder, calib_ids(8, 32, seed=1), PruneSettings(prune_method="wanda", sparsity_ratio=0.5),
+                       StreamSettings(offload="disk", work_dir=str(work)), batch_size=2, progress=False, seed=0)
+
+
+def test_stream_settings_are_validated():
+    with pytest.raises(WandaError, match="--offload must be one of auto, none, disk"):
+        StreamSettings(offload="gpu")
+    with pytest.raises(WandaError, match="--memory_fraction"):
+        StreamSettings(memory_fraction=0)
+
+
+def test_automatic_choice_says_so_in_one_line(monkeypatch, caplog):
+    import wanda.engine.streaming as streaming
+
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 10_000)
+    with caplog.at_level(logging.INFO, logger="wanda.engine.streaming"):
+        assert choose_streaming(StreamSettings(), 8_000, torch.device("cpu"))  # 8 kB > 70% of 10 kB
+        assert not choose_streaming(StreamSettings(), 6_000, torch.device("cpu"))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "streaming the decoder blocks from disk", "loading the whole model"]
+    assert choose_streaming(StreamSettings(offload="disk"), 1, torch.device("cpu"))
+    assert not choose_streaming(StreamSettings(offload="none"), 10**15, torch.device("cpu"))
+
+
+def test_non_safetensors_folder_is_refused(tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(WandaError, match="no safetensors weights"):
+        build_skeleton(folder, torch.float32)
