@@ -206,3 +206,24 @@ def test_non_safetensors_folder_is_refused(tmp_path):
     (folder / "config.json").write_text("{}")
     with pytest.raises(WandaError, match="no safetensors weights"):
         build_skeleton(folder, torch.float32)
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])  # OPT ties its LM head to the embeddings: an alias
+def test_streamed_compressed_save_equals_in_memory(tmp_path, arch):
+    from wanda.export.compressed import load_compressed_state_dict, same_bits
+
+    folder = save_tiny(tmp_path, arch)
+    settings, ids = PruneSettings(prune_method="wanda", sparsity_type="2:4"), calib_ids()
+    model = load_model(str(folder), dtype="float32", device="cpu").model
+    prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
+    save_model(model, None, tmp_path / "memory", save_format="compressed")
+    run = prune_streamed(folder, ids, settings, StreamSettings(offload="disk"), save_model=tmp_path / "streamed",
+                         batch_size=2, progress=False, save_format="compressed")
+    assert run.saved.compression.encodings["model.layers.0.mlp.up_proj.weight" if arch == "llama" else
+                                           "model.decoder.layers.0.fc1.weight"] == "2:4"
+    memory, m_manifest = load_compressed_state_dict(tmp_path / "memory")
+    streamed, s_manifest = load_compressed_state_dict(tmp_path / "streamed")
+    assert m_manifest == s_manifest
+    assert memory.keys() == streamed.keys() and all(same_bits(memory[k], streamed[k]) for k in memory)
+    loaded = load_model(str(tmp_path / "streamed"), dtype="float32", device="cpu").model  # as every command reads it
+    assert torch.equal(loaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])

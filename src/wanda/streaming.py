@@ -21,7 +21,8 @@ from .devices import default_batch_size
 from .engine.resume import WorkFolder, tensor_digest
 from .engine.streaming import StreamedBlocks, StreamSettings, activation_bytes, available_memory
 from .errors import WandaError
-from .export.save import SavedModel, folder_bytes
+from .export.compressed_stream import save_compressed_streamed
+from .export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from .export.shards import DEFAULT_SHARD_SIZE, write_shards
 from .io import atomic_directory, ensure_free
 from .methods import get_method
@@ -80,7 +81,8 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
                    stream: StreamSettings = StreamSettings(), save_model: str | Path | None = None,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    batch_size: int | None = None, progress: bool = True, overwrite: bool = False,
-                   seed: int | None = None, tokenizer=None, cleanup: bool = True) -> StreamedRun:
+                   seed: int | None = None, tokenizer=None, cleanup: bool = True,
+                   save_format: str = "dense") -> StreamedRun:
     """Prune the safetensors checkpoint in ``model_path`` one block at a time; write it to ``save_model``.
 
     Restarted with the same arguments after a crash, it resumes from the last finished block and gives the
@@ -89,6 +91,8 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     """
     if save_model is not None:
         ensure_free(save_model, overwrite, "model folder")
+    if save_format not in SAVE_FORMATS:
+        raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
     device = torch.device(device)
     batch_size = batch_size or default_batch_size(device)
     spec = get_method(settings.method)
@@ -127,7 +131,7 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     pruned = pruned_checkpoint(streamed, work)
     run = StreamedRun(report, source.resumed_from, pruned, work, streamed)
     if save_model is not None:
-        run.saved = save_streamed(streamed, pruned, save_model, tokenizer=tokenizer, overwrite=overwrite)
+        run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
         if cleanup:
             run.cleanup()
     return run
@@ -143,28 +147,49 @@ def pruned_checkpoint(streamed: StreamedModel, work: WorkFolder) -> Checkpoint:
     return streamed.checkpoint.with_entries(entries)
 
 
+def _aliases(model: torch.nn.Module, stored: list[str]) -> dict[str, str]:
+    """Tied names (e.g. ``lm_head.weight``) not in the checkpoint -> the stored name holding the same parameter."""
+    owner: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in stored:
+            owner.setdefault(id(param), name)
+    return {name: owner[id(param)] for name, param in model.named_parameters(remove_duplicate=False)
+            if name not in stored and id(param) in owner}
+
+
 def save_streamed(streamed: StreamedModel, checkpoint: Checkpoint, target: str | Path, tokenizer=None,
-                  overwrite: bool = False, max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> SavedModel:
-    """Write ``checkpoint`` as a ``from_pretrained`` folder, one tensor in memory at a time, atomically."""
+                  save_format: str = "dense", overwrite: bool = False,
+                  max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> SavedModel:
+    """Write ``checkpoint`` as a ``from_pretrained`` folder (``dense``) or in the compressed format, one tensor
+    in memory at a time; the folder appears atomically."""
+    if save_format not in SAVE_FORMATS:
+        raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
     model = streamed.model
     order = [name for name in model.state_dict() if name in checkpoint]
     order += [name for name in checkpoint.names() if name not in set(order)]
     dtype = streamed.dtype
-    specs = []
-    for name in order:
-        info = checkpoint.entries[name]
-        specs.append((name, info.shape, dtype if info.dtype.is_floating_point else info.dtype))
+
+    def read(name: str) -> torch.Tensor:
+        return checkpoint.read([name], dtype)[name]
+
+    compression = None
     with atomic_directory(target, overwrite=overwrite) as tmp:
-        write_shards(tmp, specs, lambda name: checkpoint.read([name], dtype)[name], max_shard_size)
-        model.config.save_pretrained(tmp)
-        if model.can_generate() and getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is None:
-            tokenizer = _tokenizer(streamed.source)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    saved = SavedModel(Path(target), "dense", folder_bytes(target))
-    log.info("pruned model written to %s (%.1f MB, streamed)", target, saved.bytes / 1e6)
+        tokenizer = tokenizer if tokenizer is not None else _tokenizer(streamed.source)
+        if save_format == "compressed":
+            compression = save_compressed_streamed(model, order, read, _aliases(model, order), tmp, tokenizer)
+        else:
+            specs = []
+            for name in order:
+                info = checkpoint.entries[name]
+                specs.append((name, info.shape, dtype if info.dtype.is_floating_point else info.dtype))
+            write_shards(tmp, specs, read, max_shard_size)
+            model.config.save_pretrained(tmp)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    saved = SavedModel(Path(target), save_format, folder_bytes(target), compression)
+    log.info("pruned model written to %s (%s, %.1f MB, streamed)", target, save_format, saved.bytes / 1e6)
     return saved
 
 
