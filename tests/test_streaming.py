@@ -227,3 +227,21 @@ def test_streamed_compressed_save_equals_in_memory(tmp_path, arch):
     assert memory.keys() == streamed.keys() and all(same_bits(memory[k], streamed[k]) for k in memory)
     loaded = load_model(str(tmp_path / "streamed"), dtype="float32", device="cpu").model  # as every command reads it
     assert torch.equal(loaded.state_dict()["lm_head.weight"], model.state_dict()["lm_head.weight"])
+
+
+def test_streaming_folder_follows_offload_and_format(tmp_path, monkeypatch):
+    import wanda.engine.streaming as streaming
+    from wanda.streaming import streaming_folder
+
+    folder = save_tiny(tmp_path, "llama")
+    cpu = torch.device("cpu")
+    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings(offload="disk")) == folder
+    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings(offload="none")) is None
+    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings()) is None  # fits easily
+    monkeypatch.setattr(streaming, "available_memory", lambda device: 1000)
+    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings()) == folder
+    pickled = tmp_path / "pickled"  # weights as a pickled .bin: the in-memory path
+    model = tiny_model("llama")
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    assert streaming_folder(str(pickled), None, torch.float32, cpu, StreamSettings(offload="disk")) is None

@@ -19,20 +19,57 @@ import torch
 from .config import PruneSettings
 from .devices import default_batch_size
 from .engine.resume import WorkFolder, tensor_digest
-from .engine.streaming import StreamedBlocks, StreamSettings, activation_bytes, available_memory
+from .engine.streaming import StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
 from .errors import WandaError
 from .export.compressed_stream import save_compressed_streamed
 from .export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from .export.shards import DEFAULT_SHARD_SIZE, write_shards
 from .io import atomic_directory, ensure_free
 from .methods import get_method
-from .models.checkpoint import Checkpoint, file_entries
+from .models.checkpoint import Checkpoint, file_entries, is_streamable
 from .models.streaming import StreamedModel, build_skeleton
 from .pruning import LayerReport, PruneReport, prune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamedRun", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir"]
+__all__ = ["StreamedRun", "streaming_folder", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir"]
+
+#: What a hub snapshot needs for streaming: config, safetensors shards and index, tokenizer files.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def _checkpoint_folder(name: str | None, cache_dir: str | None) -> Path | None:
+    """The local folder holding ``name``'s weights (the bundled model, a folder, a hub snapshot), else None."""
+    from .models.bundled import BUNDLED_NAME, bundled_model_dir
+
+    if name in (None, BUNDLED_NAME):
+        return bundled_model_dir()
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        return path if path.is_dir() else None  # a .gguf file cannot be streamed
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means: load it the ordinary way, which reports it
+        log.debug("no hub snapshot of %s for streaming: %s", name, exc)
+        return None
+
+
+def streaming_folder(name: str | None, cache_dir: str | None, dtype: torch.dtype, device: torch.device,
+                     stream: StreamSettings) -> Path | None:
+    """The safetensors folder to stream ``name`` from, or None to load the whole model: ``--offload none``, a
+    checkpoint that fits (``--offload auto``), or weights that cannot be streamed (pickled ``.bin``, GGUF), which
+    keep the in-memory path with a line saying how to convert them once."""
+    if stream.offload == "none":
+        return None
+    folder = _checkpoint_folder(name, cache_dir)
+    if folder is None or not is_streamable(folder):
+        log.info("%s is not a safetensors checkpoint, so it is loaded whole; to stream it, convert it once with "
+                 "save_pretrained(folder) (safetensors) and pass that folder", name)
+        return None
+    checkpoint = Checkpoint.open(folder)
+    return folder if choose_streaming(stream, checkpoint.nbytes(dtype), device) else None
 
 
 @dataclass
