@@ -132,8 +132,8 @@ class LayerwiseEngine:
             if input_ids is not None:
                 inputs = capture_block_inputs(self.model, self.layout.blocks[0], input_ids, self.batch_size,
                                               self.device)
-                if hidden is not None:
-                    inputs.hidden = list(hidden)
+                if hidden is not None:  # saved on the CPU by the run that was interrupted
+                    inputs.hidden = [h.to(self.device) for h in hidden]
                 inputs.hidden = self.source.place(inputs.hidden)
             indices = range(start, len(self.layout.blocks))
             for index in tqdm(indices, desc="blocks", unit="block", disable=not self.progress):
