@@ -245,3 +245,25 @@ def test_streaming_folder_follows_offload_and_format(tmp_path, monkeypatch):
     model.config.save_pretrained(pickled)
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
     assert streaming_folder(str(pickled), None, torch.float32, cpu, StreamSettings(offload="disk")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("activations", [False, True])
+def test_streamed_on_the_last_cuda_device(tmp_path, activations):
+    """The blocks, activations and results live on ``cuda:N`` as asked (not cuda:0), and prune as on the CPU
+    (exact per-row sparsity for Wanda); the streamed perplexity on the GPU matches the CPU's."""
+    device = torch.device(f"cuda:{torch.cuda.device_count() - 1}")
+    folder = save_tiny(tmp_path, "llama")
+    stream = StreamSettings(offload="disk", offload_activations=str(tmp_path / "act") if activations else None)
+    run = prune_streamed(folder, calib_ids(), PruneSettings(prune_method="wanda"), stream,
+                         save_model=tmp_path / "gpu", device=device, batch_size=2, progress=False)
+    assert run.report.actual_sparsity == pytest.approx(0.5, rel=1e-9)
+    state = _state(tmp_path / "gpu")
+    weight = state["model.layers.1.mlp.down_proj.weight"]
+    assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()
+    windows = calib_ids(4, 32, seed=2)
+    cpu = streamed_perplexity(build_skeleton(tmp_path / "gpu", torch.float32), windows, "cpu", 2, progress=False)
+    gpu = streamed_perplexity(build_skeleton(tmp_path / "gpu", torch.float32, device), windows, device, 2,
+                              progress=False)
+    assert gpu == pytest.approx(cpu, rel=1e-3)  # TF32/fused kernels differ from the CPU's in the last bits
