@@ -1,5 +1,5 @@
-"""A safetensors checkpoint read tensor by tensor: the index's weight map, and ``safe_open`` on one shard at a
-time, so reading one decoder block touches only that block's bytes.
+"""A safetensors checkpoint read tensor by tensor: the index's weight map and each file's header say where every
+tensor's bytes are, so reading one decoder block reads only that block's bytes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import WandaError
 
@@ -31,17 +30,19 @@ def is_streamable(folder: str | Path) -> bool:
     return folder.is_dir() and ((folder / INDEX_NAME).is_file() or (folder / SINGLE_NAME).is_file())
 
 
-def _header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), without touching the data."""
+def _header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets) and where its data starts."""
     with open(path, "rb") as handle:
         size = int.from_bytes(handle.read(8), "little")
-        return json.loads(handle.read(size))
+        return json.loads(handle.read(size)), 8 + size
 
 
 def file_entries(path: Path) -> dict[str, "TensorInfo"]:
     """Every tensor of one safetensors file, by its name in the file."""
-    return {key: TensorInfo(path, key, tuple(info["shape"]), DTYPE_CODES[info["dtype"]])
-            for key, info in _header(path).items() if key != "__metadata__"}
+    header, start = _header(path)
+    return {key: TensorInfo(path, key, tuple(info["shape"]), DTYPE_CODES[info["dtype"]],
+                            start + info["data_offsets"][0])
+            for key, info in header.items() if key != "__metadata__"}
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class TensorInfo:
     key: str  # the name inside ``file``
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int  # where its bytes start in ``file``
 
     @property
     def numel(self) -> int:
@@ -115,16 +117,32 @@ class Checkpoint:
         return Checkpoint(self.folder, {**self.entries, **entries})
 
     def read(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors on the CPU (floating ones cast to ``dtype``), opening each file once."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.entries[name].file, []).append(name)
+        """The named tensors on the CPU (floating ones cast to ``dtype``).
+
+        Each is read with one ``readinto`` straight into its own buffer: no memory map, whose touched pages
+        would count in the process's resident memory beside the copy, so reading a block costs the block once.
+        """
         out = {}
-        for path, group in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as handle:
-                for name in group:
-                    tensor = handle.get_tensor(self.entries[name].key)
-                    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                        tensor = tensor.to(dtype)
-                    out[name] = tensor
+        handles: dict[Path, object] = {}
+        try:
+            for name in names:
+                info = self.entries[name]
+                if info.file not in handles:
+                    handles[info.file] = open(info.file, "rb", buffering=0)
+                handle = handles[info.file]
+                tensor = torch.empty(info.shape, dtype=info.dtype)
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                handle.seek(info.offset)
+                got = 0
+                while got < raw.nbytes:  # readinto may return short counts on large reads
+                    n = handle.readinto(memoryview(raw)[got:])
+                    if not n:
+                        raise WandaError(f"{info.file} is truncated: {name} needs {raw.nbytes} bytes")
+                    got += n
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                out[name] = tensor
+        finally:
+            for handle in handles.values():
+                handle.close()
         return out
