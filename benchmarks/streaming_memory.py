@@ -123,10 +123,12 @@ def memory_large(folder: str, output: str) -> dict:
 
 
 def _smol_data():
-    from common import protocol_data
-    from wanda.models import load_model
+    from transformers import AutoTokenizer
 
-    tokenizer = load_model("smollm2-135m", dtype=PROTOCOL["dtype"], device="cpu").tokenizer
+    from common import protocol_data
+    from wanda.models.bundled import bundled_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())  # not the model: both modes load it timed
     calib, evals = protocol_data(tokenizer)
     return calib, evals["wiki-summaries"]
 
