@@ -154,7 +154,7 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
         return [asdict(layer) for layer in report.layers if layer.name.startswith(prefix)]
 
     activations = _activations_folder(stream, work, streamed, calibration_ids, device)
-    source = StreamedBlocks(streamed, device, work, activations, rows)
+    source = StreamedBlocks(streamed, device, work, activations, rows, drop_outside=True)
     try:
         done = len(report.layers)
         result = prune(streamed.model, calibration_ids if spec.statistic is not None else None, settings,

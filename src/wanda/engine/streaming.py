@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..models.streaming import StreamedModel
-from ..resources import release_memory
+from ..resources import trim_heap
 from ..settings import SettingsMixin, require, setting
 from .activations import ActivationFile
 from .capture import BlockInputs
@@ -92,10 +92,12 @@ class StreamedBlocks:
     """
 
     def __init__(self, streamed: StreamedModel, device: torch.device, work: WorkFolder | None = None,
-                 activations: Path | None = None, report_rows=None):
+                 activations: Path | None = None, report_rows=None, drop_outside: bool = False):
         self.streamed, self.device, self.work = streamed, torch.device(device), work
         self.activations = activations
         self.report_rows = report_rows
+        #: release the embeddings once block 0's inputs are captured (pruning needs nothing outside the blocks)
+        self.drop_outside = drop_outside
         self._file: ActivationFile | None = None
         self.resumed_from = 0
 
@@ -110,6 +112,8 @@ class StreamedBlocks:
         return k, self.work.load_hidden(k) if self.work.needs_hidden and k < self.work.num_blocks else None
 
     def place(self, hidden: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        if self.drop_outside:
+            self.streamed.release_outside()
         if self.activations is None:
             return hidden
         self._file = ActivationFile(self.activations / "activations.bin", hidden, self.device)
@@ -118,6 +122,8 @@ class StreamedBlocks:
 
     @contextmanager
     def open(self, index: int) -> Iterator[nn.Module]:
+        if self.drop_outside:
+            self.streamed.release_outside()
         block = self.streamed.load_block(index, self.device)
         try:
             yield block
@@ -126,7 +132,7 @@ class StreamedBlocks:
             # glibc keeps freed blocks of this size in its heap (its mmap threshold rises after the first
             # frees), so without a trim the resident size grows by about a block per block (SmolLM2: 610 MB
             # flat with it, 820 MB after 30 blocks without)
-            release_memory()
+            trim_heap()
 
     def finish(self, index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
         if self.work is None:

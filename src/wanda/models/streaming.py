@@ -90,11 +90,23 @@ class StreamedModel:
 
     def release_block(self, index: int) -> None:
         """Give block ``index``'s parameters back (to ``meta``): its memory is freed."""
-        block = self.layout.blocks[index]
-        for module in block.modules():
-            for key, param in module._parameters.items():
-                if param is not None:
-                    module._parameters[key] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+        _to_meta(self.layout.blocks[index].modules())
+
+    def release_outside(self) -> None:
+        """Give back the parameters outside the blocks (the embeddings), once pruning has captured block 0's
+        inputs and needs them no more; tied parameters stay one parameter."""
+        inside = {id(m) for m in self.layout.blocks.modules()}
+        _to_meta(m for m in self.model.modules() if id(m) not in inside)
+
+
+def _to_meta(modules) -> None:
+    replaced: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for key, param in module._parameters.items():
+            if param is not None and param.device.type != "meta":
+                if id(param) not in replaced:
+                    replaced[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                module._parameters[key] = replaced[id(param)]
 
 
 def build_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
