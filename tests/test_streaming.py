@@ -28,7 +28,7 @@ from wanda.export import save_model
 from wanda.models import load_model
 from wanda.models.checkpoint import INDEX_NAME
 from wanda.models.streaming import build_skeleton
-from wanda.streaming import open_pruned, prune_streamed, save_streamed
+from wanda.streaming import open_pruned, prune_streamed, save_streamed, streamed_linear_sparsity
 
 ENTRY = Path(__file__).with_name("streaming_entry.py")
 
@@ -99,7 +99,9 @@ def test_streamed_perplexity_of_the_pruned_run(tmp_path):
     prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
     run = prune_streamed(folder, ids, settings, StreamSettings(offload="disk", work_dir=str(tmp_path / "w")),
                          batch_size=2, progress=False)
-    got = streamed_perplexity(open_pruned(run), windows, "cpu", batch_size=2, progress=False)
+    pruned = open_pruned(run)
+    got = streamed_perplexity(pruned, windows, "cpu", batch_size=2, progress=False)
+    assert streamed_linear_sparsity(pruned) == pytest.approx(0.5, rel=1e-9)
     run.cleanup()
     assert got == pytest.approx(perplexity(model, windows, batch_size=2, progress=False), rel=1e-4)
 

@@ -32,7 +32,8 @@ from .pruning import LayerReport, PruneReport, prune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamedRun", "streaming_folder", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir"]
+__all__ = ["StreamedRun", "streaming_folder", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir",
+           "streamed_linear_sparsity"]
 
 #: What a hub snapshot needs for streaming: config, safetensors shards and index, tokenizer files.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -245,3 +246,19 @@ def open_pruned(run: StreamedRun, device: torch.device | str = "cpu") -> Streame
     streamed = build_skeleton(run.streamed.source, run.streamed.dtype, device, with_head=True)
     streamed.checkpoint = run.checkpoint
     return streamed
+
+
+def streamed_linear_sparsity(streamed: StreamedModel) -> float:
+    """Exact zeros over every linear layer in the blocks, reading one block at a time (``wanda eval``'s figure
+    for a model that is not loaded)."""
+    from .masks.checks import zero_count
+    from .models import find_linears
+
+    zeros = total = 0
+    for index in range(len(streamed.layout.blocks)):
+        block = streamed.load_block(index, torch.device("cpu"))
+        for layer in find_linears(block).values():
+            zeros += zero_count(layer.weight)
+            total += layer.weight.numel()
+        streamed.release_block(index)
+    return zeros / total if total else 0.0
