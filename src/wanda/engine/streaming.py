@@ -10,6 +10,7 @@ walk visit and re-run it, writes the pruned tensors and the next block's inputs 
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ class StreamedBlocks:
             self.streamed.release_outside()
         if self.activations is None:
             return hidden
-        self._file = ActivationFile(self.activations / "activations.bin", hidden, self.device)
+        self._file = ActivationFile(self.activations / f"activations-{os.getpid()}.bin", hidden, self.device)
         hidden.clear()
         return self._file
 
