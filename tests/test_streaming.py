@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import calib_ids, save_tiny, tiny_model
+from conftest import calib_ids, save_tiny, tiny_model, word_corpus
 from wanda import PruneSettings, WandaError, perplexity, prune
 from wanda.engine.streaming import StreamSettings, choose_streaming
 from wanda.eval.streamed import streamed_perplexity
@@ -119,67 +119,112 @@ def test_activations_offloaded_to_a_file_give_the_same_model(tmp_path):
 
 
 def _four_block_model(tmp_path: Path) -> Path:
-    folder = tmp_path / "tiny4"
+    """The tiny LLaMA with 4 blocks and the tiny word tokenizer, so a run can be killed in its middle."""
+    folder = save_tiny(tmp_path, "llama")
     tiny_model("llama", num_hidden_layers=4).save_pretrained(folder)
     return folder
 
 
-def _entry(*args: str, stall: bool = False) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ENTRY), *args], stderr=subprocess.PIPE, text=True, env=env)
+def _cli_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **extra}
 
 
-@pytest.mark.parametrize("stall_at", ["save_hidden", "save_block"])
-def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, stall_at):
-    folder = _four_block_model(tmp_path)
-    work = tmp_path / "work"
-    proc = _entry(str(folder), str(tmp_path / "resumed"), "--work_dir", str(work), "--stall_after", "1",
-                  "--stall_at", stall_at)
-    deadline = time.monotonic() + 120
-    line = ""
-    while "stalled" not in line and time.monotonic() < deadline:
+def _cli_args(folder: Path, corpus: Path, save_model: Path, *more: str, offload: str = "disk",
+              evaluate: bool = False) -> list[str]:
+    evaluation = ["--eval_dataset", str(corpus), "--eval_windows", "4", "--eval_dense"] if evaluate else \
+        ["--eval_dataset", "none"]
+    return [sys.executable, str(ENTRY), "--model", str(folder), "--calib_dataset", str(corpus), *evaluation,
+            "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--offload", offload,
+            "--save_model", str(save_model), *more]
+
+
+def _start_and_kill(args: list[str], stall: str) -> None:
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=_cli_env(WANDA_TEST_STALL=stall))
+    deadline, line = time.monotonic() + 240, ""
+    while "stalled" not in line:
         line = proc.stderr.readline()
-        assert line or proc.poll() is None, "the run ended before it stalled"
+        assert (line or proc.poll() is None) and time.monotonic() < deadline, "the run ended before it stalled"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (tmp_path / "resumed").exists() and work.is_dir()
 
-    again = subprocess.run([sys.executable, str(ENTRY), str(folder), str(tmp_path / "resumed"), "--work_dir", str(work)],
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert again.returncode == 0, again.stderr
-    resumed_from = 2 if stall_at == "save_hidden" else 1  # a kill before block 1's outputs were saved redoes it
-    assert f"resuming from block {resumed_from} of 4" in again.stderr
+
+@pytest.mark.parametrize("stall", ["save_hidden:2", "save_block:2"])
+def test_wanda_killed_with_sigkill_resumes_bit_identical(tmp_path, stall):
+    """``save_hidden:2``: block 1 and its outputs are saved, so the restart resumes at block 2;
+    ``save_block:2``: block 2 is saved but not its outputs, so block 2 is done again."""
+    folder, corpus = _four_block_model(tmp_path), word_corpus(tmp_path / "corpus.txt", words=2000)
+    work = tmp_path / "resumed.work"  # the default: beside --save_model
+    _start_and_kill(_cli_args(folder, corpus, tmp_path / "resumed"), stall)
+    assert not (tmp_path / "resumed").exists() and (work / "fingerprint.json").is_file()
+
+    again = subprocess.run(_cli_args(folder, corpus, tmp_path / "resumed"), capture_output=True, text=True,
+                           env=_cli_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [line for line in again.stderr.splitlines() if "resuming from block" in line] == [
+        f"INFO wanda.engine.streaming: resuming from block 2 of 4 (work folder {work})"]
     assert not work.exists()
 
-    uninterrupted = prune_streamed(folder, calib_ids(8, 32), PruneSettings(prune_method="wanda", sparsity_ratio=0.5),
-                                   StreamSettings(offload="disk"), save_model=tmp_path / "straight", batch_size=2,
-                                   progress=False, seed=0)
-    assert uninterrupted.resumed_from == 0
-    for shard in (tmp_path / "straight").glob("*.safetensors"):
-        assert shard.read_bytes() == (tmp_path / "resumed" / shard.name).read_bytes()
+    straight = subprocess.run(_cli_args(folder, corpus, tmp_path / "straight"), capture_output=True, text=True,
+                              env=_cli_env(), timeout=300)
+    assert straight.returncode == 0 and "resuming" not in straight.stderr
+    shards = sorted(p.name for p in (tmp_path / "straight").glob("*.safetensors"))
+    assert shards == sorted(p.name for p in (tmp_path / "resumed").glob("*.safetensors")) == ["model.safetensors"]
+    assert (tmp_path / "straight" / "model.safetensors").read_bytes() == \
+        (tmp_path / "resumed" / "model.safetensors").read_bytes()
     with safe_open(str(tmp_path / "resumed" / "model.safetensors"), "pt") as handle:
-        assert (handle.get_tensor("model.layers.3.mlp.down_proj.weight") == 0).float().mean() == 0.5
+        weight = handle.get_tensor("model.layers.3.mlp.down_proj.weight")
+    assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()  # Wanda's exact per-row 50%
 
 
 def test_mismatched_work_folder_is_refused_with_exit_2(tmp_path):
-    folder = _four_block_model(tmp_path)
-    work = tmp_path / "work"
-    proc = _entry(str(folder), str(tmp_path / "out"), "--work_dir", str(work), "--stall_after", "0")
-    while "stalled" not in proc.stderr.readline():
-        assert proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    before = sorted(p.name for p in work.iterdir())
-    other = subprocess.run([sys.executable, str(ENTRY), str(folder), str(tmp_path / "out"), "--work_dir", str(work),
-                            "--sparsity_ratio", "0.6"], capture_output=True, text=True, timeout=300)
-    assert other.returncode == 2
-    assert other.stderr.strip().splitlines()[-1].startswith("wanda: error: work folder")
-    assert "differs in settings" in other.stderr
-    assert sorted(p.name for p in work.iterdir()) == before  # nothing of the earlier run is lost
-    with pytest.raises(WandaError, match="differs in calibration"):
-        prune_streamed(folder, calib_ids(8, 32, seed=1), PruneSettings(prune_method="wanda", sparsity_ratio=0.5),
+    folder, corpus = _four_block_model(tmp_path), word_corpus(tmp_path / "corpus.txt", words=2000)
+    work = tmp_path / "out.work"
+    _start_and_kill(_cli_args(folder, corpus, tmp_path / "out"), "save_hidden:1")
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+    for change, differs in ((["--sparsity_ratio", "0.6"], "settings"), (["--seed", "1"], "calibration, seed")):
+        other = subprocess.run(_cli_args(folder, corpus, tmp_path / "out", *change), capture_output=True, text=True,
+                               env=_cli_env(), timeout=300)
+        assert other.returncode == 2, other.stderr[-2000:]
+        last = other.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"wanda: error: work folder {work} belongs to another run (differs in {differs})")
+        assert {p.name: p.read_bytes() for p in work.iterdir()} == before  # nothing of the earlier run is lost
+    with pytest.raises(WandaError, match="differs in calibration"):  # the same through the Python API
+        prune_streamed(folder, calib_ids(8, 32, seed=1), PruneSettings(prune_method="wanda"),
                        StreamSettings(offload="disk", work_dir=str(work)), batch_size=2, progress=False, seed=0)
+
+
+def test_wanda_streamed_equals_in_memory_through_the_cli(tmp_path):
+    """``wanda --offload disk`` and ``--offload none``: the same saved bits and the same perplexities; and
+    ``wanda eval --offload disk`` evaluates the saved model block by block to the same perplexity."""
+    # (OPT: tied head; the tiny word tokenizer reads as a Qwen2 tokenizer in a Qwen2 folder, which drops its words)
+    folder, corpus = save_tiny(tmp_path, "opt"), word_corpus(tmp_path / "corpus.txt", words=2000)
+    results = {}
+    for mode in ("disk", "none"):
+        args = _cli_args(folder, corpus, tmp_path / mode, "--save", str(tmp_path / f"res-{mode}"), offload=mode,
+                         evaluate=True)
+        proc = subprocess.run(args, capture_output=True, text=True, env=_cli_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("(streamed)" in proc.stdout) == (mode == "disk")
+        results[mode] = json.loads((tmp_path / f"res-{mode}" / "results_wanda.json").read_text())
+    disk, none = _state(tmp_path / "disk"), _state(tmp_path / "none")
+    assert all(torch.equal(disk[k], none[k]) for k in none)
+    for state in ("dense", "pruned"):
+        for name, value in results["none"]["perplexity"][state].items():
+            assert results["disk"]["perplexity"][state][name] == pytest.approx(value, rel=1e-4)
+    assert results["disk"]["prune"]["actual_sparsity"] == results["none"]["prune"]["actual_sparsity"] == 0.5
+    evals = {}
+    for mode in ("disk", "none"):
+        proc = subprocess.run([sys.executable, str(ENTRY), "eval", "--model", str(tmp_path / "none"), "--eval_dataset",
+                               str(corpus), "--eval_windows", "4", "--seqlen", "32", "--device", "cpu", "--offload", mode,
+                               "--save", str(tmp_path / f"eval-{mode}")], capture_output=True, text=True,
+                              env=_cli_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        evals[mode] = json.loads((tmp_path / f"eval-{mode}" / "results_eval.json").read_text())
+    assert evals["disk"]["linear_sparsity"] == pytest.approx(evals["none"]["linear_sparsity"], rel=1e-12)
+    for name, value in evals["none"]["perplexity"].items():
+        assert evals["disk"]["perplexity"][name] == pytest.approx(value, rel=1e-4)
+        assert value == pytest.approx(results["none"]["perplexity"]["pruned"][name], rel=1e-4)
 
 
 def test_stream_settings_are_validated():
@@ -237,16 +282,16 @@ def test_streaming_folder_follows_offload_and_format(tmp_path, monkeypatch):
 
     folder = save_tiny(tmp_path, "llama")
     cpu = torch.device("cpu")
-    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings(offload="disk")) == folder
-    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings(offload="none")) is None
-    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings()) is None  # fits easily
+    assert streaming_folder(str(folder), None, cpu, torch.float32, StreamSettings(offload="disk")) == folder
+    assert streaming_folder(str(folder), None, cpu, torch.float32, StreamSettings(offload="none")) is None
+    assert streaming_folder(str(folder), None, cpu, torch.float32, StreamSettings()) is None  # fits easily
     monkeypatch.setattr(streaming, "available_memory", lambda device: 1000)
-    assert streaming_folder(str(folder), None, torch.float32, cpu, StreamSettings()) == folder
+    assert streaming_folder(str(folder), None, cpu, torch.float32, StreamSettings()) == folder
     pickled = tmp_path / "pickled"  # weights as a pickled .bin: the in-memory path
     model = tiny_model("llama")
     model.config.save_pretrained(pickled)
     torch.save(model.state_dict(), pickled / "pytorch_model.bin")
-    assert streaming_folder(str(pickled), None, torch.float32, cpu, StreamSettings(offload="disk")) is None
+    assert streaming_folder(str(pickled), None, cpu, torch.float32, StreamSettings(offload="disk")) is None
 
 
 @pytest.mark.gpu

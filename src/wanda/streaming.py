@@ -19,7 +19,7 @@ import torch
 from .config import PruneSettings
 from .devices import default_batch_size
 from .engine.resume import WorkFolder, tensor_digest
-from .engine.streaming import StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
+from .engine.streaming import OffloadSettings, StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
 from .errors import WandaError
 from .export.compressed_stream import save_compressed_streamed
 from .export.save import SAVE_FORMATS, SavedModel, folder_bytes
@@ -32,11 +32,19 @@ from .pruning import LayerReport, PruneReport, prune
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamedRun", "streaming_folder", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir",
+__all__ = ["StreamedRun", "placement", "streaming_folder", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir",
            "streamed_linear_sparsity"]
 
 #: What a hub snapshot needs for streaming: config, safetensors shards and index, tokenizer files.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def placement(model) -> tuple[torch.device, torch.dtype]:
+    """The compute device (``cuda:N`` as given) and dtype that ``ModelSettings``' ``--device``/``--dtype`` name."""
+    from .devices import resolve_device, resolve_dtype
+
+    device = resolve_device(model.device)
+    return device, resolve_dtype(model.dtype, device)
 
 
 def _checkpoint_folder(name: str | None, cache_dir: str | None) -> Path | None:
@@ -57,8 +65,8 @@ def _checkpoint_folder(name: str | None, cache_dir: str | None) -> Path | None:
         return None
 
 
-def streaming_folder(name: str | None, cache_dir: str | None, dtype: torch.dtype, device: torch.device,
-                     stream: StreamSettings) -> Path | None:
+def streaming_folder(name: str | None, cache_dir: str | None, device: torch.device, dtype: torch.dtype,
+                     stream: OffloadSettings) -> Path | None:
     """The safetensors folder to stream ``name`` from, or None to load the whole model: ``--offload none``, a
     checkpoint that fits (``--offload auto``), or weights that cannot be streamed (pickled ``.bin``, GGUF), which
     keep the in-memory path with a line saying how to convert them once."""
@@ -66,8 +74,8 @@ def streaming_folder(name: str | None, cache_dir: str | None, dtype: torch.dtype
         return None
     folder = _checkpoint_folder(name, cache_dir)
     if folder is None or not is_streamable(folder):
-        log.info("%s is not a safetensors checkpoint, so it is loaded whole; to stream it, convert it once with "
-                 "save_pretrained(folder) (safetensors) and pass that folder", name)
+        log.info("%s is not a folder of safetensors weights (GGUF, pickled .bin, or not found), so it is loaded "
+                 "whole; to stream it, convert it once with save_pretrained(folder) and pass that folder", name)
         return None
     checkpoint = Checkpoint.open(folder)
     return folder if choose_streaming(stream, checkpoint.nbytes(dtype), device) else None

@@ -1,7 +1,7 @@
 """Streaming: the walk's blocks read from the checkpoint one at a time, saved to a work folder when done.
 
-``StreamSettings`` are the job's settings (``--offload``, ``--offload_activations``, ``--work_dir``,
-``--memory_fraction``); ``StreamedBlocks`` is the ``BlockSource`` the one walk of ``wanda.engine.layerwise``
+``OffloadSettings`` (``--offload``, ``--offload_activations``, ``--memory_fraction``) and ``StreamSettings``
+(those plus ``--work_dir``) are the jobs' settings; ``StreamedBlocks`` is the ``BlockSource`` the one walk of ``wanda.engine.layerwise``
 runs on. Per block it reads that block's tensors from the safetensors shards onto the compute device, lets the
 walk visit and re-run it, writes the pruned tensors and the next block's inputs to the work folder
 (``wanda.engine.resume``), and gives the memory back. ``choose_streaming`` is the automatic choice.
@@ -14,7 +14,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import ClassVar, Iterator, Literal, Sequence
 
 import torch
 from torch import nn
@@ -28,33 +28,41 @@ from .resume import WorkFolder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OFFLOAD_CHOICES", "StreamSettings", "StreamedBlocks", "choose_streaming", "available_memory",
+__all__ = ["OFFLOAD_CHOICES", "OffloadSettings", "StreamSettings", "StreamedBlocks", "choose_streaming", "available_memory",
            "activation_bytes"]
 
 OFFLOAD_CHOICES = ("auto", "none", "disk")
 
 
 @dataclass(frozen=True)
-class StreamSettings(SettingsMixin):
-    """Whether the model is streamed from disk block by block, and where its intermediate state lives."""
+class OffloadSettings(SettingsMixin):
+    """Whether the model is streamed from disk block by block, and where the activations live."""
 
-    offload: str = setting("auto", "auto: stream the decoder blocks from disk when the checkpoint would not fit in "
-                           "--memory_fraction of the available memory; disk: always stream; none: load the whole "
-                           "model", choices=OFFLOAD_CHOICES)
+    _argument_group_name: ClassVar[str] = "streaming (models larger than memory)"
+
+    offload: Literal["auto", "none", "disk"] = setting(
+        "auto", "auto: stream the decoder blocks from disk, one at a time, when the checkpoint would not fit in "
+        "--memory_fraction of the available memory (safetensors checkpoints); disk: always; none: load the whole model")
     offload_activations: str | None = setting(
-        None, "folder for a memory-mapped file of the calibration activations (default: RAM, or the work folder "
+        None, "folder for a memory-mapped file of the activations between blocks (default: RAM, or the work folder "
         "when they would not fit)")
-    work_dir: str | None = setting(
-        None, "folder keeping a streamed run's progress, to resume it after a crash (default: beside --save_model "
-        "as <save_model>.work, else wanda-work-<hash> in the current folder); removed on success")
     #: Headroom: the share of the available memory (RAM, or the GPU's free memory) a run may plan to fill.
-    memory_fraction: float = setting(0.7, "share of the available memory a run may fill before --offload auto "
-                                     "streams the model or moves the activations to a file")
+    memory_fraction: float = setting(0.7, "share of the available memory (psutil; a GPU's free memory) a run may "
+                                     "fill before --offload auto streams")
 
     def __post_init__(self) -> None:
         require(self.offload in OFFLOAD_CHOICES,
                 f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}; got {self.offload!r}")
         require(0 < self.memory_fraction <= 1, f"--memory_fraction must be in (0, 1], got {self.memory_fraction}")
+
+
+@dataclass(frozen=True)
+class StreamSettings(OffloadSettings):
+    """``OffloadSettings`` plus where a streamed pruning run keeps its progress."""
+
+    work_dir: str | None = setting(
+        None, "folder keeping a streamed run's progress, so that the same command resumes it after a crash "
+        "(default: <save_model>.work beside the output, else wanda-work-<hash> here); removed on success")
 
 
 def available_memory(device: torch.device) -> int:
@@ -71,7 +79,7 @@ def activation_bytes(nsamples: int, seqlen: int, hidden_size: int, dtype: torch.
     return nsamples * seqlen * hidden_size * torch.empty((), dtype=dtype).element_size()
 
 
-def choose_streaming(settings: StreamSettings, checkpoint_bytes: int, device: torch.device) -> bool:
+def choose_streaming(settings: OffloadSettings, checkpoint_bytes: int, device: torch.device) -> bool:
     """``--offload``, or for ``auto`` whether ``checkpoint_bytes`` exceed the share of memory; one log line."""
     if settings.offload != "auto":
         return settings.offload == "disk"
