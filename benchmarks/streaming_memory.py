@@ -10,7 +10,7 @@
 (b) ``smollm2``: the bundled SmolLM2-135M with the paper table's protocol (benchmarks/common.py PROTOCOL: fp32,
     32 calibration windows of 1024 tokens, batch 2), Wanda 50%, in memory and streamed, alternating in the same
     benchmark run: peak RSS of the pruning phase and wall time of load + prune; the streamed model must equal the
-    in-memory one bit for bit and evaluate to the same perplexity (block by block) on the held-out summaries.
+    in-memory one bit for bit and evaluate to the same perplexity (block by block) on 8 held-out summary windows.
 
 Each measurement runs in its own process. Results: benchmarks/results/streaming_memory.{json,md}.
 
@@ -36,6 +36,9 @@ from wanda.io import atomic_write_text
 LARGE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
          "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
 LARGE_CALIB = {"nsamples": 8, "seqlen": 256, "seed": 0, "batch_size": 2}
+#: Held-out windows for the perplexity check (streamed equals in memory), not the protocol's 40: it is a check,
+#: not a quality figure, and the machine is shared.
+SMOL_EVAL_WINDOWS = 8
 TARGETS = {"large_peak_rss_gb": 1.5, "smollm2_stream_peak_rss_gb": 0.70, "smollm2_wall_ratio": 1.10}
 
 
@@ -130,7 +133,7 @@ def _smol_data():
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())  # not the model: both modes load it timed
     calib, evals = protocol_data(tokenizer)
-    return calib, evals["wiki-summaries"]
+    return calib, evals["wiki-summaries"][:SMOL_EVAL_WINDOWS]
 
 
 def smol(mode: str, output: str) -> dict:
@@ -265,7 +268,7 @@ def markdown(result: dict) -> str:
         lines += [
             "### (b) SmolLM2-135M, paper-table protocol (fp32, 32 x 1024 calibration, batch 2), Wanda 50%",
             "",
-            "| run | peak RSS pruning MB | prune wall s | load + prune wall s | sparsity | ppl wiki-summaries |",
+            f"| run | peak RSS pruning MB | prune wall s | load + prune wall s | sparsity | ppl wiki-summaries ({SMOL_EVAL_WINDOWS} windows) |",
             "|---|---|---|---|---|---|",
         ]
         for r in smol["runs"]:
@@ -291,7 +294,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=("large", "smollm2"), help="run one part (the other is kept from the "
                         "existing results file)")
-    parser.add_argument("--repeats", type=int, default=2, help="SmolLM2 runs per mode (default 2)")
+    parser.add_argument("--repeats", type=int, default=1, help="SmolLM2 runs per mode (default 1)")
     parser.add_argument("--scratch", default=None, help="folder for the 4.4 GB model (default: a temporary folder)")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
