@@ -2,11 +2,12 @@
 
 (a) ``large``: builds a random LLaMA-shaped model on disk (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4
     KV heads, vocabulary 32000: 1.1 B parameters, 4.4 GB of fp32 safetensors in 2 GB shards), one tensor in memory
-    at a time; prunes it with Wanda at 50% streaming from disk and saving the pruned model; records the peak RSS of
-    the pruning phase and of the whole process and the wall time; then prunes the same model in memory and checks
-    every tensor of the streamed output equals it bit for bit. Calibration: 8 random windows of 256 tokens
-    (seed 0), not the paper's 128 x 2048, so that both runs finish in minutes on 2 cores; the activations held
-    are then 16 MB (see the README's memory formula for other sizes).
+    at a time, with a word-level tokenizer over its vocabulary and a corpus of random words; prunes it with Wanda
+    at 50% through the CLI (``wanda --offload disk --save_model ...``, run in the measuring process), recording
+    the peak RSS of the pruning phase and of the whole run and the wall time; then prunes the same model in
+    memory with the same calibration windows and checks every tensor of the streamed output equals it bit for
+    bit. Calibration: 8 windows of 256 tokens (seed 0), not the paper's 128 x 2048, so that both runs finish in
+    minutes on 2 shared cores; the activations held are then 16 MB (the README's formula gives other sizes).
 (b) ``smollm2``: the bundled SmolLM2-135M with the paper table's protocol (benchmarks/common.py PROTOCOL: fp32,
     32 calibration windows of 1024 tokens, batch 2), Wanda 50%, in memory and streamed, alternating in the same
     benchmark run: peak RSS of the pruning phase and wall time of load + prune; the streamed model must equal the
@@ -70,31 +71,57 @@ def build_large(folder: str) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_shards(out, specs, make, "2GB")
     config.save_pretrained(out)
+    _word_tokenizer().save_pretrained(out)
+    words = torch.randint(0, LARGE["vocab_size"] - 3, (20000,), generator=torch.Generator().manual_seed(7)).tolist()
+    (out / "corpus.txt").write_text("\n".join(" ".join(f"w{i}" for i in words[k : k + 50])
+                                             for k in range(0, len(words), 50)) + "\n")
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     return {"bytes": size, "shards": len(list(out.glob("*.safetensors"))), "seconds": time.perf_counter() - start,
             "peak_rss_mb": run_peak_rss_mb()}
 
 
-def _large_calib():
-    import torch
+def _word_tokenizer():
+    """A word-level tokenizer over the random model's whole vocabulary (w0, w1, ...), so that the CLI can read a
+    calibration corpus of such words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    gen = torch.Generator().manual_seed(LARGE_CALIB["seed"])
-    return torch.randint(0, LARGE["vocab_size"], (LARGE_CALIB["nsamples"], LARGE_CALIB["seqlen"]), generator=gen)
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(LARGE["vocab_size"] - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _large_calib(folder: str):
+    """The calibration windows the CLI draws (same source, tokenizer, sizes and seed)."""
+    from transformers import AutoTokenizer
+
+    from wanda.data import calibration_windows, resolve_source
+
+    source = resolve_source(str(Path(folder) / "corpus.txt"), "calibration")
+    return calibration_windows(source, AutoTokenizer.from_pretrained(folder), LARGE_CALIB["nsamples"],
+                               LARGE_CALIB["seqlen"], LARGE_CALIB["seed"])
 
 
 def stream_large(folder: str, output: str) -> dict:
-    from wanda import PruneSettings
-    from wanda.engine.streaming import StreamSettings
+    """``wanda --offload disk`` on the random model, in this process (the command's own code path)."""
+    from wanda.cli.main import run
     from wanda.resources import run_peak_rss_mb
-    from wanda.streaming import prune_streamed
 
+    results = Path(output).with_name("results-streamed")
     start = time.perf_counter()
-    run = prune_streamed(folder, _large_calib(), PruneSettings(prune_method="wanda", sparsity_ratio=0.5),
-                         StreamSettings(offload="disk"), save_model=output, device="cpu",
-                         batch_size=LARGE_CALIB["batch_size"], progress=False, seed=LARGE_CALIB["seed"])
-    return {"peak_rss_mb_pruning": run.report.peak_rss_mb, "peak_rss_mb_run": run_peak_rss_mb(),
-            "prune_wall_seconds": run.report.wall_seconds, "total_wall_seconds": time.perf_counter() - start,
-            "actual_sparsity": run.report.actual_sparsity, "output_bytes": run.saved.bytes}
+    code = run(["--model", folder, "--offload", "disk", "--prune_method", "wanda", "--sparsity_ratio", "0.5",
+                "--calib_dataset", str(Path(folder) / "corpus.txt"), "--nsamples", str(LARGE_CALIB["nsamples"]),
+                "--seqlen", str(LARGE_CALIB["seqlen"]), "--seed", str(LARGE_CALIB["seed"]), "--batch_size",
+                str(LARGE_CALIB["batch_size"]), "--eval_dataset", "none", "--device", "cpu", "--dtype", "float32",
+                "--save_model", output, "--save", str(results)], prog="wanda")
+    total = time.perf_counter() - start
+    assert code == 0, code
+    payload = json.loads((results / "results_wanda.json").read_text())
+    return {"command": "wanda --offload disk (in-process)", "peak_rss_mb_pruning": payload["prune"]["peak_rss_mb"],
+            "peak_rss_mb_run": run_peak_rss_mb(), "prune_wall_seconds": payload["prune"]["wall_seconds"],
+            "total_wall_seconds": total, "actual_sparsity": payload["prune"]["actual_sparsity"],
+            "output_bytes": sum(f.stat().st_size for f in Path(output).iterdir())}
 
 
 def memory_large(folder: str, output: str) -> dict:
@@ -109,7 +136,7 @@ def memory_large(folder: str, output: str) -> dict:
 
     start = time.perf_counter()  # the random model has no tokenizer, so not wanda's load_model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, low_cpu_mem_usage=True).eval()
-    report = prune(model, _large_calib(), PruneSettings(prune_method="wanda", sparsity_ratio=0.5), device="cpu",
+    report = prune(model, _large_calib(folder), PruneSettings(prune_method="wanda", sparsity_ratio=0.5), device="cpu",
                    progress=False, batch_size=LARGE_CALIB["batch_size"])
     wall = time.perf_counter() - start
     state = model.state_dict()
