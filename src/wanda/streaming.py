@@ -74,8 +74,10 @@ def streaming_folder(name: str | None, cache_dir: str | None, device: torch.devi
         return None
     folder = _checkpoint_folder(name, cache_dir)
     if folder is None or not is_streamable(folder):
-        log.info("%s is not a folder of safetensors weights (GGUF, pickled .bin, or not found), so it is loaded "
-                 "whole; to stream it, convert it once with save_pretrained(folder) and pass that folder", name)
+        # said when streaming was asked for; under auto only in the debug log (most such models are small)
+        log.log(logging.INFO if stream.offload == "disk" else logging.DEBUG,
+                "%s is not a folder of safetensors weights (GGUF, pickled .bin, or not found), so it is loaded "
+                "whole; to stream it, convert it once with save_pretrained(folder) and pass that folder", name)
         return None
     checkpoint = Checkpoint.open(folder)
     return folder if choose_streaming(stream, checkpoint.nbytes(dtype), device) else None
