@@ -314,3 +314,18 @@ def test_streamed_on_the_last_cuda_device(tmp_path, activations):
     gpu = streamed_perplexity(build_skeleton(tmp_path / "gpu", torch.float32, device), windows, device, 2,
                               progress=False)
     assert gpu == pytest.approx(cpu, rel=1e-3)  # TF32/fused kernels differ from the CPU's in the last bits
+
+
+def test_streamed_in_bfloat16_equals_in_memory(tmp_path):
+    """An fp32 checkpoint run in bf16: every tensor cast as from_pretrained(dtype=bf16) casts it, same result."""
+    folder = save_tiny(tmp_path, "mistral")
+    settings, ids = PruneSettings(prune_method="wanda"), calib_ids()
+    model = load_model(str(folder), dtype="bfloat16", device="cpu").model
+    prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
+    save_model(model, None, tmp_path / "memory")
+    prune_streamed(folder, ids, settings, StreamSettings(offload="disk"), save_model=tmp_path / "streamed",
+                   dtype=torch.bfloat16, batch_size=2, progress=False)
+    memory, streamed = (AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype="auto").state_dict()
+                        for name in ("memory", "streamed"))
+    assert {t.dtype for t in streamed.values()} == {torch.bfloat16}
+    assert all(torch.equal(memory[k], streamed[k]) and memory[k].dtype == streamed[k].dtype for k in memory)

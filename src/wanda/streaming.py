@@ -215,10 +215,10 @@ def save_streamed(streamed: StreamedModel, checkpoint: Checkpoint, target: str |
     model = streamed.model
     order = [name for name in model.state_dict() if name in checkpoint]
     order += [name for name in checkpoint.names() if name not in set(order)]
-    dtype = streamed.dtype
 
-    def read(name: str) -> torch.Tensor:
-        return checkpoint.read([name], dtype)[name]
+    def read(name: str) -> torch.Tensor:  # in the dtype the model holds it in, as save_pretrained writes it
+        tensor = checkpoint.read([name])[name]
+        return tensor.to(streamed.dtype_of(name)) if tensor.is_floating_point() else tensor
 
     compression = None
     with atomic_directory(target, overwrite=overwrite) as tmp:
@@ -229,7 +229,7 @@ def save_streamed(streamed: StreamedModel, checkpoint: Checkpoint, target: str |
             specs = []
             for name in order:
                 info = checkpoint.entries[name]
-                specs.append((name, info.shape, dtype if info.dtype.is_floating_point else info.dtype))
+                specs.append((name, info.shape, streamed.dtype_of(name) if info.dtype.is_floating_point else info.dtype))
             write_shards(tmp, specs, read, max_shard_size)
             model.config.save_pretrained(tmp)
             if model.can_generate() and getattr(model, "generation_config", None) is not None:

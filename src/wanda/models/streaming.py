@@ -62,6 +62,23 @@ class StreamedModel:
                  source: str):
         self.model, self.checkpoint, self.layout, self.dtype, self.source = model, checkpoint, layout, dtype, source
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype the model holds ``name`` in: the run's, or fp32 for what the architecture keeps in fp32
+        (``_keep_in_fp32_modules``), as ``from_pretrained`` would load it."""
+        try:
+            tensor = self.model.get_parameter(name)
+        except AttributeError:
+            try:
+                tensor = self.model.get_buffer(name)
+            except AttributeError:
+                return self.dtype
+        return tensor.dtype if tensor.is_floating_point() else self.dtype
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named checkpoint tensors on the CPU, floating ones in the dtype the model holds them in."""
+        out = self.checkpoint.read(names)
+        return {name: t.to(self.dtype_of(name)) if t.is_floating_point() else t for name, t in out.items()}
+
     def block_names(self, index: int) -> list[str]:
         """The checkpoint tensors of block ``index`` (the model's names)."""
         prefix = self.layout.block_name(index) + "."
@@ -75,7 +92,7 @@ class StreamedModel:
         """Block ``index`` with its checkpoint tensors on ``device`` (the rest of the model untouched)."""
         block = self.layout.blocks[index]
         prefix = self.layout.block_name(index) + "."
-        tensors = self.checkpoint.read(self.block_names(index), self.dtype)
+        tensors = self.read(self.block_names(index))
         for name, tensor in tensors.items():
             assign_tensor(self.model, name, tensor.to(device))
         for local, param in block.named_parameters():
@@ -137,7 +154,7 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device 
         head_names = {name for name, p in model.named_parameters() if any(p is q for q in head.parameters())}
     outside = [name for name in streamed.outside_names() if name not in head_names]
     device = torch.device(device)
-    for name, tensor in checkpoint.read(outside, dtype).items():
+    for name, tensor in streamed.read(outside).items():
         assign_tensor(model, name, tensor.to(device))
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
