@@ -258,6 +258,33 @@ def run_smol(scratch: Path, repeats: int) -> dict:
             "memory_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "memory")}
 
 
+def from_log(path: Path) -> dict:
+    """The parts whose workers all finished, from the ``name: {json}`` lines the driver logs."""
+    lines = [line.split(": ", 1) for line in path.read_text().splitlines() if line.split(": ", 1)[0] in WORKERS]
+    seen: dict[str, list[dict]] = {}
+    for name, payload in lines:
+        seen.setdefault(name, []).append(json.loads(payload))
+    out: dict = {}
+    if "smol" in seen and "compare_folders" in seen:
+        runs = seen["smol"]
+        best = {m: min((r for r in runs if r["mode"] == m), key=lambda r: r["load_prune_wall_seconds"])
+                for m in ("memory", "stream")}
+        equal = seen["compare_folders"][0]
+        out["smollm2"] = {
+            "protocol": PROTOCOL, "runs": runs, "equal": not equal["differing"], "tensors_compared": equal["tensors"],
+            "wall_ratio": best["stream"]["load_prune_wall_seconds"] / best["memory"]["load_prune_wall_seconds"],
+            "prune_wall_ratio": best["stream"]["prune_wall_seconds"] / best["memory"]["prune_wall_seconds"],
+            "stream_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "stream"),
+            "memory_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "memory")}
+    if all(k in seen for k in ("build_large", "stream_large", "memory_large")):
+        memory = seen["memory_large"][0]
+        out["large"] = {"config": LARGE, "calibration": LARGE_CALIB, "checkpoint": seen["build_large"][0],
+                        "streamed": seen["stream_large"][0], "in_memory": memory,
+                        "equal": not memory["tensors_differing"]
+                        and memory["tensors_compared"] == memory["tensors_in_model"]}
+    return out
+
+
 def _verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
@@ -323,6 +350,7 @@ def main() -> None:
                         "existing results file)")
     parser.add_argument("--repeats", type=int, default=1, help="SmolLM2 runs per mode (default 1)")
     parser.add_argument("--scratch", default=None, help="folder for the 4.4 GB model (default: a temporary folder)")
+    parser.add_argument("--from_log", help="build the results from the worker lines of an interrupted run's log")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -332,14 +360,17 @@ def main() -> None:
     out = RESULTS / "streaming_memory"
     result = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
     result["targets"] = TARGETS
-    scratch = Path(tempfile.mkdtemp(prefix="wanda-stream-bench-", dir=args.scratch))
-    try:
-        if args.only in (None, "smollm2"):
-            result["smollm2"] = run_smol(scratch, args.repeats)
-        if args.only in (None, "large"):
-            result["large"] = run_large(scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    if args.from_log:
+        result.update(from_log(Path(args.from_log)))
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="wanda-stream-bench-", dir=args.scratch))
+        try:
+            if args.only in (None, "smollm2"):
+                result["smollm2"] = run_smol(scratch, args.repeats)
+            if args.only in (None, "large"):
+                result["large"] = run_large(scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n", overwrite=True)
     table = markdown(result)
     atomic_write_text(out.with_suffix(".md"), table, overwrite=True)
