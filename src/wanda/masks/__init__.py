@@ -1,6 +1,6 @@
 """Mask selection: which weights to prune given their scores. ``True`` in a mask means *pruned*."""
 
-from .select import lowest_k_mask, matrix_mask, nm_mask, row_mask, select_mask, variant_mask
+from .select import lowest_k_mask, matrix_mask, nm_mask, prune_count, row_mask, row_mask_count, select_mask, variant_mask
 from .checks import check_nm, mask_sparsity
 
 __all__ = [
@@ -8,6 +8,8 @@ __all__ = [
     "matrix_mask",
     "nm_mask",
     "row_mask",
+    "row_mask_count",
+    "prune_count",
     "select_mask",
     "variant_mask",
     "check_nm",

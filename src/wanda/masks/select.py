@@ -52,8 +52,25 @@ def prune_count(ratio: float, total: int) -> int:
 
 
 def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Prune floor(ratio * in_features) weights of every output row (Wanda's comparison group)."""
-    return lowest_k_mask(scores, prune_count(ratio, scores.shape[-1]))
+    """Prune floor(ratio * numel) weights of the matrix, compared within each output row (Wanda's group): every
+    row loses floor(ratio * in_features), and the remainder goes one each to the rows whose next candidate
+    scores lowest. A matrix thus loses the same count whatever its scope, so a per-layer ratio (a sparsity
+    profile) is met within one weight per layer; where ratio * in_features is whole it is the plain per-row
+    count of the paper."""
+    return row_mask_count(scores, prune_count(ratio, scores.numel()))
+
+
+def row_mask_count(scores: torch.Tensor, total: int) -> torch.Tensor:
+    """Prune ``total`` weights, total // rows from every row plus one more from ``total % rows`` rows: those
+    whose lowest kept score is lowest (ties: the lower row)."""
+    rows, cols = scores.shape
+    base, extra = divmod(total, rows)
+    if extra == 0 or base >= cols:
+        return lowest_k_mask(scores, min(base, cols))
+    low, high = lowest_k_mask(scores, base), lowest_k_mask(scores, base + 1)  # nested: a stable-sort prefix
+    candidate = scores.float().masked_fill(low | ~high, float("inf")).amin(dim=-1)  # each row's next in line
+    chosen = lowest_k_mask(candidate.unsqueeze(0), extra).squeeze(0)
+    return torch.where(chosen.unsqueeze(1), high, low)
 
 
 def matrix_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
