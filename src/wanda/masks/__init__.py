@@ -1,7 +1,8 @@
 """Mask selection: which weights to prune given their scores. ``True`` in a mask means *pruned*."""
 
-from .select import lowest_k_mask, matrix_mask, nm_mask, prune_count, row_mask, row_mask_count, select_mask, variant_mask
-from .checks import check_nm, mask_sparsity
+from .select import (lowest_k_mask, matrix_mask, nm_mask, prune_count, row_mask, row_mask_count, select_mask,
+                     variant_mask)
+from .checks import check_nm, mask_sparsity, overall_sparsity, zero_count, zero_fraction
 
 __all__ = [
     "lowest_k_mask",
@@ -14,4 +15,7 @@ __all__ = [
     "variant_mask",
     "check_nm",
     "mask_sparsity",
+    "overall_sparsity",
+    "zero_count",
+    "zero_fraction",
 ]
