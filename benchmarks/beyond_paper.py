@@ -66,7 +66,7 @@ def settings_of(key: str) -> dict:
     return kw
 
 
-def worker(key: str, floor: bool) -> dict:
+def worker(key: str, floor: bool, sets: list[str] | None = None) -> dict:
     """One configuration in a fresh process: load, (floor), prune, evaluate."""
     import torch
 
@@ -98,7 +98,7 @@ def worker(key: str, floor: bool) -> dict:
     else:
         out.update(actual_sparsity=0.0)
     out["ppl"] = {name: perplexity(model, windows, batch_size=PROTOCOL["batch_size"], progress=False)
-                  for name, windows in evals.items()}
+                  for name, windows in evals.items() if not sets or name in sets}
     out["peak_rss_mb"] = run_peak_rss_mb()
     out["total_wall_seconds"] = time.perf_counter() - start
     return out
@@ -183,7 +183,7 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     for ax, s in zip(axes, sets):
         for method in METHODS:
             points = [(float(l), rows[f"{method}@{l}"]["ppl"][s]) for l in ("0.5", "0.6", "0.7")
-                      if f"{method}@{l}" in rows]
+                      if s in rows.get(f"{method}@{l}", {}).get("ppl", {})]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
         if dense:
@@ -215,10 +215,12 @@ def main() -> None:
                         help="take dense and plain magnitude/Wanda/SparseGPT rows from paper_table.json unless rerun")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON and skip them")
     parser.add_argument("--out", default=str(RESULTS / "beyond_paper"), help="output path without extension")
+    parser.add_argument("--eval_sets", nargs="*", help="evaluate only these sets (e.g. wikitext2, which the targets "
+                        "use: half the evaluation time on a loaded machine); default both")
     args = parser.parse_args()
     if args.worker:
-        key, floor = json.loads(args.worker)
-        print(json.dumps(worker(key, floor)))
+        key, floor, sets = json.loads(args.worker)
+        print(json.dumps(worker(key, floor, sets)))
         return
     rows: dict[str, dict] = import_paper_table() if args.import_paper_table else {}
     if args.resume and Path(args.out + ".json").is_file():
@@ -228,7 +230,7 @@ def main() -> None:
             and not (args.import_paper_table and k in rows and not args.only)]
     for key in todo:
         print(f"== {key}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps([key, key in FLOOR_RUNS])],
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps([key, key in FLOOR_RUNS, args.eval_sets])],
                               capture_output=True, text=True, cwd=str(RESULTS.parent))
         if proc.returncode:
             print(f"run {key} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
