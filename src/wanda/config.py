@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .masks.pattern import SparsityPattern
+from .masks.pattern import PatternField, SparsityPattern
 from .methods.dsnot import DEFAULT_MAX_CYCLES, DEFAULT_THRESHOLD, DEFAULT_VAR_POWER
 from .methods.owl import DEFAULT_LAMBDA, DEFAULT_M
 from .methods.registry import DSNOT_BASES, METHOD_SPECS
@@ -19,7 +19,7 @@ METHODS = tuple(METHOD_SPECS)
 
 
 @dataclass(frozen=True)
-class PruneSettings(SettingsMixin):
+class PruneSettings(PatternField, SettingsMixin):
     """What to prune and how. ``sparsity_ratio=None`` means N/M for N:M patterns and 0.5 for unstructured;
     after construction it holds the resolved ratio."""
 
@@ -96,9 +96,5 @@ class PruneSettings(SettingsMixin):
     def method(self) -> str:
         return self.prune_method
 
-    @property
-    def pattern(self) -> SparsityPattern:
-        return SparsityPattern.parse(self.sparsity_type)
-
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "method": self.prune_method, "pattern": str(self.pattern)}
+        return {**super().to_dict(), "method": self.prune_method}
