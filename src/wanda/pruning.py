@@ -92,6 +92,11 @@ def _prune_linears(linears: dict[str, nn.Linear], settings: PruneSettings, ratio
         report.layers.append(LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss, ratio))
 
 
+def needs_calibration(settings: PruneSettings) -> bool:
+    """Whether ``prune`` needs calibration samples: the method's (or DSnoT's) statistics, or the profile's walk."""
+    return bool(statistics_for(settings)) or PROFILES[settings.sparsity_profile].needs_calibration
+
+
 def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
           device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None) -> PruneReport:
     """Prune every linear layer inside ``model``'s decoder blocks in place.
@@ -107,13 +112,13 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     release_memory()
     reset_peak_rss()
     start = time.perf_counter()
-    needs_calibration = bool(statistics) or PROFILES[settings.sparsity_profile].needs_calibration
-    if needs_calibration:
+    calibrated = needs_calibration(settings)
+    if calibrated:
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise WandaError(f"--prune_method {settings.method} with --sparsity_profile {settings.sparsity_profile}"
                              f"{' --dsnot' if settings.dsnot else ''} needs calibration samples")
         report.calibration_tokens = calibration_ids.numel()
-    engine = LayerwiseEngine(model, device, batch_size, progress, layout) if needs_calibration else None
+    engine = LayerwiseEngine(model, device, batch_size, progress, layout) if calibrated else None
     ratios = layer_ratios(model, layout, calibration_ids, settings, engine)
     report.profile_seconds = time.perf_counter() - start
     if not statistics:
