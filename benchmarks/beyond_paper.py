@@ -39,8 +39,8 @@ METHODS = {
 LEVELS = ("0.5", "0.6", "0.7", "2:4", "4:8")
 #: The issue's targets first (50%: Wanda, SparseGPT, RIA, DSnoT; 70%: Wanda, OWL+Wanda; 2:4), then the rest.
 #: On a shared, loaded machine a run takes 10-30 minutes, so the most likely candidate for each target comes first.
-PRIORITY = ["wanda@0.5", "sparsegpt@0.5", "ria@0.5", "wanda@0.7", "owl+wanda@0.7", "wanda@2:4", "ria@2:4",
-            "ria+dsnot@2:4", "wanda+dsnot@0.5", "ria+dsnot@0.5", "wanda+dsnot@2:4", "owl+ria+dsnot@0.7", "ria@0.7",
+PRIORITY = ["wanda@0.5", "sparsegpt@0.5", "ria@0.5", "wanda@0.7", "owl+wanda@0.7", "wanda@2:4", "ria+dsnot@2:4",
+            "ria@2:4", "wanda+dsnot@0.5", "ria+dsnot@0.5", "wanda+dsnot@2:4", "owl+ria+dsnot@0.7", "ria@0.7",
             "dense@-"]
 #: Runs that also measure the two-forward-pass floor (it does not depend on the method).
 FLOOR_RUNS = {"wanda@0.5"}
