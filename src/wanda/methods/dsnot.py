@@ -3,13 +3,13 @@ Sparse LLMs", ICLR 2024), the pure math of it: swap pruned and kept weights insi
 of M for N:M) so that the expected reconstruction error of the row's output shrinks.
 
 For row i with dense weights W, current sparse weights W^ and the per-input mean mu_j = E[x_j], the expected
-error of the output is e_i = sum_j (W_ij - W^_ij) mu_j (Eq. 4; with an unchanged kept weight W^ = W it is
+error of the output is e_i = sum_j (W_ij - W^_ij) mu_j (with an unchanged kept weight W^ = W it is
 the sum over the pruned weights of W_ij mu_j). Each cycle, in every row still active:
 
 - regrow the pruned weight that moves e_i most towards zero relative to its input's variance: the largest
-  W_ij mu_j / Var(x_j)^p when e_i > 0, the smallest when e_i < 0 (Eq. 6-7; p = 1);
+  W_ij mu_j / Var(x_j)^p when e_i > 0, the smallest when e_i < 0 (p = 1);
 - prune a kept weight in return: unstructured, the one with the lowest Wanda score |W^_ij| ||X_j||_2 among
-  those whose W^_ij mu_j has the opposite sign to e_i (Eq. 8-9); N:M, the lowest Wanda score in the regrown
+  those whose W^_ij mu_j has the opposite sign to e_i; N:M, the lowest Wanda score in the regrown
   weight's group of M (so every group keeps its count);
 - a row stops for good once |e_i| <= epsilon (0.1), once it runs out of candidates, with ``same_sign`` once a
   swap would flip the sign of e_i, and after T = 50 cycles (the reference code's ``--update_threshold``,
@@ -20,7 +20,8 @@ Regrown weights take their dense value, so DSnoT follows a method that updates t
 (SparseGPT): its error is measured against the dense layer from the start. Differences from the reference
 code, each for correctness: the variance is that of all calibration tokens (the reference averages per-batch
 variances), and the candidate lists hold only pruned (regrow) or kept (prune) weights, so a pointer never
-"regrows" a weight that is already kept.
+"regrows" a weight that is already kept. The pruning side ranks by Wanda's score whatever the starting method
+(the reference does so for unstructured sparsity and uses the method's own score for N:M).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """RIA, relative importance and activations (Zhang et al., "Plug-and-Play: An Efficient Post-training Pruning
-Method for Large Language Models", ICLR 2024, Eq. 3-4):
+Method for Large Language Models", ICLR 2024):
 
     S_ij = (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||_2^a,   a = 0.5
 
