@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -233,5 +234,18 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = False) -> N
             raise
 
 
+def _finite_or_named(value: Any) -> Any:
+    """NaN and Inf as the strings "nan", "inf", "-inf": JSON has no such numbers (``json.dumps`` would write
+    ``NaN``, which strict readers reject), and a reader must never take them for a value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite_or_named(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_named(v) for v in value]
+    return value
+
+
 def atomic_write_json(path: str | Path, data: Any, overwrite: bool = False) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n", overwrite)
+    text = json.dumps(_finite_or_named(data), indent=2, default=str, allow_nan=False)
+    atomic_write_text(path, text + "\n", overwrite)
