@@ -88,6 +88,9 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
     from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if name is not None and not name.strip():  # "" is not "no --model": never load the bundled model for it
+        raise WandaError("--model is empty; give a hub id, a folder or a .gguf file (or leave it out for "
+                         f"{BUNDLED_NAME})")
     name = name or BUNDLED_NAME
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
