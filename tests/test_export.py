@@ -268,7 +268,7 @@ def test_speedup_command_without_a_capable_gpu(monkeypatch, capsys):
     assert exit_info.value.code == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err == ("wanda speedup: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; "
+    assert err == ("wanda speedup: error: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; "
                    "no CUDA GPU is available\n")
 
 

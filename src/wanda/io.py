@@ -36,17 +36,21 @@ def _occupied(path: Path) -> bool:
 
 
 def ensure_free(path: str | Path, overwrite: bool, what: str = "output") -> None:
-    """Refuse an existing non-empty target before any long work starts."""
+    """Refuse, before any long work starts, an existing non-empty target and one that could not be written."""
     path = Path(path)
     if _occupied(path) and not overwrite:
         raise WandaError(f"{what} {path} already exists and is not empty; choose another path or pass --overwrite")
+    check_writable(path, what, folder=None)
 
 
-def check_writable(path: str | Path, what: str = "output", folder: bool = True) -> None:
+def check_writable(path: str | Path, what: str = "output", folder: bool | None = True) -> None:
     """Refuse, before any long work, a target that could never be written: one below a file, one in a folder
-    without write permission, a folder target that is a file (or the reverse). Creates nothing that stays."""
+    without write permission or on a read-only file system, a folder target that is a file (or the reverse;
+    ``folder=None``: either kind). Creates nothing that stays."""
     path = Path(path).expanduser()
-    if path.exists() and folder != path.is_dir():
+    if not str(path).strip():
+        raise WandaError(f"{what}: an empty path")
+    if folder is not None and path.exists() and folder != path.is_dir():
         kind = "a file" if path.is_file() else "a folder"
         raise WandaError(f"{what} {path} is {kind}; give a {'folder' if folder else 'file'} path")
     parent = path.parent

@@ -22,6 +22,39 @@ log = logging.getLogger(__name__)
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
+@dataclass(frozen=True)
+class ModelSettings(SettingsMixin):
+    """Which model to load, where it runs, and what loading it may do beyond reading data."""
+
+    model: str | None = setting(None, f"hub id, local from_pretrained folder, .gguf file, or '{BUNDLED_NAME}' "
+                                "(the bundled model; the default)")
+    cache_dir: str = setting("llm_weights", "where hub weights are downloaded")
+    device: str = setting("auto", "cpu, cuda, cuda:N (auto: cuda if available); each block is moved there while "
+                          "it is processed")
+    dtype: str = setting("auto", "auto (fp32 on CPU, bf16/fp16 on GPU; full fine-tuning trains fp32 weights under "
+                         "autocast), float32, float16, bfloat16")
+    trust_remote_code: bool = setting(False, "run Python code shipped with the model (its config's auto_map); "
+                                      "without it such a model is refused and nothing from it runs")
+    allow_pickle: bool = setting(False, "load pickled weights (.bin, .pt), which can run code when unpickled; "
+                                 "without it only safetensors are read")
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype, torch.device("cpu"))  # a bad name fails here, before anything loads
+        resolve_device(self.device)
+
+    @property
+    def name(self) -> str:
+        return self.model or BUNDLED_NAME
+
+    @property
+    def bundled(self) -> bool:
+        return self.name == BUNDLED_NAME
+
+    def load(self, dtype: str | None = None) -> "LoadedModel":
+        return load_model(self.model, self.cache_dir, dtype or self.dtype, self.device,
+                          trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+
+
 @dataclass
 class LoadedModel:
     model: nn.Module
@@ -55,25 +88,6 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists()
-
-
-@dataclass(frozen=True)
-class ModelSettings(SettingsMixin):
-    """Which model to load, where and in which precision, and what loading it may do beyond reading data."""
-
-    model: str | None = setting(None, f"hub id, local from_pretrained folder, .gguf file, or '{BUNDLED_NAME}' "
-                                "(the bundled model; the default)")
-    cache_dir: str | None = setting("llm_weights", "where hub weights are downloaded")
-    dtype: str = setting("auto", "auto (fp32 on CPU, bf16/fp16 on GPU), float32, float16, bfloat16")
-    device: str = setting("auto", "cpu, cuda, cuda:N (default: cuda if available)")
-    trust_remote_code: bool = setting(False, "run Python code shipped with the model (its config's auto_map); "
-                                      "without it such a model is refused and nothing from it runs")
-    allow_pickle: bool = setting(False, "load pickled weights (.bin, .pt), which can run code when unpickled; "
-                                 "without it only safetensors are read")
-
-    def load(self) -> LoadedModel:
-        return load_model(self.model, self.cache_dir, self.dtype, self.device,
-                          trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
 
 
 def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: str | None = "auto",
