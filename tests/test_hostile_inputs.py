@@ -285,3 +285,84 @@ def test_calibration_from_a_good_file_still_works(tiny, tmp_path):
     loaded = load_model(str(tiny), device="cpu")
     source = resolve_source(str(word_corpus(tmp_path / "c.txt", 2000)), "calibration")
     assert calibration_windows(source, loaded.tokenizer, 4, 32).shape == (4, 32)
+
+
+# the same through the command line (in-process) ---------------------------------------------------------------
+
+def _wanda(argv: list[str]) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from wanda.cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        with pytest.raises(SystemExit) as exited:
+            main(argv, "wanda")
+    lines = [line for line in err.getvalue().split("\n") if line.strip()]
+    assert "Traceback" not in err.getvalue()
+    errors = [line for line in lines if ": error: " in line]
+    assert exited.value.code == 0 or (len(errors) == 1 and errors[0] == lines[-1]), err.getvalue()
+    return exited.value.code, (errors[0] if errors else "")
+
+
+@pytest.fixture
+def never_loads(monkeypatch):
+    """Fail the test if the job gets as far as loading the model (a check meant to come before any work)."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was refused")
+
+    monkeypatch.setattr(ModelSettings, "load", load)
+
+
+def test_cli_refuses_remote_code_and_names_the_flag(copy, tmp_path):
+    marker = tmp_path / "marker.txt"
+    _plant_remote_code(copy, marker)
+    code, error = _wanda(["eval", "--model", str(copy), "--eval_dataset", "wiki-summaries", "--device", "cpu"])
+    assert code == 2 and error.startswith("wanda eval: error: ") and "--trust_remote_code" in error
+    code, error = _wanda(["--model", str(copy), "--device", "cpu", "--prune_method", "magnitude",
+                          "--eval_dataset", "none"])
+    assert code == 2 and "asks to run code shipped with the model" in error
+    assert not marker.exists()
+
+
+def test_cli_refuses_pickled_weights_and_names_the_flag(copy, tmp_path):
+    (copy / "model.safetensors").unlink()
+    (copy / "pytorch_model.bin").write_bytes(pickle.dumps({"x": 1}))
+    code, error = _wanda(["eval", "--model", str(copy), "--eval_dataset", "wiki-summaries", "--device", "cpu"])
+    assert code == 2 and "holds only pickled weights" in error and "--allow_pickle" in error
+
+
+@pytest.mark.parametrize("flag", ["--save_model", "--save"])
+def test_cli_refuses_an_unwritable_output_before_loading(tiny, tmp_path, never_loads, flag):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    code, error = _wanda(["--model", str(tiny), "--device", "cpu", flag, str(blocker / "out")])
+    assert code == 2 and f"cannot be created: {blocker} is a file" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+def test_cli_refuses_seqlen_beyond_the_context(tiny, tmp_path):
+    corpus = word_corpus(tmp_path / "c.txt", 3000)
+    code, error = _wanda(["--model", str(tiny), "--device", "cpu", "--seqlen", "100000", "--calib_dataset",
+                          str(corpus), "--eval_dataset", str(corpus), "--nsamples", "1"])
+    assert code == 2 and "--seqlen 100000 is beyond the model's context of 256 tokens" in error
+
+
+def test_cli_stops_at_an_overflowing_block(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = _overflowing_fp16_model().float()  # saved in fp32 (finite); run in fp16 with --dtype float16
+    folder = tmp_path / "hot"
+    model.save_pretrained(folder)
+    words = ["<unk>"] + [f"w{i}" for i in range(127)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
+    corpus = word_corpus(tmp_path / "c.txt", 3000)
+    code, error = _wanda(["--model", str(folder), "--device", "cpu", "--dtype", "float16", "--seqlen", "32",
+                          "--nsamples", "4", "--calib_dataset", str(corpus), "--eval_dataset", "none",
+                          "--save_model", str(tmp_path / "pruned")])
+    assert code == 2 and "block model.layers.1 became NaN or Inf" in error and "--dtype bfloat16" in error
+    assert not (tmp_path / "pruned").exists()
