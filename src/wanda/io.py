@@ -105,8 +105,9 @@ _HELD: dict[Path, tuple[int, int]] = {}  # lock path -> (fd, depth): claims nest
 
 
 @contextmanager
-def claim(target: str | Path) -> Iterator[None]:
-    """Hold ``target``'s lock file for the duration; another holder (another run) is a ``WandaError``.
+def claim(target: str | Path, wait: bool = False) -> Iterator[None]:
+    """Hold ``target``'s lock file for the duration; another holder (another run) is a ``WandaError``, or,
+    with ``wait`` (a shared cache that any run may fill), waited for.
 
     Nested claims of the same target in one process are fine (a job may claim its outputs up front, and
     the atomic writers claim them again). On the first claim, leftovers of killed runs are cleared.
@@ -124,7 +125,7 @@ def claim(target: str | Path) -> Iterator[None]:
         return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = _lock(lock, target)
+        fd = _lock(lock, target, wait)
     except OSError as exc:
         raise _write_error(target, exc) from exc
     _HELD[lock] = (fd, 1)
@@ -137,11 +138,11 @@ def claim(target: str | Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _lock(lock: Path, target: Path) -> int:
+def _lock(lock: Path, target: Path, wait: bool) -> int:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise WandaError(f"another run is writing {target} (it holds {lock}); wait for it to finish or "
@@ -188,7 +189,7 @@ def atomic_directory(target: str | Path, overwrite: bool = False, exist_ok: bool
     target = Path(target)
     if not exist_ok:
         ensure_free(target, overwrite)
-    with claim(target):
+    with claim(target, wait=exist_ok):
         tmp = target.with_name(f".{target.name}.unborn")  # nothing to remove until mkdtemp succeeds
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
