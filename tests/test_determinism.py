@@ -43,3 +43,27 @@ def test_same_run_twice_is_bit_identical(inputs, method, sparsity_type):
     assert first_ppl == second_ppl  # exactly: the same float, not approximately
     zeros = sum(int((v == 0).sum()) for k, v in first_state.items() if "layers" in k and k.endswith("proj.weight"))
     assert zeros > 0  # it did prune
+
+
+def test_same_command_twice_writes_identical_files(inputs, tmp_path):
+    """Through the command line: the saved weights are byte for byte the same, and so are the perplexities."""
+    import contextlib
+    import io
+    import json
+
+    from wanda.cli.main import main
+
+    folder, corpus = inputs
+    for run in ("a", "b"):
+        argv = ["--model", str(folder), "--prune_method", "sparsegpt", "--calib_dataset", str(corpus),
+                "--eval_dataset", str(corpus), "--seqlen", "32", "--nsamples", "8", "--eval_windows", "4",
+                "--device", "cpu", "--save", str(tmp_path / run), "--save_model", str(tmp_path / run / "model")]
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            with pytest.raises(SystemExit) as exited:
+                main(argv, "wanda")
+        assert exited.value.code == 0
+    weights = [(tmp_path / run / "model" / "model.safetensors").read_bytes() for run in ("a", "b")]
+    assert weights[0] == weights[1]
+    results = [json.loads((tmp_path / run / "results_sparsegpt.json").read_text()) for run in ("a", "b")]
+    assert results[0]["perplexity"] == results[1]["perplexity"]
+    assert (tmp_path / "a" / "log_sparsegpt.txt").read_text() == (tmp_path / "b" / "log_sparsegpt.txt").read_text()
