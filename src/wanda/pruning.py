@@ -15,7 +15,7 @@ from .engine import BlockInputs, LayerwiseEngine
 from .errors import WandaError
 from .masks import overall_sparsity, zero_fraction
 from .methods import get_method, prune_layer, statistics_for
-from .models import find_decoder_layout, find_linears
+from .models import check_seqlen, find_decoder_layout, find_linears
 from .profiles import PROFILES, layer_ratios
 from .resources import peak_rss_mb, release_memory, reset_peak_rss
 from .stats import InputRecorder, statistic_factory
@@ -117,6 +117,7 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise WandaError(f"--prune_method {settings.method} with --sparsity_profile {settings.sparsity_profile}"
                              f"{' --dsnot' if settings.dsnot else ''} needs calibration samples")
+        check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
     engine = LayerwiseEngine(model, device, batch_size, progress, layout) if calibrated else None
     ratios = layer_ratios(model, layout, calibration_ids, settings, engine)
