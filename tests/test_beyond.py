@@ -344,3 +344,14 @@ def test_owl_with_magnitude_needs_calibration():
     with pytest.raises(WandaError, match="calibration"):
         prune(tiny_model("llama"), None, PruneSettings(prune_method="magnitude", sparsity_profile="owl"),
               progress=False)
+
+
+def test_owl_ria_dsnot_twice_is_bit_identical():
+    settings = PruneSettings(prune_method="ria", sparsity_profile="owl", dsnot=True, dsnot_skip="none",
+                             sparsity_ratio=0.6)
+    weights = []
+    for _ in range(2):
+        model = tiny_model("llama")
+        prune(model, calib_ids(), settings, progress=False, batch_size=4)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
