@@ -11,7 +11,7 @@ import torch
 
 from conftest import calib_ids, tiny_model
 from wanda import PruneSettings, WandaError, prune
-from wanda.masks import nm_mask, prune_count, row_mask
+from wanda.masks import nm_mask, prune_count, row_mask, row_spread_mask
 from wanda.methods import dsnot, get_method, outlier_ratio, owl_ratios, prune_layer, ria_scores, wanda_scores
 from wanda.models import find_decoder_layout, find_linears
 from wanda.stats import ChannelSum, Combined, Gram, InputRecorder, SquaredNorm, part, statistic_factory
@@ -44,6 +44,36 @@ def _stats(x: torch.Tensor, *kinds):
     for half in x.reshape(2, 4, tokens // 8, cols):  # two batches of (batch, seq, features)
         stat.add(half)
     return stat
+
+
+# --- per-layer ratios: exact counts whatever the ratio --------------------------------------------------------
+
+
+def test_row_spread_mask_by_hand():
+    scores = torch.tensor([[3.0, 1.0, 2.0, 4.0],
+                           [0.5, 0.1, 0.9, 0.3]])
+    # floor(0.74 * 8) = 5: 2 per row, and one more from the row whose third-lowest is lower (0.5 < 3.0)
+    assert row_spread_mask(scores, 0.74).tolist() == [[False, True, True, False], [True, True, False, True]]
+    assert torch.equal(row_spread_mask(scores, 0.5), row_mask(scores, 0.5))  # whole per-row count: the same
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.29, 0.5, 0.57, 0.7, 0.9])
+@pytest.mark.parametrize("shape", [(3, 100), (5, 64), (7, 33)])
+def test_row_spread_mask_prunes_floor_of_the_matrix(ratio, shape):
+    torch.manual_seed(0)
+    scores = torch.rand(shape)
+    rows, cols = shape
+    total = math.floor(round(ratio * rows * cols, 9))
+    mask = row_spread_mask(scores, ratio)
+    counts = mask.sum(1)
+    assert counts.sum().item() == total
+    assert set(counts.tolist()) <= {total // rows, total // rows + 1}
+    # within each row the lowest scores go; the rows taking one more are those whose next candidate is lowest
+    assert torch.equal(mask, torch.stack([row_mask(scores[r : r + 1], c / cols)[0] for r, c in
+                                          enumerate(counts.tolist())]))
+    nxt = scores.sort(dim=1).values[:, total // rows]
+    extra = counts > total // rows
+    assert not extra.any() or nxt[extra].max() <= nxt[~extra].min()
 
 
 # --- RIA -------------------------------------------------------------------------------------------------

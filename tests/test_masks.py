@@ -21,8 +21,7 @@ def test_row_mask_prunes_lowest_scores_of_each_row():
     # floor(0.3 * 4) = 1 and floor(0.74 * 4) = 2 per row
     assert row_mask(scores, 0.3).tolist() == [[F, T, F, F],
                                               [F, T, F, F]]
-    # floor(0.74 * 8) = 5 in all: 2 per row plus one more from the row whose third-lowest is lower (0.5 < 3.0)
-    assert row_mask(scores, 0.74).sum(1).tolist() == [2, 3]
+    assert row_mask(scores, 0.74).sum(1).tolist() == [2, 2]
     assert not row_mask(scores, 0.0).any()
 
 
@@ -71,15 +70,9 @@ def test_exact_counts_per_row_and_per_matrix(ratio, shape):
     scores = torch.rand(shape)
     rows, cols = shape
     # the count a person computes: floor of the decimal product (0.29 of 100 columns is 29, not 28)
+    per_row = math.floor(round(ratio * cols, 9))
     per_matrix = math.floor(round(ratio * rows * cols, 9))
-    # per row: the same total, every row at floor or ceil of its share, the rows taking one more being those
-    # whose next candidate scores lowest
-    counts = row_mask(scores, ratio).sum(1)
-    assert counts.sum().item() == per_matrix
-    assert set(counts.tolist()) <= {per_matrix // rows, per_matrix // rows + 1}
-    nxt = scores.sort(dim=1).values[:, per_matrix // rows]
-    extra = counts > per_matrix // rows
-    assert not extra.any() or nxt[extra].max() <= nxt[~extra].min()
+    assert row_mask(scores, ratio).sum(1).tolist() == [per_row] * rows
     assert matrix_mask(scores, ratio).sum().item() == per_matrix
 
 

@@ -52,11 +52,15 @@ def prune_count(ratio: float, total: int) -> int:
 
 
 def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Prune floor(ratio * numel) weights of the matrix, compared within each output row (Wanda's group): every
-    row loses floor(ratio * in_features), and the remainder goes one each to the rows whose next candidate
-    scores lowest. A matrix thus loses the same count whatever its scope, so a per-layer ratio (a sparsity
-    profile) is met within one weight per layer; where ratio * in_features is whole it is the plain per-row
-    count of the paper."""
+    """Prune floor(ratio * in_features) weights of every output row (Wanda's comparison group)."""
+    return lowest_k_mask(scores, prune_count(ratio, scores.shape[-1]))
+
+
+def row_spread_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune floor(ratio * numel) weights of the matrix, compared within each output row: every row loses
+    floor(ratio * in_features), and the remainder goes one each to the rows whose next candidate scores lowest.
+    The matrix thus loses the same count whatever the scope, so a per-layer ratio (a sparsity profile) is met
+    within one weight per layer; where ratio * in_features is whole (50% of an even width) it is ``row_mask``."""
     return row_mask_count(scores, prune_count(ratio, scores.numel()))
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from ..errors import WandaError
-from ..masks import lowest_k_mask, nm_mask, prune_count, row_mask_count, select_mask, variant_mask
+from ..masks import lowest_k_mask, nm_mask, prune_count, row_mask_count, row_spread_mask, select_mask, variant_mask
 from ..stats import ChannelSum, Gram, InputStatistic, SquaredNorm, part
 from .dsnot import dsnot
 from .obs import inverse_hessian_factor, obs_prune
@@ -48,11 +48,18 @@ def _magnitude(weight: torch.Tensor, stat: InputStatistic | None, s: PruneSettin
     return _masked(weight, select_mask(magnitude_scores(weight), s.sparsity_ratio, s.pattern, "matrix"))
 
 
+def _per_row(scores: torch.Tensor, s: PruneSettings) -> torch.Tensor:
+    """Wanda's comparison group: each output row (each group of M), the matrix losing floor(ratio * numel)."""
+    if s.pattern.is_nm:
+        return nm_mask(scores, s.pattern.n, s.pattern.m)
+    return row_spread_mask(scores, s.sparsity_ratio)
+
+
 def _wanda(weight: torch.Tensor, stat: InputStatistic | None, s: PruneSettings) -> LayerResult:
     scores = wanda_scores(weight, stat.squared_norm())
     if s.use_variant:
         return _masked(weight, variant_mask(scores, s.sparsity_ratio, s.variant_tolerance))
-    return _masked(weight, select_mask(scores, s.sparsity_ratio, s.pattern, "row"))
+    return _masked(weight, _per_row(scores, s))
 
 
 def _select_block(scores: torch.Tensor, s: PruneSettings, scope: str, start: int, width: int) -> torch.Tensor:
@@ -131,7 +138,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         MethodSpec(
             "ablate_wanda_seq",
             Gram,
-            _seq(lambda w, st, s: select_mask(wanda_scores(w, st.squared_norm()), s.sparsity_ratio, s.pattern, "row")),
+            _seq(lambda w, st, s: _per_row(wanda_scores(w, st.squared_norm()), s)),
             "Wanda mask fixed up front, then the OBS weight update",
         ),
         MethodSpec("ablate_mag_iter", Gram, _ablate_mag_iter, "magnitude mask re-selected every block during OBS"),
