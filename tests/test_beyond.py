@@ -247,6 +247,8 @@ CONFIGS = [
     dict(prune_method="sparsegpt", sparsity_profile="owl", sparsity_ratio=0.7),
     dict(prune_method="ria", sparsity_profile="owl", dsnot=True, sparsity_ratio=0.7),
     dict(prune_method="ablate_wanda_seq", sparsity_profile="owl", sparsity_ratio=0.55),
+    dict(prune_method="ablate_wanda_iter", sparsity_profile="owl", sparsity_ratio=0.55, blocksize=32),
+    dict(prune_method="ablate_mag_iter", sparsity_ratio=0.65, blocksize=48),
     dict(prune_method="wanda", use_variant=True, sparsity_profile="owl", sparsity_ratio=0.6),
 ]
 
