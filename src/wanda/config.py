@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .masks.pattern import PatternField, SparsityPattern
@@ -76,19 +77,21 @@ class PruneSettings(PatternField, SettingsMixin):
         if self.sparsity_profile == "owl":
             require(not pattern.is_nm, f"--sparsity_profile owl is defined for unstructured sparsity only (every "
                     f"layer of --sparsity_type {pattern} prunes exactly {pattern.n} of {pattern.m}); use uniform")
-            require(self.owl_m > 0, f"--owl_m must be positive, got {self.owl_m}")
+            require(0 < self.owl_m < math.inf, f"--owl_m must be a positive number, got {self.owl_m}")
             require(0 < self.owl_lambda and self.owl_lambda <= self.sparsity_ratio
                     and self.sparsity_ratio + self.owl_lambda < 1,
                     f"--owl_lambda must be positive and keep every block's ratio in [0, 1): --sparsity_ratio "
                     f"{self.sparsity_ratio:g} +- {self.owl_lambda:g}")
-        require(self.ria_a >= 0, f"--ria_a must be non-negative, got {self.ria_a}")
+        require(0 <= self.ria_a < math.inf, f"--ria_a must be a non-negative number, got {self.ria_a}")
         if self.dsnot:
             require(self.prune_method in DSNOT_BASES and not self.use_variant,
                     f"--dsnot follows --prune_method {', '.join(DSNOT_BASES)} (not the variant); got "
                     f"{self.prune_method}{' --use_variant' if self.use_variant else ''}")
         require(self.dsnot_max_cycles >= 1, f"--dsnot_max_cycles must be at least 1, got {self.dsnot_max_cycles}")
-        require(self.dsnot_threshold >= 0, f"--dsnot_threshold must be non-negative, got {self.dsnot_threshold}")
-        require(self.dsnot_var_power >= 0, f"--dsnot_var_power must be non-negative, got {self.dsnot_var_power}")
+        require(0 <= self.dsnot_threshold < math.inf,
+                f"--dsnot_threshold must be a non-negative number, got {self.dsnot_threshold}")
+        require(0 <= self.dsnot_var_power < math.inf,
+                f"--dsnot_var_power must be a non-negative number, got {self.dsnot_var_power}")
         require(self.dsnot_skip in ("none", "mlp", "self_attn"),
                 f"--dsnot_skip must be none, mlp or self_attn; got {self.dsnot_skip!r}")
 
