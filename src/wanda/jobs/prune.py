@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 import torch
 
 from ..config import PruneSettings
+from ..engine.streaming import StreamSettings
 from ..data import calibration_windows, resolve_source
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..io import atomic_write_json, atomic_write_text, ensure_free
@@ -60,7 +61,7 @@ class PruneOutputSettings(SettingsMixin):
 
 #: The settings of ``wanda [flags]``, in the order their groups appear in ``--help``.
 PRUNE_JOB = (ModelSettings, PruneSettings, CalibrationSettings, EvalSettings, PruneOutputSettings, ResultsSettings,
-             ZeroShotSettings, LogSettings)
+             ZeroShotSettings, StreamSettings, LogSettings)
 
 
 def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, evaluation: EvalSettings):
@@ -85,7 +86,7 @@ def _write_results(results: ResultsSettings, method: str, report: PruneReport, d
 
 def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_settings: CalibrationSettings,
                   eval_settings: EvalSettings, outputs: PruneOutputSettings, results: ResultsSettings,
-                  zero_shot: ZeroShotSettings, logging_settings: LogSettings) -> int:
+                  zero_shot: ZeroShotSettings, stream: StreamSettings, logging_settings: LogSettings) -> int:
     method = settings.prune_method
     results.claim(f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
     if outputs.save_model:
@@ -93,6 +94,17 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
     calib_settings, eval_settings = _with_bundled_defaults(model_settings, calib_settings, eval_settings)
     start = time.perf_counter()
     torch.manual_seed(calib_settings.seed)
+
+    from ..streaming import placement, streaming_folder  # --offload: the model streamed from disk block by block
+
+    folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), stream)
+    if folder is not None:
+        from .streamed import streamed_prune_job
+
+        require(not zero_shot.eval_zero_shot, "--eval_zero_shot needs the whole model in memory: pass --offload none")
+        return streamed_prune_job(folder, *placement(model_settings), model_settings.name, model_settings.bundled,
+                                  settings, calib_settings, eval_settings, outputs, results, stream,
+                                  outputs.eval_dense or model_settings.bundled)
 
     loaded = model_settings.load()
     model, tokenizer = loaded.model, loaded.tokenizer
