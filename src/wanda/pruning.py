@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from .config import PruneSettings
-from .engine import BlockInputs, BlockSource, LayerwiseEngine
+from .engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
 from .errors import WandaError
 from .masks import overall_sparsity, zero_fraction
-from .methods import MethodSpec, get_method
+from .methods import get_method, prune_layer, statistics_for
 from .models import check_seqlen, find_decoder_layout, find_linears
+from .profiles import PROFILES, layer_ratios
 from .resources import peak_rss_mb, release_memory, reset_peak_rss
-from .stats import InputRecorder
+from .stats import InputRecorder, statistic_factory
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,8 @@ class LayerReport:
     sparsity: float
     prune_seconds: float
     obs_loss: float | None = None
+    #: the ratio this layer was asked for (the sparsity profile's; ``sparsity`` is what it got)
+    ratio: float | None = None
 
 
 @dataclass
@@ -39,6 +42,8 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     wall_seconds: float = 0.0
     calibration_tokens: int = 0
+    #: seconds of the sparsity profile's own walk (OWL's dense pass), part of ``wall_seconds``
+    profile_seconds: float = 0.0
     #: peak resident memory during this call (Linux; elsewhere the process's peak so far), MiB
     peak_rss_mb: float = 0.0
 
@@ -58,6 +63,7 @@ class PruneReport:
             "prune_seconds": self.prune_seconds,
             "wall_seconds": self.wall_seconds,
             "calibration_tokens": self.calibration_tokens,
+            "profile_seconds": self.profile_seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "layers": [asdict(layer) for layer in self.layers],
         }
@@ -68,19 +74,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prune_linears(linears: dict[str, nn.Linear], spec: MethodSpec, settings: PruneSettings,
+def _prune_linears(linears: dict[str, nn.Linear], settings: PruneSettings, ratios: dict[str, float],
                    recorder: InputRecorder | None, report: PruneReport) -> None:
     for name, layer in linears.items():
         weight = layer.weight.data
         stat = recorder.stat(name) if recorder is not None else None
+        ratio = ratios.get(name, settings.sparsity_ratio)
+        layer_settings = settings if ratio == settings.sparsity_ratio else settings.replace(sparsity_ratio=ratio)
         _sync(weight.device)
         start = time.perf_counter()
-        result = spec.prune(weight, stat, settings)
+        result = prune_layer(weight, stat, layer_settings, name)
         weight.copy_(result.weight.to(weight.dtype))
         _sync(weight.device)
         seconds = time.perf_counter() - start
         sparsity = zero_fraction(weight)
-        report.layers.append(LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss))
+        report.layers.append(LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss, ratio))
+
+
+def needs_calibration(settings: PruneSettings) -> bool:
+    """Whether ``prune`` needs calibration samples: the method's (or DSnoT's) statistics, or the profile's walk."""
+    return bool(statistics_for(settings)) or PROFILES[settings.sparsity_profile].needs_calibration
 
 
 def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
@@ -94,29 +107,36 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     ``source``: where the engine gets the blocks (default: ``model``'s own; ``wanda.engine.streaming`` streams
     them from disk and saves each pruned block).
     """
-    spec = get_method(settings.method)
+    get_method(settings.method)
+    statistics = statistics_for(settings)
     layout = find_decoder_layout(model)
     report = PruneReport(settings=settings.to_dict())
     release_memory()
     reset_peak_rss()
     start = time.perf_counter()
-    engine = LayerwiseEngine(model, device, batch_size, progress, layout, source)
-    if spec.statistic is None:
-        engine.walk(None, lambda index, block, inputs: _prune_linears(
-            find_linears(block, layout.block_name(index)), spec, settings, None, report))
-    else:
+    calibrated = needs_calibration(settings)
+    if calibrated:
         if calibration_ids is None or calibration_ids.numel() == 0:
-            raise WandaError(f"--prune_method {settings.method} needs calibration samples")
+            raise WandaError(f"--prune_method {settings.method} with --sparsity_profile {settings.sparsity_profile}"
+                             f"{' --dsnot' if settings.dsnot else ''} needs calibration samples")
         check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
+    engine = LayerwiseEngine(model, device, batch_size, progress, layout, source)
+    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None)
+    report.profile_seconds = time.perf_counter() - start
+    if not statistics:
+        engine.walk(None, lambda index, block, inputs: _prune_linears(
+            find_linears(block, layout.block_name(index)), settings, ratios, None, report))
+    else:
+        factory = statistic_factory(statistics)
 
         def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
             linears = find_linears(block, layout.block_name(index))
-            with InputRecorder(linears, spec.statistic) as recorder:
+            with InputRecorder(linears, factory) as recorder:
                 for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
                     block(hidden, *args, **kwargs)
                     recorder.end_batch()
-            _prune_linears(linears, spec, settings, recorder, report)
+            _prune_linears(linears, settings, ratios, recorder, report)
             del recorder
 
         engine.walk(calibration_ids, visit)

@@ -81,6 +81,26 @@ class ResidentBlocks:
         return hidden
 
 
+class ReadOnlyBlocks:
+    """Another source's blocks for a walk that must change nothing: always from block 0, nothing saved (a
+    sparsity profile's statistics of the dense model, before the pruning walk)."""
+
+    def __init__(self, source: BlockSource):
+        self.source = source
+
+    def resume_point(self) -> tuple[int, None]:
+        return 0, None
+
+    def open(self, index: int) -> ContextManager[nn.Module]:
+        return self.source.open(index)
+
+    def finish(self, index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
+        pass
+
+    def place(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return hidden
+
+
 class LayerwiseEngine:
     def __init__(self, model: nn.Module, device: torch.device | str | None = None, batch_size: int | None = None,
                  progress: bool = True, layout: DecoderLayout | None = None, source: BlockSource | None = None):
@@ -151,3 +171,9 @@ class LayerwiseEngine:
             return inputs
         finally:
             self.model.train(was_training)
+
+
+def read_only(engine: LayerwiseEngine) -> LayerwiseEngine:
+    """An engine over the same blocks whose walk saves nothing and starts at block 0."""
+    return LayerwiseEngine(engine.model, engine.device, engine.batch_size, engine.progress, engine.layout,
+                           ReadOnlyBlocks(engine.source))

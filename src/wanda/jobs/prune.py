@@ -16,9 +16,8 @@ from ..engine.streaming import StreamSettings
 from ..data import calibration_windows, resolve_source
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..io import atomic_write_json, atomic_write_text, ensure_free
-from ..methods import get_method
 from ..models import ModelSettings
-from ..pruning import PruneReport, prune
+from ..pruning import PruneReport, needs_calibration, prune
 from ..resources import run_peak_rss_mb
 from ..settings import SettingsMixin, require, require_seed, setting
 from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
@@ -115,7 +114,7 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
     eval_windows = eval_settings.windows(eval_settings.specs(model_settings.bundled), tokenizer, seqlen)
 
     calib = None
-    if get_method(method).statistic is not None:
+    if needs_calibration(settings):  # the method's statistics, DSnoT's or the sparsity profile's walk
         spec = calib_settings.calib_dataset or ("wiki-summaries" if model_settings.bundled else "c4")
         source = resolve_source(spec, "calibration", eval_settings.text_field)
         calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)

@@ -4,6 +4,10 @@ Both are sums over every calibration token, so batching does not change the resu
 - ``SquaredNorm``: ||X_j||_2^2 per input feature j (Wanda's activation norm, squared).
 - ``Gram``: X^T X (SparseGPT's Hessian up to the factor 2/n, which OBS is invariant to apart from the
   dampening, which is relative to the mean diagonal anyway). Its diagonal is ``SquaredNorm``.
+- ``ChannelSum``: sum_t x_tj per input feature j; with the squared norm it gives DSnoT's per-input mean and
+  variance.
+- ``Combined``: several of them fed by one hook, for a layer whose methods need more than one (SparseGPT
+  followed by DSnoT needs the Gram and the channel sum); ``part(stat, kind)`` picks one out.
 """
 
 from __future__ import annotations
@@ -88,6 +92,57 @@ class Gram(InputStatistic):
     def hessian(self) -> torch.Tensor:
         """SparseGPT's H = 2/n X^T X (n = calibration tokens)."""
         return self.total() * (2.0 / max(self.tokens, 1))
+
+
+class ChannelSum(InputStatistic):
+    """sum_t x_tj per input feature j (DSnoT's E[x_j] once divided by the token count)."""
+
+    def __init__(self, features: int, device: torch.device | str):
+        self.sum = torch.zeros(features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        self.sum += flat.sum(dim=0, dtype=torch.float32)
+        self.tokens += flat.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+
+class Combined(InputStatistic):
+    """Several accumulators of one input, each fed every batch once (one hook, one owner)."""
+
+    def __init__(self, parts: list[InputStatistic]):
+        self.parts = {type(p): p for p in parts}
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        for p in self.parts.values():
+            p.add(x)
+        self.tokens = next(iter(self.parts.values())).tokens
+
+    def squared_norm(self) -> torch.Tensor:
+        for p in self.parts.values():
+            if not isinstance(p, ChannelSum):
+                return p.squared_norm()
+        raise TypeError("no accumulator in this combination holds the squared norm")
+
+
+def statistic_factory(kinds: tuple[type[InputStatistic], ...]):
+    """(features, device) -> accumulator: the kind itself when there is one, else a ``Combined`` of all."""
+    if len(kinds) == 1:
+        return kinds[0]
+    return lambda features, device: Combined([kind(features, device) for kind in kinds])
+
+
+def part(stat: InputStatistic | None, kind: type[InputStatistic]) -> InputStatistic | None:
+    """The ``kind`` accumulator inside ``stat`` (``stat`` itself when it is one); None when absent."""
+    if stat is None or isinstance(stat, kind):
+        return stat
+    if isinstance(stat, Combined):
+        return next((p for p in stat.parts.values() if isinstance(p, kind)), None)
+    return None
 
 
 #: Row panels of the Gram matrix on a CPU, and the narrowest panel worth a call of its own.
