@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import PruneSettings
+from .distributed import SINGLE, Ranks
 from .engine import BlockInputs, LayerwiseEngine
 from .errors import WandaError
 from .methods import MethodSpec, get_method
@@ -71,29 +72,42 @@ def _sync(device: torch.device) -> None:
 
 
 def _prune_linears(linears: dict[str, nn.Linear], spec: MethodSpec, settings: PruneSettings,
-                   recorder: InputRecorder | None, report: PruneReport) -> None:
-    for name, layer in linears.items():
-        weight = layer.weight.data
-        stat = recorder.stat(name) if recorder is not None else None
-        _sync(weight.device)
-        start = time.perf_counter()
-        result = spec.prune(weight, stat, settings)
-        weight.copy_(result.weight.to(weight.dtype))
-        _sync(weight.device)
-        seconds = time.perf_counter() - start
-        sparsity = (weight == 0).float().mean().item()
-        report.layers.append(LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss))
+                   recorder: InputRecorder | None, report: PruneReport, ranks: Ranks = SINGLE) -> None:
+    # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
+    owners = ranks.assign(linears, spec)
+    done: dict[str, LayerReport] = {}
+    with ranks.agreed("pruning a block"):
+        for name, layer in linears.items():
+            if owners[name] != ranks.rank:
+                continue
+            weight = layer.weight.data
+            stat = recorder.stat(name) if recorder is not None else None
+            _sync(weight.device)
+            start = time.perf_counter()
+            result = spec.prune(weight, stat, settings)
+            weight.copy_(result.weight.to(weight.dtype))
+            _sync(weight.device)
+            seconds = time.perf_counter() - start
+            sparsity = (weight == 0).float().mean().item()
+            done[name] = LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss)
+    # distributed hook: weights solved on another rank arrive here, with their reports
+    done = ranks.share(linears, owners, done)
+    report.layers.extend(done[name] for name in linears)
 
 
 def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
-          device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None) -> PruneReport:
+          device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None,
+          ranks: Ranks = SINGLE) -> PruneReport:
     """Prune every linear layer inside ``model``'s decoder blocks in place.
 
     ``calibration_ids``: (nsamples, seqlen) token ids; not needed for magnitude pruning.
     ``device``: where each block is processed (default: where block 0 lives).
     ``batch_size``: calibration windows per forward pass (default: 2 on a CPU, 8 on a GPU).
+    ``ranks``: under torchrun, ``wanda.distributed.init_ranks()``: every rank passes the same
+    ``calibration_ids``, runs its share of them and ends with the same pruned weights.
     """
     spec = get_method(settings.method)
+    progress = progress and ranks.is_main
     layout = find_decoder_layout(model)
     report = PruneReport(settings=settings.to_dict())
     release_memory()
@@ -102,7 +116,7 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     if spec.statistic is None:
         for index, block in enumerate(tqdm(layout.blocks, desc="blocks", unit="block", disable=not progress)):
             with torch.no_grad():
-                _prune_linears(find_linears(block, layout.block_name(index)), spec, settings, None, report)
+                _prune_linears(find_linears(block, layout.block_name(index)), spec, settings, None, report, ranks)
     else:
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise WandaError(f"--prune_method {settings.method} needs calibration samples")
@@ -111,14 +125,16 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
 
         def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
             linears = find_linears(block, layout.block_name(index))
-            with InputRecorder(linears, spec.statistic) as recorder:
+            with ranks.agreed("calibrating a block"), InputRecorder(linears, spec.statistic) as recorder:
                 for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
                     block(hidden, *args, **kwargs)
                     recorder.end_batch()
-            _prune_linears(linears, spec, settings, recorder, report)
+            ranks.reduce(recorder.stats)  # distributed hook: statistics summed over ranks before any mask
+            _prune_linears(linears, spec, settings, recorder, report, ranks)
             del recorder
 
-        engine.walk(calibration_ids, visit)
+        # distributed hook: each rank captures, and walks the blocks with, its own share of the windows
+        engine.walk(ranks.local_windows(calibration_ids, engine.batch_size), visit)
     report.wall_seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     release_memory()  # the calibration activations

@@ -22,6 +22,17 @@ def _logit_cap(model: nn.Module) -> float | None:
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 128,
                progress: bool = True, desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on ``windows`` (n, seqlen) of token ids."""
+    nll, tokens = negative_log_likelihood(model, windows, batch_size, chunk_tokens, progress, desc)
+    return math.exp(nll / tokens)
+
+
+@torch.no_grad()
+def negative_log_likelihood(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 128,
+                            progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """Summed next-token NLL over ``windows`` and the number of predicted tokens (sums, so that a distributed
+    run can add those of its ranks; ``windows`` may be empty)."""
+    if windows.shape[0] == 0:
+        return 0.0, 0
     was_training = model.training
     model.eval()
     head = model.get_output_embeddings()
@@ -46,4 +57,4 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
                 total_tokens += t.numel()
     finally:
         model.train(was_training)
-    return math.exp(total_nll / total_tokens)
+    return total_nll, total_tokens
