@@ -36,6 +36,7 @@ def pruned_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_prune(ranks: Ranks, out: Path) -> None:
+    assert ranks.broadcast_object(f"from rank {ranks.rank}", "a test") == "from rank 0"
     results = {}
     for arch in ARCHS:
         original = tiny_model(arch)

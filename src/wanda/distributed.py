@@ -213,6 +213,16 @@ class Ranks:
             message = f"{message} (on rank {rank} of {self.world_size})"
         raise WandaError(message) from failure
 
+    def broadcast_object(self, obj: Any, step: str, src: int = 0) -> Any:
+        """``src``'s ``obj`` on every rank: for what one rank decides for all (e.g. where a resumed run
+        continues, read from the main rank's work folder)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        with self._collective(step):
+            dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     # ---- evaluation ---------------------------------------------------------------------------------------
 
     def perplexity(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 1, **kwargs: Any) -> float:
