@@ -23,7 +23,6 @@ Under one, the block walk calls these hooks (``wanda.pruning.prune`` shows where
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from contextlib import contextmanager
@@ -228,7 +227,7 @@ class Ranks:
     def perplexity(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 1, **kwargs: Any) -> float:
         """``wanda.eval.perplexity`` with the windows divided over the ranks (whole batches, as for calibration)
         and the losses summed in fp64: equal to the single-process value up to the order of that sum."""
-        from .eval.perplexity import negative_log_likelihood, perplexity
+        from .eval.perplexity import negative_log_likelihood, perplexity, perplexity_of
 
         if not self.distributed:
             return perplexity(model, windows, batch_size=batch_size, **kwargs)
@@ -238,7 +237,7 @@ class Ranks:
         totals = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=self.device)
         with self._collective("summing the perplexity"):
             dist.all_reduce(totals)
-        return math.exp(totals[0].item() / totals[1].item())
+        return perplexity_of(totals[0].item(), int(totals[1].item()))
 
     # ---- plumbing ----------------------------------------------------------------------------------------
 

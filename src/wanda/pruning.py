@@ -14,6 +14,7 @@ from .config import PruneSettings
 from .distributed import SINGLE, Ranks
 from .engine import BlockInputs, LayerwiseEngine
 from .errors import WandaError
+from .masks import overall_sparsity, zero_fraction
 from .methods import MethodSpec, get_method
 from .models import find_decoder_layout, find_linears
 from .resources import peak_rss_mb, release_memory, reset_peak_rss
@@ -50,9 +51,7 @@ class PruneReport:
     @property
     def actual_sparsity(self) -> float:
         """Zeros over all pruned matrices, weighted by their size."""
-        total = sum(l.shape[0] * l.shape[1] for l in self.layers)
-        zeros = sum(l.sparsity * l.shape[0] * l.shape[1] for l in self.layers)
-        return zeros / total if total else 0.0
+        return overall_sparsity((l.shape, l.sparsity) for l in self.layers)
 
     def to_dict(self) -> dict:
         return {
@@ -88,7 +87,7 @@ def _prune_linears(linears: dict[str, nn.Linear], spec: MethodSpec, settings: Pr
             weight.copy_(result.weight.to(weight.dtype))
             _sync(weight.device)
             seconds = time.perf_counter() - start
-            sparsity = (weight == 0).float().mean().item()
+            sparsity = zero_fraction(weight)
             done[name] = LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss)
     # distributed hook: weights solved on another rank arrive here, with their reports
     done = ranks.share(linears, owners, done)
@@ -149,5 +148,5 @@ def model_sparsity(model: nn.Module) -> dict[str, float]:
     out = {}
     for index, block in enumerate(layout.blocks):
         for name, layer in find_linears(block, layout.block_name(index)).items():
-            out[name] = (layer.weight == 0).float().mean().item()
+            out[name] = zero_fraction(layer.weight)
     return out
