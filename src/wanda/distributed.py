@@ -114,6 +114,7 @@ class Ranks:
         self.local_rank = local_rank
         self.device = device  # this rank's device; None for SINGLE (the caller's --device decides)
         self.timeout = timeout
+        self.group: Any = None  # the process group of the collectives: None is torch's default group
         #: seconds spent inside collectives, waiting for slower ranks included (for the scaling benchmark)
         self.collective_seconds = 0.0
 
@@ -128,6 +129,33 @@ class Ranks:
 
     def __repr__(self) -> str:
         return f"Ranks(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    def use_timeout(self, seconds: float) -> None:
+        """Collectives from now on wait at most ``seconds`` (``--dist_timeout``, known only once the flags are
+        read, after the default group exists): a group over all ranks with that timeout replaces it."""
+        if self.distributed and seconds != self.timeout:
+            with self._collective("setting --dist_timeout"):
+                self.group = dist.new_group(timeout=timedelta(seconds=seconds))
+            self.timeout = seconds
+
+    def select_device(self, requested: str | None) -> torch.device | None:
+        """This rank's device for the job's ``--device``: GPU ``LOCAL_RANK`` for ``auto`` (when there is one)
+        or ``cuda``/``cuda:N`` (one process per GPU, whatever N), the CPU for ``cpu``. ``None`` in one process,
+        where ``--device`` means what it always does."""
+        if not self.distributed:
+            return None
+        wants_cuda = (requested in (None, "auto") and torch.cuda.is_available()) or str(requested).startswith("cuda")
+        if wants_cuda:
+            if self.local_rank >= torch.cuda.device_count():
+                raise WandaError(f"LOCAL_RANK {self.local_rank} but {torch.cuda.device_count()} GPUs are visible: "
+                                 "start at most one process per GPU (torchrun --nproc_per_node)")
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        elif requested in (None, "auto", "cpu"):
+            self.device = torch.device("cpu")
+        else:
+            raise WandaError(f"--device {requested!r} is not cpu, cuda or auto")
+        return self.device
 
     # ---- the hooks of the block walk ----------------------------------------------------------------------
 
@@ -154,7 +182,7 @@ class Ranks:
         tensors = [t for name in names for t in stats[name].summands()]
         tokens = torch.tensor([stats[name].tokens for name in names], dtype=torch.int64, device=tensors[0].device)
         with self._collective("summing a block's statistics"):
-            works = [dist.all_reduce(t, async_op=True) for t in tensors + [tokens]]
+            works = [dist.all_reduce(t, group=self.group, async_op=True) for t in tensors + [tokens]]
             for work in works:
                 work.wait()
         for name, count in zip(names, tokens.tolist()):
@@ -174,7 +202,8 @@ class Ranks:
         if not self.distributed or all(owner == self.rank for owner in owners.values()):
             return notes
         with self._collective("sending the solved weights"):
-            works = [dist.broadcast(linears[name].weight.data, src=owners[name], async_op=True) for name in linears]
+            works = [dist.broadcast(linears[name].weight.data, src=owners[name], group=self.group,
+                                   async_op=True) for name in linears]
             for work in works:
                 work.wait()
         merged: dict[str, Any] = {}
@@ -219,7 +248,7 @@ class Ranks:
             return obj
         box = [obj if self.rank == src else None]
         with self._collective(step):
-            dist.broadcast_object_list(box, src=src)
+            dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
     # ---- evaluation ---------------------------------------------------------------------------------------
@@ -236,7 +265,7 @@ class Ranks:
                                               **{"progress": self.is_main, **kwargs})
         totals = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=self.device)
         with self._collective("summing the perplexity"):
-            dist.all_reduce(totals)
+            dist.all_reduce(totals, group=self.group)
         return perplexity_of(totals[0].item(), int(totals[1].item()))
 
     # ---- plumbing ----------------------------------------------------------------------------------------
@@ -244,7 +273,7 @@ class Ranks:
     def _gather(self, obj: Any, step: str) -> list[Any]:
         out: list[Any] = [None] * self.world_size
         with self._collective(step):
-            dist.all_gather_object(out, obj)
+            dist.all_gather_object(out, obj, group=self.group)
         return out
 
     @contextmanager
@@ -262,7 +291,7 @@ class Ranks:
     def barrier(self) -> None:
         if self.distributed:
             with self._collective("waiting for the other ranks"):
-                dist.barrier()
+                dist.barrier(group=self.group)
 
     def close(self) -> None:
         """Leave the process group (idempotent)."""
@@ -295,19 +324,13 @@ def init_ranks(settings: DistributedSettings | None = None, device: str | None =
                          "accelerate launch, which set all of them")
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and (device in (None, "auto") or str(device).startswith("cuda"))
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise WandaError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs are visible: start "
-                             "at most one process per GPU (torchrun --nproc_per_node)")
-        rank_device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(rank_device)
-        backend = "cpu:gloo,cuda:nccl"
-    else:
-        rank_device = torch.device("cpu")
-        backend = "gloo"
+    # both backends when there is a GPU (NCCL for tensors on it, gloo for CPU tensors and pickled objects), so
+    # that --device can still choose where a rank works after the group exists
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():  # accelerate may have joined already
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=settings.dist_timeout))
-    log.debug("rank %d of %d on %s (%s)", rank, world_size, rank_device, backend)
-    return Ranks(rank, world_size, local_rank, rank_device, settings.dist_timeout)
+    ranks = Ranks(rank, world_size, local_rank, None, settings.dist_timeout)
+    ranks.select_device(device)
+    log.debug("rank %d of %d on %s (%s)", rank, world_size, ranks.device, backend)
+    return ranks

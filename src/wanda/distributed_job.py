@@ -70,7 +70,7 @@ def _run(argv: list[str], ranks: Ranks) -> int:
     start = time.perf_counter()
     with ranks.agreed("reading the flags"):
         args = _parser().parse_args(argv)
-        DistributedSettings(dist_timeout=args.dist_timeout)
+        timeout = DistributedSettings(dist_timeout=args.dist_timeout).dist_timeout
         settings = PruneSettings(prune_method=args.prune_method, sparsity_ratio=args.sparsity_ratio,
                                  sparsity_type=args.sparsity_type)
         if args.nsamples < 1:
@@ -79,7 +79,8 @@ def _run(argv: list[str], ranks: Ranks) -> int:
             ensure_free(Path(args.save) / "results.json", args.overwrite, "result")
         if ranks.is_main and args.save_model:
             ensure_free(args.save_model, args.overwrite, "model folder")
-    device = str(ranks.device) if ranks.distributed else args.device
+        device = str(ranks.select_device(args.device)) if ranks.distributed else args.device
+    ranks.use_timeout(timeout)
     with ranks.agreed("loading the model and the data"):
         loaded = load_model(args.model, dtype=args.dtype, device=device)
         model = loaded.model
