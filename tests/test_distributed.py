@@ -211,8 +211,10 @@ def tiny_job(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _job(model: Path, corpus: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "wanda.distributed_job", "--model", str(model), "--calib_dataset", str(corpus),
-            "--nsamples", "8", "--seqlen", "32", "--batch_size", "2", "--dist_timeout", "60", *extra]
+    """The ``wanda`` pruning job on the tiny model (without evaluation unless ``extra`` asks for it)."""
+    return [sys.executable, "-m", "wanda.main", "--model", str(model), "--device", "cpu", "--calib_dataset",
+            str(corpus), "--nsamples", "8", "--seqlen", "32", "--batch_size", "2", "--dist_timeout", "60",
+            "--eval_dataset", "none", *extra]
 
 
 @pytest.mark.parametrize("bad", [["--sparsity_ratio", "1.5"], ["--model", "/no/such/model"]],
@@ -242,14 +244,16 @@ def test_a_rank_that_dies_ends_the_others_with_a_clear_message(tmp_path):
 def test_torchrun_job_matches_the_single_process_api(tiny_job, tmp_path, monkeypatch):
     model, corpus = tiny_job
     save, saved_model = tmp_path / "results", tmp_path / "model"
+    # exactly the README's command: torchrun --standalone --nproc_per_node 2 -m wanda.main ...
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                *_job(model, corpus, "--eval_dataset", str(corpus), "--eval_windows", "6", "--save", str(save),
                      "--save_model", str(saved_model))[1:]]
     done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stderr[-3000:]
-    written = json.loads((save / "results.json").read_text())
-    assert written["world_size"] == 2
+    written = json.loads((save / "results_wanda.json").read_text())
+    assert written["ranks"] == 2
+    assert done.stdout.count("actual sparsity") == 1  # one writer: only rank 0 prints the result
 
     # the same job through the Python API in this process, no launcher
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
@@ -259,8 +263,28 @@ def test_torchrun_job_matches_the_single_process_api(tiny_job, tmp_path, monkeyp
     prune(loaded.model, calib, PruneSettings(prune_method="wanda"), batch_size=2, progress=False)
     source = resolve_source(str(corpus), "evaluation")
     windows = evaluation_windows(source, loaded.tokenizer, 32, 6)
-    assert written["perplexity"][source.name] == pytest.approx(perplexity(loaded.model, windows, batch_size=2,
+    assert written["perplexity"]["pruned"][source.name] == pytest.approx(perplexity(loaded.model, windows, batch_size=2,
                                                                        progress=False), rel=1e-5)
     reloaded = load_model(str(saved_model), device="cpu").model
     assert torch.equal(torch.cat([p.flatten() for p in reloaded.parameters()]),
                        torch.cat([p.flatten() for p in loaded.model.parameters()]))
+
+
+def test_other_commands_refuse_a_launcher(monkeypatch, tmp_path, capsys):
+    from wanda.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exited:
+        main(["eval", "--model", str(tmp_path)], prog="wanda")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == ("wanda eval: error: this command runs in one process; start it "
+                                               "without torchrun / accelerate launch")
+
+
+def test_dist_timeout_is_a_flag_of_the_pruning_job(capsys):
+    from wanda.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--dist_timeout", "0"], prog="wanda")
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == "wanda: error: --dist_timeout must be positive, got 0.0"

@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,8 @@ LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_P
 @dataclass(frozen=True)
 class DistributedSettings(SettingsMixin):
     """Settings of a run under ``torchrun`` / ``accelerate launch``; ignored without a launcher."""
+
+    _argument_group_name: ClassVar[str] = "several processes (torchrun, accelerate launch)"
 
     #: Longer than the longest stretch between two collectives (a block's forwards plus its largest solve).
     dist_timeout: float = setting(1800.0, "seconds a rank waits for the others at a collective before the job "
@@ -295,8 +297,11 @@ class Ranks:
 
     def close(self) -> None:
         """Leave the process group (idempotent)."""
+        global _JOINED
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+        if _JOINED is self:
+            _JOINED = None
 
 
 def _describe(exc: BaseException) -> tuple[str, str]:
@@ -307,17 +312,26 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 
 #: The single-process run: every hook a no-op.
 SINGLE = Ranks()
+#: This process's place in a launched job, once joined (the command line joins before it reads the flags, so
+#: that a bad flag on one rank reaches all of them; the job then gets the same object back).
+_JOINED: Ranks | None = None
 
 
 def init_ranks(settings: DistributedSettings | None = None, device: str | None = "auto") -> Ranks:
-    """Join the launcher's process group, or return ``SINGLE`` when no launcher started this process.
+    """Join the launcher's process group, or return ``SINGLE`` when no launcher started this process. Called
+    again, it returns the same ``Ranks``, with ``settings.dist_timeout`` applied when ``settings`` are given.
 
     ``device`` is the job's ``--device``: with ``auto`` or ``cuda`` each rank takes GPU ``LOCAL_RANK`` (NCCL for
     tensors on it, gloo for CPU objects); with ``cpu``, or without a GPU, every rank works on the CPU (gloo).
     """
-    settings = settings or DistributedSettings()
+    global _JOINED
     if not launched():
         return SINGLE
+    if _JOINED is not None:
+        if settings is not None:
+            _JOINED.use_timeout(settings.dist_timeout)
+        return _JOINED
+    settings = settings or DistributedSettings()
     missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
     if missing:
         raise WandaError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start the job with torchrun or "
@@ -332,5 +346,6 @@ def init_ranks(settings: DistributedSettings | None = None, device: str | None =
                                 timeout=timedelta(seconds=settings.dist_timeout))
     ranks = Ranks(rank, world_size, local_rank, None, settings.dist_timeout)
     ranks.select_device(device)
+    _JOINED = ranks
     log.debug("rank %d of %d on %s (%s)", rank, world_size, ranks.device, backend)
     return ranks
