@@ -183,6 +183,33 @@ def eight_gpu_estimate(one: dict) -> dict:
             "speedup_8": one["prune_wall"] / (parallel / 8 + solve8 + rest)}
 
 
+#: Assumed, not measured: NCCL bus bandwidth within an 8-GPU NVLink node, and across nodes (400 Gb/s InfiniBand).
+NVLINK_BYTES_PER_S, INFINIBAND_BYTES_PER_S = 400e9, 50e9
+
+
+def collective_bytes(hidden: int, intermediate: int, kv: int) -> dict[str, float]:
+    """Bytes one LLaMA-style block sends: the Gram matrices (fp32, one per distinct input: q/k/v, o, gate/up,
+    down) or the squared norms (fp64), and the weights of the block in bf16 (the OBS methods' broadcast)."""
+    gram = 4 * (3 * hidden**2 + intermediate**2)
+    norms = 8 * (3 * hidden + intermediate)
+    weights = 2 * (2 * hidden * hidden + 2 * kv * hidden + 3 * hidden * intermediate)
+    return {"gram": gram, "norms": norms, "weights": weights}
+
+
+def collective_estimates(ranks: int = 8) -> list[str]:
+    rows = []
+    for name, (hidden, inter, kv, blocks) in {"smollm2-135m": (576, 1536, 192, 30),
+                                              "LLaMA-2-70B": (8192, 28672, 1024, 80)}.items():
+        b = collective_bytes(hidden, inter, kv)
+        ring = 2 * (ranks - 1) / ranks  # an all-reduce moves this many times the buffer over the slowest link
+        for link, speed in (("NVLink node", NVLINK_BYTES_PER_S), ("2 nodes, InfiniBand", INFINIBAND_BYTES_PER_S)):
+            sgpt = (b["gram"] * ring + b["weights"]) / speed * blocks
+            wanda = b["norms"] * ring / speed * blocks
+            rows.append(f"| {name} | {link} | {b['gram'] / 1e6:.1f} | {b['weights'] / 1e6:.1f} | {wanda * 1e3:.2f} | "
+                        f"{sgpt:.2f} |")
+    return rows
+
+
 def markdown(runs: dict, args: argparse.Namespace, meta: dict) -> str:
     lines = [f"Distributed pruning of {args.model} on {meta['cpu']} ({meta['torch']}, fp32, gloo, 1 torch thread "
              f"per rank, {os.cpu_count()} cores shared with other jobs): {args.nsamples} calibration windows of "
@@ -211,6 +238,13 @@ def markdown(runs: dict, args: argparse.Namespace, meta: dict) -> str:
         e = eight_gpu_estimate(ranks[0])
         lines.append(f"| {method} | {e['parallel_work_1']:.1f} | {e['parallel_work_8']:.1f} | {e['solve_1']:.1f} | "
                      f"{e['solve_8']:.1f} | {e['other_1']:.1f} | {e['estimate_8']:.1f} | {e['speedup_8']:.2f}x |")
+    lines += ["", f"Collectives on 8 GPUs, estimated from bytes (assumed bus bandwidth {NVLINK_BYTES_PER_S / 1e9:.0f} GB/s "
+              f"in an NVLink node, {INFINIBAND_BYTES_PER_S / 1e9:.0f} GB/s between nodes; ring all-reduce; not "
+              "measured): per block, the Gram matrices summed (fp32) and the solved weights broadcast (bf16); not "
+              "counted: each collective's latency (two small object exchanges over gloo per block, about a "
+              "millisecond each, plus a few NCCL calls).", "",
+              "| model | link | Gram MB / block | weights MB / block | Wanda total ms | SparseGPT total s |",
+              "|---|---|---:|---:|---:|---:|", *collective_estimates()]
     return "\n".join(lines) + "\n"
 
 
