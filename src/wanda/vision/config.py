@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..masks.pattern import SparsityPattern
+from ..masks.pattern import PatternField, SparsityPattern
 from ..settings import SettingsMixin, require, setting
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
@@ -22,7 +22,7 @@ GRANULARITIES = {"layer": "matrix", "row": "row"}
 
 
 @dataclass(frozen=True)
-class VisionPruneSettings(SettingsMixin):
+class VisionPruneSettings(PatternField, SettingsMixin):
     """What to prune and how. ``sparsity=None`` means N/M for N:M patterns and 0.5 for unstructured; after
     construction it holds the resolved ratio."""
 
@@ -58,13 +58,6 @@ class VisionPruneSettings(SettingsMixin):
         return self.prune_granularity
 
     @property
-    def pattern(self) -> SparsityPattern:
-        return SparsityPattern.parse(self.sparsity_type)
-
-    @property
     def scope(self) -> str:
         """The scope that ``wanda.masks.select_mask`` compares unstructured scores within."""
         return GRANULARITIES[self.granularity]
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "pattern": str(self.pattern)}
