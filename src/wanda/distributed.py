@@ -258,7 +258,7 @@ class Ranks:
     def perplexity(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 1, **kwargs: Any) -> float:
         """``wanda.eval.perplexity`` with the windows divided over the ranks (whole batches, as for calibration)
         and the losses summed in fp64: equal to the single-process value up to the order of that sum."""
-        from .eval.perplexity import negative_log_likelihood, perplexity, perplexity_of
+        from .eval.perplexity import negative_log_likelihood, perplexity, nll_to_perplexity
 
         if not self.distributed:
             return perplexity(model, windows, batch_size=batch_size, **kwargs)
@@ -268,7 +268,7 @@ class Ranks:
         totals = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=self.device)
         with self._collective("summing the perplexity"):
             dist.all_reduce(totals, group=self.group)
-        return perplexity_of(totals[0].item(), int(totals[1].item()))
+        return nll_to_perplexity(totals[0].item(), int(totals[1].item()))
 
     # ---- plumbing ----------------------------------------------------------------------------------------
 

@@ -8,11 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import PruneSettings
 from .distributed import SINGLE, Ranks
-from .engine import BlockInputs, LayerwiseEngine
+from .engine import BlockInputs, BlockSource, LayerwiseEngine
 from .errors import WandaError
 from .masks import overall_sparsity, zero_fraction
 from .methods import MethodSpec, get_method
@@ -96,12 +95,14 @@ def _prune_linears(linears: dict[str, nn.Linear], spec: MethodSpec, settings: Pr
 
 def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
           device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None,
-          ranks: Ranks = SINGLE) -> PruneReport:
+          source: BlockSource | None = None, ranks: Ranks = SINGLE) -> PruneReport:
     """Prune every linear layer inside ``model``'s decoder blocks in place.
 
     ``calibration_ids``: (nsamples, seqlen) token ids; not needed for magnitude pruning.
     ``device``: where each block is processed (default: where block 0 lives).
     ``batch_size``: calibration windows per forward pass (default: 2 on a CPU, 8 on a GPU).
+    ``source``: where the engine gets the blocks (default: ``model``'s own; ``wanda.engine.streaming`` streams
+    them from disk and saves each pruned block).
     ``ranks``: under torchrun, ``wanda.distributed.init_ranks()``: every rank passes the same
     ``calibration_ids``, runs its share of them and ends with the same pruned weights.
     """
@@ -112,16 +113,15 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     release_memory()
     reset_peak_rss()
     start = time.perf_counter()
+    engine = LayerwiseEngine(model, device, batch_size, progress, layout, source)
     if spec.statistic is None:
-        for index, block in enumerate(tqdm(layout.blocks, desc="blocks", unit="block", disable=not progress)):
-            with torch.no_grad():
-                _prune_linears(find_linears(block, layout.block_name(index)), spec, settings, None, report, ranks)
+        engine.walk(None, lambda index, block, inputs: _prune_linears(
+            find_linears(block, layout.block_name(index)), spec, settings, None, report, ranks))
     else:
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise WandaError(f"--prune_method {settings.method} needs calibration samples")
         check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
-        engine = LayerwiseEngine(model, device, batch_size, progress, layout)
 
         def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
             linears = find_linears(block, layout.block_name(index))

@@ -12,6 +12,7 @@ from typing import ClassVar, Literal
 import torch
 
 from ..config import PruneSettings
+from ..engine.streaming import StreamSettings
 from ..data import calibration_windows, resolve_source
 from ..distributed import DistributedSettings, init_ranks
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
@@ -61,7 +62,7 @@ class PruneOutputSettings(SettingsMixin):
 
 #: The settings of ``wanda [flags]``, in the order their groups appear in ``--help``.
 PRUNE_JOB = (ModelSettings, PruneSettings, CalibrationSettings, EvalSettings, PruneOutputSettings, ResultsSettings,
-             ZeroShotSettings, DistributedSettings, LogSettings)
+             ZeroShotSettings, StreamSettings, DistributedSettings, LogSettings)
 
 
 def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, evaluation: EvalSettings):
@@ -86,7 +87,8 @@ def _write_results(results: ResultsSettings, method: str, report: PruneReport, d
 
 def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_settings: CalibrationSettings,
                   eval_settings: EvalSettings, outputs: PruneOutputSettings, results: ResultsSettings,
-                  zero_shot: ZeroShotSettings, dist_settings: DistributedSettings, logging_settings: LogSettings) -> int:
+                  zero_shot: ZeroShotSettings, stream: StreamSettings, dist_settings: DistributedSettings,
+                  logging_settings: LogSettings) -> int:
     # under torchrun: the ranks joined before the flags were read (``SINGLE``, all no-ops, without a launcher);
     # every step that can fail on one rank only runs inside ``ranks.agreed``, so that all of them stop together
     ranks = init_ranks(dist_settings)
@@ -102,6 +104,21 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
     calib_settings, eval_settings = _with_bundled_defaults(model_settings, calib_settings, eval_settings)
     start = time.perf_counter()
     torch.manual_seed(calib_settings.seed)
+
+    from ..streaming import placement, streaming_folder  # --offload: the model streamed from disk block by block
+
+    with ranks.agreed("choosing whether to stream the model"):  # the free memory may differ between nodes
+        folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), stream)
+        # the streamed job writes each pruned block and the activations to one work folder: not per rank yet
+        require(folder is None or not ranks.distributed, "streaming the model from disk (--offload) does not run "
+                "over several processes yet; pass --offload none (each rank then holds the whole model)")
+    if folder is not None:
+        from .streamed import streamed_prune_job
+
+        require(not zero_shot.eval_zero_shot, "--eval_zero_shot needs the whole model in memory: pass --offload none")
+        return streamed_prune_job(folder, *placement(model_settings), model_settings.name, model_settings.bundled,
+                                  settings, calib_settings, eval_settings, outputs, results, stream,
+                                  outputs.eval_dense or model_settings.bundled)
 
     with ranks.agreed("loading the model and the data"):
         loaded = model_settings.load()
