@@ -24,7 +24,13 @@ from wanda.errors import WandaError  # noqa: E402
 from wanda.models import find_decoder_layout, find_linears  # noqa: E402
 
 ARCHS = ("llama", "opt")
-METHODS = ("wanda", "magnitude", "sparsegpt")
+METHODS = ("wanda", "magnitude", "sparsegpt", "owl_wanda_dsnot")
+#: what each key of METHODS prunes with (a plain method name otherwise)
+SETTINGS = {"owl_wanda_dsnot": dict(prune_method="wanda", sparsity_profile="owl", dsnot=True)}
+
+
+def settings_of(method: str) -> PruneSettings:
+    return PruneSettings(**SETTINGS.get(method, dict(prune_method=method)))
 #: 8 windows in batches of 2: 4 batches, 2 per rank; 6 evaluation windows: 3 batches, split 1 / 2
 CALIB, EVAL, BATCH = dict(n=8, seqlen=32, seed=0), dict(n=6, seqlen=32, seed=1), 2
 
@@ -43,7 +49,7 @@ def run_prune(ranks: Ranks, out: Path) -> None:
         dense = ranks.perplexity(original, calib_ids(**EVAL), batch_size=BATCH, progress=False)
         for method in METHODS:
             model = copy.deepcopy(original)
-            report = prune(model, calib_ids(**CALIB), PruneSettings(prune_method=method), batch_size=BATCH,
+            report = prune(model, calib_ids(**CALIB), settings_of(method), batch_size=BATCH,
                            progress=False, ranks=ranks)
             ppl = ranks.perplexity(model, calib_ids(**EVAL), batch_size=BATCH, progress=False)
             results[(arch, method)] = {"weights": pruned_weights(model), "ppl": ppl, "dense_ppl": dense,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import calib_ids, save_tiny, tiny_model, word_corpus
-from distributed_worker import ARCHS, BATCH, CALIB, EVAL, METHODS, pruned_weights
+from distributed_worker import ARCHS, BATCH, CALIB, EVAL, METHODS, pruned_weights, settings_of
 from wanda import PruneSettings, WandaError, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
 from wanda.distributed import SINGLE, DistributedSettings, deal_layers, init_ranks, window_share
@@ -169,14 +169,14 @@ def one_rank() -> dict:
         dense = perplexity(original, calib_ids(**EVAL), batch_size=BATCH, progress=False)
         for method in METHODS:
             model = copy.deepcopy(original)
-            prune(model, calib_ids(**CALIB), PruneSettings(prune_method=method), batch_size=BATCH, progress=False)
+            prune(model, calib_ids(**CALIB), settings_of(method), batch_size=BATCH, progress=False)
             results[(arch, method)] = {"weights": pruned_weights(model), "dense_ppl": dense,
                                        "ppl": perplexity(model, calib_ids(**EVAL), batch_size=BATCH, progress=False)}
     return results
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "owl_wanda_dsnot"])
 def test_wanda_and_magnitude_are_bit_identical_to_one_process(two_ranks, one_rank, arch, method):
     ours, reference = two_ranks[(arch, method)]["weights"], one_rank[(arch, method)]["weights"]
     assert list(ours) == list(reference)
