@@ -22,15 +22,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-                  TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from conftest import save_tiny, word_corpus
 
-from conftest import save_tiny, word_corpus  # noqa: E402
+#: For the examples only (set by the module's fixture): no network, no progress bars, no tracking services.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
 
 EXAMPLES = int(os.environ.get("WANDA_FUZZ_EXAMPLES", "300"))
 REPORT = os.environ.get("WANDA_FUZZ_REPORT")
@@ -163,7 +164,9 @@ def quick_and_offline():
         with contextlib.suppress(ImportError):
             importlib.import_module(f"wanda.cli.{name}")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        for name, value in OFFLINE_ENV.items():
+            patch.setenv(name, value)
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, when it was imported
         for module in [m for name, m in sys.modules.items() if name.startswith("wanda")]:
             if callable(getattr(module, "release_memory", None)):
                 patch.setattr(module, "release_memory", lambda: None)

@@ -50,6 +50,9 @@ def test_truncated_safetensors_named_with_sizes(copy):
              rf"{len(data) - 1000}", copy)
     weights.write_bytes(data[:5])
     _refused(rf"{weights} is not a valid safetensors file", copy)
+    header = b'["not", "a", "header"]'
+    weights.write_bytes(len(header).to_bytes(8, "little") + header)
+    _refused(rf"{weights} is not a valid safetensors file", copy)
 
 
 def test_config_that_is_not_json_names_the_line(copy):
@@ -175,6 +178,8 @@ def test_shard_index_cannot_point_outside_the_folder(copy):
     (copy / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.embed_tokens.weight": "../../elsewhere/model.safetensors"}}))
     _refused(r"model.safetensors.index.json names '../../elsewhere/model.safetensors', which is outside", copy)
+    (copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]}))
+    _refused(r"model.safetensors.index.json has no weight_map", copy)
 
 
 def test_compressed_manifest_cannot_point_outside_the_folder(tiny, tmp_path):

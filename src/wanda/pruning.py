@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import PruneSettings
-from .engine import BlockInputs, LayerwiseEngine
+from .distributed import SINGLE, Ranks
+from .engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
 from .errors import WandaError
 from .masks import overall_sparsity, zero_fraction
 from .methods import get_method, prune_layer, statistics_for
@@ -76,20 +76,28 @@ def _sync(device: torch.device) -> None:
 
 
 def _prune_linears(linears: dict[str, nn.Linear], settings: PruneSettings, ratios: dict[str, float],
-                   recorder: InputRecorder | None, report: PruneReport) -> None:
-    for name, layer in linears.items():
-        weight = layer.weight.data
-        stat = recorder.stat(name) if recorder is not None else None
-        ratio = ratios.get(name, settings.sparsity_ratio)
-        layer_settings = settings if ratio == settings.sparsity_ratio else settings.replace(sparsity_ratio=ratio)
-        _sync(weight.device)
-        start = time.perf_counter()
-        result = prune_layer(weight, stat, layer_settings, name)
-        weight.copy_(result.weight.to(weight.dtype))
-        _sync(weight.device)
-        seconds = time.perf_counter() - start
-        sparsity = zero_fraction(weight)
-        report.layers.append(LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss, ratio))
+                   recorder: InputRecorder | None, report: PruneReport, ranks: Ranks = SINGLE) -> None:
+    # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
+    owners = ranks.assign(linears, get_method(settings.method))
+    done: dict[str, LayerReport] = {}
+    with ranks.agreed("pruning a block"):
+        for name, layer in linears.items():
+            if owners[name] != ranks.rank:
+                continue
+            weight = layer.weight.data
+            stat = recorder.stat(name) if recorder is not None else None
+            ratio = ratios.get(name, settings.sparsity_ratio)
+            layer_settings = settings if ratio == settings.sparsity_ratio else settings.replace(sparsity_ratio=ratio)
+            _sync(weight.device)
+            start = time.perf_counter()
+            result = prune_layer(weight, stat, layer_settings, name)
+            weight.copy_(result.weight.to(weight.dtype))
+            _sync(weight.device)
+            seconds = time.perf_counter() - start
+            done[name] = LayerReport(name, tuple(weight.shape), zero_fraction(weight), seconds, result.obs_loss, ratio)
+    # distributed hook: weights solved on another rank arrive here, with their reports
+    done = ranks.share(linears, owners, done)
+    report.layers.extend(done[name] for name in linears)
 
 
 def needs_calibration(settings: PruneSettings) -> bool:
@@ -98,15 +106,21 @@ def needs_calibration(settings: PruneSettings) -> bool:
 
 
 def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
-          device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None) -> PruneReport:
+          device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None,
+          source: BlockSource | None = None, ranks: Ranks = SINGLE) -> PruneReport:
     """Prune every linear layer inside ``model``'s decoder blocks in place.
 
     ``calibration_ids``: (nsamples, seqlen) token ids; not needed for magnitude pruning.
     ``device``: where each block is processed (default: where block 0 lives).
     ``batch_size``: calibration windows per forward pass (default: 2 on a CPU, 8 on a GPU).
+    ``source``: where the engine gets the blocks (default: ``model``'s own; ``wanda.engine.streaming`` streams
+    them from disk and saves each pruned block).
+    ``ranks``: under torchrun, ``wanda.distributed.init_ranks()``: every rank passes the same
+    ``calibration_ids``, runs its share of them and ends with the same pruned weights.
     """
     get_method(settings.method)
     statistics = statistics_for(settings)
+    progress = progress and ranks.is_main
     layout = find_decoder_layout(model)
     report = PruneReport(settings=settings.to_dict())
     release_memory()
@@ -119,26 +133,27 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
                              f"{' --dsnot' if settings.dsnot else ''} needs calibration samples")
         check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
-    engine = LayerwiseEngine(model, device, batch_size, progress, layout) if calibrated else None
-    ratios = layer_ratios(model, layout, calibration_ids, settings, engine)
+    engine = LayerwiseEngine(model, device, batch_size, progress, layout, source)
+    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None)
     report.profile_seconds = time.perf_counter() - start
     if not statistics:
-        for index, block in enumerate(tqdm(layout.blocks, desc="blocks", unit="block", disable=not progress)):
-            with torch.no_grad():
-                _prune_linears(find_linears(block, layout.block_name(index)), settings, ratios, None, report)
+        engine.walk(None, lambda index, block, inputs: _prune_linears(
+            find_linears(block, layout.block_name(index)), settings, ratios, None, report, ranks))
     else:
         factory = statistic_factory(statistics)
 
         def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
             linears = find_linears(block, layout.block_name(index))
-            with InputRecorder(linears, factory) as recorder:
+            with ranks.agreed("calibrating a block"), InputRecorder(linears, factory) as recorder:
                 for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
                     block(hidden, *args, **kwargs)
                     recorder.end_batch()
-            _prune_linears(linears, settings, ratios, recorder, report)
+            ranks.reduce(recorder.stats)  # distributed hook: statistics summed over ranks before any mask
+            _prune_linears(linears, settings, ratios, recorder, report, ranks)
             del recorder
 
-        engine.walk(calibration_ids, visit)
+        # distributed hook: each rank captures, and walks the blocks with, its own share of the windows
+        engine.walk(ranks.local_windows(calibration_ids, engine.batch_size), visit)
     report.wall_seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     release_memory()  # the calibration activations

@@ -40,7 +40,11 @@ class SettingsParser(HfArgumentParser):
         super().__init__(list(dataclass_types), **kwargs)
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # raised, not printed and exited, so that under torchrun a bad flag on one rank reaches every rank
+        # (wanda.distributed.Ranks.agreed); ``guarded`` prints it as one line with exit code 2
+        exc = WandaError(f"{message} (see {self.prog} --help)")
+        exc.prog = self.prog
+        raise exc
 
     def parse_settings(self, argv: Sequence[str]) -> tuple:
         """The settings objects, in the order of the dataclasses; validation errors exit 2 like usage errors."""
@@ -49,7 +53,8 @@ class SettingsParser(HfArgumentParser):
             *settings, rest = self.parse_args_into_dataclasses(list(argv), return_remaining_strings=True,
                                                                  look_for_args_file=False)
         except WandaError as exc:
-            self.exit(2, f"{self.prog}: error: {exc}\n")
+            exc.prog = self.prog
+            raise
         if rest:
             self.error(f"unrecognized arguments: {' '.join(rest)}")
         return tuple(settings)

@@ -61,6 +61,17 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
                progress: bool = True, desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on ``windows`` (n, seqlen) of token ids; ``inf`` or ``nan`` if the model's
     losses are (a broken model is never reported as a number)."""
+    total_nll, total_tokens = negative_log_likelihood(model, windows, batch_size, chunk_tokens, progress, desc)
+    return nll_to_perplexity(total_nll, total_tokens)
+
+
+@torch.no_grad()
+def negative_log_likelihood(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 128,
+                            progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """Summed next-token NLL over ``windows`` and the number of predicted tokens (sums, so that a distributed
+    run can add those of its ranks; ``windows`` may be empty)."""
+    if windows.shape[0] == 0:
+        return 0.0, 0
     was_training = model.training
     model.eval()
     body = getattr(model, model.base_model_prefix)
@@ -71,16 +82,29 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
         for batch in tqdm(windows.split(batch_size), desc=desc, unit="batch", disable=not progress):
             batch = batch.to(device)
             hidden = body(input_ids=batch, use_cache=False).last_hidden_state  # (b, seq, hidden)
-            hidden, targets = hidden[:, :-1], batch[:, 1:]
-            step = max(1, chunk_tokens // batch.shape[0])  # positions per chunk, over the whole batch
-            with _head_only(model) as stub:
-                for start in range(0, hidden.shape[1], step):
-                    logits = model_logits(model, hidden[:, start : start + step], stub)
-                    t = targets[:, start : start + step].to(logits.device)
-                    total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1),
-                                                 reduction="sum").item()
-                    total_tokens += t.numel()
+            nll, tokens = batch_nll(model, hidden, batch, chunk_tokens)
+            total_nll += nll
+            total_tokens += tokens
     finally:
         model.train(was_training)
+    return total_nll, total_tokens
+
+
+def batch_nll(model: nn.Module, hidden: torch.Tensor, batch: torch.Tensor, chunk_tokens: int) -> tuple[float, int]:
+    """Summed next-token NLL of one batch from its final hidden states (b, seq, hidden), and the number of
+    tokens predicted; the logits exist for at most ``chunk_tokens`` positions at a time."""
+    hidden, targets = hidden[:, :-1], batch[:, 1:]
+    step = max(1, chunk_tokens // batch.shape[0])  # positions per chunk, over the whole batch
+    total_nll, total_tokens = 0.0, 0
+    with _head_only(model) as stub:
+        for start in range(0, hidden.shape[1], step):
+            logits = model_logits(model, hidden[:, start : start + step], stub)
+            t = targets[:, start : start + step].to(logits.device)
+            total_nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum").item()
+            total_tokens += t.numel()
+    return total_nll, total_tokens
+
+
+def nll_to_perplexity(total_nll: float, total_tokens: int) -> float:
     mean = total_nll / total_tokens
     return math.exp(mean) if math.isfinite(mean) else mean

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.streaming import OffloadSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, linear_zero_counts, run_zero_shot
 from ..io import atomic_write_json
 from ..masks import overall_sparsity
@@ -36,7 +37,8 @@ class AdapterSettings(SettingsMixin):
 
 
 #: The settings of ``wanda eval``.
-EVAL_JOB = (ModelSettings, AdapterSettings, EvalSettings, ZeroShotSettings, ResultsSettings, LogSettings)
+EVAL_JOB = (ModelSettings, AdapterSettings, EvalSettings, ZeroShotSettings, ResultsSettings, OffloadSettings,
+            LogSettings)
 
 
 def _attach_adapter(model, adapter: str):
@@ -50,7 +52,8 @@ def _attach_adapter(model, adapter: str):
 
 
 def run_eval_job(model_settings: ModelSettings, adapter: AdapterSettings, eval_settings: EvalSettings,
-                 zero_shot: ZeroShotSettings, results: ResultsSettings, logging_settings: LogSettings) -> int:
+                 zero_shot: ZeroShotSettings, results: ResultsSettings, offload: OffloadSettings,
+                 logging_settings: LogSettings) -> int:
     specs = eval_settings.specs(model_settings.bundled)
     require(bool(specs) or zero_shot.eval_zero_shot, "nothing to evaluate: --eval_dataset none without --eval_zero_shot")
     results.claim(RESULTS_FILE, *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
@@ -59,6 +62,19 @@ def run_eval_job(model_settings: ModelSettings, adapter: AdapterSettings, eval_s
 
     for spec in specs:  # a missing corpus fails before the model loads
         resolve_source(spec, "evaluation", eval_settings.text_field)
+
+    from ..streaming import placement, streaming_folder  # --offload: evaluated block by block from disk
+
+    streamable = adapter.adapter is None and not zero_shot.eval_zero_shot
+    require(streamable or offload.offload != "disk", "--offload disk evaluates perplexity only: not with --adapter "
+            "or --eval_zero_shot")
+    folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings),
+                              offload) if streamable else None
+    if folder is not None:
+        from .streamed import streamed_eval_job
+
+        return streamed_eval_job(folder, *placement(model_settings), model_settings.name, model_settings.bundled,
+                                 eval_settings, results, offload, RESULTS_FILE)
 
     loaded = model_settings.load()
     model, tokenizer = loaded.model, loaded.tokenizer

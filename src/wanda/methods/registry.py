@@ -38,6 +38,9 @@ class MethodSpec:
     statistic: type[InputStatistic] | None
     prune: PruneFn
     doc: str
+    #: True for the OBS methods: their result depends on a costly solve, so a distributed run gives each layer
+    #: to one rank and broadcasts the new weight; a mask-only method is recomputed by every rank instead.
+    updates_weights: bool = False
 
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> LayerResult:
@@ -126,7 +129,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("magnitude", None, _magnitude, "|W|; one threshold per matrix (per group of M for N:M)"),
         MethodSpec("wanda", SquaredNorm, _wanda, "|W| * ||X||_2 compared per output row (per group of M for N:M)"),
-        MethodSpec("sparsegpt", Gram, _sparsegpt, "OBS reconstruction with adaptive per-block mask selection"),
+        MethodSpec("sparsegpt", Gram, _sparsegpt, "OBS reconstruction with adaptive per-block mask selection", True),
         MethodSpec("ria", SquaredNorm, _ria, "RIA: relative importance times ||X||^0.5, compared per matrix "
                    "(per group of M for N:M)"),
         MethodSpec(
@@ -134,15 +137,19 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             Gram,
             _seq(lambda w, st, s: select_mask(magnitude_scores(w), s.sparsity_ratio, s.pattern, "matrix")),
             "magnitude mask fixed up front, then the OBS weight update",
+            True,
         ),
         MethodSpec(
             "ablate_wanda_seq",
             Gram,
             _seq(lambda w, st, s: _per_row(wanda_scores(w, st.squared_norm()), s)),
             "Wanda mask fixed up front, then the OBS weight update",
+            True,
         ),
-        MethodSpec("ablate_mag_iter", Gram, _ablate_mag_iter, "magnitude mask re-selected every block during OBS"),
-        MethodSpec("ablate_wanda_iter", Gram, _ablate_wanda_iter, "Wanda mask re-selected every block during OBS"),
+        MethodSpec("ablate_mag_iter", Gram, _ablate_mag_iter, "magnitude mask re-selected every block during OBS",
+                   True),
+        MethodSpec("ablate_wanda_iter", Gram, _ablate_wanda_iter, "Wanda mask re-selected every block during OBS",
+                   True),
     )
 }
 

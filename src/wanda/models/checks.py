@@ -30,7 +30,10 @@ _FINITE_CHUNK = 1 << 24
 
 def inside(folder: Path, name: str, what: str) -> Path:
     """``folder / name``, refused if ``name`` (read from a file in ``folder``) points outside ``folder``."""
-    path = (folder / name).resolve()
+    try:
+        path = (folder / str(name)).resolve()
+    except (OSError, ValueError) as exc:  # e.g. an embedded NUL byte
+        raise WandaError(f"{what} names {name!r}, which is not a usable file name ({exc})") from exc
     if not path.is_relative_to(folder.resolve()):
         raise WandaError(f"{what} names {name!r}, which is outside {folder}; refusing to read it")
     return path
@@ -81,7 +84,7 @@ def check_safetensors(path: Path) -> None:
                 raise ValueError(f"its header says {header_bytes} bytes, the file has {size - 8} after the size")
             header = json.loads(handle.read(header_bytes))
         ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         raise WandaError(f"{path} is not a valid safetensors file ({exc}); it may be truncated: copy it again") \
             from exc
     expected = 8 + header_bytes + max(ends, default=0)
@@ -124,7 +127,9 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
     safetensors = sorted(folder.glob("*.safetensors"))
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise WandaError(f"{index} has no weight_map naming the shards")
         shards = {inside(folder, name, str(index)) for name in weight_map.values()}
         missing = sorted(p.name for p in shards if not p.is_file())
         if missing:

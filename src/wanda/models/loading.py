@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +98,6 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
     only with ``trust_remote_code``, pickled weights load only with ``allow_pickle``, and truncated weights,
     a broken config or a missing tokenizer are refused with one line. Every loaded weight must be finite.
     """
-    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if name is not None and not name.strip():  # "" is not "no --model": never load the bundled model for it
@@ -147,9 +145,13 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
                 check_remote_code({"auto_map": getattr(config, "auto_map", None)}, name, trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
-    except (OSError, ValueError, ImportError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+    except WandaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - transformers, tokenizers and safetensors raise any type for a
+        # malformed file (AttributeError for a tokenizer.json of the wrong shape, huggingface_hub's validation
+        # errors for an inconsistent config.json, SafetensorError, UnpicklingError, ...): one line, not a traceback
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WandaError(f"could not load model {name!r}: {message}") from exc
+        raise WandaError(f"could not load model {name!r}: {type(exc).__name__}: {message}") from exc
     check_finite_weights(model)
     model.eval()
     model.config.use_cache = False

@@ -1,0 +1,170 @@
+"""A model whose decoder blocks stay on disk: a skeleton on the ``meta`` device with the parts outside the blocks
+loaded, and each block materialised from the checkpoint only while it is needed.
+
+The skeleton is built from the config under accelerate's ``init_empty_weights`` (parameters on ``meta``, buffers
+such as rotary frequencies computed as usual), so building it costs no memory for weights. Checkpoint names are
+mapped to the model's parameter names once (hub checkpoints of some architectures lack the
+``base_model_prefix``), and anything that cannot be mapped is refused rather than silently left on ``meta``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WandaError
+from .checkpoint import Checkpoint
+from .discovery import DecoderLayout, find_decoder_layout
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StreamedModel", "build_skeleton", "assign_tensor"]
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Make ``tensor`` the parameter (or buffer) ``name`` of ``model``, replacing what was there (e.g. ``meta``)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = tensor
+    else:
+        raise KeyError(name)
+
+
+def _name_mapping(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
+    """Checkpoint name -> model name, adding or removing the ``base_model_prefix`` where that is the difference."""
+    wanted = set(model.state_dict().keys())
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    mapping, unknown = {}, []
+    for key in checkpoint.names():
+        candidates = [key, f"{prefix}.{key}"]
+        if prefix and key.startswith(prefix + "."):
+            candidates.append(key[len(prefix) + 1 :])
+        found = next((c for c in candidates if c in wanted), None)
+        if found is None:
+            unknown.append(key)
+        else:
+            mapping[key] = found
+    if unknown:
+        log.debug("checkpoint tensors the model does not use: %s", unknown[:8])
+    return mapping
+
+
+class StreamedModel:
+    """The skeleton, its checkpoint (names as the model's) and the decoder layout."""
+
+    def __init__(self, model: nn.Module, checkpoint: Checkpoint, layout: DecoderLayout, dtype: torch.dtype,
+                 source: str):
+        self.model, self.checkpoint, self.layout, self.dtype, self.source = model, checkpoint, layout, dtype, source
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        """The dtype the model holds ``name`` in: the run's, or fp32 for what the architecture keeps in fp32
+        (``_keep_in_fp32_modules``), as ``from_pretrained`` would load it."""
+        try:
+            tensor = self.model.get_parameter(name)
+        except AttributeError:
+            try:
+                tensor = self.model.get_buffer(name)
+            except AttributeError:
+                return self.dtype
+        return tensor.dtype if tensor.is_floating_point() else self.dtype
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named checkpoint tensors on the CPU, floating ones in the dtype the model holds them in."""
+        out = self.checkpoint.read(names)
+        return {name: t.to(self.dtype_of(name)) if t.is_floating_point() else t for name, t in out.items()}
+
+    def block_names(self, index: int) -> list[str]:
+        """The checkpoint tensors of block ``index`` (the model's names)."""
+        prefix = self.layout.block_name(index) + "."
+        return [name for name in self.checkpoint.names() if name.startswith(prefix)]
+
+    def outside_names(self) -> list[str]:
+        prefix = self.layout.path + "."
+        return [name for name in self.checkpoint.names() if not name.startswith(prefix)]
+
+    def load_block(self, index: int, device: torch.device) -> nn.Module:
+        """Block ``index`` with its checkpoint tensors on ``device`` (the rest of the model untouched)."""
+        block = self.layout.blocks[index]
+        prefix = self.layout.block_name(index) + "."
+        tensors = self.read(self.block_names(index))
+        for name, tensor in tensors.items():
+            assign_tensor(self.model, name, tensor.to(device))
+        for local, param in block.named_parameters():
+            if param.device.type == "meta":
+                raise WandaError(f"the checkpoint has no tensor {prefix}{local}; it cannot be streamed "
+                                 "(use --offload none)")
+        for module in block.modules():  # buffers built with the skeleton (not in the checkpoint) follow the block
+            for key, buffer in module._buffers.items():
+                if buffer is not None and buffer.device != device:
+                    module._buffers[key] = buffer.to(device)
+        return block
+
+    def release_block(self, index: int) -> None:
+        """Give block ``index``'s parameters back (to ``meta``): its memory is freed."""
+        _to_meta(self.layout.blocks[index].modules())
+
+    def release_outside(self) -> None:
+        """Give back the parameters outside the blocks (the embeddings), once pruning has captured block 0's
+        inputs and needs them no more; tied parameters stay one parameter."""
+        inside = {id(m) for m in self.layout.blocks.modules()}
+        _to_meta(m for m in self.model.modules() if id(m) not in inside)
+
+
+def _to_meta(modules) -> None:
+    replaced: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for key, param in module._parameters.items():
+            if param is not None and param.device.type != "meta":
+                if id(param) not in replaced:
+                    replaced[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+                module._parameters[key] = replaced[id(param)]
+
+
+def build_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
+                   with_head: bool = True) -> StreamedModel:
+    """The model of ``folder`` with only its non-block tensors loaded, on ``device`` (the LM head too when
+    ``with_head``: pruning never runs it, so it is left on ``meta`` then unless it is tied to the embeddings)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = Path(folder)
+    checkpoint = Checkpoint.open(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, ImportError) as exc:
+        raise WandaError(f"could not build model {folder}: {exc}".splitlines()[0]) from exc
+    model.eval()
+    model.config.use_cache = False
+    layout = find_decoder_layout(model)
+    checkpoint = Checkpoint(checkpoint.folder, {
+        model_name: checkpoint.entries[key] for key, model_name in _name_mapping(model, checkpoint).items()})
+    streamed = StreamedModel(model, checkpoint, layout, dtype, str(folder))
+    head = model.get_output_embeddings()
+    head_names = set()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    if head is not None and not with_head and not tied:
+        head_names = {name for name, p in model.named_parameters() if any(p is q for q in head.parameters())}
+    outside = [name for name in streamed.outside_names() if name not in head_names]
+    device = torch.device(device)
+    for name, tensor in streamed.read(outside).items():
+        assign_tensor(model, name, tensor.to(device))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    block_prefix = layout.path + "."
+    for name, buffer in list(model.named_buffers()):  # rotary frequencies and the like, built on the CPU
+        if not name.startswith(block_prefix) and buffer.device.type != "meta" and buffer.device != device:
+            assign_tensor(model, name, buffer.to(device))
+    missing = [name for name, p in model.named_parameters()
+               if p.device.type == "meta" and not name.startswith(block_prefix) and name not in head_names]
+    if missing:
+        raise WandaError(f"the checkpoint in {folder} lacks {', '.join(missing[:4])}; it cannot be streamed "
+                         "(use --offload none)")
+    return streamed

@@ -1,0 +1,274 @@
+"""Pruning a model that stays on disk: the job around the streamed walk.
+
+``prune_streamed`` builds the skeleton (``wanda.models.streaming``), runs ``wanda.pruning.prune`` over
+``StreamedBlocks`` (so the walk and the per-block pruning are the in-memory path's), keeps its progress in a
+work folder so that a killed run resumes, and writes the pruned model as safetensors shards tensor by tensor
+(``wanda.export.shards``). ``open_pruned`` gives the result as a streamed model for evaluation block by block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import PruneSettings
+from .devices import default_batch_size
+from .engine.resume import WorkFolder, tensor_digest
+from .engine.streaming import OffloadSettings, StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
+from .errors import WandaError
+from .export.compressed_stream import save_compressed_streamed
+from .export.save import SAVE_FORMATS, SavedModel, folder_bytes
+from .export.shards import DEFAULT_SHARD_SIZE, write_shards
+from .io import atomic_directory, ensure_free
+from .methods import get_method
+from .models.checkpoint import Checkpoint, file_entries, is_streamable
+from .models.streaming import StreamedModel, build_skeleton
+from .pruning import LayerReport, PruneReport, prune
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StreamedRun", "placement", "streaming_folder", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir",
+           "streamed_linear_sparsity"]
+
+#: What a hub snapshot needs for streaming: config, safetensors shards and index, tokenizer files.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def placement(model) -> tuple[torch.device, torch.dtype]:
+    """The compute device (``cuda:N`` as given) and dtype that ``ModelSettings``' ``--device``/``--dtype`` name."""
+    from .devices import resolve_device, resolve_dtype
+
+    device = resolve_device(model.device)
+    return device, resolve_dtype(model.dtype, device)
+
+
+def _checkpoint_folder(name: str | None, cache_dir: str | None) -> Path | None:
+    """The local folder holding ``name``'s weights (the bundled model, a folder, a hub snapshot), else None."""
+    from .models.bundled import BUNDLED_NAME, bundled_model_dir
+
+    if name in (None, BUNDLED_NAME):
+        return bundled_model_dir()
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        return path if path.is_dir() else None  # a .gguf file cannot be streamed
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # noqa: BLE001 - any hub failure means: load it the ordinary way, which reports it
+        log.debug("no hub snapshot of %s for streaming: %s", name, exc)
+        return None
+
+
+def streaming_folder(name: str | None, cache_dir: str | None, device: torch.device, dtype: torch.dtype,
+                     stream: OffloadSettings) -> Path | None:
+    """The safetensors folder to stream ``name`` from, or None to load the whole model: ``--offload none``, a
+    checkpoint that fits (``--offload auto``), or weights that cannot be streamed (pickled ``.bin``, GGUF), which
+    keep the in-memory path with a line saying how to convert them once."""
+    if stream.offload == "none":
+        return None
+    folder = _checkpoint_folder(name, cache_dir)
+    if folder is None or not is_streamable(folder):
+        # said when streaming was asked for; under auto only in the debug log (most such models are small)
+        log.log(logging.INFO if stream.offload == "disk" else logging.DEBUG,
+                "%s is not a folder of safetensors weights (GGUF, pickled .bin, or not found), so it is loaded "
+                "whole; to stream it, convert it once with save_pretrained(folder) and pass that folder", name)
+        return None
+    checkpoint = Checkpoint.open(folder)
+    return folder if choose_streaming(stream, checkpoint.nbytes(dtype), device) else None
+
+
+@dataclass
+class StreamedRun:
+    report: PruneReport
+    #: the block the run started from (0 unless it resumed)
+    resumed_from: int
+    #: the pruned model's tensors: the source's outside the blocks, the work folder's inside
+    checkpoint: Checkpoint
+    work: WorkFolder
+    streamed: StreamedModel
+    saved: SavedModel | None = None
+
+    def cleanup(self) -> None:
+        """Remove the work folder (the run is complete and its result saved or no longer needed)."""
+        self.work.remove()
+
+
+def default_work_dir(save_model: str | Path | None, fingerprint: dict) -> Path:
+    if save_model is not None:
+        target = Path(save_model)
+        return target.with_name(target.name + ".work")
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path.cwd() / f"wanda-work-{digest}"
+
+
+def _activations_folder(stream: StreamSettings, work: WorkFolder, streamed: StreamedModel,
+                        calibration_ids: torch.Tensor | None, device: torch.device) -> Path | None:
+    """RAM unless asked for a folder, or unless the activations would not fit beside one block."""
+    if calibration_ids is None:
+        return None
+    if stream.offload_activations:
+        return Path(stream.offload_activations)
+    hidden = getattr(streamed.model.config, "hidden_size")
+    need = activation_bytes(*calibration_ids.shape, hidden, streamed.dtype)
+    block = sum(streamed.checkpoint.entries[n].numel for n in streamed.block_names(0)) * \
+        torch.empty((), dtype=streamed.dtype).element_size()
+    budget = available_memory(device) * stream.memory_fraction - 2 * block
+    if need > budget:
+        log.info("calibration activations (%.2f GB) would not fit in memory: memory-mapped in %s", need / 1e9, work.path)
+        return work.path
+    return None
+
+
+def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None, settings: PruneSettings,
+                   stream: StreamSettings = StreamSettings(), save_model: str | Path | None = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   batch_size: int | None = None, progress: bool = True, overwrite: bool = False,
+                   seed: int | None = None, tokenizer=None, cleanup: bool = True,
+                   save_format: str = "dense") -> StreamedRun:
+    """Prune the safetensors checkpoint in ``model_path`` one block at a time; write it to ``save_model``.
+
+    Restarted with the same arguments after a crash, it resumes from the last finished block and gives the
+    same bits. ``cleanup``: remove the work folder at the end (only when the model was saved; otherwise the
+    caller evaluates from it, then calls ``run.cleanup()``).
+    """
+    if save_model is not None:
+        ensure_free(save_model, overwrite, "model folder")
+    if save_format not in SAVE_FORMATS:
+        raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
+    device = torch.device(device)
+    batch_size = batch_size or default_batch_size(device)
+    spec = get_method(settings.method)
+    streamed = build_skeleton(model_path, dtype, device, with_head=False)
+    fingerprint = {
+        "model": str(Path(model_path).resolve()), "checkpoint": streamed.checkpoint.signature(),
+        "settings": settings.to_dict(), "seed": seed, "dtype": str(dtype), "device": device.type,
+        "batch_size": batch_size,
+        "calibration": tensor_digest(calibration_ids) if spec.statistic is not None else None,
+    }
+    work_dir = Path(stream.work_dir) if stream.work_dir else default_work_dir(save_model, fingerprint)
+    num_blocks = len(streamed.layout.blocks)
+    work = WorkFolder(work_dir, fingerprint, num_blocks, needs_hidden=spec.statistic is not None)
+
+    report = PruneReport(settings=settings.to_dict())
+    start = work.resume_point()
+    for index in range(start):
+        report.layers += [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in work.block_layers(index)]
+
+    def rows(index: int) -> list[dict]:
+        prefix = streamed.layout.block_name(index) + "."
+        return [asdict(layer) for layer in report.layers if layer.name.startswith(prefix)]
+
+    activations = _activations_folder(stream, work, streamed, calibration_ids, device)
+    source = StreamedBlocks(streamed, device, work, activations, rows, drop_outside=True)
+    try:
+        done = len(report.layers)
+        result = prune(streamed.model, calibration_ids if spec.statistic is not None else None, settings,
+                       device=device, progress=progress, batch_size=batch_size, source=source)
+    finally:
+        source.close()
+    report.layers = report.layers[:done] + result.layers
+    report.wall_seconds, report.peak_rss_mb = result.wall_seconds, result.peak_rss_mb
+    report.calibration_tokens = result.calibration_tokens
+    # ``prune`` logged its own report (this process's blocks); ``report`` is the whole run's
+    pruned = pruned_checkpoint(streamed, work)
+    run = StreamedRun(report, source.resumed_from, pruned, work, streamed)
+    if save_model is not None:
+        run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
+        if cleanup:
+            run.cleanup()
+    return run
+
+
+def pruned_checkpoint(streamed: StreamedModel, work: WorkFolder) -> Checkpoint:
+    entries = {}
+    for index in range(len(streamed.layout.blocks)):
+        entries.update(file_entries(work.block_file(index)))
+    missing = [n for i in range(len(streamed.layout.blocks)) for n in streamed.block_names(i) if n not in entries]
+    if missing:
+        raise WandaError(f"work folder {work.path} lacks pruned tensors such as {missing[0]}")
+    return streamed.checkpoint.with_entries(entries)
+
+
+def _aliases(model: torch.nn.Module, stored: list[str]) -> dict[str, str]:
+    """Tied names (e.g. ``lm_head.weight``) not in the checkpoint -> the stored name holding the same parameter."""
+    owner: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in stored:
+            owner.setdefault(id(param), name)
+    return {name: owner[id(param)] for name, param in model.named_parameters(remove_duplicate=False)
+            if name not in stored and id(param) in owner}
+
+
+def save_streamed(streamed: StreamedModel, checkpoint: Checkpoint, target: str | Path, tokenizer=None,
+                  save_format: str = "dense", overwrite: bool = False,
+                  max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> SavedModel:
+    """Write ``checkpoint`` as a ``from_pretrained`` folder (``dense``) or in the compressed format, one tensor
+    in memory at a time; the folder appears atomically."""
+    if save_format not in SAVE_FORMATS:
+        raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
+    model = streamed.model
+    order = [name for name in model.state_dict() if name in checkpoint]
+    order += [name for name in checkpoint.names() if name not in set(order)]
+
+    def read(name: str) -> torch.Tensor:  # in the dtype the model holds it in, as save_pretrained writes it
+        tensor = checkpoint.read([name])[name]
+        return tensor.to(streamed.dtype_of(name)) if tensor.is_floating_point() else tensor
+
+    compression = None
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        tokenizer = tokenizer if tokenizer is not None else _tokenizer(streamed.source)
+        if save_format == "compressed":
+            compression = save_compressed_streamed(model, order, read, _aliases(model, order), tmp, tokenizer)
+        else:
+            specs = []
+            for name in order:
+                info = checkpoint.entries[name]
+                specs.append((name, info.shape, streamed.dtype_of(name) if info.dtype.is_floating_point else info.dtype))
+            write_shards(tmp, specs, read, max_shard_size)
+            model.config.save_pretrained(tmp)
+            if model.can_generate() and getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    saved = SavedModel(Path(target), save_format, folder_bytes(target), compression)
+    log.info("pruned model written to %s (%s, %.1f MB, streamed)", target, save_format, saved.bytes / 1e6)
+    return saved
+
+
+def _tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        log.info("no tokenizer saved with the model (%s)", str(exc).splitlines()[0])
+        return None
+
+
+def open_pruned(run: StreamedRun, device: torch.device | str = "cpu") -> StreamedModel:
+    """The run's pruned model, head loaded, blocks still on disk: for ``streamed_perplexity``."""
+    streamed = build_skeleton(run.streamed.source, run.streamed.dtype, device, with_head=True)
+    streamed.checkpoint = run.checkpoint
+    return streamed
+
+
+def streamed_linear_sparsity(streamed: StreamedModel) -> float:
+    """Exact zeros over every linear layer in the blocks, reading one block at a time (``wanda eval``'s figure
+    for a model that is not loaded)."""
+    from .masks.checks import zero_count
+    from .models import find_linears
+
+    zeros = total = 0
+    for index in range(len(streamed.layout.blocks)):
+        block = streamed.load_block(index, torch.device("cpu"))
+        for layer in find_linears(block).values():
+            zeros += zero_count(layer.weight)
+            total += layer.weight.numel()
+        streamed.release_block(index)
+    return zeros / total if total else 0.0
