@@ -20,7 +20,7 @@ ROWS, COLS, TOKENS = 16, 32, 256
 #: Two blocks of columns, so that the lazy block updates and the per-block selection are exercised.
 BLOCKSIZE = 16
 PATTERNS = ["unstructured", "2:4", "4:8"]
-OBS_METHODS = [name for name, spec in METHOD_SPECS.items() if name not in ("magnitude", "wanda")]
+OBS_METHODS = [name for name, spec in METHOD_SPECS.items() if name not in ("magnitude", "wanda", "ria")]
 ROW_SCOPED = ("wanda", "ablate_wanda_seq", "ablate_wanda_iter")
 
 
@@ -114,7 +114,8 @@ def test_uneven_ratio_counts(ratio):
     per_row, per_matrix = math.floor(ratio * COLS), math.floor(ratio * ROWS * COLS)
     wanda = get_method("wanda").prune(weight, _stat(SquaredNorm, x), _settings("wanda", "unstructured",
                                                                                 sparsity_ratio=ratio))
-    assert wanda.mask.sum(1).tolist() == [per_row] * ROWS
+    # the matrix loses floor(ratio * numel), every row floor(ratio * COLS) or one more
+    assert wanda.mask.sum().item() == per_matrix and set(wanda.mask.sum(1).tolist()) <= {per_row, per_row + 1}
     magnitude = get_method("magnitude").prune(weight, None, _settings("magnitude", "unstructured",
                                                                        sparsity_ratio=ratio))
     assert magnitude.mask.sum().item() == per_matrix

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .masks.pattern import PatternField, SparsityPattern
-from .methods.registry import METHOD_SPECS
+from .methods.dsnot import DEFAULT_MAX_CYCLES, DEFAULT_THRESHOLD, DEFAULT_VAR_POWER
+from .methods.owl import DEFAULT_LAMBDA, DEFAULT_M
+from .methods.registry import DSNOT_BASES, METHOD_SPECS
+from .methods.ria import DEFAULT_A
+from .profiles import PROFILES
 from .settings import SettingsMixin, require, setting
 
 __all__ = ["SparsityPattern", "PruneSettings", "METHODS"]
@@ -31,6 +36,29 @@ class PruneSettings(PatternField, SettingsMixin):
     percdamp: float = setting(0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT's 1%%)")
     #: Relative tolerance of the Wanda variant's bisection on the achieved sparsity.
     variant_tolerance: float = setting(1e-3, "relative tolerance of the variant's bisection on the sparsity")
+    #: How the ratio is spread over the layers (``wanda.profiles``): the same everywhere, or OWL's per block.
+    sparsity_profile: str = setting("uniform", "per-layer sparsity: 'uniform' (every layer at --sparsity_ratio) "
+                                    "or 'owl' (OWL: blocks with more activation outliers pruned less, "
+                                    "averaging --sparsity_ratio; unstructured only)", choices=tuple(PROFILES))
+    #: OWL's M: a score above M times its block's mean is an outlier (the paper's LLaMA setting).
+    owl_m: float = setting(DEFAULT_M, "OWL: a Wanda score above M times its block's mean counts as an outlier")
+    #: OWL's lambda: block ratios stay within +-lambda of the target.
+    owl_lambda: float = setting(DEFAULT_LAMBDA, "OWL: block ratios stay within +-lambda of --sparsity_ratio")
+    #: RIA's exponent a of the activation norm.
+    ria_a: float = setting(DEFAULT_A, "RIA: exponent a of the activation norm ||X_j||^a")
+    dsnot: bool = setting(False, "after the method, DSnoT: swap pruned and kept weights within each row (each "
+                          "group of M) to shrink the expected output error; follows magnitude, wanda, ria, sparsegpt")
+    #: DSnoT's T: at most this many swaps per row.
+    dsnot_max_cycles: int = setting(DEFAULT_MAX_CYCLES, "DSnoT: at most this many swap cycles per row")
+    #: DSnoT's epsilon: a row stops once its expected error is this small.
+    dsnot_threshold: float = setting(DEFAULT_THRESHOLD, "DSnoT: a row stops once |expected error| <= this")
+    #: DSnoT's power of the input variance in the regrowing criterion.
+    dsnot_var_power: float = setting(DEFAULT_VAR_POWER, "DSnoT: power of Var(x_j) dividing the regrowing score")
+    dsnot_same_sign: bool = setting(False, "DSnoT (unstructured): also stop a row when a swap would flip the sign "
+                                    "of its error (N:M always does)")
+    #: The reference code leaves the MLP alone by default (``--skip_layer mlp``).
+    dsnot_skip: str = setting("mlp", "DSnoT leaves the layers under this part of a block as the method left them",
+                              choices=("none", "mlp", "self_attn"))
 
     def __post_init__(self) -> None:
         require(self.prune_method in METHOD_SPECS,
@@ -44,6 +72,28 @@ class PruneSettings(PatternField, SettingsMixin):
                 f"--blocksize {self.blocksize} must be a multiple of M={pattern.m}")
         require(0 <= self.percdamp < 1, f"--percdamp must be in [0, 1), got {self.percdamp}")
         require(0 < self.variant_tolerance < 1, f"--variant_tolerance must be in (0, 1), got {self.variant_tolerance}")
+        require(self.sparsity_profile in PROFILES,
+                f"--sparsity_profile must be one of {', '.join(PROFILES)}; got {self.sparsity_profile!r}")
+        if self.sparsity_profile == "owl":
+            require(not pattern.is_nm, f"--sparsity_profile owl is defined for unstructured sparsity only (every "
+                    f"layer of --sparsity_type {pattern} prunes exactly {pattern.n} of {pattern.m}); use uniform")
+            require(0 < self.owl_m < math.inf, f"--owl_m must be a positive number, got {self.owl_m}")
+            require(0 < self.owl_lambda and self.owl_lambda <= self.sparsity_ratio
+                    and self.sparsity_ratio + self.owl_lambda < 1,
+                    f"--owl_lambda must be positive and keep every block's ratio in [0, 1): --sparsity_ratio "
+                    f"{self.sparsity_ratio:g} +- {self.owl_lambda:g}")
+        require(0 <= self.ria_a < math.inf, f"--ria_a must be a non-negative number, got {self.ria_a}")
+        if self.dsnot:
+            require(self.prune_method in DSNOT_BASES and not self.use_variant,
+                    f"--dsnot follows --prune_method {', '.join(DSNOT_BASES)} (not the variant); got "
+                    f"{self.prune_method}{' --use_variant' if self.use_variant else ''}")
+        require(self.dsnot_max_cycles >= 1, f"--dsnot_max_cycles must be at least 1, got {self.dsnot_max_cycles}")
+        require(0 <= self.dsnot_threshold < math.inf,
+                f"--dsnot_threshold must be a non-negative number, got {self.dsnot_threshold}")
+        require(0 <= self.dsnot_var_power < math.inf,
+                f"--dsnot_var_power must be a non-negative number, got {self.dsnot_var_power}")
+        require(self.dsnot_skip in ("none", "mlp", "self_attn"),
+                f"--dsnot_skip must be none, mlp or self_attn; got {self.dsnot_skip!r}")
 
     @property
     def method(self) -> str:

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Union
 
+from ..distributed import SINGLE, init_ranks, launched
 from ..errors import WandaError
 from .parsing import SettingsParser, guarded, setup_logging
 
@@ -26,6 +28,9 @@ class Command:
     settings: str
     job: str
     description: str
+    #: True for the job that runs over several processes under torchrun / accelerate launch (its settings
+    #: include ``wanda.distributed.DistributedSettings``); the others refuse a launcher.
+    distributed: bool = False
 
     def parser(self, prog: str) -> SettingsParser:
         module = importlib.import_module(f"wanda.jobs.{self.module}")
@@ -33,13 +38,23 @@ class Command:
                               epilog=getattr(module, "EPILOG", None))
 
     def run(self, argv: list[str], prog: str) -> int:
-        settings = self.parser(prog).parse_settings(argv)
-        setup_logging(settings[-1].verbose)  # every job's last settings group is LogSettings
-        job: Callable[..., int] = getattr(importlib.import_module(f"wanda.jobs.{self.module}"), self.job)
         try:
-            return job(*settings)
+            if launched() and not self.distributed:
+                raise WandaError("this command runs in one process; start it without torchrun / accelerate launch")
+            # under a launcher, join the other ranks before reading the flags: a bad flag on one rank ends all
+            ranks = init_ranks() if self.distributed else SINGLE
+            try:
+                with ranks.agreed("reading the flags"):
+                    settings = self.parser(prog).parse_settings(argv)
+                setup_logging(settings[-1].verbose)  # every job's last settings group is LogSettings
+                if not ranks.is_main:  # one writer: the other ranks log warnings and errors only
+                    logging.getLogger().setLevel(logging.WARNING)
+                job: Callable[..., int] = getattr(importlib.import_module(f"wanda.jobs.{self.module}"), self.job)
+                return job(*settings)
+            finally:
+                ranks.close()
         except WandaError as exc:
-            exc.prog = prog  # reported by the command that failed, e.g. "wanda eval: error: ..."
+            exc.prog = getattr(exc, "prog", prog)  # reported by the command that failed, e.g. "wanda eval: error"
             raise
 
 
@@ -50,7 +65,8 @@ _EVAL = Command("evaluate", "EVAL_JOB", "run_eval_job", "Evaluate a saved (prune
 COMMANDS: dict[str, Union[Command, dict[str, Command]]] = {
     "": Command("prune", "PRUNE_JOB", "run_prune_job", "Prune a causal language model with a registered method "
                 "(magnitude, Wanda, SparseGPT, the OBS ablations, ...), then report its perplexity. With no --model, "
-                "prunes the bundled SmolLM2-135M offline."),
+                "prunes the bundled SmolLM2-135M offline. Under torchrun / accelerate launch, one job over all "
+                "ranks (see the README).", distributed=True),
     "eval": _EVAL,
     "finetune": {
         "lora": Command("finetune", "LORA_JOB", "run_lora", "Train a LoRA adapter on the frozen pruned weights; "

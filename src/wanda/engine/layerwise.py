@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..devices import default_batch_size
 from ..models import DecoderLayout, find_decoder_layout
 from .capture import BlockInputs, capture_block_inputs
+from .numerics import check_finite_outputs
 
 #: visit(index, block, inputs) is called with the block on the compute device, before it produces the next
 #: inputs; ``inputs`` is None for a walk without calibration data (magnitude pruning).
@@ -72,6 +73,26 @@ class ResidentBlocks:
             yield block
         finally:
             block.to(home)
+
+    def finish(self, index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
+        pass
+
+    def place(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return hidden
+
+
+class ReadOnlyBlocks:
+    """Another source's blocks for a walk that must change nothing: always from block 0, nothing saved (a
+    sparsity profile's statistics of the dense model, before the pruning walk)."""
+
+    def __init__(self, source: BlockSource):
+        self.source = source
+
+    def resume_point(self) -> tuple[int, None]:
+        return 0, None
+
+    def open(self, index: int) -> ContextManager[nn.Module]:
+        return self.source.open(index)
 
     def finish(self, index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
         pass
@@ -142,9 +163,17 @@ class LayerwiseEngine:
                         visit(index, block, inputs)
                     if inputs is not None:
                         inputs.hidden = self.run_block(block, inputs)
+                        # a broken block stops the walk before its outputs are saved or passed on
+                        check_finite_outputs(self.layout.block_name(index), inputs.hidden)
                     self.source.finish(index, block, inputs)
                 if after is not None:
                     after(index, inputs)
             return inputs
         finally:
             self.model.train(was_training)
+
+
+def read_only(engine: LayerwiseEngine) -> LayerwiseEngine:
+    """An engine over the same blocks whose walk saves nothing and starts at block 0."""
+    return LayerwiseEngine(engine.model, engine.device, engine.batch_size, engine.progress, engine.layout,
+                           ReadOnlyBlocks(engine.source))

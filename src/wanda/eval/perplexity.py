@@ -61,6 +61,17 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
                progress: bool = True, desc: str = "perplexity") -> float:
     """Perplexity of ``model`` on ``windows`` (n, seqlen) of token ids; ``inf`` or ``nan`` if the model's
     losses are (a broken model is never reported as a number)."""
+    total_nll, total_tokens = negative_log_likelihood(model, windows, batch_size, chunk_tokens, progress, desc)
+    return nll_to_perplexity(total_nll, total_tokens)
+
+
+@torch.no_grad()
+def negative_log_likelihood(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 128,
+                            progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+    """Summed next-token NLL over ``windows`` and the number of predicted tokens (sums, so that a distributed
+    run can add those of its ranks; ``windows`` may be empty)."""
+    if windows.shape[0] == 0:
+        return 0.0, 0
     was_training = model.training
     model.eval()
     body = getattr(model, model.base_model_prefix)
@@ -76,7 +87,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
             total_tokens += tokens
     finally:
         model.train(was_training)
-    return nll_to_perplexity(total_nll, total_tokens)
+    return total_nll, total_tokens
 
 
 def batch_nll(model: nn.Module, hidden: torch.Tensor, batch: torch.Tensor, chunk_tokens: int) -> tuple[float, int]:

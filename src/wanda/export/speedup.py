@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..settings import SettingsMixin, require, setting
+from ..settings import SettingsMixin, require, require_seed, setting
 from ..models import find_decoder_layout, find_linears
 from .semi_structured import Converter, SparsifyReport, check_24, relative_error, sparsify_linears
 from .timing import measure
@@ -70,6 +70,7 @@ class SpeedupSettings(SettingsMixin):
     seed: int = setting(0, "seed of the random inputs")
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         for name in ("decode_tokens", "prefill_tokens", "model_tokens"):
             values = TokenCounts(getattr(self, name))
             self._set(name, values)

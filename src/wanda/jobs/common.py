@@ -13,9 +13,9 @@ from torch import nn
 
 from ..data import NAMED_SOURCES, evaluation_windows, resolve_source
 from ..devices import AUTO_BATCH, default_batch_size
+from ..distributed import SINGLE, Ranks
 from ..errors import WandaError
-from ..eval import perplexity
-from ..models import default_seqlen
+from ..models import check_seqlen, default_seqlen
 from ..settings import SettingsMixin, require, setting
 
 log = logging.getLogger("wanda")
@@ -89,7 +89,9 @@ class EvalSettings(TextSettings):
             return ["wiki-summaries"]
 
     def seqlen_for(self, model: nn.Module) -> int:
-        return self.seqlen or default_seqlen(model)
+        seqlen = self.seqlen or default_seqlen(model)
+        check_seqlen(model, seqlen)  # beyond the context: positions the model never saw, or an index error
+        return seqlen
 
     def batch_for(self, device: torch.device) -> int:
         return self.batch_size or default_batch_size(device)
@@ -102,8 +104,11 @@ class EvalSettings(TextSettings):
         return out
 
 
-def evaluate(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int, label: str) -> dict[str, float]:
-    return {name: perplexity(model, w, batch_size=batch_size, desc=f"{label} ppl {name}") for name, w in windows.items()}
+def evaluate(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int, label: str,
+             ranks: Ranks = SINGLE) -> dict[str, float]:
+    """Perplexity on each set; under a launcher the windows are divided over the ranks and the losses summed."""
+    return {name: ranks.perplexity(model, w, batch_size=batch_size, desc=f"{label} ppl {name}")
+            for name, w in windows.items()}
 
 
 def print_perplexities(columns: dict[str, dict[str, float]], seqlen: int) -> None:

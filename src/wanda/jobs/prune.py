@@ -14,13 +14,13 @@ import torch
 from ..config import PruneSettings
 from ..engine.streaming import StreamSettings
 from ..data import calibration_windows, resolve_source
+from ..distributed import DistributedSettings, init_ranks
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..io import atomic_write_json, atomic_write_text, ensure_free
-from ..methods import get_method
 from ..models import ModelSettings
-from ..pruning import PruneReport, prune
+from ..pruning import PruneReport, needs_calibration, prune
 from ..resources import run_peak_rss_mb
-from ..settings import SettingsMixin, require, setting
+from ..settings import SettingsMixin, require, require_seed, setting
 from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
 
 log = logging.getLogger("wanda")
@@ -44,6 +44,7 @@ class CalibrationSettings(SettingsMixin):
                                         "the bundled model)")
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         require(self.nsamples is None or self.nsamples >= 1, f"--nsamples must be at least 1, got {self.nsamples}")
 
 
@@ -60,7 +61,7 @@ class PruneOutputSettings(SettingsMixin):
 
 #: The settings of ``wanda [flags]``, in the order their groups appear in ``--help``.
 PRUNE_JOB = (ModelSettings, PruneSettings, CalibrationSettings, EvalSettings, PruneOutputSettings, ResultsSettings,
-             ZeroShotSettings, StreamSettings, LogSettings)
+             ZeroShotSettings, StreamSettings, DistributedSettings, LogSettings)
 
 
 def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, evaluation: EvalSettings):
@@ -85,18 +86,31 @@ def _write_results(results: ResultsSettings, method: str, report: PruneReport, d
 
 def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_settings: CalibrationSettings,
                   eval_settings: EvalSettings, outputs: PruneOutputSettings, results: ResultsSettings,
-                  zero_shot: ZeroShotSettings, stream: StreamSettings, logging_settings: LogSettings) -> int:
+                  zero_shot: ZeroShotSettings, stream: StreamSettings, dist_settings: DistributedSettings,
+                  logging_settings: LogSettings) -> int:
+    # under torchrun: the ranks joined before the flags were read (``SINGLE``, all no-ops, without a launcher);
+    # every step that can fail on one rank only runs inside ``ranks.agreed``, so that all of them stop together
+    ranks = init_ranks(dist_settings)
     method = settings.prune_method
-    results.claim(f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
-    if outputs.save_model:
-        ensure_free(outputs.save_model, results.overwrite, "model folder")
+    with ranks.agreed("checking the outputs and the device"):
+        if ranks.is_main:
+            results.claim(f"log_{method}.txt", f"results_{method}.json",
+                          *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
+            if outputs.save_model:
+                ensure_free(outputs.save_model, results.overwrite, "model folder")
+        if ranks.distributed:  # one process per GPU: this rank's is GPU LOCAL_RANK (or the CPU with --device cpu)
+            model_settings = model_settings.replace(device=str(ranks.select_device(model_settings.device)))
     calib_settings, eval_settings = _with_bundled_defaults(model_settings, calib_settings, eval_settings)
     start = time.perf_counter()
     torch.manual_seed(calib_settings.seed)
 
     from ..streaming import placement, streaming_folder  # --offload: the model streamed from disk block by block
 
-    folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), stream)
+    with ranks.agreed("choosing whether to stream the model"):  # the free memory may differ between nodes
+        folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), stream)
+        # the streamed job writes each pruned block and the activations to one work folder: not per rank yet
+        require(folder is None or not ranks.distributed, "streaming the model from disk (--offload) does not run "
+                "over several processes yet; pass --offload none (each rank then holds the whole model)")
     if folder is not None:
         from .streamed import streamed_prune_job
 
@@ -105,35 +119,41 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
                                   settings, calib_settings, eval_settings, outputs, results, stream,
                                   outputs.eval_dense or model_settings.bundled)
 
-    loaded = model_settings.load()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    device = next(model.parameters()).device
-    batch_size = eval_settings.batch_for(device)
-    seqlen = eval_settings.seqlen_for(model)
-    log.info("sequence length %d", seqlen)
-    eval_windows = eval_settings.windows(eval_settings.specs(model_settings.bundled), tokenizer, seqlen)
+    with ranks.agreed("loading the model and the data"):
+        loaded = model_settings.load()
+        model, tokenizer = loaded.model, loaded.tokenizer
+        device = next(model.parameters()).device
+        batch_size = eval_settings.batch_for(device)
+        seqlen = eval_settings.seqlen_for(model)
+        log.info("sequence length %d", seqlen)
+        eval_windows = eval_settings.windows(eval_settings.specs(model_settings.bundled), tokenizer, seqlen)
 
-    calib = None
-    if get_method(method).statistic is not None:
-        spec = calib_settings.calib_dataset or ("wiki-summaries" if model_settings.bundled else "c4")
-        source = resolve_source(spec, "calibration", eval_settings.text_field)
-        calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
-        log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
+        calib = None
+        if needs_calibration(settings):  # the method's statistics, DSnoT's or the sparsity profile's walk
+            spec = calib_settings.calib_dataset or ("wiki-summaries" if model_settings.bundled else "c4")
+            source = resolve_source(spec, "calibration", eval_settings.text_field)
+            calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
+            log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
 
-    dense = evaluate(model, eval_windows, batch_size, "dense") if outputs.eval_dense or model_settings.bundled else {}
-    report = prune(model, calib, settings, device=device, batch_size=batch_size)
-    pruned = evaluate(model, eval_windows, batch_size, "pruned")
+    evaluate_dense = outputs.eval_dense or model_settings.bundled
+    dense = evaluate(model, eval_windows, batch_size, "dense", ranks) if evaluate_dense else {}
+    report = prune(model, calib, settings, device=device, batch_size=batch_size, ranks=ranks)
+    pruned = evaluate(model, eval_windows, batch_size, "pruned", ranks)
+    if not ranks.is_main:
+        # one writer: every rank holds the same pruned weights; the main rank alone goes on (zero-shot tasks,
+        # printing, writing) with no collective left, so a long zero-shot run never meets --dist_timeout
+        return 0
 
     extra = {"model": model_settings.name, "seqlen": seqlen, "nsamples": calib_settings.nsamples,
              "seed": calib_settings.seed, "calib_dataset": calib_settings.calib_dataset,
              "eval_dataset": list(eval_windows), "total_wall_seconds": time.perf_counter() - start,
-             "peak_rss_mb": run_peak_rss_mb()}
+             "peak_rss_mb": run_peak_rss_mb(), "ranks": ranks.world_size}
     if zero_shot.eval_zero_shot:
         extra["zero_shot"] = run_zero_shot(model, tokenizer, zero_shot, results.save, results.overwrite,
                                            logging_settings.verbose)
     print(f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_settings.name}: actual "
           f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
-          f"{report.wall_seconds:.1f}s wall")
+          f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else ""))
     print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
     sys.stdout.flush()
     if results.save:

@@ -56,6 +56,27 @@ def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return lowest_k_mask(scores, prune_count(ratio, scores.shape[-1]))
 
 
+def row_spread_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune floor(ratio * numel) weights of the matrix, compared within each output row: every row loses
+    floor(ratio * in_features), and the remainder goes one each to the rows whose next candidate scores lowest.
+    The matrix thus loses the same count whatever the scope, so a per-layer ratio (a sparsity profile) is met
+    within one weight per layer; where ratio * in_features is whole (50% of an even width) it is ``row_mask``."""
+    return row_mask_count(scores, prune_count(ratio, scores.numel()))
+
+
+def row_mask_count(scores: torch.Tensor, total: int) -> torch.Tensor:
+    """Prune ``total`` weights, total // rows from every row plus one more from ``total % rows`` rows: those
+    whose lowest kept score is lowest (ties: the lower row)."""
+    rows, cols = scores.shape
+    base, extra = divmod(total, rows)
+    if extra == 0 or base >= cols:
+        return lowest_k_mask(scores, min(base, cols))
+    low, high = lowest_k_mask(scores, base), lowest_k_mask(scores, base + 1)  # nested: a stable-sort prefix
+    candidate = scores.float().masked_fill(low | ~high, float("inf")).amin(dim=-1)  # each row's next in line
+    chosen = lowest_k_mask(candidate.unsqueeze(0), extra).squeeze(0)
+    return torch.where(chosen.unsqueeze(1), high, low)
+
+
 def matrix_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune floor(ratio * numel) weights of the whole matrix (one threshold, as magnitude pruning)."""
     flat = scores.reshape(1, -1)

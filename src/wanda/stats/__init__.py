@@ -1,6 +1,8 @@
 """Calibration statistics of a linear layer's inputs, accumulated batch by batch in fp32."""
 
-from .accumulators import Gram, InputStatistic, SquaredNorm, flatten_inputs
+from .accumulators import (ChannelSum, Combined, Gram, InputStatistic, SquaredNorm, flatten_inputs, part,
+                           statistic_factory)
 from .hooks import InputRecorder
 
-__all__ = ["Gram", "InputStatistic", "SquaredNorm", "flatten_inputs", "InputRecorder"]
+__all__ = ["ChannelSum", "Combined", "Gram", "InputStatistic", "SquaredNorm", "flatten_inputs", "part",
+           "statistic_factory", "InputRecorder"]

@@ -1,9 +1,14 @@
 """Accumulators (start / add a batch / finish) for the statistics the pruning methods need.
 
-Both are sums over every calibration token, so batching does not change the result:
+Both are sums over every calibration token, so batching does not change the result (and a run split over
+several processes sums each process's accumulator, see ``summands``):
 - ``SquaredNorm``: ||X_j||_2^2 per input feature j (Wanda's activation norm, squared).
 - ``Gram``: X^T X (SparseGPT's Hessian up to the factor 2/n, which OBS is invariant to apart from the
   dampening, which is relative to the mean diagonal anyway). Its diagonal is ``SquaredNorm``.
+- ``ChannelSum``: sum_t x_tj per input feature j; with the squared norm it gives DSnoT's per-input mean and
+  variance.
+- ``Combined``: several of them fed by one hook, for a layer whose methods need more than one (SparseGPT
+  followed by DSnoT needs the Gram and the channel sum); ``part(stat, kind)`` picks one out.
 """
 
 from __future__ import annotations
@@ -28,10 +33,20 @@ class InputStatistic:
         """||X_j||^2 for every input feature j."""
         raise NotImplementedError
 
+    def summands(self) -> list[torch.Tensor]:
+        """The tensors that are sums over calibration tokens, to be summed in place over the ranks of a
+        distributed run (``tokens`` is summed beside them). A new statistic must list all of its state here."""
+        raise NotImplementedError(f"{type(self).__name__} does not say how to sum it over ranks (summands())")
+
 
 class SquaredNorm(InputStatistic):
+    """Each batch's column sum is taken in fp32 and added into an fp64 total. Adding fp32 numbers in fp64 is
+    exact while their exponents span less than 2^29 in ratio (53 - 24 bits), which batch sums of squares of the
+    same feature always do: the total is then the same whatever the order of the batches, so a run whose
+    batches are split over several processes gets bit-identical norms, and Wanda bit-identical masks."""
+
     def __init__(self, features: int, device: torch.device | str):
-        self.sum = torch.zeros(features, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device)
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -45,7 +60,10 @@ class SquaredNorm(InputStatistic):
         self.tokens += flat.shape[0]
 
     def squared_norm(self) -> torch.Tensor:
-        return self.sum
+        return self.sum.float()  # the exact total, rounded once
+
+    def summands(self) -> list[torch.Tensor]:
+        return [self.sum]
 
 
 class Gram(InputStatistic):
@@ -85,9 +103,80 @@ class Gram(InputStatistic):
     def squared_norm(self) -> torch.Tensor:
         return self.sum.diagonal().clone()
 
+    def summands(self) -> list[torch.Tensor]:
+        # summed in fp32 (an fp64 copy of a 28672-wide Gram would be 6.6 GB): the order of the sum over ranks
+        # changes the last bits, so SparseGPT agrees with a single process up to float rounding, not bit for bit
+        self.derived.clear()
+        return [self.total()]
+
     def hessian(self) -> torch.Tensor:
         """SparseGPT's H = 2/n X^T X (n = calibration tokens)."""
         return self.total() * (2.0 / max(self.tokens, 1))
+
+
+class ChannelSum(InputStatistic):
+    """sum_t x_tj per input feature j (DSnoT's E[x_j] once divided by the token count)."""
+
+    def __init__(self, features: int, device: torch.device | str):
+        # an fp64 total of fp32 batch sums, as for SquaredNorm: exact, so the split over ranks cannot change it
+        self.sum = torch.zeros(features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        self.sum += flat.sum(dim=0, dtype=torch.float32).double()
+        self.tokens += flat.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return (self.sum / max(self.tokens, 1)).float()
+
+    def summands(self) -> list[torch.Tensor]:
+        return [self.sum]
+
+
+class Combined(InputStatistic):
+    """Several accumulators of one input, each fed every batch once (one hook, one owner)."""
+
+    def __init__(self, parts: list[InputStatistic]):
+        self.parts = {type(p): p for p in parts}
+
+    @property
+    def tokens(self) -> int:  # type: ignore[override]
+        return next(iter(self.parts.values())).tokens
+
+    @tokens.setter
+    def tokens(self, value: int) -> None:  # a reduction over ranks sets the summed count
+        for p in self.parts.values():
+            p.tokens = value
+
+    def add(self, x: torch.Tensor) -> None:
+        for p in self.parts.values():
+            p.add(x)
+
+    def summands(self) -> list[torch.Tensor]:
+        return [t for p in self.parts.values() for t in p.summands()]
+
+    def squared_norm(self) -> torch.Tensor:
+        for p in self.parts.values():
+            if not isinstance(p, ChannelSum):
+                return p.squared_norm()
+        raise TypeError("no accumulator in this combination holds the squared norm")
+
+
+def statistic_factory(kinds: tuple[type[InputStatistic], ...]):
+    """(features, device) -> accumulator: the kind itself when there is one, else a ``Combined`` of all."""
+    if len(kinds) == 1:
+        return kinds[0]
+    return lambda features, device: Combined([kind(features, device) for kind in kinds])
+
+
+def part(stat: InputStatistic | None, kind: type[InputStatistic]) -> InputStatistic | None:
+    """The ``kind`` accumulator inside ``stat`` (``stat`` itself when it is one); None when absent."""
+    if stat is None or isinstance(stat, kind):
+        return stat
+    if isinstance(stat, Combined):
+        return next((p for p in stat.parts.values() if isinstance(p, kind)), None)
+    return None
 
 
 #: Row panels of the Gram matrix on a CPU, and the narrowest panel worth a call of its own.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..masks.pattern import PatternField, SparsityPattern
-from ..settings import SettingsMixin, require, setting
+from ..settings import SettingsMixin, require, require_seed, setting
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
 
@@ -41,6 +41,7 @@ class VisionPruneSettings(PatternField, SettingsMixin):
     seed: int = setting(0, "seed of the calibration sampling")
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         require(self.prune_metric in VISION_METRICS,
                 f"--prune_metric must be one of {', '.join(VISION_METRICS)}; got {self.prune_metric!r}")
         require(self.prune_granularity in GRANULARITIES,

@@ -1,0 +1,351 @@
+"""One pruning job over several processes ("ranks") through ``torch.distributed``, as started by ``torchrun`` or
+``accelerate launch`` (both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``).
+
+Without a launcher ``init_ranks`` returns ``SINGLE``, whose methods do nothing, and the job is unchanged.
+Under one, the block walk calls these hooks (``wanda.pruning.prune`` shows where):
+
+- ``local_windows``: each rank takes a contiguous share of the single-process run's calibration *batches*, so
+  every forward pass sees exactly the tensors it would see in one process, and produces the next block's inputs
+  for its own windows only;
+- ``reduce``: after a block's calibration forwards and before any mask is chosen, every statistic is summed over
+  the ranks; each rank then holds the statistics of all windows. Wanda's squared norms are fp64 sums of fp32
+  batch sums, which is exact, so masks are bit-identical to one process; Gram matrices are summed in fp32;
+- ``assign`` / ``share``: for the methods that update weights (the OBS ones) the block's layers are dealt to the
+  ranks by estimated cost, each rank solves its own, and the new weights are broadcast from their solver;
+  mask-only methods are recomputed by every rank (cheaper than sending weights);
+- ``agreed``: a step that may fail on one rank only (a bad flag or path, a singular Hessian) runs inside it;
+  the ranks then exchange what went wrong and all raise the same ``WandaError`` (exit code 2 in the CLI), so no
+  rank is left waiting at a collective. A rank that dies breaks the others' next collective (gloo: at once;
+  NCCL: after ``--dist_timeout``), which ends them with one message naming the step;
+- ``perplexity``: evaluation windows divided over the ranks, losses summed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import WandaError
+from .settings import SettingsMixin, require, setting
+
+if TYPE_CHECKING:
+    from .methods import MethodSpec
+    from .stats import InputStatistic
+
+__all__ = ["DistributedSettings", "Ranks", "SINGLE", "init_ranks", "launched", "window_share", "deal_layers"]
+
+log = logging.getLogger(__name__)
+
+#: What the launchers set for every process; ``WORLD_SIZE`` > 1 is what turns the distributed run on.
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistributedSettings(SettingsMixin):
+    """Settings of a run under ``torchrun`` / ``accelerate launch``; ignored without a launcher."""
+
+    _argument_group_name: ClassVar[str] = "several processes (torchrun, accelerate launch)"
+
+    #: Longer than the longest stretch between two collectives (a block's forwards plus its largest solve).
+    dist_timeout: float = setting(1800.0, "seconds a rank waits for the others at a collective before the job "
+                                  "ends with an error (under torchrun or accelerate launch)")
+
+    def __post_init__(self) -> None:
+        require(self.dist_timeout > 0, f"--dist_timeout must be positive, got {self.dist_timeout}")
+
+
+def launched() -> bool:
+    """True when a launcher started this process as one of several ranks."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        raise WandaError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; start the job with torchrun "
+                         "or accelerate launch, which set it") from None
+
+
+def window_share(count: int, batch_size: int, rank: int, world_size: int) -> slice:
+    """The windows of ``rank``: a contiguous run of whole batches of the single-process run (batch b holds
+    windows b*batch_size .. (b+1)*batch_size - 1), so each forward pass and each batch sum is the one a single
+    process computes. With fewer batches than ranks, windows are split one by one instead (results then match a
+    single process up to float rounding); a rank may get none."""
+    batches = -(-count // batch_size)
+    if batches >= world_size:
+        first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+        return slice(first * batch_size, min(last * batch_size, count))
+    return slice(count * rank // world_size, count * (rank + 1) // world_size)
+
+
+def solve_cost(shape: tuple[int, int]) -> float:
+    """Multiply-adds of one OBS solve of a (rows, cols) weight: the factor of H^-1 (cols^3 / 3 for the Cholesky
+    and as much for the triangular inverse) and the lazy column updates (rows * cols^2 / 2)."""
+    rows, cols = shape
+    return 2 * cols**3 / 3 + rows * cols**2 / 2
+
+
+def deal_layers(shapes: Mapping[str, tuple[int, int]], world_size: int) -> dict[str, int]:
+    """Layer name -> the rank that solves it: the costliest layer first, each to the least-loaded rank (lowest
+    rank on ties), so every rank computes the same assignment. A LLaMA block has 7 layers, the down projection
+    ~40% of the work: with 8 ranks a block's solve time is bounded by that one layer."""
+    load = [0.0] * world_size
+    owners: dict[str, int] = {}
+    order = sorted(shapes, key=lambda name: (-solve_cost(shapes[name]), list(shapes).index(name)))
+    for name in order:
+        rank = min(range(world_size), key=lambda r: (load[r], r))
+        owners[name] = rank
+        load[rank] += solve_cost(shapes[name])
+    return {name: owners[name] for name in shapes}
+
+
+class Ranks:
+    """This process's place in the job and the collectives the block walk needs. ``SINGLE`` (one process) makes
+    every method a no-op, so the single-process run goes through the same code with nothing added."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | None = None,
+                 timeout: float = DistributedSettings.dist_timeout):
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = local_rank
+        self.device = device  # this rank's device; None for SINGLE (the caller's --device decides)
+        self.timeout = timeout
+        self.group: Any = None  # the process group of the collectives: None is torch's default group
+        #: seconds spent inside collectives, waiting for slower ranks included (for the scaling benchmark)
+        self.collective_seconds = 0.0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main rank writes logs, results and the saved model."""
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return f"Ranks(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    def use_timeout(self, seconds: float) -> None:
+        """Collectives from now on wait at most ``seconds`` (``--dist_timeout``, known only once the flags are
+        read, after the default group exists): a group over all ranks with that timeout replaces it."""
+        if self.distributed and seconds != self.timeout:
+            with self._collective("setting --dist_timeout"):
+                self.group = dist.new_group(timeout=timedelta(seconds=seconds))
+            self.timeout = seconds
+
+    def select_device(self, requested: str | None) -> torch.device | None:
+        """This rank's device for the job's ``--device``: GPU ``LOCAL_RANK`` for ``auto`` (when there is one)
+        or ``cuda``/``cuda:N`` (one process per GPU, whatever N), the CPU for ``cpu``. ``None`` in one process,
+        where ``--device`` means what it always does."""
+        if not self.distributed:
+            return None
+        wants_cuda = (requested in (None, "auto") and torch.cuda.is_available()) or str(requested).startswith("cuda")
+        if wants_cuda:
+            if self.local_rank >= torch.cuda.device_count():
+                raise WandaError(f"LOCAL_RANK {self.local_rank} but {torch.cuda.device_count()} GPUs are visible: "
+                                 "start at most one process per GPU (torchrun --nproc_per_node)")
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        elif requested in (None, "auto", "cpu"):
+            self.device = torch.device("cpu")
+        else:
+            raise WandaError(f"--device {requested!r} is not cpu, cuda or auto")
+        return self.device
+
+    # ---- the hooks of the block walk ----------------------------------------------------------------------
+
+    def local_windows(self, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's calibration windows (see ``window_share``); every rank must get at least one, since a
+        rank without inputs would have no statistics to sum."""
+        if not self.distributed:
+            return ids
+        if ids.shape[0] < self.world_size:
+            raise WandaError(f"{ids.shape[0]} calibration windows cannot be split over {self.world_size} ranks; "
+                             f"use --nsamples {self.world_size} or more")
+        if -(-ids.shape[0] // batch_size) < self.world_size:
+            log.warning("%d calibration windows in batches of %d are fewer batches than the %d ranks: windows are "
+                        "split one by one, so results match one process up to float rounding only; lower "
+                        "--batch_size for bit-identical masks", ids.shape[0], batch_size, self.world_size)
+        return ids[window_share(ids.shape[0], batch_size, self.rank, self.world_size)]
+
+    def reduce(self, stats: Mapping[str, InputStatistic]) -> None:
+        """Sum each statistic (its ``summands()`` and ``tokens``) over the ranks, in place. Called after a
+        block's calibration forwards and before its masks are chosen."""
+        if not self.distributed or not stats:
+            return
+        names = sorted(stats)  # the same order on every rank
+        tensors = [t for name in names for t in stats[name].summands()]
+        tokens = torch.tensor([stats[name].tokens for name in names], dtype=torch.int64, device=tensors[0].device)
+        with self._collective("summing a block's statistics"):
+            works = [dist.all_reduce(t, group=self.group, async_op=True) for t in tensors + [tokens]]
+            for work in works:
+                work.wait()
+        for name, count in zip(names, tokens.tolist()):
+            stats[name].tokens = int(count)
+
+    def assign(self, linears: Mapping[str, nn.Linear], spec: MethodSpec) -> dict[str, int]:
+        """Layer name -> the rank that prunes it: this rank for everything unless the method's weight update is
+        worth spreading (``MethodSpec.updates_weights``)."""
+        if not self.distributed or not spec.updates_weights:
+            return {name: self.rank for name in linears}
+        return deal_layers({name: tuple(layer.weight.shape) for name, layer in linears.items()}, self.world_size)
+
+    def share(self, linears: Mapping[str, nn.Linear], owners: Mapping[str, int],
+              notes: dict[str, Any]) -> dict[str, Any]:
+        """Broadcast each layer's new weight from the rank that solved it; ``notes`` (name -> a picklable
+        record of the solve, held by its solver) are merged so that every rank has all of them."""
+        if not self.distributed or all(owner == self.rank for owner in owners.values()):
+            return notes
+        with self._collective("sending the solved weights"):
+            works = [dist.broadcast(linears[name].weight.data, src=owners[name], group=self.group,
+                                   async_op=True) for name in linears]
+            for work in works:
+                work.wait()
+        merged: dict[str, Any] = {}
+        for part in self._gather(notes, "sending the solved weights"):
+            merged.update(part)
+        return merged
+
+    @contextmanager
+    def agreed(self, step: str) -> Iterator[None]:
+        """Run a step that has no collective inside it; then every rank learns whether any rank failed, and if
+        one did, all raise the same error: a ``WandaError`` with the first failing rank's message (with its rank
+        when not every rank failed alike). A rank whose failure is not a ``WandaError`` re-raises its own
+        exception, with its traceback, and the others report it in one line."""
+        if not self.distributed:
+            yield
+            return
+        failure: BaseException | None = None
+        try:
+            yield
+        except (Exception, SystemExit) as exc:  # SystemExit: an argument parser that already printed its message
+            if isinstance(exc, SystemExit) and not exc.code:
+                raise
+            failure = exc
+        mine = None if failure is None else _describe(failure)
+        reports = self._gather(mine, step)
+        failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if not failed:
+            return
+        rank, (kind, message) = failed[0]
+        if kind not in ("WandaError", "SystemExit") and rank == self.rank:
+            raise failure  # this rank's own unexpected failure: keep its traceback
+        if kind not in ("WandaError", "SystemExit"):
+            message = f"rank {rank} failed while {step}: {kind}: {message}"
+        elif len(failed) < self.world_size or any(report != failed[0][1] for _, report in failed):
+            message = f"{message} (on rank {rank} of {self.world_size})"
+        raise WandaError(message) from failure
+
+    def broadcast_object(self, obj: Any, step: str, src: int = 0) -> Any:
+        """``src``'s ``obj`` on every rank: for what one rank decides for all (e.g. where a resumed run
+        continues, read from the main rank's work folder)."""
+        if not self.distributed:
+            return obj
+        box = [obj if self.rank == src else None]
+        with self._collective(step):
+            dist.broadcast_object_list(box, src=src, group=self.group)
+        return box[0]
+
+    # ---- evaluation ---------------------------------------------------------------------------------------
+
+    def perplexity(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 1, **kwargs: Any) -> float:
+        """``wanda.eval.perplexity`` with the windows divided over the ranks (whole batches, as for calibration)
+        and the losses summed in fp64: equal to the single-process value up to the order of that sum."""
+        from .eval.perplexity import negative_log_likelihood, perplexity, nll_to_perplexity
+
+        if not self.distributed:
+            return perplexity(model, windows, batch_size=batch_size, **kwargs)
+        share = windows[window_share(windows.shape[0], batch_size, self.rank, self.world_size)]
+        nll, tokens = negative_log_likelihood(model, share, batch_size=batch_size,
+                                              **{"progress": self.is_main, **kwargs})
+        totals = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=self.device)
+        with self._collective("summing the perplexity"):
+            dist.all_reduce(totals, group=self.group)
+        return nll_to_perplexity(totals[0].item(), int(totals[1].item()))
+
+    # ---- plumbing ----------------------------------------------------------------------------------------
+
+    def _gather(self, obj: Any, step: str) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        with self._collective(step):
+            dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    @contextmanager
+    def _collective(self, step: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        except RuntimeError as exc:  # gloo: a peer's socket closed; NCCL: DistBackendError after the timeout
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WandaError(f"rank {self.rank} lost the other ranks while {step} ({first}): another rank died or "
+                             f"waited longer than --dist_timeout ({self.timeout:g} s); its output says why") from exc
+        finally:
+            self.collective_seconds += time.perf_counter() - start
+
+    def barrier(self) -> None:
+        if self.distributed:
+            with self._collective("waiting for the other ranks"):
+                dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        """Leave the process group (idempotent)."""
+        global _JOINED
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+        if _JOINED is self:
+            _JOINED = None
+
+
+def _describe(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, SystemExit):
+        return "SystemExit", "bad command line (the parser's message is above)"
+    return type(exc).__name__, str(exc)
+
+
+#: The single-process run: every hook a no-op.
+SINGLE = Ranks()
+#: This process's place in a launched job, once joined (the command line joins before it reads the flags, so
+#: that a bad flag on one rank reaches all of them; the job then gets the same object back).
+_JOINED: Ranks | None = None
+
+
+def init_ranks(settings: DistributedSettings | None = None, device: str | None = "auto") -> Ranks:
+    """Join the launcher's process group, or return ``SINGLE`` when no launcher started this process. Called
+    again, it returns the same ``Ranks``, with ``settings.dist_timeout`` applied when ``settings`` are given.
+
+    ``device`` is the job's ``--device``: with ``auto`` or ``cuda`` each rank takes GPU ``LOCAL_RANK`` (NCCL for
+    tensors on it, gloo for CPU objects); with ``cpu``, or without a GPU, every rank works on the CPU (gloo).
+    """
+    global _JOINED
+    if not launched():
+        return SINGLE
+    if _JOINED is not None:
+        if settings is not None:
+            _JOINED.use_timeout(settings.dist_timeout)
+        return _JOINED
+    settings = settings or DistributedSettings()
+    missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
+    if missing:
+        raise WandaError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start the job with torchrun or "
+                         "accelerate launch, which set all of them")
+    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
+    # both backends when there is a GPU (NCCL for tensors on it, gloo for CPU tensors and pickled objects), so
+    # that --device can still choose where a rank works after the group exists
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():  # accelerate may have joined already
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=settings.dist_timeout))
+    ranks = Ranks(rank, world_size, local_rank, None, settings.dist_timeout)
+    ranks.select_device(device)
+    _JOINED = ranks
+    log.debug("rank %d of %d on %s (%s)", rank, world_size, ranks.device, backend)
+    return ranks

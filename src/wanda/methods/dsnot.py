@@ -1,0 +1,123 @@
+"""DSnoT, dynamic sparse no training (Zhang et al., "Dynamic Sparse No Training: Training-Free Fine-tuning for
+Sparse LLMs", ICLR 2024), the pure math of it: swap pruned and kept weights inside each row (inside each group
+of M for N:M) so that the expected reconstruction error of the row's output shrinks.
+
+For row i with dense weights W, current sparse weights W^ and the per-input mean mu_j = E[x_j], the expected
+error of the output is e_i = sum_j (W_ij - W^_ij) mu_j (with an unchanged kept weight W^ = W it is
+the sum over the pruned weights of W_ij mu_j). Each cycle, in every row still active:
+
+- regrow the pruned weight that moves e_i most towards zero relative to its input's variance: the largest
+  W_ij mu_j / Var(x_j)^p when e_i > 0, the smallest when e_i < 0 (p = 1);
+- prune a kept weight in return: unstructured, the one with the lowest Wanda score |W^_ij| ||X_j||_2 among
+  those whose W^_ij mu_j has the opposite sign to e_i; N:M, the lowest Wanda score in the regrown
+  weight's group of M (so every group keeps its count);
+- a row stops for good once |e_i| <= epsilon (0.1), once it runs out of candidates, with ``same_sign`` once a
+  swap would flip the sign of e_i, and after T = 50 cycles (the reference code's ``--update_threshold``,
+  ``--max_cycle_time``; its default ``--without_same_sign`` drops the sign rule for unstructured sparsity and
+  its N:M branch always applies it, as here).
+
+Regrown weights take their dense value, so DSnoT follows a method that updates the kept weights too
+(SparseGPT): its error is measured against the dense layer from the start. Differences from the reference
+code, each for correctness: the variance is that of all calibration tokens (the reference averages per-batch
+variances), and the candidate lists hold only pruned (regrow) or kept (prune) weights, so a pointer never
+"regrows" a weight that is already kept. The pruning side ranks by Wanda's score whatever the starting method
+(the reference does so for unstructured sparsity and uses the method's own score for N:M).
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: The paper's code defaults.
+DEFAULT_MAX_CYCLES = 50
+DEFAULT_THRESHOLD = 0.1
+DEFAULT_VAR_POWER = 1.0
+
+
+def dsnot(
+    dense: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    mean: torch.Tensor,
+    variance: torch.Tensor,
+    squared_norm: torch.Tensor,
+    nm: tuple[int, int] | None = None,
+    max_cycles: int = DEFAULT_MAX_CYCLES,
+    threshold: float = DEFAULT_THRESHOLD,
+    var_power: float = DEFAULT_VAR_POWER,
+    same_sign: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (new sparse weight in fp32, new mask) from the dense weight and a method's (weight, mask).
+
+    ``dense``, ``weight``, ``mask``: (rows, cols), True in ``mask`` = pruned; ``mean``, ``variance``,
+    ``squared_norm``: (cols,) statistics of the layer's input. Every row keeps its count of pruned weights
+    (``nm``: every group of M its count).
+    """
+    W = dense.float()
+    W_hat = weight.float().masked_fill(mask, 0.0)
+    mask = mask.clone()
+    rows, cols = W.shape
+    mu = mean.to(W.device).float()
+    index = torch.arange(rows, device=W.device)
+    inf = float("inf")
+
+    error = ((W - W_hat) * mu).sum(dim=1)  # (rows,) expected output error
+    first_sign = error.sign()
+    grow_gain = W * mu  # regrowing j lowers e by W_ij mu_j
+    var = variance.to(W.device).float().clamp_min(torch.finfo(torch.float32).tiny)
+    grow_key = grow_gain / var.pow(var_power)
+    # regrow candidates: the pruned weights, most negative first (for e < 0) and most positive first (for e > 0)
+    grow_lists = torch.stack([grow_key.masked_fill(~mask, inf).sort(dim=1, stable=True).indices,
+                              grow_key.masked_fill(~mask, -inf).sort(dim=1, descending=True, stable=True).indices])
+    grow_count = mask.sum(dim=1)
+    grow_ptr = torch.zeros(2, rows, dtype=torch.long, device=W.device)
+
+    wanda = W_hat.abs() * squared_norm.to(W.device).float().sqrt().unsqueeze(0)
+    wanda = wanda.masked_fill(mask, inf)  # never prune again what was pruned at the start (and may be regrown)
+    if nm is None:
+        effect = W_hat * mu  # pruning kept j raises e by W^_ij mu_j
+        lowers, raises = ~mask & (effect < 0), ~mask & (effect > 0)
+        prune_lists = torch.stack([wanda.masked_fill(~lowers, inf).sort(dim=1, stable=True).indices,
+                                   wanda.masked_fill(~raises, inf).sort(dim=1, stable=True).indices])
+        prune_count = torch.stack([lowers.sum(dim=1), raises.sum(dim=1)])
+        prune_ptr = torch.zeros(2, rows, dtype=torch.long, device=W.device)
+    else:
+        m = nm[1]
+        offsets = torch.arange(m, device=W.device)
+
+    active = torch.ones(rows, dtype=torch.bool, device=W.device)
+    for _ in range(max_cycles):
+        active &= error.abs() > threshold
+        if not active.any():
+            break
+        side = (error > 0).long()  # 1: regrow the most positive, prune among the lowering ones
+        ptr = grow_ptr[side, index]
+        valid = ptr < grow_count
+        grow = grow_lists[side, index, ptr.clamp(max=cols - 1)]
+        valid &= mask[index, grow]  # the other pointer may have regrown it already
+        grow_ptr[side, index] += 1
+        if nm is None:
+            lower = 1 - side  # e > 0: prune from the list of weights with W^ mu < 0 (list 0)
+            pptr = prune_ptr[lower, index]
+            valid &= pptr < prune_count[lower, index]
+            prune = prune_lists[lower, index, pptr.clamp(max=cols - 1)]
+            prune_ptr[lower, index] += 1
+        else:
+            group = (grow - grow % m).unsqueeze(1) + offsets  # (rows, m) columns of the regrown weight's group
+            scores = wanda.gather(1, group).masked_fill(mask.gather(1, group), inf)
+            best, where = scores.min(dim=1)
+            valid &= torch.isfinite(best)
+            prune = group.gather(1, where.unsqueeze(1)).squeeze(1)
+        after = error - grow_gain[index, grow] + W_hat[index, prune] * mu[prune]
+        update = active & valid
+        if same_sign or nm is not None:
+            update &= after.sign() == first_sign
+        rows_u = index[update]
+        g, p = grow[update], prune[update]
+        mask[rows_u, g] = False
+        W_hat[rows_u, g] = W[rows_u, g]
+        mask[rows_u, p] = True
+        W_hat[rows_u, p] = 0.0
+        error = torch.where(update, after, error)
+        active = update
+    return W_hat, mask
