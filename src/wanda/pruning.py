@@ -1,8 +1,15 @@
-"""Pruning a whole model: the engine walks the blocks, the chosen method prunes each linear layer."""
+"""Pruning a whole model: the engine walks the blocks, the chosen method prunes each weight matrix.
+
+What is pruned is ``find_prunable``'s enumeration (linear layers and per-expert slices of fused expert
+parameters); everything else in the blocks is reported as not pruned with its reason. A matrix that received
+no calibration token (an expert the router never chose) is pruned by the no-token rule: the method run with
+its statistic's ``neutral`` value, i.e. magnitude pruning in the method's own scope, and it is reported.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -14,7 +21,8 @@ from .config import PruneSettings
 from .engine import BlockInputs, LayerwiseEngine
 from .errors import WandaError
 from .methods import MethodSpec, get_method
-from .models import find_decoder_layout, find_linears
+from .models import BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, find_decoder_layout
+from .models.matrices import UNOBSERVED
 from .resources import peak_rss_mb, release_memory, reset_peak_rss
 from .stats import InputRecorder
 
@@ -28,6 +36,14 @@ class LayerReport:
     sparsity: float
     prune_seconds: float
     obs_loss: float | None = None
+    #: calibration tokens this matrix read (for an expert: the tokens routed to it); None without calibration
+    tokens: int | None = None
+    #: the rule that replaced the missing statistic, when ``tokens`` is 0
+    rule: str | None = None
+
+
+#: What a matrix that read no calibration token is pruned with (see ``InputStatistic.neutral``).
+NO_TOKEN_RULE = "no calibration token: the method with a neutral statistic (magnitude in its own scope, no update)"
 
 
 @dataclass
@@ -41,6 +57,8 @@ class PruneReport:
     calibration_tokens: int = 0
     #: peak resident memory during this call (Linux; elsewhere the process's peak so far), MiB
     peak_rss_mb: float = 0.0
+    #: every other parameter inside the decoder blocks, with the reason it was left alone
+    not_pruned: list[NotPruned] = field(default_factory=list)
 
     @property
     def prune_seconds(self) -> float:
@@ -53,15 +71,34 @@ class PruneReport:
         zeros = sum(l.sparsity * l.shape[0] * l.shape[1] for l in self.layers)
         return zeros / total if total else 0.0
 
+    @property
+    def sparsity_over(self) -> str:
+        """What ``actual_sparsity`` is computed over, in words."""
+        pruned = sum(l.shape[0] * l.shape[1] for l in self.layers)
+        left = sum(math.prod(n.shape) for n in self.not_pruned)
+        return (f"the {len(self.layers)} pruned weight matrices inside the decoder blocks ({pruned} weights); "
+                f"not counted: the {len(self.not_pruned)} block parameters listed in not_pruned ({left} values), "
+                "the embeddings and the LM head")
+
+    def not_pruned_summary(self) -> str:
+        """One line: the not-pruned parameters grouped by reason, with a count and the first name of each."""
+        groups: dict[str, list[str]] = {}
+        for item in self.not_pruned:
+            groups.setdefault(item.reason, []).append(item.name)
+        return "; ".join(f"{reason}: {len(names)} (e.g. {names[0]})" for reason, names in groups.items()) or "none"
+
     def to_dict(self) -> dict:
         return {
             "settings": self.settings,
             "actual_sparsity": self.actual_sparsity,
+            "sparsity_over": self.sparsity_over,
             "prune_seconds": self.prune_seconds,
             "wall_seconds": self.wall_seconds,
             "calibration_tokens": self.calibration_tokens,
             "peak_rss_mb": self.peak_rss_mb,
             "layers": [asdict(layer) for layer in self.layers],
+            "not_pruned": [asdict(item) for item in self.not_pruned],
+            "matrices_without_tokens": [l.name for l in self.layers if l.rule is not None],
         }
 
 
@@ -70,39 +107,65 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prune_linears(linears: dict[str, nn.Linear], spec: MethodSpec, settings: PruneSettings,
+def _statistic(name: str, weight: torch.Tensor, spec: MethodSpec, recorder: InputRecorder | None):
+    """(statistic, tokens, rule) for one matrix: the recorded one, or the neutral one when it read no token."""
+    if recorder is None:
+        return None, None, None
+    stat = recorder.stat(name)
+    if stat is not None and stat.tokens > 0:
+        return stat, stat.tokens, None
+    return spec.statistic.neutral(weight.shape[1], weight.device), 0, NO_TOKEN_RULE
+
+
+def _prune_linears(linears: dict[str, PrunableMatrix], spec: MethodSpec, settings: PruneSettings,
                    recorder: InputRecorder | None, report: PruneReport) -> None:
-    for name, layer in linears.items():
-        weight = layer.weight.data
-        stat = recorder.stat(name) if recorder is not None else None
+    for name, matrix in linears.items():
+        view = matrix.weight  # (out, in), a view into the model (strided for transposed expert slices)
+        weight = view if view.is_contiguous() else view.contiguous()
+        stat, tokens, rule = _statistic(name, weight, spec, recorder)
         _sync(weight.device)
         start = time.perf_counter()
         result = spec.prune(weight, stat, settings)
-        weight.copy_(result.weight.to(weight.dtype))
+        view.copy_(result.weight.to(view.dtype))
         _sync(weight.device)
         seconds = time.perf_counter() - start
-        sparsity = (weight == 0).float().mean().item()
-        report.layers.append(LayerReport(name, tuple(weight.shape), sparsity, seconds, result.obs_loss))
+        sparsity = (view == 0).float().mean().item()
+        report.layers.append(LayerReport(name, tuple(view.shape), sparsity, seconds, result.obs_loss, tokens, rule))
+
+
+def _unobserved(found: BlockMatrices, recorder: InputRecorder) -> dict[str, PrunableMatrix]:
+    """Moves fused experts whose per-expert inputs were not seen into ``not_pruned``; returns the rest."""
+    lost = recorder.unobserved
+    for name, matrix in list(found.prunable.items()):
+        if id(matrix.module) in lost:
+            found.not_pruned.append(NotPruned(name, matrix.shape, UNOBSERVED))
+            del found.prunable[name]
+    return found.prunable
 
 
 def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
-          device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None) -> PruneReport:
-    """Prune every linear layer inside ``model``'s decoder blocks in place.
+          device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None,
+          structure: StructureOverride | None = None) -> PruneReport:
+    """Prune every weight matrix inside ``model``'s decoder blocks in place (see ``find_prunable``).
 
     ``calibration_ids``: (nsamples, seqlen) token ids; not needed for magnitude pruning.
     ``device``: where each block is processed (default: where block 0 lives).
     ``batch_size``: calibration windows per forward pass (default: 2 on a CPU, 8 on a GPU).
+    ``structure``: which module list holds the blocks and which matrices to prune, for a model the generic
+    discovery gets wrong.
     """
     spec = get_method(settings.method)
-    layout = find_decoder_layout(model)
+    layout = find_decoder_layout(model, structure)
     report = PruneReport(settings=settings.to_dict())
     release_memory()
     reset_peak_rss()
     start = time.perf_counter()
     if spec.statistic is None:
         for index, block in enumerate(tqdm(layout.blocks, desc="blocks", unit="block", disable=not progress)):
+            found = layout.matrices(index, block)
+            report.not_pruned.extend(found.not_pruned)
             with torch.no_grad():
-                _prune_linears(find_linears(block, layout.block_name(index)), spec, settings, None, report)
+                _prune_linears(found.prunable, spec, settings, None, report)
     else:
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise WandaError(f"--prune_method {settings.method} needs calibration samples")
@@ -110,11 +173,13 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
         engine = LayerwiseEngine(model, device, batch_size, progress, layout)
 
         def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
-            linears = find_linears(block, layout.block_name(index))
-            with InputRecorder(linears, spec.statistic) as recorder:
+            found = layout.matrices(index, block)
+            with InputRecorder(found.prunable, spec.statistic) as recorder:
                 for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
                     block(hidden, *args, **kwargs)
                     recorder.end_batch()
+            linears = _unobserved(found, recorder)
+            report.not_pruned.extend(found.not_pruned)
             _prune_linears(linears, spec, settings, recorder, report)
             del recorder
 
@@ -122,16 +187,17 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     report.wall_seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     release_memory()  # the calibration activations
-    log.info("pruned %d layers with %s: sparsity %.4f, %.1fs pruning, %.1fs wall", len(report.layers),
-             settings.method, report.actual_sparsity, report.prune_seconds, report.wall_seconds)
+    log.info("pruned %d matrices with %s: sparsity %.4f over %s; %.1fs pruning, %.1fs wall", len(report.layers),
+             settings.method, report.actual_sparsity, report.sparsity_over, report.prune_seconds, report.wall_seconds)
+    log.info("not pruned: %s", report.not_pruned_summary())
+    without = [l.name for l in report.layers if l.rule is not None]
+    if without:
+        log.warning("%d matrices read no calibration token (%s, ...): %s", len(without), without[0], NO_TOKEN_RULE)
     return report
 
 
-def model_sparsity(model: nn.Module) -> dict[str, float]:
-    """Fraction of exact zeros of every linear layer inside the decoder blocks."""
-    layout = find_decoder_layout(model)
-    out = {}
-    for index, block in enumerate(layout.blocks):
-        for name, layer in find_linears(block, layout.block_name(index)).items():
-            out[name] = (layer.weight == 0).float().mean().item()
-    return out
+def model_sparsity(model: nn.Module, structure: StructureOverride | None = None) -> dict[str, float]:
+    """Fraction of exact zeros of every prunable matrix inside the decoder blocks (``find_prunable``'s)."""
+    layout: DecoderLayout = find_decoder_layout(model, structure)
+    return {name: (matrix.weight == 0).float().mean().item()
+            for index in range(len(layout.blocks)) for name, matrix in layout.matrices(index).prunable.items()}

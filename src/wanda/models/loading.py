@@ -12,7 +12,7 @@ from torch import nn
 from ..devices import resolve_device, resolve_dtype
 from ..errors import WandaError
 from ..resources import release_memory
-from .bundled import BUNDLED_NAME, bundled_model_dir
+from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def _looks_local(name: str) -> bool:
 
 def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: str | None = "auto",
                device: str | None = "auto") -> LoadedModel:
-    """Load ``name`` (hub id, folder, ``.gguf`` file or ``smollm2-135m``) on CPU, or across GPUs on CUDA."""
+    """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on CPU, or across GPUs on CUDA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = name or BUNDLED_NAME
@@ -53,8 +53,8 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
         # accelerate places the model on one GPU when it fits, across GPUs (then CPU) when it does not
         kwargs["device_map"] = "auto" if target.index is None else {"": target.index}
     tok_kwargs: dict = {}
-    if name == BUNDLED_NAME:
-        location = str(bundled_model_dir())
+    if name in NAMED_MODELS:
+        location = str(bundled_model_dir(name))
     elif _looks_local(name):
         path = Path(name).expanduser()
         if not path.exists():

@@ -28,6 +28,15 @@ class InputStatistic:
         """||X_j||^2 for every input feature j."""
         raise NotImplementedError
 
+    @classmethod
+    def neutral(cls, features: int, device: torch.device | str) -> "InputStatistic":
+        """The statistic of inputs that say nothing: every feature equally large and uncorrelated with the
+        others. It stands in for a matrix that received no calibration token (an expert the router never
+        chose), which makes the data-aware methods magnitude pruning within their own comparison scope:
+        Wanda's |W| * 1 per output row; SparseGPT's OBS with H = I, whose saliency is w^2 and whose
+        weight update is zero."""
+        raise NotImplementedError(f"{cls.__name__} has no neutral statistic for matrices without inputs")
+
 
 class SquaredNorm(InputStatistic):
     def __init__(self, features: int, device: torch.device | str):
@@ -46,6 +55,12 @@ class SquaredNorm(InputStatistic):
 
     def squared_norm(self) -> torch.Tensor:
         return self.sum
+
+    @classmethod
+    def neutral(cls, features: int, device: torch.device | str) -> "SquaredNorm":
+        stat = cls(features, device)
+        stat.sum.fill_(1.0)
+        return stat
 
 
 class Gram(InputStatistic):
@@ -84,6 +99,12 @@ class Gram(InputStatistic):
 
     def squared_norm(self) -> torch.Tensor:
         return self.sum.diagonal().clone()
+
+    @classmethod
+    def neutral(cls, features: int, device: torch.device | str) -> "Gram":
+        stat = cls(features, device)
+        stat.sum.fill_diagonal_(1.0)
+        return stat
 
     def hessian(self) -> torch.Tensor:
         """SparseGPT's H = 2/n X^T X (n = calibration tokens)."""
