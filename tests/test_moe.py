@@ -347,3 +347,75 @@ def test_saved_moe_model_keeps_its_zeros(arch, tmp_path):
         assert torch.equal(reloaded.get_parameter(name), p), name
     assert model_sparsity(reloaded) == model_sparsity(model)
     assert set(model_sparsity(reloaded).values()) == {0.5}
+
+
+# (7) experts as nn.Linear modules (remote-code style): pre-hooks see only the routed tokens ----------------
+
+class _LinearExpertsMoE(nn.Module):
+    """Top-1 routing over experts that are ordinary gated MLPs; an expert without tokens is never called."""
+
+    def __init__(self, hidden: int, inter: int, experts: int):
+        super().__init__()
+        self.gate = nn.Linear(hidden, experts, bias=False)
+        self.experts = nn.ModuleList(
+            nn.ModuleDict({"gate_proj": nn.Linear(hidden, inter, bias=False), "up_proj": nn.Linear(hidden, inter, bias=False),
+                           "down_proj": nn.Linear(inter, hidden, bias=False)}) for _ in range(experts))
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        choice = self.gate(flat).argmax(-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows = (choice == e).nonzero().squeeze(-1)
+            if rows.numel():
+                h = flat[rows]
+                out[rows] = expert["down_proj"](F.silu(expert["gate_proj"](h)) * expert["up_proj"](h))
+        return out.reshape(x.shape)
+
+
+def test_linear_experts_get_their_routed_tokens_and_the_no_token_rule():
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    for block in model.model.layers:
+        block.mlp = _LinearExpertsMoE(64, 32, EXPERTS)
+        v, u = torch.randn(2, 64)
+        block.mlp.gate.weight.data = torch.stack([v, -v, u, torch.zeros(64)])  # expert 3 never wins
+    original = copy.deepcopy(model)
+    ids = calib_ids(8, 16)
+    routed: dict[str, torch.Tensor] = {}
+    block0 = original.model.layers[0].mlp
+    handle = block0.register_forward_pre_hook(lambda m, a: routed.update(x=a[0].reshape(-1, 64).detach()))
+    with torch.no_grad():
+        original(input_ids=ids)
+    handle.remove()
+    report = prune(model, ids, PruneSettings(prune_method="wanda"), progress=False, batch_size=8)
+    layers = {l.name: l for l in report.layers}
+    assert "model.layers.0.mlp.gate" not in layers
+    assert {i.reason for i in report.not_pruned if i.name == "model.layers.0.mlp.gate.weight"} == {"router"}
+    x = routed["x"].double()
+    choice = (x @ block0.gate.weight.double().T).argmax(-1)
+    for e in range(EXPERTS):
+        name = f"model.layers.0.mlp.experts.{e}.up_proj"
+        w0 = block0.experts[e]["up_proj"].weight.detach()
+        if e == 3:
+            assert layers[name].tokens == 0 and layers[name].rule == NO_TOKEN_RULE
+            expected = _row_mask(w0.abs())
+        else:
+            xe = x[choice == e]
+            assert layers[name].tokens == xe.shape[0] > 0
+            expected = _row_mask(w0.double().abs() * xe.square().sum(0).sqrt())
+        assert torch.equal(model.model.layers[0].mlp.experts[e]["up_proj"].weight == 0, expected), name
+
+
+def test_finetune_masks_cover_fused_experts():
+    from wanda.finetune.masks import apply_masks, capture_masks
+
+    model = _fresh("mixtral")
+    prune(model, calib_ids(4, 16), PruneSettings(prune_method="magnitude"), progress=False)
+    masks = capture_masks(model)
+    key = "model.layers.0.mlp.experts.gate_up_proj"
+    assert masks[key].shape == (EXPERTS, 2 * INTER, HIDDEN) and int(masks[key].sum()) == masks[key].numel() // 2
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj.add_(1.0)  # "training" revives every zero
+    apply_masks(model, masks)
+    assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj == 0, masks[key])
