@@ -27,6 +27,19 @@ def tiny_config(arch: str, **overrides):
     elif arch == "opt":
         cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                         max_position_embeddings=256, word_embed_proj_dim=64)
+    elif arch == "granite":  # divides its logits by logits_scaling inside forward
+        from transformers import GraniteConfig
+
+        cfg = GraniteConfig(intermediate_size=128, num_key_value_heads=2, logits_scaling=4.0, **common)
+    elif arch == "cohere":  # multiplies its logits by logit_scale
+        from transformers import CohereConfig
+
+        cfg = CohereConfig(intermediate_size=128, num_key_value_heads=2, logit_scale=0.5, **common)
+    elif arch == "gemma2":  # soft-caps its logits (a low cap, so that it matters on random weights)
+        from transformers import Gemma2Config
+
+        cfg = Gemma2Config(intermediate_size=128, num_key_value_heads=2, head_dim=16, final_logit_softcapping=0.5,
+                           sliding_window=16, **common)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -50,6 +63,8 @@ def calib_ids(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 ARCHS = ["llama", "opt", "mistral", "qwen2"]
+#: Architectures that change their logits inside ``forward`` (scaling, soft-capping), beside ``ARCHS``.
+LOGIT_ARCHS = ["granite", "cohere", "gemma2"]
 
 
 @pytest.fixture(params=ARCHS)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import PruneSettings
 from .engine import BlockInputs, LayerwiseEngine
 from .errors import WandaError
+from .masks import overall_sparsity, zero_fraction
 from .methods import MethodSpec, get_method
 from .models import BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, find_decoder_layout
 from .models.matrices import UNOBSERVED
@@ -67,9 +68,7 @@ class PruneReport:
     @property
     def actual_sparsity(self) -> float:
         """Zeros over all pruned matrices, weighted by their size."""
-        total = sum(l.shape[0] * l.shape[1] for l in self.layers)
-        zeros = sum(l.sparsity * l.shape[0] * l.shape[1] for l in self.layers)
-        return zeros / total if total else 0.0
+        return overall_sparsity((l.shape, l.sparsity) for l in self.layers)
 
     @property
     def sparsity_over(self) -> str:
@@ -129,7 +128,7 @@ def _prune_linears(linears: dict[str, PrunableMatrix], spec: MethodSpec, setting
         view.copy_(result.weight.to(view.dtype))
         _sync(weight.device)
         seconds = time.perf_counter() - start
-        sparsity = (view == 0).float().mean().item()
+        sparsity = zero_fraction(view)
         report.layers.append(LayerReport(name, tuple(view.shape), sparsity, seconds, result.obs_loss, tokens, rule))
 
 
@@ -199,5 +198,5 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
 def model_sparsity(model: nn.Module, structure: StructureOverride | None = None) -> dict[str, float]:
     """Fraction of exact zeros of every prunable matrix inside the decoder blocks (``find_prunable``'s)."""
     layout: DecoderLayout = find_decoder_layout(model, structure)
-    return {name: (matrix.weight == 0).float().mean().item()
+    return {name: zero_fraction(matrix.weight)
             for index in range(len(layout.blocks)) for name, matrix in layout.matrices(index).prunable.items()}

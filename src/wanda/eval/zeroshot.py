@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
+from ..masks import zero_count
 from ..io import atomic_write_json, ensure_free
 
 __all__ = [
@@ -222,7 +223,7 @@ def linear_zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
         adapter_part = any(part.startswith("lora_") for part in name.split("."))
         if isinstance(module, nn.Linear) and module is not head and not adapter_part:
             weight = module.weight
-            counts[name] = (int((weight == 0).sum().item()), weight.numel())
+            counts[name] = (zero_count(weight), weight.numel())
     return counts
 
 

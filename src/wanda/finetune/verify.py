@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import math
+
 import torch
 from torch import nn
 
 from ..errors import WandaError
+from ..masks import overall_sparsity, zero_fraction
 from .masks import PrunedMasks, masked_weight
 
 __all__ = ["MatrixSparsity", "SparsityReport", "SparsityLost", "verify_sparsity"]
@@ -40,13 +43,12 @@ class SparsityReport:
     @property
     def sparsity(self) -> float:
         """Zeros over all checked matrices, weighted by their size."""
-        total = sum(_numel(m.shape) for m in self.matrices)
-        return sum(m.sparsity * _numel(m.shape) for m in self.matrices) / total if total else 0.0
+        return overall_sparsity((m.shape, m.sparsity) for m in self.matrices)
 
     @property
     def pruned_sparsity(self) -> float:
         """The fraction that was pruned when the masks were captured (what ``sparsity`` must not fall below)."""
-        total = sum(_numel(m.shape) for m in self.matrices)
+        total = sum(math.prod(m.shape) for m in self.matrices)
         return sum(m.pruned for m in self.matrices) / total if total else 0.0
 
     def raise_if_revived(self, what: str = "the model") -> None:
@@ -72,13 +74,6 @@ class SparsityReport:
                 "matrices": [asdict(m) for m in self.matrices]}
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for size in shape:
-        out *= size
-    return out
-
-
 @torch.no_grad()
 def verify_sparsity(model: nn.Module, masks: PrunedMasks) -> SparsityReport:
     """Sparsity of every masked matrix of ``model`` and how many of its pruned weights are non-zero."""
@@ -89,6 +84,6 @@ def verify_sparsity(model: nn.Module, masks: PrunedMasks) -> SparsityReport:
             raise WandaError(f"mask of {name} has shape {tuple(mask.shape)} but the weight is {tuple(weight.shape)}")
         zeros = weight == 0
         revived = int((mask.to(weight.device) & ~zeros).sum())
-        report.matrices.append(MatrixSparsity(name, tuple(weight.shape), zeros.float().mean().item(),
+        report.matrices.append(MatrixSparsity(name, tuple(weight.shape), zero_fraction(weight),
                                               int(mask.sum()), revived))
     return report

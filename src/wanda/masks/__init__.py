@@ -1,7 +1,7 @@
 """Mask selection: which weights to prune given their scores. ``True`` in a mask means *pruned*."""
 
 from .select import lowest_k_mask, matrix_mask, nm_mask, row_mask, select_mask, variant_mask
-from .checks import check_nm, mask_sparsity
+from .checks import check_nm, mask_sparsity, overall_sparsity, zero_count, zero_fraction
 
 __all__ = [
     "lowest_k_mask",
@@ -12,4 +12,7 @@ __all__ = [
     "variant_mask",
     "check_nm",
     "mask_sparsity",
+    "overall_sparsity",
+    "zero_count",
+    "zero_fraction",
 ]

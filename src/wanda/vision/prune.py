@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..masks import select_mask
+from ..masks import overall_sparsity, select_mask, zero_fraction
 from ..methods.scores import magnitude_scores, wanda_scores
 from ..stats import InputStatistic, SquaredNorm
 from .config import VisionPruneSettings
@@ -74,8 +74,7 @@ class VisionPruneReport:
     @property
     def actual_sparsity(self) -> float:
         """Zeros over all pruned matrices, weighted by their size (the seed's ``check_sparsity``, head excluded)."""
-        total = sum(l.shape[0] * l.shape[1] for l in self.layers)
-        return sum(l.sparsity * l.shape[0] * l.shape[1] for l in self.layers) / total if total else 0.0
+        return overall_sparsity((l.shape, l.sparsity) for l in self.layers)
 
     def to_dict(self) -> dict:
         return {"settings": self.settings, "actual_sparsity": self.actual_sparsity, "head": self.head,
@@ -127,7 +126,7 @@ def prune_classifier(model: nn.Module, calibration: Iterable[torch.Tensor] | Non
         weight = matrix_view(layer)  # (out, in), a view of the parameter
         mask = layer_mask(weight, recorder.stat(name) if recorder is not None else None, settings)
         weight.masked_fill_(mask.to(weight.device), 0)
-        report.layers.append(VisionLayerReport(name, tuple(weight.shape), (weight == 0).float().mean().item()))
+        report.layers.append(VisionLayerReport(name, tuple(weight.shape), zero_fraction(weight)))
     report.prune_seconds = time.perf_counter() - start
     log.info("pruned %d layers with %s per %s: sparsity %.4f", len(report.layers), settings.metric,
              settings.granularity if not settings.pattern.is_nm else f"{settings.pattern} group",

@@ -1,0 +1,76 @@
+"""Command-line parsers generated from settings dataclasses, and the boundary that turns errors into exit 2.
+
+Each flag is a field of a frozen settings dataclass (``wanda.settings.setting``): its name, type, default and
+help are declared there once, and transformers' ``HfArgumentParser`` builds the parser from the fields.
+Parsing constructs the dataclasses, so their ``__post_init__`` validation runs before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable, NoReturn, Sequence
+
+from transformers import HfArgumentParser
+
+from ..errors import WandaError
+
+__all__ = ["SettingsParser", "parse", "guarded", "setup_logging"]
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help when it has a default worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "(default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
+        return f"{text} (default: {default})"
+
+
+class SettingsParser(HfArgumentParser):
+    """``HfArgumentParser`` whose usage errors are one plain line and exit code 2 (argparse's code)."""
+
+    def __init__(self, dataclass_types: Sequence[type], **kwargs: Any):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(list(dataclass_types), **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_settings(self, argv: Sequence[str]) -> tuple:
+        """The settings objects, in the order of the dataclasses; validation errors exit 2 like usage errors."""
+        try:
+            return self.parse_args_into_dataclasses(list(argv), look_for_args_file=False)
+        except WandaError as exc:
+            self.exit(2, f"{self.prog}: error: {exc}\n")
+
+
+def parse(classes: Sequence[type], argv: Sequence[str], prog: str, description: str, epilog: str | None = None
+          ) -> tuple:
+    """Parse ``argv`` into one instance of each settings class."""
+    return SettingsParser(classes, prog=prog, description=description, epilog=epilog).parse_settings(argv)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def guarded(run: Callable[[], int | None], prog: str) -> NoReturn:
+    """Turn user errors into ``prog: error: ...`` and exit code 2; Ctrl-C into 130."""
+    try:
+        code = run() or 0
+    except WandaError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
