@@ -142,7 +142,8 @@ def find_prunable(block: nn.Module, prefix: str = "", include: tuple[str, ...] |
             elif isinstance(module, nn.Linear) and parameter == "weight":
                 reason = None
                 relative = module_name  # a linear layer is named by its module, as before
-                matrices = [PrunableMatrix(_qualify(prefix, relative), module, input_key=_qualify(prefix, relative))]
+                linear = _qualify(prefix, relative)
+                matrices = [PrunableMatrix(linear, module, input_key=linear)]
             elif param.dim() == 3 and _expert_count(module) == param.shape[0]:
                 reason = None
                 matrices = _expert_matrices(module_name, module, parameter, param, prefix)

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from ..models.matrices import PrunableMatrix
-
 from .accumulators import InputStatistic
 from .experts import ExpertInputTap
 
