@@ -159,7 +159,7 @@ def main() -> None:
         settings = TrainSettings(block_size=args.block_size, learning_rate=args.learning_rate, max_steps=args.steps,
                                  per_device_train_batch_size=args.batch_size, warmup_steps=10, logging_steps=10,
                                  save_steps=max(args.steps // 2, 1), save_total_limit=1, seed=0)
-        lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout)
+        lora = LoraSettings(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
         with tempfile.TemporaryDirectory(prefix="lora_smollm2_") as out:
             outcome = finetune(model, tokenizer, blocks, settings, out, mode="lora", lora=lora)
         ppl = evaluate_perplexity(outcome.model, sets, label=f"{pattern} adapter")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from wanda import PruneSettings, prune
-from wanda.cli.speedup import EXIT_NO_GPU, environment, gpu_slug
+from wanda.jobs.speedup import EXIT_NO_GPU, environment, gpu_slug
 from wanda.data import calibration_windows, resolve_source
 from wanda.export import BACKENDS, SemiStructuredBackend, available_backends, SpeedupSettings, format_tables, gpu_problem, run_speedup
 from wanda.models import load_model

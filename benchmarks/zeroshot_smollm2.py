@@ -213,8 +213,8 @@ def main() -> None:
         hellaswag_format_check(Path(args.data), args.out, args.batch_size)
         return
     tasks = "arc_easy,hellaswag" if args.part == "chance" and args.tasks == ",".join(SEED_TASKS) else args.tasks
-    settings = ZeroShotSettings(tasks=tuple(tasks.split(",")), limit=args.limit or None,
-                                batch_size=args.batch_size, data_dir=Path(args.data)).validate()
+    settings = ZeroShotSettings(eval_zero_shot=True, tasks=tasks, limit=args.limit or None,
+                                eval_batch_size=str(args.batch_size), zero_shot_data=args.data)
     if args.part == "chance":
         chance_check(settings, args.out)
         return

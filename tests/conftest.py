@@ -95,3 +95,11 @@ def word_corpus(path: Path, words: int = 20000, seed: int = 0) -> Path:
     lines = [" ".join(f"w{i}" for i in ids[k : k + 50]) for k in range(0, words, 50)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5, msg: str | None = None) -> None:
+    """Elementwise |actual - expected| <= rtol * (|expected| + max|expected|): a tolerance relative to the size of
+    the values compared, so that another CPU's summation order or thread count cannot fail it, while an error
+    of that size in the largest values still does."""
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=msg)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHS, calib_ids, tiny_model
+from conftest import ARCHS, assert_close, calib_ids, tiny_model
 from wanda import METHODS, PruneSettings, WandaError, model_sparsity, prune
 from wanda.engine import LayerwiseEngine, capture_block_inputs
 from wanda.models import find_decoder_layout, find_linears
@@ -123,11 +123,11 @@ def test_walk_reproduces_the_full_forward_pass(arch):
     engine.walk(ids, after=lambda index, inputs: outputs.__setitem__(index, torch.cat(inputs.hidden)))
     assert model.training
     assert sorted(outputs) == [0, 1]
-    torch.testing.assert_close(outputs[0], expected[1], rtol=1e-5, atol=1e-5)
+    assert_close(outputs[0], expected[1])
     # transformers' last hidden state already has the final norm applied
     final_norm = model.get_submodule(FINAL_NORM[arch])
     with torch.no_grad():
-        torch.testing.assert_close(final_norm(outputs[1]), expected[2], rtol=1e-5, atol=1e-5)
+        assert_close(final_norm(outputs[1]), expected[2])
     assert _hooks(model) == hooks_before
 
 
@@ -189,7 +189,7 @@ def test_recorder_shares_accumulators_for_the_same_input(arch):
     for name in linears:
         stat = recorder.stat(name)
         assert stat.tokens == plain[name].shape[0] == ids.numel()
-        torch.testing.assert_close(stat.squared_norm(), plain[name].square().sum(0), rtol=1e-5, atol=1e-5)
+        assert_close(stat.squared_norm(), plain[name].square().sum(0))
 
 
 def test_recorder_removes_hooks_when_the_body_raises():

@@ -13,7 +13,7 @@ from wanda import PruneSettings, prune
 from wanda.errors import WandaError
 from wanda.export import (SpeedupSettings, check_24, format_tables, load_compressed, measure, run_speedup,
                           save_model, sparsify_linears)
-from wanda.export.compressed import (MANIFEST_NAME, WEIGHTS_NAME, _encode_24, _nonzero, decode_tensor, encode_tensor,
+from wanda.export.compressed import (MANIFEST_NAME, WEIGHTS_NAME, decode_tensor, encode_tensor,
                                      same_bits)
 from wanda.masks import check_nm
 from wanda.models import find_linears, load_model
@@ -27,24 +27,21 @@ def _roundtrip(tensor: torch.Tensor) -> torch.Tensor:
 # --- tensor encodings, by hand -------------------------------------------------------------------------
 
 
-def test_24_encoding_by_hand():
+def test_a_24_tensor_takes_the_bitmask_and_no_more_bytes_than_positions_would():
     w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
     encoded = encode_tensor(w)
-    assert encoded.encoding == "2:4"
-    # group 1 keeps positions (1, 3), group 2 keeps (0, 3): four 2-bit indices in one byte, first in the low bits
-    assert encoded.parts["values"].tolist() == [[1.0, 2.0, 3.0, 4.0]]
-    assert encoded.parts["indices"].tolist() == [1 | 3 << 2 | 0 << 4 | 3 << 6]
+    assert encoded.encoding == "bitmask" and encoded.parts["bitmask"].tolist() == [0b01011001]
+    values_and_positions = w.numel() // 2 * w.element_size() + w.numel() // 8  # the old 2:4 encoding's bytes
+    assert encoded.nbytes <= values_and_positions
     assert same_bits(_roundtrip(w), w)
 
 
-def test_24_encoding_pads_groups_with_fewer_than_two_values():
-    # Chosen only at a size tie, so call the encoder directly: group 2 keeps 0 and pads with the zero at 1.
-    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 0.0]])
-    parts = _encode_24(w, _nonzero(w))
-    assert parts["values"].tolist() == [[1.0, 2.0, 3.0, 0.0]]
-    assert parts["indices"].tolist() == [1 | 3 << 2 | 0 << 4 | 1 << 6]
-    assert same_bits(decode_tensor("2:4", parts, (1, 8), torch.float32), w)
-    assert encode_tensor(w).encoding == "bitmask"  # 3 values + 1 byte beat 4 values + 1 byte
+def test_legacy_24_encoding_is_still_read():
+    # group 1 keeps positions (1, 3), group 2 keeps (0, 3): four 2-bit indices in one byte, first in the low bits
+    parts = {"values": torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+             "indices": torch.tensor([1 | 3 << 2 | 0 << 4 | 3 << 6], dtype=torch.uint8)}
+    expected = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
+    assert same_bits(decode_tensor("2:4", parts, (1, 8), torch.float32), expected)
 
 
 def test_bitmask_encoding_by_hand_keeps_negative_zero():
@@ -70,17 +67,16 @@ def test_encoding_is_the_smallest_and_exact(dtype):
     four_eight = dense.clone().reshape(16, 4, 8)
     four_eight[..., :4] = 0
     four_eight = four_eight.reshape(16, 32)
-    cases = {"dense": dense, "bitmask": sparse90, "2:4": two_four}
+    cases = {"dense": dense, "bitmask": sparse90}
     for expected, tensor in cases.items():
         encoded = encode_tensor(tensor)
         assert encoded.encoding == expected
         assert encoded.nbytes <= encoded.dense_nbytes
         assert same_bits(_roundtrip(tensor), tensor)
-    # 4:8 positions would need 3 bits each (1.5 bits per weight): the 1-bit mask is smaller
-    assert encode_tensor(four_eight).encoding == "bitmask"
-    assert same_bits(_roundtrip(four_eight), four_eight)
-    # odd row counts pad the last index byte
-    assert same_bits(_roundtrip(two_four[:3]), two_four[:3])
+    for tensor in (two_four, four_eight, two_four[:3]):  # odd sizes pad the last mask byte
+        encoded = encode_tensor(tensor)
+        assert encoded.encoding == "bitmask" and encoded.nbytes < encoded.dense_nbytes
+        assert same_bits(_roundtrip(tensor), tensor)
 
 
 def test_non_float_tensors_stay_dense():
@@ -106,7 +102,7 @@ def test_compressed_roundtrip_is_bit_identical_and_smaller(tmp_path, pattern, dt
     save_model(model, None, tmp_path / "dense", "dense")
     manifest = json.loads((tmp_path / "compressed" / MANIFEST_NAME).read_text())
     encodings = {k: v["encoding"] for k, v in manifest["tensors"].items() if ".layers." in k and k.endswith("proj.weight")}
-    assert set(encodings.values()) == ({"2:4"} if pattern == "2:4" else {"bitmask"})
+    assert set(encodings.values()) == {"bitmask"}
     assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
 
     loaded, tokenizer = load_compressed(tmp_path / "compressed")
@@ -268,7 +264,7 @@ def test_speedup_command_without_a_capable_gpu(monkeypatch, capsys):
     assert exit_info.value.code == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err == ("wanda speedup: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; "
+    assert err == ("wanda speedup: error: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; "
                    "no CUDA GPU is available\n")
 
 

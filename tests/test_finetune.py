@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import save_tiny, tiny_model, word_corpus
+from conftest import assert_close, save_tiny, tiny_model, word_corpus
 from wanda import PruneSettings, WandaError, prune
 
 pytest.importorskip("peft")
@@ -108,13 +108,13 @@ def test_training_blocks_cut_the_joined_stream(tmp_path):
 
 def test_settings_are_validated():
     with pytest.raises(WandaError, match="--lora_r"):
-        LoraSettings(r=0).validate()
+        LoraSettings(lora_r=0)
     with pytest.raises(WandaError, match="--lora_dropout"):
-        LoraSettings(dropout=1.0).validate()
+        LoraSettings(lora_dropout=1.0)
     with pytest.raises(WandaError, match="--max_steps"):
-        TrainSettings(max_steps=0).validate()
+        TrainSettings(max_steps=0)
     with pytest.raises(WandaError, match="--per_device_train_batch_size"):
-        TrainSettings(per_device_train_batch_size=0).validate()
+        TrainSettings(per_device_train_batch_size=0)
 
 
 # -- LoRA -------------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def lora_run(tmp_path_factory):
     original = {name: mask.clone() for name, mask in capture_masks(model).items()}
     root = tmp_path_factory.mktemp("lora")
     outcome = finetune(model, None, blocks, quick_settings(), root / "run", mode="lora",
-                       lora=LoraSettings(r=4, alpha=8, dropout=0.0), progress=False)
+                       lora=LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0), progress=False)
     # saved and measured now: the merge test below folds the adapter into the base model
     outcome.model.save_pretrained(root / "adapter")
     adapter_ppl = evaluate_perplexity(outcome.model, {"p": blocks[:4]}, progress=False)["p"]
@@ -165,7 +165,7 @@ def test_masked_merge_keeps_exactly_the_original_zero_pattern(lora_run):
         assert torch.equal(merged.get_submodule(key).weight == 0, mask), key
     # kept weights received the full update; pruned ones none: W' = W + M * dW
     expected = torch.where(original[name], torch.zeros_like(weight), weight + delta)
-    torch.testing.assert_close(merged.get_submodule(name).weight, expected)
+    assert_close(merged.get_submodule(name).weight, expected)
     assert verify_sparsity(merged, original).revived == 0
 
 
@@ -239,8 +239,8 @@ def test_resuming_continues_the_step_count_and_keeps_the_zeros(tmp_path):
     straight = finetune(pruned_tiny(), None, blocks, quick_settings(max_steps=5, save_steps=100), tmp_path / "b",
                         mode="full", progress=False)
     for name in second.masks:
-        torch.testing.assert_close(second.model.get_submodule(name).weight,
-                                   straight.model.get_submodule(name).weight, rtol=1e-4, atol=1e-5)
+        assert_close(second.model.get_submodule(name).weight, straight.model.get_submodule(name).weight,
+                     rtol=1e-4)
 
 
 def test_checkpoint_resolution(tmp_path):

@@ -16,6 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import assert_close
+
 from wanda.errors import WandaError
 from wanda.masks import check_nm
 from wanda.vision import (ImageFolder, Preprocess, VisionPruneSettings, calibration_batches, find_layout,
@@ -102,8 +104,8 @@ CASES = {
 }
 
 
-def settings(**kw) -> VisionPruneSettings:
-    return VisionPruneSettings(**kw).validate()
+def settings(metric: str = "wanda", granularity: str = "row", **kw) -> VisionPruneSettings:
+    return VisionPruneSettings(prune_metric=metric, prune_granularity=granularity, **kw)
 
 
 # --- which layers ---------------------------------------------------------------------------------------------
@@ -281,19 +283,19 @@ def test_wanda_uses_the_activations():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(metric="sparsegpt"), "--prune_metric"),
-    (dict(granularity="column"), "--prune_granularity"),
+    (dict(prune_metric="sparsegpt"), "--prune_metric"),
+    (dict(prune_granularity="column"), "--prune_granularity"),
     (dict(sparsity=1.0), "--sparsity"),
     (dict(sparsity=0.6, sparsity_type="2:4"), "prunes exactly 0.5"),
     (dict(nsamples=0), "--nsamples"),
 ])
 def test_settings_are_validated(kw, match):
     with pytest.raises(WandaError, match=match):
-        VisionPruneSettings(**kw).validate()
+        VisionPruneSettings(**kw)
 
 
 def test_nm_implies_its_ratio():
-    assert VisionPruneSettings(sparsity_type="4:8").validate().sparsity == 0.5
+    assert VisionPruneSettings(sparsity_type="4:8").sparsity == 0.5
 
 
 # --- preprocessing and data --------------------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def test_preprocess_matches_transformers_image_processors():
                       ViTImageProcessorPil(size={"height": 24, "width": 24})):
         expected = processor(image, return_tensors="pt")["pixel_values"][0]
         mine = Preprocess.from_image_processor(processor.to_dict())
-        assert torch.allclose(mine(image), expected, atol=1e-6)
+        assert_close(mine(image), expected)
         assert Preprocess.from_image_processor(mine.to_image_processor()) == mine
 
 
@@ -316,7 +318,7 @@ def test_preprocess_by_hand():
     pre = Preprocess(resize=10, crop=(8, 8), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     out = pre(Image.new("L", (40, 20), color=51))  # 51/255 = 0.2 everywhere, gray -> RGB
     assert out.shape == (3, 8, 8)
-    assert torch.allclose(out, torch.full_like(out, (0.2 - 0.5) / 0.25), atol=1e-6)
+    assert_close(out, torch.full_like(out, (0.2 - 0.5) / 0.25))
     deit = Preprocess.from_image_processor({"size": {"height": 256, "width": 256}, "do_center_crop": True,
                                             "crop_size": {"height": 224, "width": 224}})
     assert deit.resize == (256, 256) and deit.crop == (224, 224)
@@ -385,7 +387,15 @@ def test_state_dict_with_transformers_keys_loads_by_name(tmp_path):
 
 @pytest.mark.parametrize("build", [tiny_vit, tiny_convnext], ids=["vit", "convnext"])
 def test_command_end_to_end(tmp_path, build, capsys):
-    from wanda.cli.vision import RESULTS_FILE, main, run
+    from wanda.cli.main import main as wanda_main
+    from wanda.cli.main import run as run_command
+    from wanda.jobs.vision import RESULTS_FILE
+
+    def run(argv, prog):
+        return run_command(["vision", *argv], "wanda")
+
+    def main(argv, prog):
+        wanda_main(["vision", *argv], "wanda")
 
     model = build(num_labels=5)
     model.save_pretrained(tmp_path / "dense")
@@ -416,13 +426,17 @@ def test_command_end_to_end(tmp_path, build, capsys):
 
 
 def test_command_reports_bad_flags_in_one_line(tmp_path, capsys):
-    from wanda.cli.vision import main
+    from wanda.cli.main import main as wanda_main
+
+    def main(argv, prog):
+        wanda_main(["vision", *argv], "wanda")
 
     data = write_image_tree(tmp_path / "data", classes=2, per_class=1)
     with pytest.raises(SystemExit) as exit_info:
         main(["--data_path", str(data), "--prune_metric", "sparsegpt"], "wanda vision")
     assert exit_info.value.code == 2
-    assert "--prune_metric must be one of magnitude, wanda" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--prune_metric" in err and "invalid choice: 'sparsegpt'" in err and "magnitude" in err
     with pytest.raises(SystemExit):
         main(["--data_path", str(tmp_path / "missing")], "wanda vision")
     assert "has no train/ folder" in capsys.readouterr().err
@@ -501,7 +515,7 @@ def test_timm_vit_checkpoint_converts_exactly(distilled):
     model.load_state_dict(to_transformers(sd, model))  # strict: every key is produced, none is left over
     x = images(2, 16)
     with torch.no_grad():
-        assert torch.allclose(model(pixel_values=x).logits, timm_vit_reference(sd, x, 2, 2, 4, distilled), atol=1e-5)
+        assert_close(model(pixel_values=x).logits, timm_vit_reference(sd, x, 2, 2, 4, distilled), rtol=1e-4)
 
 
 def official_convnext_state(depths=(1, 2), dims=(8, 16), classes=5) -> dict:
@@ -558,7 +572,7 @@ def test_official_convnext_checkpoint_converts_exactly():
     model.load_state_dict(to_transformers(sd, model))
     x = images(2, 32)
     with torch.no_grad():
-        assert torch.allclose(model(pixel_values=x).logits, official_convnext_reference(sd, x, (1, 2)), atol=1e-5)
+        assert_close(model(pixel_values=x).logits, official_convnext_reference(sd, x, (1, 2)), rtol=1e-4)
 
 
 def test_seed_checkpoint_loads_by_name_without_timm(tmp_path):
@@ -569,7 +583,7 @@ def test_seed_checkpoint_loads_by_name_without_timm(tmp_path):
     assert loaded.model.config.layer_norm_eps == 1e-6
     x = images(1, 224)
     with torch.no_grad():
-        assert torch.allclose(loaded.forward(loaded.model, x), timm_vit_reference(sd, x, 12, 3, 16, False), atol=1e-4)
+        assert_close(loaded.forward(loaded.model, x), timm_vit_reference(sd, x, 12, 3, 16, False), rtol=1e-4)
     with pytest.raises(WandaError, match="checkpoint is a vit"):
         load_classifier("convnext_tiny", str(tmp_path / "seed.pth"), "transformers", num_classes=5)
 
@@ -604,7 +618,10 @@ def stub_timm(monkeypatch):
 
 
 def test_timm_path_loads_prunes_and_saves(stub_timm, tmp_path, capsys):
-    from wanda.cli.vision import run
+    from wanda.cli.main import run as run_command
+
+    def run(argv, prog):
+        return run_command(["vision", *argv], "wanda")
 
     torch.save({"model": PointwiseNet(classes=5).state_dict()}, tmp_path / "seed.pth")
     loaded = load_classifier("pointwise_net", str(tmp_path / "seed.pth"), num_classes=5)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import bz2
 import json
-from argparse import Namespace
 from collections import Counter
 from pathlib import Path
 
@@ -319,30 +318,32 @@ def test_hellaswag_file_matches_the_harness_on_the_original_schema_subset():
 
 # ----------------------------------------------------------------------------------------------- settings
 def test_settings_validation(tmp_path):
+    on = dict(eval_zero_shot=True)
     with pytest.raises(WandaError, match="--limit"):
-        ZeroShotSettings(limit=0).validate()
+        ZeroShotSettings(limit=0, **on)
     with pytest.raises(WandaError, match="--eval_batch_size"):
-        ZeroShotSettings(batch_size=0).validate()
+        ZeroShotSettings(eval_batch_size="0", **on)
     with pytest.raises(WandaError, match="not a folder"):
-        ZeroShotSettings(data_dir=tmp_path / "missing").validate()
+        ZeroShotSettings(zero_shot_data=str(tmp_path / "missing"), **on)
     with pytest.raises(WandaError, match="boolq/val.jsonl"):
-        ZeroShotSettings(tasks=("boolq",), data_dir=tmp_path).validate()
+        ZeroShotSettings(tasks="boolq", zero_shot_data=str(tmp_path), **on)
     with pytest.raises(WandaError, match="twice"):
-        ZeroShotSettings(tasks=("rte", "rte")).validate()
+        ZeroShotSettings(tasks="rte,rte", **on)
+    with pytest.raises(WandaError, match="add --eval_zero_shot"):
+        ZeroShotSettings(tasks="rte")
 
 
 def test_settings_from_flags(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDA_DATA_DIR", raising=False)
-    s = ZeroShotSettings.from_namespace(Namespace(tasks="rte, boolq", num_fewshot=0, limit=4, eval_batch_size="auto",
-                                                  zero_shot_data=None))
-    assert s.tasks == ("rte", "boolq") and s.limit == 4 and s.batch_size == "auto" and s.data_dir is None
-    assert ZeroShotSettings.from_namespace(Namespace()).tasks == SEED_TASKS
+    s = ZeroShotSettings(eval_zero_shot=True, tasks="rte, boolq", limit=4, eval_batch_size="auto")
+    assert s.task_names == ("rte", "boolq") and s.limit == 4 and s.batch_size == "auto" and s.data_dir is None
+    assert ZeroShotSettings().task_names == SEED_TASKS and ZeroShotSettings().batch_size == 8
     (tmp_path / "zeroshot").mkdir()
     monkeypatch.setenv("WANDA_DATA_DIR", str(tmp_path))
-    assert ZeroShotSettings.from_namespace(Namespace()).data_dir == tmp_path / "zeroshot"
-    assert ZeroShotSettings.from_namespace(Namespace(zero_shot_data="hub")).data_dir is None
+    assert ZeroShotSettings().data_dir == tmp_path / "zeroshot"
+    assert ZeroShotSettings(eval_zero_shot=True, zero_shot_data="hub").data_dir is None
     with pytest.raises(WandaError, match="--eval_batch_size"):
-        ZeroShotSettings.from_namespace(Namespace(eval_batch_size="big"))
+        ZeroShotSettings(eval_batch_size="big")
 
 
 def test_few_shot_from_the_local_file_leaves_the_document_out(local_data):
@@ -373,13 +374,14 @@ def test_zeros_that_move_are_reported(local_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", meddle)
     with pytest.raises(WandaError, match="changed the zeros"):
-        evaluate_zero_shot(model, tokenizer, ZeroShotSettings(tasks=("rte",), data_dir=local_data))
+        evaluate_zero_shot(model, tokenizer, ZeroShotSettings(eval_zero_shot=True, tasks="rte", zero_shot_data=str(local_data)))
 
 
 def test_auto_batch_size_is_refused_on_cpu(local_data, tmp_path):
     model, tokenizer = _pruned_tiny(tmp_path)
     with pytest.raises(WandaError, match="needs a GPU"):
-        evaluate_zero_shot(model, tokenizer, ZeroShotSettings(tasks=("rte",), batch_size="auto", data_dir=local_data))
+        evaluate_zero_shot(model, tokenizer, ZeroShotSettings(eval_zero_shot=True, tasks="rte", eval_batch_size="auto",
+                                                                zero_shot_data=str(local_data)))
 
 
 @needs_shared
@@ -389,9 +391,8 @@ def test_seven_local_tasks_on_a_pruned_tiny_model(tmp_path, capsys):
     zeros = linear_zero_counts(model)
     pad = tokenizer.pad_token
     limit = 3
-    args = Namespace(tasks=None, num_fewshot=0, limit=limit, eval_batch_size="4", zero_shot_data=str(ZEROSHOT),
-                     save=str(tmp_path / "out"), overwrite=False, verbose=False)
-    result = run_zero_shot(model, tokenizer, args)
+    settings = ZeroShotSettings(eval_zero_shot=True, limit=limit, eval_batch_size="4", zero_shot_data=str(ZEROSHOT))
+    result = run_zero_shot(model, tokenizer, settings, save=tmp_path / "out")
 
     assert set(result["metrics"]) == set(SEED_TASKS)
     for task in SEED_TASKS:
@@ -409,4 +410,4 @@ def test_seven_local_tasks_on_a_pruned_tiny_model(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| task | metric | value | stderr | n |" in table and f"| arc_easy | acc_norm |" in table
     with pytest.raises(WandaError, match="already exists"):
-        run_zero_shot(model, tokenizer, args)
+        run_zero_shot(model, tokenizer, settings, save=tmp_path / "out")

@@ -8,7 +8,7 @@ Every job's settings are a frozen dataclass of such fields. The command-line par
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import MISSING, Field, asdict, fields
+from dataclasses import MISSING, Field, asdict
 from typing import Any
 
 from .errors import WandaError
@@ -45,7 +45,3 @@ class SettingsMixin:
     def _set(self, name: str, value: Any) -> None:
         """Normalise a field inside ``__post_init__`` of a frozen dataclass (e.g. an implied default)."""
         object.__setattr__(self, name, value)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]  # type: ignore[arg-type]

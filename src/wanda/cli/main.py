@@ -1,7 +1,7 @@
 """Entry points: ``wanda``, ``wanda-opt`` and ``python -m wanda.main``.
 
-``wanda [flags]`` runs the seed's pruning job; ``wanda SUBCOMMAND ...`` runs another tool
-(``eval``, ``finetune``, ``vision``, ``speedup``) from the module ``wanda.cli.<subcommand>``.
+``wanda [flags]`` runs the seed's pruning job; ``wanda COMMAND ...`` another job. Every command is a row of
+``COMMANDS``: the settings dataclasses its parser is generated from, and the job that receives them.
 """
 
 from __future__ import annotations
@@ -9,11 +9,93 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import NoReturn
+from dataclasses import dataclass
+from typing import Callable, NoReturn, Union
 
-from .common import guarded
+from ..errors import WandaError
+from .parsing import SettingsParser, guarded, setup_logging
 
-SUBCOMMANDS = ("eval", "finetune", "vision", "speedup")
+__all__ = ["COMMANDS", "Command", "main", "main_opt", "run"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A job of ``wanda``: ``module.<settings>`` (a tuple of settings classes) handed to ``module.<job>``."""
+
+    module: str
+    settings: str
+    job: str
+    description: str
+
+    def parser(self, prog: str) -> SettingsParser:
+        module = importlib.import_module(f"wanda.jobs.{self.module}")
+        return SettingsParser(getattr(module, self.settings), prog=prog, description=self.description,
+                              epilog=getattr(module, "EPILOG", None))
+
+    def run(self, argv: list[str], prog: str) -> int:
+        settings = self.parser(prog).parse_settings(argv)
+        setup_logging(settings[-1].verbose)  # every job's last settings group is LogSettings
+        job: Callable[..., int] = getattr(importlib.import_module(f"wanda.jobs.{self.module}"), self.job)
+        try:
+            return job(*settings)
+        except WandaError as exc:
+            exc.prog = prog  # reported by the command that failed, e.g. "wanda eval: error: ..."
+            raise
+
+
+_EVAL = Command("evaluate", "EVAL_JOB", "run_eval_job", "Evaluate a saved (pruned or dense) model, optionally with "
+                "an unmerged LoRA --adapter: perplexity and/or zero-shot accuracy with lm-eval. Nothing is changed.")
+
+#: ``wanda``'s commands; the empty name is the pruning job, a nested table a command with sub-commands.
+COMMANDS: dict[str, Union[Command, dict[str, Command]]] = {
+    "": Command("prune", "PRUNE_JOB", "run_prune_job", "Prune a causal language model with a registered method "
+                "(magnitude, Wanda, SparseGPT, the OBS ablations, ...), then report its perplexity. With no --model, "
+                "prunes the bundled SmolLM2-135M offline."),
+    "eval": _EVAL,
+    "finetune": {
+        "lora": Command("finetune", "LORA_JOB", "run_lora", "Train a LoRA adapter on the frozen pruned weights; "
+                        "every pruned weight stays exactly zero (checked)."),
+        "full": Command("finetune", "FULL_JOB", "run_full", "Train every weight with masked gradients; pruned weights "
+                        "stay exactly zero (checked)."),
+        "merge": Command("finetune", "MERGE_JOB", "run_merge", "Merge a saved adapter into the pruned model, keeping "
+                         "every zero."),
+        "eval": _EVAL,
+    },
+    "vision": Command("vision", "VISION_JOB", "run_vision_job", "Prune the linear and 1x1 convolution layers of an "
+                      "image classifier's blocks (never its head) with magnitude or Wanda, then report top-1/top-5 "
+                      "accuracy on DATA_PATH/val."),
+    "speedup": Command("speedup", "SPEEDUP_JOB", "run_speedup_job", "Measure the inference speed-up of a 2:4-pruned "
+                       "model (prune it with --sparsity_type 2:4 --save_model DIR first): convert its linear layers "
+                       "to semi-structured sparse tensors, check the outputs against the dense model, and time both."),
+}
+
+
+def _listing(prog: str, table: dict[str, Command]) -> str:
+    lines = [f"usage: {prog} {{{','.join(table)}}} ...", "", "commands:"]
+    lines += [f"  {name:<8} {command.description}" for name, command in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def run(argv: list[str], prog: str = "wanda") -> int:
+    """Run the command ``argv`` names; returns its exit code (usage errors exit through argparse)."""
+    table: dict = COMMANDS
+    while argv and isinstance(table.get(argv[0]), dict):
+        name = argv.pop(0)
+        table, prog = table[name], f"{prog} {name}"
+    if table is COMMANDS:
+        if argv and argv[0] in COMMANDS and argv[0]:
+            name = argv.pop(0)
+            return COMMANDS[name].run(argv, f"{prog} {name}")
+        return COMMANDS[""].run(argv, prog)
+    if argv and argv[0] in table:
+        name = argv.pop(0)
+        return table[name].run(argv, f"{prog} {name}")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(_listing(prog, table), end="")
+        return 0
+    what = f"unknown command {argv[0]!r}" if argv else "a command is needed"
+    print(f"{prog}: error: {what}; choose one of {', '.join(table)} (see {prog} --help)", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> NoReturn:
@@ -21,21 +103,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> NoReturn:
     prog = prog or os.path.basename(sys.argv[0])
     if prog in ("main.py", "__main__.py", "-c", ""):
         prog = "wanda"
-    if argv and argv[0] in SUBCOMMANDS:
-        name = argv.pop(0)
-        try:
-            module = importlib.import_module(f"wanda.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"wanda.cli.{name}":
-                raise
-            print(f"{prog}: error: the '{name}' command is not available in this version", file=sys.stderr)
-            sys.exit(2)
-        module.main(argv, f"{prog} {name}")
-    from .prune import run
-
     guarded(lambda: run(argv, prog), prog)
 
 
 def main_opt() -> NoReturn:
     """``wanda-opt``: the same tool (the architecture is detected), kept for the seed's OPT commands."""
     main(prog="wanda-opt")
+

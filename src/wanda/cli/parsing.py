@@ -25,7 +25,7 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "(default" in text or default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "(default" in text or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
             return text
         if isinstance(default, (list, tuple)):
             default = " ".join(map(str, default))
@@ -45,9 +45,13 @@ class SettingsParser(HfArgumentParser):
     def parse_settings(self, argv: Sequence[str]) -> tuple:
         """The settings objects, in the order of the dataclasses; validation errors exit 2 like usage errors."""
         try:
-            return self.parse_args_into_dataclasses(list(argv), look_for_args_file=False)
+            *settings, rest = self.parse_args_into_dataclasses(list(argv), return_remaining_strings=True,
+                                                                 look_for_args_file=False)
         except WandaError as exc:
             self.exit(2, f"{self.prog}: error: {exc}\n")
+        if rest:
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
+        return tuple(settings)
 
 
 def parse(classes: Sequence[type], argv: Sequence[str], prog: str, description: str, epilog: str | None = None
@@ -64,12 +68,12 @@ def setup_logging(verbose: bool) -> None:
 
 
 def guarded(run: Callable[[], int | None], prog: str) -> NoReturn:
-    """Turn user errors into ``prog: error: ...`` and exit code 2; Ctrl-C into 130."""
+    """Turn user errors into ``prog: error: ...`` and their exit code (2 unless said otherwise); Ctrl-C into 130."""
     try:
         code = run() or 0
     except WandaError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        code = 2
+        print(f"{getattr(exc, 'prog', prog)}: error: {exc}", file=sys.stderr)
+        code = exc.exit_code
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130

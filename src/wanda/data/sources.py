@@ -13,15 +13,15 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from ..errors import WandaError
+from ..hub import hub_problem
 from .summaries import summaries_split
 
 log = logging.getLogger(__name__)
 
 Purpose = Literal["calibration", "evaluation"]
-NAMED_SOURCES = ("c4", "wikitext2", "ptb", "wiki-summaries")
 _LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet")
 
 
@@ -87,6 +87,10 @@ def _local_source(path: Path, field: str) -> TextSource:
 def _hub(purpose: Purpose, *args, **kwargs):
     from datasets import load_dataset
 
+    problem = hub_problem()
+    if problem is not None:  # one quick check instead of the datasets library's retry loop
+        raise WandaError(f"{args[0]} is not available offline and the hub cannot be reached ({problem}); use a local "
+                         "copy (WANDA_DATA_DIR, or --calib_dataset/--eval_dataset PATH) or wiki-summaries")
     try:
         return load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types for offline/missing data
@@ -139,13 +143,16 @@ def _summaries(purpose: Purpose) -> TextSource:
     return TextSource("wiki-summaries", list(summaries_split(purpose)))
 
 
-_NAMED = {"c4": _c4, "wikitext2": _wikitext2, "ptb": _ptb, "wiki-summaries": _summaries}
+#: The named sources: the one registry their names come from (``--calib_dataset``, ``--eval_dataset``, help).
+SOURCES: dict[str, Callable[[Purpose], TextSource]] = {"c4": _c4, "wikitext2": _wikitext2, "ptb": _ptb,
+                                                       "wiki-summaries": _summaries}
+NAMED_SOURCES = tuple(SOURCES)
 
 
 def resolve_source(spec: str, purpose: Purpose, text_field: str = "text") -> TextSource:
     """``spec``: a name from ``NAMED_SOURCES``, a ``datasets`` folder saved with ``save_to_disk``, or a path."""
-    if spec in _NAMED:
-        return _NAMED[spec](purpose)
+    if spec in SOURCES:
+        return SOURCES[spec](purpose)
     path = Path(spec).expanduser()
     if not path.exists():
         raise WandaError(f"data source {spec!r} is neither a file/folder nor one of {', '.join(NAMED_SOURCES)}")

@@ -23,14 +23,16 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..errors import WandaError
 from ..masks import zero_count
-from ..io import atomic_write_json, ensure_free
+from ..hub import hub_problem
+from ..io import atomic_write_json
+from ..settings import SettingsMixin, require, setting
 
 __all__ = [
     "SEED_TASKS",
@@ -43,7 +45,6 @@ __all__ = [
     "evaluate_zero_shot",
     "format_table",
     "linear_zero_counts",
-    "check_zero_shot_args",
     "run_zero_shot",
 ]
 
@@ -59,62 +60,60 @@ HUB = ("hub", "none")
 ZERO_SHOT_FILE = "zero_shot.json"
 
 
-@dataclass
-class ZeroShotSettings:
-    """What to evaluate and how.
+@dataclass(frozen=True)
+class ZeroShotSettings(SettingsMixin):
+    """What to evaluate and how (the ``--eval_zero_shot`` flags)."""
 
-    ``limit``: at most this many documents per task (the first ones, in file order), for quick runs.
-    ``batch_size``: requests per forward pass, or ``"auto"`` (GPU only: the harness searches for the largest
-    batch that fits).
-    ``data_dir``: folder with local copies of the task files (layout of ``../shared/data/zeroshot``);
-    None: every task from the hub.
-    """
+    _argument_group_name: ClassVar[str] = "zero-shot evaluation"
 
-    tasks: tuple[str, ...] = SEED_TASKS
-    num_fewshot: int = 0
-    limit: int | None = None
-    batch_size: int | str = 8
-    data_dir: Path | None = None
+    eval_zero_shot: bool = setting(False, "run the zero-shot tasks (lm-eval) on the model in memory")
+    tasks: str | None = setting(None, f"comma-separated lm-eval tasks (default: the paper's seven: {','.join(SEED_TASKS)})")
+    num_fewshot: int = setting(0, "examples in each prompt")
+    limit: int | None = setting(None, "evaluate only the first N documents of each task, for quick runs (default: all)")
+    eval_batch_size: str = setting("8", "requests per forward pass, or 'auto' (GPU only: the harness searches for "
+                                   "the largest batch that fits)")
+    zero_shot_data: str | None = setting(
+        None, "folder with local copies of the task files (layout of shared/data/zeroshot), or 'hub' to download "
+        "them (default: $WANDA_DATA_DIR/zeroshot if it exists, else the hub)")
 
-    def validate(self) -> "ZeroShotSettings":
-        if not self.tasks:
-            raise WandaError("--tasks is empty; name at least one task (e.g. --tasks arc_easy,hellaswag)")
-        if len(set(self.tasks)) != len(self.tasks):
-            raise WandaError(f"--tasks names a task twice: {','.join(self.tasks)}")
-        if self.num_fewshot < 0:
-            raise WandaError(f"--num_fewshot must be 0 or more, got {self.num_fewshot}")
-        if self.limit is not None and self.limit < 1:
-            raise WandaError(f"--limit must be at least 1 (documents per task), got {self.limit}")
-        if not (self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1)):
-            raise WandaError(f"--eval_batch_size must be a positive integer or 'auto', got {self.batch_size!r}")
-        if self.data_dir is not None:
-            if not Path(self.data_dir).is_dir():
-                raise WandaError(f"--zero_shot_data {self.data_dir} is not a folder (expected the layout of "
-                                 "shared/data/zeroshot: boolq/val.jsonl, arc_easy/ARC-Easy-Test.jsonl, ...); "
-                                 "pass --zero_shot_data hub to download the tasks instead")
-            for name in self.tasks:
+    def __post_init__(self) -> None:
+        given = [flag for flag, value in (("--tasks", self.tasks), ("--limit", self.limit),
+                                          ("--zero_shot_data", self.zero_shot_data),
+                                          ("--num_fewshot", self.num_fewshot or None)) if value is not None]
+        require(self.eval_zero_shot or not given,
+                f"{', '.join(given)} only apply to zero-shot evaluation; add --eval_zero_shot")
+        names = self.task_names
+        require(bool(names), "--tasks is empty; name at least one task (e.g. --tasks arc_easy,hellaswag)")
+        require(len(set(names)) == len(names), f"--tasks names a task twice: {','.join(names)}")
+        require(self.num_fewshot >= 0, f"--num_fewshot must be 0 or more, got {self.num_fewshot}")
+        require(self.limit is None or self.limit >= 1,
+                f"--limit must be at least 1 (documents per task), got {self.limit}")
+        batch = str(self.eval_batch_size).strip().lower()
+        require(batch == "auto" or (batch.isdigit() and int(batch) >= 1),
+                f"--eval_batch_size must be a positive integer or 'auto', got {self.eval_batch_size!r}")
+        if self.eval_zero_shot and self.data_dir is not None:
+            require(self.data_dir.is_dir(),
+                    f"--zero_shot_data {self.data_dir} is not a folder (expected the layout of shared/data/zeroshot: "
+                    "boolq/val.jsonl, arc_easy/ARC-Easy-Test.jsonl, ...); pass --zero_shot_data hub to download the "
+                    "tasks instead")
+            for name in names:
                 if name in local_task_names():
-                    _local_files(name, Path(self.data_dir))  # raises if a file is missing
-        return self
+                    _local_files(name, self.data_dir)  # raises if a file is missing
 
-    @classmethod
-    def from_namespace(cls, args: Any) -> "ZeroShotSettings":
-        """Settings from parsed flags (``--tasks --num_fewshot --limit --eval_batch_size --zero_shot_data``);
-        flags that are absent take their defaults."""
-        tasks = getattr(args, "tasks", None)
-        names = tuple(t.strip() for t in tasks.split(",") if t.strip()) if tasks else SEED_TASKS
-        batch = getattr(args, "eval_batch_size", None)
-        if batch is None:
-            batch = cls.batch_size
-        elif str(batch).strip().lower() == "auto":
-            batch = "auto"
-        else:
-            try:
-                batch = int(batch)
-            except ValueError:
-                raise WandaError(f"--eval_batch_size must be a positive integer or 'auto', got {batch!r}") from None
-        return cls(tasks=names, num_fewshot=getattr(args, "num_fewshot", None) or 0, limit=getattr(args, "limit", None),
-                   batch_size=batch, data_dir=resolve_data_dir(getattr(args, "zero_shot_data", None)))
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        if self.tasks is None:
+            return SEED_TASKS
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+
+    @property
+    def batch_size(self) -> int | str:
+        batch = str(self.eval_batch_size).strip().lower()
+        return "auto" if batch == "auto" else int(batch)
+
+    @property
+    def data_dir(self) -> Path | None:
+        return resolve_data_dir(self.zero_shot_data)
 
 
 def resolve_data_dir(value: str | Path | None) -> Path | None:
@@ -235,7 +234,7 @@ def _zero_fraction(counts: dict[str, tuple[int, int]]) -> float:
 def _task_specs(settings: ZeroShotSettings) -> tuple[list, dict[str, str]]:
     specs, sources = [], {}
     local = set(local_task_names()) if settings.data_dir is not None else set()
-    for name in settings.tasks:
+    for name in settings.task_names:
         if name in local:
             config = local_task_config(name, settings.data_dir, settings.num_fewshot)
             specs.append(config)
@@ -244,6 +243,10 @@ def _task_specs(settings: ZeroShotSettings) -> tuple[list, dict[str, str]]:
             if settings.data_dir is not None:
                 log.info("%s has no local definition (local: %s); taking it from the hub", name,
                          ", ".join(sorted(local)))
+            problem = hub_problem()
+            if problem is not None:
+                raise WandaError(f"task {name} needs the hub, which cannot be reached ({problem}); point "
+                                 "--zero_shot_data at local copies of the task files")
             specs.append(name)
             sources[name] = "hub"
     return specs, sources
@@ -271,7 +274,6 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
         raise WandaError("zero-shot evaluation needs lm-eval: pip install 'wanda[zeroshot]'") from exc
-    settings.validate()
     if settings.batch_size == "auto" and next(model.parameters()).device.type == "cpu":
         # the harness probes batch sizes at the model's full context (8k tokens x 64 for SmolLM2): on CPU that
         # exhausts memory instead of raising an out-of-memory error it could catch
@@ -290,11 +292,11 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
             output = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=settings.num_fewshot,
                                              limit=settings.limit, task_manager=manager, log_samples=False)
     except KeyError as exc:
-        raise WandaError(f"lm-eval does not know a task of --tasks {','.join(settings.tasks)}: {exc}") from exc
+        raise WandaError(f"lm-eval does not know a task of --tasks {','.join(settings.task_names)}: {exc}") from exc
     except (ValueError, FileNotFoundError, ConnectionError) as exc:  # datasets' offline/missing-data errors
         hint = (" (offline, point --zero_shot_data at local copies of the task files)"
                 if "hub" in sources.values() else "")
-        raise WandaError(f"lm-eval could not run {','.join(settings.tasks)}: {type(exc).__name__}: "
+        raise WandaError(f"lm-eval could not run {','.join(settings.task_names)}: {type(exc).__name__}: "
                          f"{(str(exc).splitlines() or [''])[0][:300]}{hint}") from exc
     finally:
         model.train(was_training)
@@ -304,7 +306,7 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
         raise WandaError(f"zero-shot evaluation changed the zeros of {len(moved)} layers (first: {moved[0]}: "
                          f"{before[moved[0]][0]} -> {after[moved[0]][0]} zeros); this is a bug, please report it")
 
-    result = ZeroShotResult(settings={**asdict(settings), "data_dir": str(settings.data_dir or "hub")},
+    result = ZeroShotResult(settings={**settings.to_dict(), "data_dir": str(settings.data_dir or "hub")},
                             sources=sources, zero_fraction_before=_zero_fraction(before),
                             zero_fraction_after=_zero_fraction(after), lm_eval_version=lm_eval.__version__)
     for task, task_results in output["results"].items():
@@ -335,22 +337,13 @@ def format_table(result: ZeroShotResult) -> str:
     return "\n".join(lines)
 
 
-def check_zero_shot_args(args: Any) -> ZeroShotSettings:
-    """Validate the zero-shot flags and that ``zero_shot.json`` may be written, before any long work."""
-    settings = ZeroShotSettings.from_namespace(args).validate()
-    if getattr(args, "save", None):
-        ensure_free(Path(args.save) / ZERO_SHOT_FILE, getattr(args, "overwrite", False), "result")
-    return settings
-
-
-def run_zero_shot(model: nn.Module, tokenizer, args: Any) -> dict:
-    """The command line's zero-shot step: settings from ``args``, evaluate, print the table, and write
-    ``zero_shot.json`` into ``args.save`` when set. Returns the result as a JSON-ready dict."""
-    settings = check_zero_shot_args(args)
-    save = getattr(args, "save", None)
-    if not getattr(args, "verbose", False):
+def run_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings, save: str | Path | None = None,
+                  overwrite: bool = False, verbose: bool = False) -> dict:
+    """The jobs' zero-shot step: evaluate, print the table, and write ``zero_shot.json`` into ``save`` when set.
+    Returns the result as a JSON-ready dict."""
+    if not verbose:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter; -v shows it
-    log.info("zero-shot: %s (%d-shot%s) from %s", ", ".join(settings.tasks), settings.num_fewshot,
+    log.info("zero-shot: %s (%d-shot%s) from %s", ", ".join(settings.task_names), settings.num_fewshot,
              f", first {settings.limit} documents per task" if settings.limit else "",
              settings.data_dir or "the hub")
     result = evaluate_zero_shot(model, tokenizer, settings)
@@ -359,5 +352,5 @@ def run_zero_shot(model: nn.Module, tokenizer, args: Any) -> dict:
     print(format_table(result), flush=True)
     payload = result.to_dict()
     if save:
-        atomic_write_json(Path(save) / ZERO_SHOT_FILE, payload, getattr(args, "overwrite", False))
+        atomic_write_json(Path(save) / ZERO_SHOT_FILE, payload, overwrite)
     return payload

@@ -1,19 +1,18 @@
 """Compact sparse checkpoints: each sparse tensor stored as its non-zero values plus where they are.
 
 Pruning hands on dense weights with zeros, so ``save_pretrained`` writes a checkpoint as large as the dense
-model. This format writes every floating-point tensor in whichever of three encodings is smallest:
+model. This format writes every floating-point tensor in whichever of two encodings is smaller:
 
 ``dense``
     the tensor as it is (embeddings, norms, anything not sparse enough to gain).
 ``bitmask``
     the non-zero values in row-major order, (nnz,), plus a bitmask of the whole tensor, one bit per
     entry, packed 8 per byte with ``numpy.packbits``: nnz * itemsize + ceil(numel / 8) bytes.
-``2:4``
-    for (rows, cols) matrices with at most 2 non-zeros in every group of 4 consecutive inputs: exactly 2
-    values per group, (rows, cols / 2), plus the 2-bit position (0-3) of each value inside its group,
-    packed 4 per byte, ascending within a group as in the CUTLASS / cuSPARSELt metadata:
-    numel / 2 * itemsize + numel / 8 bytes. At exactly 50% this is the bitmask's size; it wins ties because
-    its layout is the one the 2:4 kernels use (values (rows, cols/2) plus per-group indices).
+
+Earlier versions also wrote a ``2:4`` encoding (2 values and two 2-bit positions per group of 4):
+numel / 2 * itemsize + numel / 8 bytes, which is never smaller than the bitmask's nnz * itemsize + numel / 8
+because a 2:4 tensor has nnz <= numel / 2 (equal at exactly 50%). It is no longer written; folders that
+hold it are still read.
 
 "Zero" means all bits zero, so ``-0.0`` is kept as a value and loading rebuilds every tensor bit for bit.
 Tensors that share storage (tied embeddings) are written once and recorded as aliases.
@@ -61,8 +60,6 @@ FORMAT_NAME = "wanda-compressed"
 FORMAT_VERSION = 1
 
 Encoding = Literal["dense", "bitmask", "2:4"]
-# Order of preference when two encodings are equally small.
-_PREFERENCE: tuple[Encoding, ...] = ("2:4", "bitmask", "dense")
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -140,25 +137,6 @@ def _decode_bitmask(parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtyp
     return out
 
 
-def _fits_24(keep: torch.Tensor) -> bool:
-    return keep.dim() == 2 and keep.shape[1] % 4 == 0 and bool((keep.reshape(keep.shape[0], -1, 4).sum(-1) <= 2).all())
-
-
-def _encode_24(tensor: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    rows, cols = tensor.shape
-    groups = keep.reshape(rows, cols // 4, 4)
-    # Positions of the (at most 2) non-zeros first, then zero positions to make exactly 2; ascending order.
-    position = torch.arange(4, dtype=torch.int64)
-    key = (~groups).to(torch.int64) * 4 + position  # non-zeros sort first, ties by position
-    index = key.argsort(dim=-1)[..., :2].sort(dim=-1).values  # (rows, cols/4, 2) in 0..3
-    values = tensor.reshape(rows, cols // 4, 4).gather(-1, index).reshape(rows, cols // 2)
-    flat = index.reshape(-1).to(torch.uint8)  # rows * cols / 2 indices of 2 bits
-    pad = (-flat.numel()) % 4
-    flat = torch.cat([flat, flat.new_zeros(pad)]).reshape(-1, 4)
-    packed = flat[:, 0] | (flat[:, 1] << 2) | (flat[:, 2] << 4) | (flat[:, 3] << 6)
-    return {"values": values.contiguous(), "indices": packed.contiguous()}
-
-
 def _decode_24(parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     rows, cols = shape
     packed = parts["indices"]
@@ -172,7 +150,7 @@ def _decode_24(parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: to
 
 
 def encode_tensor(tensor: torch.Tensor) -> EncodedTensor:
-    """The smallest exact encoding of ``tensor`` (ties go to 2:4, then bitmask, then dense)."""
+    """The smaller exact encoding of ``tensor`` (a tie goes to the bitmask)."""
     tensor = tensor.detach().cpu().contiguous()
     shape, dtype = tuple(tensor.shape), tensor.dtype
     dense = EncodedTensor("dense", shape, dtype, {"data": tensor})
@@ -181,14 +159,10 @@ def encode_tensor(tensor: torch.Tensor) -> EncodedTensor:
     keep = _nonzero(tensor)
     nnz = int(keep.sum())
     numel, itemsize = tensor.numel(), tensor.element_size()
-    sizes: dict[Encoding, int] = {"dense": numel * itemsize, "bitmask": nnz * itemsize + math.ceil(numel / 8)}
-    if _fits_24(keep):
-        sizes["2:4"] = numel // 2 * itemsize + math.ceil(numel // 2 / 4)
-    best = min(sizes, key=lambda e: (sizes[e], _PREFERENCE.index(e)))
-    if best == "dense":
+    sizes = {"dense": numel * itemsize, "bitmask": nnz * itemsize + math.ceil(numel / 8)}
+    if sizes["dense"] < sizes["bitmask"]:
         return dense
-    parts = _encode_bitmask(tensor, keep) if best == "bitmask" else _encode_24(tensor, keep)
-    return EncodedTensor(best, shape, dtype, parts)
+    return EncodedTensor("bitmask", shape, dtype, _encode_bitmask(tensor, keep))
 
 
 def _expected_parts(encoding: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...] | None]:
@@ -222,7 +196,7 @@ def decode_tensor(encoding: str, parts: dict[str, torch.Tensor], shape: tuple[in
         out = parts["data"]
     elif encoding == "bitmask":
         out = _decode_bitmask(parts, shape, dtype)
-    else:  # "2:4", the only other encoding _expected_parts accepts
+    else:  # "2:4" (written by earlier versions), the only other encoding _expected_parts accepts
         out = _decode_24(parts, shape, dtype)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
         raise WandaError(f"corrupt compressed tensor: decoded {tuple(out.shape)} {out.dtype}, expected {shape} {dtype}")

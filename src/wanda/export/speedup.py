@@ -9,63 +9,75 @@ are checked against the dense model's.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 from dataclasses import asdict, dataclass, field
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import WandaError
+from ..settings import SettingsMixin, require, setting
 from ..models import find_decoder_layout, find_linears
 from .semi_structured import Converter, SparsifyReport, check_24, relative_error, sparsify_linears
 from .timing import measure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpeedupSettings", "LayerTiming", "ModelTiming", "OutputCheck", "SpeedupResult", "time_linears",
+__all__ = ["SpeedupSettings", "TokenCounts", "LayerTiming", "ModelTiming", "OutputCheck", "SpeedupResult", "time_linears",
            "time_model", "run_speedup", "format_tables"]
 
 
-@dataclass
-class SpeedupSettings:
-    #: Tokens per matmul for decode (one new token per sequence in a batch of 1-16).
-    decode_tokens: tuple[int, ...] = (1, 2, 4, 8, 16)
-    #: Tokens per matmul for prefill (a prompt of this length).
-    prefill_tokens: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
-    #: Sequence lengths (batch 1, no KV cache) of the whole-model forward; lengths beyond the model's context
-    #: are dropped.
-    model_tokens: tuple[int, ...] = (16, 512, 2048)
-    #: Untimed and timed calls per linear-layer measurement.
-    warmup: int = 10
-    iters: int = 50
-    #: The same for a whole-model forward (much longer per call).
-    model_warmup: int = 3
-    model_iters: int = 10
-    #: Random inputs per layer for the per-layer output check.
-    layer_check_tokens: int = 64
-    #: Sequence length of the whole-model output check.
-    model_check_tokens: int = 128
-    #: Largest accepted ||Y_sparse - Y_dense|| / ||Y_dense|| per layer. Both kernels accumulate in fp32, so
-    #: the difference is output rounding and summation order (fp16 unit roundoff 5e-4, bf16 4e-3); a wrong
-    #: layout gives errors of order 1.
-    layer_rtol: float = 1e-2
-    #: The same for the whole model's logits, where rounding differences compound over the blocks.
-    model_rtol: float = 5e-2
-    seed: int = 0
+class TokenCounts(tuple):
+    """Token counts given as ``1,4,16`` on the command line (or any iterable of ints in Python)."""
 
-    def validate(self) -> "SpeedupSettings":
+    def __new__(cls, values: str | Iterable[int] = ()) -> "TokenCounts":
+        if isinstance(values, str):
+            try:
+                values = [int(v) for v in values.split(",") if v.strip()]
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 1,4,16; got {values!r}") from None
+            if not values:
+                raise argparse.ArgumentTypeError("expected comma-separated token counts such as 1,4,16; got nothing")
+        return super().__new__(cls, (int(v) for v in values))
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self))
+
+
+@dataclass(frozen=True)
+class SpeedupSettings(SettingsMixin):
+    _argument_group_name: ClassVar[str] = "measurement"
+
+    decode_tokens: TokenCounts = setting(TokenCounts((1, 2, 4, 8, 16)), "matmul token counts for decode (one new "
+                                         "token per sequence in a batch of 1-16)")
+    prefill_tokens: TokenCounts = setting(TokenCounts((512, 1024, 2048, 4096, 8192)), "matmul token counts for "
+                                          "prefill (a prompt of this length)")
+    model_tokens: TokenCounts = setting(TokenCounts((16, 512, 2048)), "sequence lengths of the whole-model forward "
+                                        "(batch 1, no KV cache); lengths beyond the model's context are dropped")
+    warmup: int = setting(10, "untimed calls before each linear-layer measurement")
+    iters: int = setting(50, "timed calls per matmul")
+    model_warmup: int = setting(3, "untimed whole-model forwards before timing")
+    model_iters: int = setting(10, "timed whole-model forwards")
+    layer_check_tokens: int = setting(64, "random inputs per layer for the per-layer output check")
+    model_check_tokens: int = setting(128, "sequence length of the whole-model output check")
+    #: Both kernels accumulate in fp32, so the difference is output rounding and summation order (fp16 unit
+    #: roundoff 5e-4, bf16 4e-3); a wrong layout gives errors of order 1.
+    layer_rtol: float = setting(1e-2, "largest relative error ||Y_sparse - Y_dense|| / ||Y_dense|| of a layer's output")
+    model_rtol: float = setting(5e-2, "largest relative error of the logits (rounding compounds over the blocks)")
+    seed: int = setting(0, "seed of the random inputs")
+
+    def __post_init__(self) -> None:
         for name in ("decode_tokens", "prefill_tokens", "model_tokens"):
-            values = getattr(self, name)
-            if any(v < 1 for v in values):
-                raise WandaError(f"--{name} must be positive token counts, got {list(values)}")
-        if self.iters < 1 or self.model_iters < 1 or self.warmup < 0 or self.model_warmup < 0:
-            raise WandaError("iteration counts must be at least 1 (warm-up counts at least 0)")
-        if self.layer_check_tokens < 1 or self.model_check_tokens < 1:
-            raise WandaError("output checks need at least 1 token")
-        if not (self.layer_rtol > 0 and self.model_rtol > 0):
-            raise WandaError("tolerances must be positive")
-        return self
+            values = TokenCounts(getattr(self, name))
+            self._set(name, values)
+            require(bool(values) and min(values) >= 1, f"--{name} must be positive token counts, got {list(values)}")
+        require(self.iters >= 1 and self.model_iters >= 1 and self.warmup >= 0 and self.model_warmup >= 0,
+                "iteration counts must be at least 1 (warm-up counts at least 0)")
+        require(self.layer_check_tokens >= 1 and self.model_check_tokens >= 1, "output checks need at least 1 token")
+        require(self.layer_rtol > 0 and self.model_rtol > 0, "tolerances must be positive")
 
 
 @dataclass
@@ -195,7 +207,7 @@ def _context_length(model: nn.Module) -> int | None:
 def run_speedup(model: nn.Module, backend: Converter, settings: SpeedupSettings | None = None) -> SpeedupResult:
     """Time ``model``'s linear layers and forward pass dense, convert its decoder linears to 2:4 in place,
     check the outputs, and time again. The model must already be 2:4 sparse (checked first)."""
-    settings = (settings or SpeedupSettings()).validate()
+    settings = settings or SpeedupSettings()
     layout = find_decoder_layout(model)
     linears = {}
     for index, block in enumerate(layout.blocks):

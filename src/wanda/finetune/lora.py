@@ -49,9 +49,8 @@ def attach_lora(model: nn.Module, settings: LoraSettings):
     _require_peft()
     from peft import LoraConfig, get_peft_model
 
-    settings.validate()
     targets = list(settings.target_modules or default_target_modules(model))
-    config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
     try:
         peft_model = get_peft_model(model, config)
@@ -60,8 +59,8 @@ def attach_lora(model: nn.Module, settings: LoraSettings):
                          "check --lora_target_modules against the model's layer names") from exc
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    log.info("LoRA r=%d alpha=%g dropout=%g on %s: %d trainable of %d parameters", settings.r, settings.alpha,
-             settings.dropout, ",".join(targets), trainable, total)
+    log.info("LoRA r=%d alpha=%g dropout=%g on %s: %d trainable of %d parameters", settings.lora_r, settings.lora_alpha,
+             settings.lora_dropout, ",".join(targets), trainable, total)
     return peft_model
 
 

@@ -163,7 +163,6 @@ def finetune(model: nn.Module, tokenizer, train_blocks: torch.Tensor, settings: 
 
     if mode not in FINETUNE_MODES:
         raise WandaError(f"fine-tuning mode must be one of {', '.join(FINETUNE_MODES)}, got {mode!r}")
-    settings.validate()
     masks = capture_masks(model)
     use_cpu = next(model.parameters()).device.type == "cpu"  # the Trainer trains where the model was loaded
     precision = _precision(model, use_cpu)
@@ -171,7 +170,7 @@ def finetune(model: nn.Module, tokenizer, train_blocks: torch.Tensor, settings: 
     common = dict(args=args, train_dataset=BlockDataset(train_blocks), processing_class=tokenizer,
                   data_collator=default_data_collator, callbacks=callbacks)
     if mode == "lora":
-        trained = attach_lora(model, (lora or LoraSettings()).validate())
+        trained = attach_lora(model, lora or LoraSettings())
         trainer = Trainer(model=trained, **common)
     elif mode == "full":
         trained = model

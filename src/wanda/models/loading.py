@@ -1,4 +1,4 @@
-"""Loading a causal LM and its tokenizer from a hub id, a local folder, a ``.gguf`` file or the bundled model."""
+"""Loading a causal LM and its tokenizer from a hub id, a local folder, a ``.gguf`` file or a named model."""
 
 from __future__ import annotations
 
@@ -12,11 +12,41 @@ from torch import nn
 from ..devices import resolve_device, resolve_dtype
 from ..errors import WandaError
 from ..resources import release_memory
+from ..settings import SettingsMixin, setting
 from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
 
 log = logging.getLogger(__name__)
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
+
+
+@dataclass(frozen=True)
+class ModelSettings(SettingsMixin):
+    """Which model to load and where it runs."""
+
+    model: str | None = setting(None, "hub id, local from_pretrained folder, .gguf file, or a named model that "
+                                f"installs offline: {', '.join(NAMED_MODELS)} (default: {BUNDLED_NAME})")
+    cache_dir: str = setting("llm_weights", "where hub weights are downloaded")
+    device: str = setting("auto", "cpu, cuda, cuda:N (auto: cuda if available); each block is moved there while "
+                          "it is processed")
+    dtype: str = setting("auto", "auto (fp32 on CPU, bf16/fp16 on GPU; full fine-tuning trains fp32 weights under "
+                         "autocast), float32, float16, bfloat16")
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype, torch.device("cpu"))  # a bad name fails here, before anything loads
+        resolve_device(self.device)
+
+    @property
+    def name(self) -> str:
+        return self.model or BUNDLED_NAME
+
+    @property
+    def bundled(self) -> bool:
+        """A named offline model (its defaults: offline calibration and evaluation text)."""
+        return self.name in NAMED_MODELS
+
+    def load(self, dtype: str | None = None) -> "LoadedModel":
+        return load_model(self.model, self.cache_dir, dtype or self.dtype, self.device)
 
 
 @dataclass
@@ -42,7 +72,8 @@ def _looks_local(name: str) -> bool:
 
 def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: str | None = "auto",
                device: str | None = "auto") -> LoadedModel:
-    """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on CPU, or across GPUs on CUDA."""
+    """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on
+    CPU, or across GPUs on CUDA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = name or BUNDLED_NAME

@@ -5,8 +5,8 @@ selection (``wanda.masks``); only what is specific to image classifiers lives he
 
     from wanda.vision import VisionPruneSettings, load_classifier, prune_classifier
     loaded = load_classifier("convnext_base", resume="convnext_base_hf/")
-    report = prune_classifier(loaded.model, calibration_batches, VisionPruneSettings(metric="wanda",
-                              granularity="row", sparsity=0.5).validate(), loaded.forward)
+    report = prune_classifier(loaded.model, calibration_batches, VisionPruneSettings(prune_metric="wanda",
+                              prune_granularity="row", sparsity=0.5), loaded.forward)
 """
 
 from .config import GRANULARITIES, VISION_METRICS, VisionPruneSettings

@@ -7,11 +7,11 @@ seed lacked, compare within groups of M consecutive inputs whatever the granular
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 from ..masks.pattern import SparsityPattern
-from ..errors import WandaError
+from ..settings import SettingsMixin, require, setting
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
 
@@ -21,48 +21,45 @@ VISION_METRICS = ("magnitude", "wanda")
 GRANULARITIES = {"layer": "matrix", "row": "row"}
 
 
-@dataclass
-class VisionPruneSettings:
-    """What to prune and how; ``validate()`` checks the combination and fills the implied ratio of N:M.
+@dataclass(frozen=True)
+class VisionPruneSettings(SettingsMixin):
+    """What to prune and how. ``sparsity=None`` means N/M for N:M patterns and 0.5 for unstructured; after
+    construction it holds the resolved ratio."""
 
-    ``sparsity=None`` means N/M for N:M patterns and 0.5 for unstructured.
-    """
+    _argument_group_name: ClassVar[str] = "pruning (the seed's flags)"
 
-    metric: str = "wanda"
-    granularity: str = "row"
-    sparsity: float | None = None
-    sparsity_type: str = "unstructured"
-    #: Calibration images drawn from ``train/`` (the seed's default is 4096; its paper reports that a few
-    #: hundred already suffice for Wanda, so the command's default is smaller, see ``wanda vision --help``).
-    nsamples: int = 4096
-    #: Images per forward pass, for calibration and evaluation alike.
-    batch_size: int = 64
-    #: Seed of the calibration sampling.
-    seed: int = 0
-    pattern: SparsityPattern = field(default_factory=SparsityPattern, init=False)
+    prune_metric: str = setting("wanda", "score of a weight", choices=VISION_METRICS)
+    prune_granularity: str = setting("row", "layer (one threshold per matrix) or row (the same fraction of every "
+                                     "output row)", choices=tuple(GRANULARITIES))
+    sparsity: float | None = setting(None, "fraction of weights to prune (default: 0.5 for unstructured, N/M for "
+                                     "N:M, which it must equal)")
+    sparsity_type: str = setting("unstructured", "'unstructured' or N:M such as 2:4, 4:8 (compared within groups of "
+                                 "M consecutive inputs whatever the granularity)")
+    #: The seed's default is 4096; its paper reports that a few hundred already suffice for Wanda.
+    nsamples: int = setting(4096, "calibration images from train/")
+    batch_size: int = setting(64, "images per forward pass, for calibration and evaluation alike")
+    seed: int = setting(0, "seed of the calibration sampling")
 
-    def validate(self) -> "VisionPruneSettings":
-        if self.metric not in VISION_METRICS:
-            raise WandaError(f"--prune_metric must be one of {', '.join(VISION_METRICS)}; got {self.metric!r}")
-        if self.granularity not in GRANULARITIES:
-            raise WandaError(f"--prune_granularity must be one of {', '.join(GRANULARITIES)}; got {self.granularity!r}")
-        self.pattern = SparsityPattern.parse(self.sparsity_type)
-        ratio = self.sparsity
-        if ratio is not None and (math.isnan(ratio) or not 0.0 <= ratio < 1.0):
-            raise WandaError(f"--sparsity must be in [0, 1), got {ratio}")
-        if self.pattern.is_nm:
-            if ratio is not None and not math.isclose(ratio, self.pattern.ratio, abs_tol=1e-9):
-                raise WandaError(
-                    f"--sparsity_type {self.pattern} prunes exactly {self.pattern.ratio:g} of the weights, but "
-                    f"--sparsity is {ratio:g}; omit --sparsity or set it to {self.pattern.ratio:g}"
-                )
-            self.sparsity = self.pattern.ratio
-        elif ratio is None:
-            self.sparsity = 0.5
+    def __post_init__(self) -> None:
+        require(self.prune_metric in VISION_METRICS,
+                f"--prune_metric must be one of {', '.join(VISION_METRICS)}; got {self.prune_metric!r}")
+        require(self.prune_granularity in GRANULARITIES,
+                f"--prune_granularity must be one of {', '.join(GRANULARITIES)}; got {self.prune_granularity!r}")
+        self._set("sparsity", self.pattern.resolve_ratio(self.sparsity, "--sparsity"))
         for name in ("nsamples", "batch_size"):
-            if getattr(self, name) < 1:
-                raise WandaError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        return self
+            require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
+
+    @property
+    def metric(self) -> str:
+        return self.prune_metric
+
+    @property
+    def granularity(self) -> str:
+        return self.prune_granularity
+
+    @property
+    def pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.sparsity_type)
 
     @property
     def scope(self) -> str:
@@ -70,6 +67,4 @@ class VisionPruneSettings:
         return GRANULARITIES[self.granularity]
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["pattern"] = str(self.pattern)
-        return out
+        return {**super().to_dict(), "pattern": str(self.pattern)}

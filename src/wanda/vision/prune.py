@@ -109,7 +109,6 @@ def prune_classifier(model: nn.Module, calibration: Iterable[torch.Tensor] | Non
     ``calibration``: batches of preprocessed images (only used by metrics that need statistics).
     ``forward(model, images) -> logits`` runs the model (its signature differs between libraries).
     """
-    settings.validate()
     metric = METRICS[settings.metric]
     layout = layout or find_layout(model)
     report = VisionPruneReport(settings=settings.to_dict(), head=list(layout.head))

@@ -1,0 +1,134 @@
+"""The seed's main job: load, calibrate, prune, evaluate, save."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import torch
+
+from ..config import PruneSettings
+from ..data import calibration_windows, resolve_source
+from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
+from ..io import atomic_write_json, atomic_write_text, ensure_free
+from ..methods import get_method
+from ..models import ModelSettings
+from ..pruning import PruneReport, prune
+from ..resources import run_peak_rss_mb
+from ..settings import SettingsMixin, require, setting
+from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
+
+log = logging.getLogger("wanda")
+
+#: Calibration windows when --nsamples is not given (the paper's 128).
+DEFAULT_NSAMPLES = 128
+#: The embedded default (no --model) follows the benchmark protocol's calibration (32 x 1024 tokens) and
+#: evaluates 20 windows per set (the benchmark uses 40), so that dense and pruned perplexity on two sets fit a
+#: first run's 15 minutes on 2 cores.
+BUNDLED_DEFAULTS = {"nsamples": 32, "seqlen": 1024, "eval_windows": 20}
+
+
+@dataclass(frozen=True)
+class CalibrationSettings(SettingsMixin):
+    _argument_group_name: ClassVar[str] = "calibration"
+
+    nsamples: int | None = setting(None, f"calibration windows (default: {DEFAULT_NSAMPLES}; "
+                                   f"{BUNDLED_DEFAULTS['nsamples']} for the bundled model)")
+    seed: int = setting(0, "seed of the calibration sampling")
+    calib_dataset: str | None = setting(None, f"calibration text: {SOURCE_HELP} (default: c4; wiki-summaries for "
+                                        "the bundled model)")
+
+    def __post_init__(self) -> None:
+        require(self.nsamples is None or self.nsamples >= 1, f"--nsamples must be at least 1, got {self.nsamples}")
+
+
+@dataclass(frozen=True)
+class PruneOutputSettings(SettingsMixin):
+    _argument_group_name: ClassVar[str] = "outputs"
+
+    eval_dense: bool = setting(False, "also evaluate the model before pruning (always for the bundled model)")
+    save_model: str | None = setting(None, "folder to write the pruned model and tokenizer to")
+    save_format: Literal["dense", "compressed"] = setting(
+        "dense", "--save_model as a from_pretrained folder (dense) or as non-zero values plus a bitmask "
+        "(compressed; every wanda command and wanda.export.load_compressed read it)")
+
+
+#: The settings of ``wanda [flags]``, in the order their groups appear in ``--help``.
+PRUNE_JOB = (ModelSettings, PruneSettings, CalibrationSettings, EvalSettings, PruneOutputSettings, ResultsSettings,
+             ZeroShotSettings, LogSettings)
+
+
+def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, evaluation: EvalSettings):
+    if not model.bundled:
+        return calib.replace(nsamples=calib.nsamples or DEFAULT_NSAMPLES), evaluation
+    calib = calib.replace(nsamples=calib.nsamples or BUNDLED_DEFAULTS["nsamples"])
+    evaluation = evaluation.replace(seqlen=evaluation.seqlen or BUNDLED_DEFAULTS["seqlen"],
+                                    eval_windows=evaluation.eval_windows or BUNDLED_DEFAULTS["eval_windows"])
+    return calib, evaluation
+
+
+def _write_results(results: ResultsSettings, method: str, report: PruneReport, dense: dict, pruned: dict,
+                   extra: dict) -> None:
+    save = Path(results.save)
+    names = list(pruned)
+    header = ["method", "actual_sparsity", "ppl_test"] + [f"ppl_{n}" for n in names[1:]]
+    row = [method, f"{report.actual_sparsity:.4f}"] + [f"{pruned[n]:.4f}" for n in names] + (["nan"] if not names else [])
+    atomic_write_text(save / f"log_{method}.txt", "\t".join(header) + "\n" + "\t".join(row) + "\n", results.overwrite)
+    payload = {"prune": report.to_dict(), "perplexity": {"dense": dense, "pruned": pruned}, **extra}
+    atomic_write_json(save / f"results_{method}.json", payload, results.overwrite)
+
+
+def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_settings: CalibrationSettings,
+                  eval_settings: EvalSettings, outputs: PruneOutputSettings, results: ResultsSettings,
+                  zero_shot: ZeroShotSettings, logging_settings: LogSettings) -> int:
+    method = settings.prune_method
+    results.claim(f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
+    if outputs.save_model:
+        ensure_free(outputs.save_model, results.overwrite, "model folder")
+    calib_settings, eval_settings = _with_bundled_defaults(model_settings, calib_settings, eval_settings)
+    start = time.perf_counter()
+    torch.manual_seed(calib_settings.seed)
+
+    loaded = model_settings.load()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    device = next(model.parameters()).device
+    batch_size = eval_settings.batch_for(device)
+    seqlen = eval_settings.seqlen_for(model)
+    log.info("sequence length %d", seqlen)
+    eval_windows = eval_settings.windows(eval_settings.specs(model_settings.bundled), tokenizer, seqlen)
+
+    calib = None
+    if get_method(method).statistic is not None:
+        spec = calib_settings.calib_dataset or ("wiki-summaries" if model_settings.bundled else "c4")
+        source = resolve_source(spec, "calibration", eval_settings.text_field)
+        calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
+        log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
+
+    dense = evaluate(model, eval_windows, batch_size, "dense") if outputs.eval_dense or model_settings.bundled else {}
+    report = prune(model, calib, settings, device=device, batch_size=batch_size)
+    pruned = evaluate(model, eval_windows, batch_size, "pruned")
+
+    extra = {"model": model_settings.name, "seqlen": seqlen, "nsamples": calib_settings.nsamples,
+             "seed": calib_settings.seed, "calib_dataset": calib_settings.calib_dataset,
+             "eval_dataset": list(eval_windows), "total_wall_seconds": time.perf_counter() - start,
+             "peak_rss_mb": run_peak_rss_mb()}
+    if zero_shot.eval_zero_shot:
+        extra["zero_shot"] = run_zero_shot(model, tokenizer, zero_shot, results.save, results.overwrite,
+                                           logging_settings.verbose)
+    print(f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_settings.name}: actual "
+          f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
+          f"{report.wall_seconds:.1f}s wall")
+    print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
+    sys.stdout.flush()
+    if results.save:
+        _write_results(results, method, report, dense, pruned, extra)
+        log.info("results written to %s", results.save)
+    if outputs.save_model:
+        from ..export import save_model
+
+        save_model(model, tokenizer, outputs.save_model, outputs.save_format, results.overwrite)
+    return 0
