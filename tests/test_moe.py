@@ -419,3 +419,66 @@ def test_finetune_masks_cover_fused_experts():
         model.model.layers[0].mlp.experts.gate_up_proj.add_(1.0)  # "training" revives every zero
     apply_masks(model, masks)
     assert torch.equal(model.model.layers[0].mlp.experts.gate_up_proj == 0, masks[key])
+
+
+# (8) the command line: the report in the results JSON and the log; blocks not found: exit 2, one line ---------
+
+def _save_with_tokenizer(model: nn.Module, folder) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 3)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+
+
+def test_cli_reports_what_was_not_pruned_and_exits_2_without_blocks(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import word_corpus
+
+    corpus = word_corpus(tmp_path / "corpus.txt", words=2000)
+    _save_with_tokenizer(_fresh("mixtral"), tmp_path / "mixtral")
+    _save_with_tokenizer(tiny_model("llama", num_hidden_layers=0), tmp_path / "no-blocks")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+
+    def run(model: str, save: str) -> subprocess.CompletedProcess:
+        args = ["--model", str(tmp_path / model), "--calib_dataset", str(corpus), "--eval_dataset", str(corpus),
+                "--seqlen", "32", "--nsamples", "4", "--eval_windows", "1", "--device", "cpu",
+                "--prune_method", "wanda", "--save", str(tmp_path / save)]
+        return subprocess.run([sys.executable, "-m", "wanda.main"] + args, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    proc = run("mixtral", "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "results_wanda.json").read_text())["prune"]
+    reasons = {i["name"]: i["reason"] for i in results["not_pruned"]}
+    assert reasons["model.layers.1.mlp.gate.weight"] == "router"
+    assert len([l for l in results["layers"] if ".experts." in l["name"]]) == 2 * EXPERTS * 3
+    assert results["actual_sparsity"] == 0.5 and results["sparsity_over"].startswith("the 32 pruned weight matrices")
+    lines = [line for line in proc.stderr.splitlines() if "not pruned: router: 2 (e.g. model.layers.0.mlp.gate.weight)" in line]
+    assert len(lines) == 1
+
+    proc = run("no-blocks", "out2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == [proc.stderr.strip().splitlines()[-1]]
+    assert errors[0].startswith("wanda: error: LlamaForCausalLM is not supported: found no decoder blocks")
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+def test_perplexity_of_a_moe_model_is_its_own_loss(arch):
+    from wanda import perplexity
+
+    model = _fresh(arch)
+    ids = calib_ids(2, 16)
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert perplexity(model, ids, batch_size=2, chunk_tokens=8, progress=False) == pytest.approx(np.exp(loss), rel=1e-5)
