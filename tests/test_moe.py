@@ -482,3 +482,31 @@ def test_perplexity_of_a_moe_model_is_its_own_loss(arch):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss.item()
     assert perplexity(model, ids, batch_size=2, chunk_tokens=8, progress=False) == pytest.approx(np.exp(loss), rel=1e-5)
+
+
+class _AllExpertsAtOnce(nn.Module):
+    """A fused-experts layout whose forward never indexes one expert (one einsum over all of them)."""
+
+    num_experts = EXPERTS
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(EXPERTS, HIDDEN, HIDDEN) * 0.1)
+
+    def forward(self, x):
+        return torch.einsum("bsd,eod->bso", x, self.w) / EXPERTS
+
+
+def test_fused_experts_whose_inputs_cannot_be_seen_are_listed_not_pruned(caplog):
+    model = tiny_model("llama")
+    model.model.layers[0].mlp = _AllExpertsAtOnce()
+    before = model.model.layers[0].mlp.w.detach().clone()
+    with caplog.at_level(logging.INFO, logger="wanda"):
+        report = prune(model, calib_ids(4, 16), PruneSettings(prune_method="wanda"), progress=False, batch_size=4)
+    listed = {i.name: i.reason for i in report.not_pruned}
+    assert [listed[f"model.layers.0.mlp.w[{e}]"] for e in range(EXPERTS)] == [
+        "unsupported layout: its per-expert inputs could not be observed"] * EXPERTS
+    assert torch.equal(model.model.layers[0].mlp.w, before)
+    assert not any(l.name.startswith("model.layers.0.mlp.w") for l in report.layers)
+    assert any("its per-expert inputs could not be observed: 4 (e.g. model.layers.0.mlp.w[0])" in r.getMessage()
+               for r in caplog.records)
