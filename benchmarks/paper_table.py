@@ -134,11 +134,15 @@ def main() -> None:
                         "50%% unstructured; default) or for every run")
     parser.add_argument("--model", default="smollm2-135m", choices=tuple(NAMED_MODELS),
                         help="named model to run (default: smollm2-135m)")
+    parser.add_argument("--eval_windows", type=int, default=PROTOCOL["eval_windows"],
+                        help=f"evaluation windows per set (default: the protocol's {PROTOCOL['eval_windows']}; fewer "
+                        "when time is short, recorded in the results)")
     parser.add_argument("--out", help="output path without extension (default: benchmarks/results/paper_table, "
                         "or paper_table_<family> for a model other than smollm2-135m)")
     parser.add_argument("--collect", nargs="+", help="build the table from earlier runs instead: results JSON files "
                         "or logs of this script (one JSON line per run), e.g. of runs done in parallel")
     args = parser.parse_args()
+    PROTOCOL["eval_windows"] = args.eval_windows  # read by protocol_data and written into the results
     if args.worker:
         method, variant, pattern, floor = json.loads(args.worker)
         print(json.dumps(worker(method, pattern, variant, floor, args.model)))
@@ -154,7 +158,8 @@ def main() -> None:
     for method, pattern, variant in runs:
         print(f"== {run_key(method, pattern, variant)}", file=sys.stderr, flush=True)
         floor = method != "magnitude" and (args.floor == "all" or (method, pattern, variant) in FLOOR_RUNS)
-        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--worker",
+        proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--eval_windows",
+                               str(args.eval_windows), "--worker",
                                json.dumps([method, variant, pattern, floor])],
                               capture_output=True, text=True, cwd=str(RESULTS.parent))
         if proc.returncode:
