@@ -347,6 +347,14 @@ def test_saved_moe_model_keeps_its_zeros(arch, tmp_path):
         assert torch.equal(reloaded.get_parameter(name), p), name
     assert model_sparsity(reloaded) == model_sparsity(model)
     assert set(model_sparsity(reloaded).values()) == {0.5}
+    # the compact format stores each fused expert parameter as one bitmask-encoded tensor
+    from wanda.export.compressed import load_compressed
+
+    saved = save_model(model, None, tmp_path / "compact", "compressed")
+    assert saved.compression.encodings["model.layers.0.mlp.experts.down_proj"] == "bitmask"
+    compact, _ = load_compressed(tmp_path / "compact", dtype=torch.float32, device=torch.device("cpu"))
+    for name, p in model.named_parameters():
+        assert torch.equal(compact.get_parameter(name), p), name
 
 
 # (7) experts as nn.Linear modules (remote-code style): pre-hooks see only the routed tokens ----------------
