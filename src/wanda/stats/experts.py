@@ -47,8 +47,10 @@ class _WatchExperts(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func in _LINEAR or func in _MATMUL) and len(args) >= 2:
-            x, weight = args[0], args[1]
+        if func in _LINEAR or func in _MATMUL:
+            # (input, weight) of F.linear, (input, other) of a matmul, passed by position or by name
+            operands = [*args[:2], *(kwargs[k] for k in ("input", "weight", "other") if k in kwargs)]
+            x, weight = (operands + [None, None])[:2]
             for name, transposed in self.parameters.items():
                 if transposed != (func in _MATMUL) or not isinstance(weight, torch.Tensor):
                     continue
