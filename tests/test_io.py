@@ -102,7 +102,7 @@ def test_atomic_write_text_leaves_nothing_when_the_rename_fails(tmp_path, monkey
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WandaError, match="could not write .*log.txt: disk full"):
         atomic_write_text(tmp_path / "log.txt", "text")
     assert _tree(tmp_path) == []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .masks.pattern import SparsityPattern
+from .masks.pattern import PatternField, SparsityPattern
 from .methods.registry import METHOD_SPECS
 from .settings import SettingsMixin, require, setting
 
@@ -15,7 +15,7 @@ METHODS = tuple(METHOD_SPECS)
 
 
 @dataclass(frozen=True)
-class PruneSettings(SettingsMixin):
+class PruneSettings(PatternField, SettingsMixin):
     """What to prune and how. ``sparsity_ratio=None`` means N/M for N:M patterns and 0.5 for unstructured;
     after construction it holds the resolved ratio."""
 
@@ -49,9 +49,5 @@ class PruneSettings(SettingsMixin):
     def method(self) -> str:
         return self.prune_method
 
-    @property
-    def pattern(self) -> SparsityPattern:
-        return SparsityPattern.parse(self.sparsity_type)
-
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "method": self.prune_method, "pattern": str(self.pattern)}
+        return {**super().to_dict(), "method": self.prune_method}

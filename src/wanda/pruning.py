@@ -22,7 +22,7 @@ from .engine import BlockInputs, LayerwiseEngine
 from .errors import WandaError
 from .masks import overall_sparsity, zero_fraction
 from .methods import MethodSpec, get_method
-from .models import BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, find_decoder_layout
+from .models import BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, check_seqlen, find_decoder_layout
 from .models.matrices import UNOBSERVED
 from .resources import peak_rss_mb, release_memory, reset_peak_rss
 from .stats import InputRecorder
@@ -168,6 +168,7 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     else:
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise WandaError(f"--prune_method {settings.method} needs calibration samples")
+        check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
         engine = LayerwiseEngine(model, device, batch_size, progress, layout)
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import WandaError
 
-__all__ = ["setting", "SettingsMixin", "require"]
+__all__ = ["setting", "SettingsMixin", "require", "require_seed", "MAX_SEED"]
 
 
 def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, aliases: list[str] | None = None,
@@ -31,6 +31,15 @@ def require(condition: bool, message: str) -> None:
     """Raise the user-facing error ``message`` unless ``condition`` holds (for ``__post_init__`` checks)."""
     if not condition:
         raise WandaError(message)
+
+
+#: The largest seed every generator in use accepts (numpy's legacy seeding, torch, transformers' set_seed).
+MAX_SEED = 2**32 - 1
+
+
+def require_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed is an integer in [0, 2**32 - 1]; a larger one overflowed torch.manual_seed with a traceback."""
+    require(0 <= seed <= MAX_SEED, f"{flag} must be in [0, {MAX_SEED}], got {seed}")
 
 
 class SettingsMixin:

@@ -44,6 +44,7 @@ class SettingsParser(HfArgumentParser):
 
     def parse_settings(self, argv: Sequence[str]) -> tuple:
         """The settings objects, in the order of the dataclasses; validation errors exit 2 like usage errors."""
+        self._refuse_empty(self.parse_known_args(list(argv))[0])
         try:
             *settings, rest = self.parse_args_into_dataclasses(list(argv), return_remaining_strings=True,
                                                                  look_for_args_file=False)
@@ -52,6 +53,18 @@ class SettingsParser(HfArgumentParser):
         if rest:
             self.error(f"unrecognized arguments: {' '.join(rest)}")
         return tuple(settings)
+
+    def _refuse_empty(self, namespace: argparse.Namespace) -> None:
+        """An empty (or blank) string is never a name, a path or a number: ``--model ""`` must not mean the
+        bundled model, nor ``--save ""`` the current folder. Checked before the settings validate their values.
+        A flag whose bare form means "" (``--merge``) may be given one."""
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if action.option_strings and action.const != "" and any(isinstance(v, str) and not v.strip()
+                                                                    for v in values):
+                flag = max(action.option_strings, key=len)
+                self.exit(2, f"{self.prog}: error: {flag} is an empty string; give a value or leave the flag out\n")
 
 
 def parse(classes: Sequence[type], argv: Sequence[str], prog: str, description: str, epilog: str | None = None

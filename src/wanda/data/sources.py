@@ -43,30 +43,65 @@ def _data_dir() -> Path | None:
     return Path(value) if value else None
 
 
+def _read_text(path: Path) -> str:
+    """The file's text, refused when it is empty, binary or not UTF-8 (naming the line of the first bad byte)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise WandaError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    if not data.strip():
+        raise WandaError(f"{path} is empty; give a file with text in it")
+    if b"\0" in data[:65536]:
+        raise WandaError(f"{path} is not a text file (it holds NUL bytes, as binary files do)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise WandaError(f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} "
+                         "(convert it with iconv -t utf-8)") from exc
+
+
 def _read_json_texts(path: Path, field: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in handle if line.strip()]
-        else:
-            data = json.load(handle)
-            records = data if isinstance(data, list) else list(data.values())
+    text = _read_text(path)
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append((number, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise WandaError(f"{path} line {number} is not JSON ({exc.msg}, column {exc.colno})") from exc
+        where = "line"
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise WandaError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
+        items = data if isinstance(data, list) else list(data.values()) if isinstance(data, dict) else [data]
+        records = list(enumerate(items))
+        where = "record"
     texts = []
-    for number, record in enumerate(records):
+    for number, record in records:
         if not isinstance(record, dict) or field not in record:
-            raise WandaError(f"{path}: record {number} has no field {field!r}; name the text field with --text_field")
+            raise WandaError(f"{path}: {where} {number} has no field {field!r}; name the text field with --text_field")
         texts.append(str(record[field]))
     return texts
 
 
 def _read_file(path: Path, field: str) -> list[str]:
     if path.suffix in (".txt", ".raw"):
-        return [path.read_text(encoding="utf-8")]
+        return [_read_text(path)]
     if path.suffix in (".json", ".jsonl"):
         return _read_json_texts(path, field)
     if path.suffix == ".parquet":
+        import pyarrow
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise WandaError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0][:200]})") from exc
         if field not in table.column_names:
             raise WandaError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); use --text_field")
         return [str(t) for t in table.column(field).to_pylist()]
@@ -81,6 +116,8 @@ def _local_source(path: Path, field: str) -> TextSource:
         documents = [doc for f in files for doc in _read_file(f, field)]
     else:
         documents = _read_file(path, field)
+    if not any(doc.strip() for doc in documents):
+        raise WandaError(f"{path} holds no text (every record is empty)")
     return TextSource(path.name, documents)
 
 
@@ -153,6 +190,8 @@ def resolve_source(spec: str, purpose: Purpose, text_field: str = "text") -> Tex
     """``spec``: a name from ``NAMED_SOURCES``, a ``datasets`` folder saved with ``save_to_disk``, or a path."""
     if spec in SOURCES:
         return SOURCES[spec](purpose)
+    if not spec.strip():
+        raise WandaError(f"an empty data source name; give one of {', '.join(NAMED_SOURCES)} or a path")
     path = Path(spec).expanduser()
     if not path.exists():
         raise WandaError(f"data source {spec!r} is neither a file/folder nor one of {', '.join(NAMED_SOURCES)}")

@@ -111,6 +111,8 @@ def calibration_windows(source: TextSource, tokenizer, nsamples: int, seqlen: in
     """
     if nsamples < 1 or seqlen < 2:
         raise WandaError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    if seed < 0:
+        raise WandaError(f"--seed must be at least 0, got {seed}")
     rng = np.random.Generator(np.random.PCG64(seed))
     if source.sampling == "documents":
         return _from_documents(source, tokenizer, nsamples, seqlen, rng)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..devices import default_batch_size
 from ..models import DecoderLayout, find_decoder_layout
 from .capture import BlockInputs, capture_block_inputs
+from .numerics import check_finite_outputs
 
 #: visit(index, block, inputs) is called with the block on the compute device, before it produces the next inputs.
 Visitor = Callable[[int, nn.Module, BlockInputs], None]
@@ -81,6 +82,7 @@ class LayerwiseEngine:
                     if visit is not None:
                         visit(index, block, inputs)
                     inputs.hidden = self.run_block(block, inputs)
+                check_finite_outputs(self.layout.block_name(index), inputs.hidden)
                 if after is not None:
                     after(index, inputs)
             return inputs

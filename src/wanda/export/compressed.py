@@ -289,7 +289,9 @@ def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise WandaError(f"{folder} is not a compressed checkpoint: {MANIFEST_NAME} is missing")
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    from ..models.checks import read_json
+
+    manifest = read_json(path)
     if manifest.get("format") != FORMAT_NAME:
         raise WandaError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("version", 0) > FORMAT_VERSION:
@@ -304,7 +306,13 @@ def load_compressed_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tens
 
     folder = Path(folder)
     manifest = _read_manifest(folder)
-    stored = load_file(str(folder / manifest["weights"]))
+    from ..models.checks import check_safetensors, inside
+
+    weights = inside(folder, str(manifest.get("weights", WEIGHTS_NAME)), str(folder / MANIFEST_NAME))
+    if not weights.is_file():
+        raise WandaError(f"{folder}: the weights file {weights.name} named by {MANIFEST_NAME} is missing")
+    check_safetensors(weights)
+    stored = load_file(str(weights))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for name, data in stored.items():
         key, _, part = name.rpartition("::")
@@ -338,8 +346,8 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None,
 
     folder = Path(folder)
     state, manifest = load_compressed_state_dict(folder)
-    model_class = getattr(transformers, manifest["model_class"], None)
-    if model_class is None:
+    model_class = getattr(transformers, str(manifest.get("model_class")), None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise WandaError(f"{folder}: model class {manifest['model_class']} is not in this transformers version")
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     stored_dtype = max(set(floating), key=floating.count) if floating else torch.float32

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,14 +40,21 @@ def save_model(model: nn.Module, tokenizer, target: str | Path, save_format: str
     """Write ``model`` and ``tokenizer`` to ``target`` atomically in ``save_format``."""
     if save_format not in SAVE_FORMATS:
         raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
+    from safetensors import SafetensorError
+
     compression = None
     with atomic_directory(target, overwrite=overwrite) as tmp:
-        if save_format == "dense":
-            model.save_pretrained(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-        else:
-            compression = save_compressed(model, tmp, tokenizer)
+        try:
+            if save_format == "dense":
+                model.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+            else:
+                compression = save_compressed(model, tmp, tokenizer)
+        except SafetensorError as exc:  # safetensors writes from Rust: a full disk arrives as this, not OSError
+            full = re.search(r"os error 28|code: 28|No space left", str(exc))
+            reason = "no space left on device" if full else str(exc).splitlines()[0]
+            raise WandaError(f"could not write {target}: {reason}; nothing was written there") from exc
     saved = SavedModel(Path(target), save_format, folder_bytes(target), compression)
     if compression is not None:
         log.info("compressed model written to %s: %.1f MB of weights versus %.1f MB dense (%.1f%%)", target,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..settings import SettingsMixin, require, setting
+from ..settings import SettingsMixin, require, require_seed, setting
 from ..models import find_decoder_layout, find_linears
 from .semi_structured import Converter, SparsifyReport, check_24, relative_error, sparsify_linears
 from .timing import measure
@@ -70,6 +70,7 @@ class SpeedupSettings(SettingsMixin):
     seed: int = setting(0, "seed of the random inputs")
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         for name in ("decode_tokens", "prefill_tokens", "model_tokens"):
             values = TokenCounts(getattr(self, name))
             self._set(name, values)
@@ -81,10 +82,7 @@ class SpeedupSettings(SettingsMixin):
 
 
 @dataclass
-class LayerTiming:
-    layers: str  # short names sharing this shape, e.g. "self_attn.q_proj, self_attn.o_proj"
-    shape: tuple[int, int]  # (out_features, in_features)
-    phase: str  # decode or prefill
+class ModelTiming:
     tokens: int
     dense_ms: float
     sparse_ms: float
@@ -95,14 +93,10 @@ class LayerTiming:
 
 
 @dataclass
-class ModelTiming:
-    tokens: int
-    dense_ms: float
-    sparse_ms: float
-
-    @property
-    def speedup(self) -> float:
-        return self.dense_ms / self.sparse_ms
+class LayerTiming(ModelTiming):
+    layers: str = ""  # short names sharing this shape, e.g. "self_attn.q_proj, self_attn.o_proj"
+    shape: tuple[int, int] = (0, 0)  # (out_features, in_features)
+    phase: str = ""  # decode or prefill
 
 
 @dataclass
@@ -173,7 +167,7 @@ def time_linears(linears: dict[str, nn.Linear], backend: Converter, settings: Sp
                 x = torch.randn(tokens, shape[1], generator=generator).to(weight.device, weight.dtype)
                 dense = measure(lambda: nn.functional.linear(x, weight), weight.device, settings.warmup, settings.iters)
                 fast = measure(lambda: nn.functional.linear(x, sparse), weight.device, settings.warmup, settings.iters)
-                out.append(LayerTiming(label, shape, phase, tokens, dense.median_ms, fast.median_ms))
+                out.append(LayerTiming(tokens, dense.median_ms, fast.median_ms, label, shape, phase))
                 log.debug("%s %s x %d: dense %.4f ms, sparse %.4f ms", label, shape, tokens, dense.median_ms,
                           fast.median_ms)
         del sparse

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..settings import SettingsMixin, require, setting
+from ..settings import SettingsMixin, require, require_seed, setting
 
 __all__ = ["LoraSettings", "TrainSettings", "FINETUNE_MODES", "BLOCK_SIZE_CAP"]
 
@@ -84,6 +84,7 @@ class TrainSettings(SettingsMixin):
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "save_steps", "save_total_limit")
         for name in positive:

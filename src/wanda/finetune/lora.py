@@ -113,13 +113,15 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
 
 
 def load_with_adapter(model_dir: str, adapter_dir: str | Path, cache_dir: str | None = "llm_weights",
-                      dtype: str | None = "auto", device: str | None = "auto") -> LoadedModel:
+                      dtype: str | None = "auto", device: str | None = "auto", *, trust_remote_code: bool = False,
+                      allow_pickle: bool = False) -> LoadedModel:
     """Load ``model_dir`` as ``load_model`` does and attach the adapter unmerged, for evaluation.
 
     The returned ``model`` is the causal LM itself (``PeftModel.get_base_model()``) with the LoRA layers
     active inside it, so ``perplexity`` and anything else that takes a transformers causal LM work unchanged.
     """
-    loaded = load_model(model_dir, cache_dir, dtype, device)
+    loaded = load_model(model_dir, cache_dir, dtype, device, trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle)
     peft_model = load_adapter(loaded.model, adapter_dir)
     peft_model.eval()
     log.info("attached the LoRA adapter %s (unmerged)", adapter_dir)

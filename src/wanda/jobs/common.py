@@ -15,7 +15,7 @@ from ..data import NAMED_SOURCES, evaluation_windows, resolve_source
 from ..devices import AUTO_BATCH, default_batch_size
 from ..errors import WandaError
 from ..eval import perplexity
-from ..models import default_seqlen
+from ..models import check_seqlen, default_seqlen
 from ..settings import SettingsMixin, require, setting
 
 log = logging.getLogger("wanda")
@@ -89,7 +89,9 @@ class EvalSettings(TextSettings):
             return ["wiki-summaries"]
 
     def seqlen_for(self, model: nn.Module) -> int:
-        return self.seqlen or default_seqlen(model)
+        seqlen = self.seqlen or default_seqlen(model)
+        check_seqlen(model, seqlen)  # beyond the context: positions the model never saw, or an index error
+        return seqlen
 
     def batch_for(self, device: torch.device) -> int:
         return self.batch_size or default_batch_size(device)

@@ -146,7 +146,8 @@ def _evaluate_saved(model: ModelSettings, data: TrainingDataSettings, train: Tra
 
     output_dir = Path(out.output_dir)
     if mode == "lora":
-        loaded = load_with_adapter(model.model, output_dir, model.cache_dir, model.dtype, model.device)
+        loaded = load_with_adapter(model.model, output_dir, model.cache_dir, model.dtype, model.device,
+                                   trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
     else:
         loaded = model.replace(model=str(output_dir)).load(_training_dtype(model, mode))
     block_size = train.block_size or default_seqlen(loaded.model, BLOCK_SIZE_CAP)

@@ -19,7 +19,7 @@ from ..methods import get_method
 from ..models import ModelSettings
 from ..pruning import PruneReport, prune
 from ..resources import run_peak_rss_mb
-from ..settings import SettingsMixin, require, setting
+from ..settings import SettingsMixin, require, require_seed, setting
 from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
 
 log = logging.getLogger("wanda")
@@ -43,6 +43,7 @@ class CalibrationSettings(SettingsMixin):
                                         "the bundled model)")
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         require(self.nsamples is None or self.nsamples >= 1, f"--nsamples must be at least 1, got {self.nsamples}")
 
 

@@ -54,3 +54,16 @@ class SparsityPattern:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}" if self.is_nm else "unstructured"
+
+
+class PatternField:
+    """For settings with a ``sparsity_type`` field: the parsed pattern, also written into ``to_dict()``."""
+
+    sparsity_type: str
+
+    @property
+    def pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.sparsity_type)
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "pattern": str(self.pattern)}  # type: ignore[misc]

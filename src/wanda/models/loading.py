@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from ..errors import WandaError
 from ..resources import release_memory
 from ..settings import SettingsMixin, setting
 from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
+from .checks import check_finite_weights, check_model_folder, check_remote_code
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,7 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
 
 @dataclass(frozen=True)
 class ModelSettings(SettingsMixin):
-    """Which model to load and where it runs."""
+    """Which model to load, where it runs, and what loading it may do beyond reading data."""
 
     model: str | None = setting(None, "hub id, local from_pretrained folder, .gguf file, or a named model that "
                                 f"installs offline: {', '.join(NAMED_MODELS)} (default: {BUNDLED_NAME})")
@@ -31,6 +33,10 @@ class ModelSettings(SettingsMixin):
                           "it is processed")
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16/fp16 on GPU; full fine-tuning trains fp32 weights under "
                          "autocast), float32, float16, bfloat16")
+    trust_remote_code: bool = setting(False, "run Python code shipped with the model (its config's auto_map); "
+                                      "without it such a model is refused and nothing from it runs")
+    allow_pickle: bool = setting(False, "load pickled weights (.bin, .pt), which can run code when unpickled; "
+                                 "without it only safetensors are read")
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype, torch.device("cpu"))  # a bad name fails here, before anything loads
@@ -46,7 +52,8 @@ class ModelSettings(SettingsMixin):
         return self.name in NAMED_MODELS
 
     def load(self, dtype: str | None = None) -> "LoadedModel":
-        return load_model(self.model, self.cache_dir, dtype or self.dtype, self.device)
+        return load_model(self.model, self.cache_dir, dtype or self.dtype, self.device,
+                          trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
 
 
 @dataclass
@@ -58,12 +65,26 @@ class LoadedModel:
 
 def default_seqlen(model: nn.Module, cap: int = 2048) -> int:
     """The smaller of the model's context length and ``cap`` (never a 32k-128k buffer)."""
+    context = context_length(model)
+    return min(context[0], cap) if context is not None else cap
+
+
+def context_length(model: nn.Module) -> tuple[int, str] | None:
+    """The model's context in tokens and the config key that says so, or ``None`` if its config has none."""
     config = getattr(model, "config", None)
     for key in _CONTEXT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
-            return min(value, cap)
-    return cap
+            return value, key
+    return None
+
+
+def check_seqlen(model: nn.Module, seqlen: int) -> None:
+    """Refuse windows longer than the model's context (positions past it are untrained or out of range)."""
+    context = context_length(model)
+    if context is not None and seqlen > context[0]:
+        raise WandaError(f"--seqlen {seqlen} is beyond the model's context of {context[0]} tokens "
+                         f"({context[1]} in its config); use --seqlen {context[0]} or less")
 
 
 def _looks_local(name: str) -> bool:
@@ -71,49 +92,69 @@ def _looks_local(name: str) -> bool:
 
 
 def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: str | None = "auto",
-               device: str | None = "auto") -> LoadedModel:
+               device: str | None = "auto", *, trust_remote_code: bool = False,
+               allow_pickle: bool = False) -> LoadedModel:
     """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on
-    CPU, or across GPUs on CUDA."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    CPU, or across GPUs on CUDA.
 
+    A local folder is checked before ``transformers`` reads it (``wanda.models.checks``): code it ships runs
+    only with ``trust_remote_code``, pickled weights load only with ``allow_pickle``, and truncated weights,
+    a broken config or a missing tokenizer are refused with one line. Every loaded weight must be finite.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if name is not None and not name.strip():  # "" is not "no --model": never load the bundled model for it
+        raise WandaError("--model is empty; give a hub id, a folder or a .gguf file (or leave it out for "
+                         f"{BUNDLED_NAME})")
     name = name or BUNDLED_NAME
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
-    kwargs: dict = {"dtype": torch_dtype, "low_cpu_mem_usage": True}
+    kwargs: dict = {"dtype": torch_dtype, "low_cpu_mem_usage": True, "trust_remote_code": trust_remote_code}
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True  # transformers then never falls back to pytorch_model.bin
     if target.type == "cuda":
         # accelerate places the model on one GPU when it fits, across GPUs (then CPU) when it does not
         kwargs["device_map"] = "auto" if target.index is None else {"": target.index}
-    tok_kwargs: dict = {}
+    tok_kwargs: dict = {"trust_remote_code": trust_remote_code}
+    compressed = False
     if name in NAMED_MODELS:
         location = str(bundled_model_dir(name))
     elif _looks_local(name):
         path = Path(name).expanduser()
         if not path.exists():
             raise WandaError(f"model path {path} does not exist")
-        if (path / "wanda_compressed.json").is_file():  # a compact sparse checkpoint (wanda.export.compressed)
-            from ..export.compressed import load_compressed
-
-            model, tokenizer = load_compressed(path, dtype=torch_dtype, device=target)
-            model.config.use_cache = False
-            log.info("loaded compressed %s (%s, %s)", name, type(model).__name__, torch_dtype)
-            return LoadedModel(model, tokenizer, str(path))
+        compressed = (path / "wanda_compressed.json").is_file()  # a compact sparse checkpoint
         if path.suffix == ".gguf":
             location = str(path.parent)
             kwargs["gguf_file"] = tok_kwargs["gguf_file"] = path.name
-        elif not (path / "config.json").is_file():
-            raise WandaError(f"model folder {path} has no config.json (expected a save_pretrained folder)")
+            kwargs.pop("use_safetensors", None)
+        elif not path.is_dir():
+            raise WandaError(f"model path {path} is a file; give a save_pretrained folder or a .gguf file")
         else:
+            check_model_folder(path, trust_remote_code, allow_pickle, need_weights=not compressed,
+                               need_tokenizer=not compressed)
             location = str(path)
     else:
         location = name
         kwargs["cache_dir"] = tok_kwargs["cache_dir"] = cache_dir
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
-    except (OSError, ValueError, ImportError) as exc:
-        raise WandaError(f"could not load model {name!r}: {exc}".splitlines()[0]) from exc
+        if compressed:
+            from ..export.compressed import load_compressed
+
+            model, tokenizer = load_compressed(location, dtype=torch_dtype, device=target)
+        else:
+            if location == name:  # a hub id: its config decides whether it asks for code, before the weights
+                config = AutoConfig.from_pretrained(location, cache_dir=cache_dir, trust_remote_code=trust_remote_code)
+                check_remote_code({"auto_map": getattr(config, "auto_map", None)}, name, trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+    except (OSError, ValueError, ImportError, KeyError, RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WandaError(f"could not load model {name!r}: {message}") from exc
+    check_finite_weights(model)
     model.eval()
     model.config.use_cache = False
     release_memory()  # the loader's freed buffers
-    log.info("loaded %s (%s, %s)", name, type(model).__name__, torch_dtype)
+    log.info("loaded %s%s (%s, %s)", "compressed " if compressed else "", name, type(model).__name__, torch_dtype)
     return LoadedModel(model, tokenizer, location)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..masks.pattern import SparsityPattern
-from ..settings import SettingsMixin, require, setting
+from ..masks.pattern import PatternField, SparsityPattern
+from ..settings import SettingsMixin, require, require_seed, setting
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
 
@@ -22,7 +22,7 @@ GRANULARITIES = {"layer": "matrix", "row": "row"}
 
 
 @dataclass(frozen=True)
-class VisionPruneSettings(SettingsMixin):
+class VisionPruneSettings(PatternField, SettingsMixin):
     """What to prune and how. ``sparsity=None`` means N/M for N:M patterns and 0.5 for unstructured; after
     construction it holds the resolved ratio."""
 
@@ -41,6 +41,7 @@ class VisionPruneSettings(SettingsMixin):
     seed: int = setting(0, "seed of the calibration sampling")
 
     def __post_init__(self) -> None:
+        require_seed(self.seed)
         require(self.prune_metric in VISION_METRICS,
                 f"--prune_metric must be one of {', '.join(VISION_METRICS)}; got {self.prune_metric!r}")
         require(self.prune_granularity in GRANULARITIES,
@@ -58,13 +59,6 @@ class VisionPruneSettings(SettingsMixin):
         return self.prune_granularity
 
     @property
-    def pattern(self) -> SparsityPattern:
-        return SparsityPattern.parse(self.sparsity_type)
-
-    @property
     def scope(self) -> str:
         """The scope that ``wanda.masks.select_mask`` compares unstructured scores within."""
         return GRANULARITIES[self.granularity]
-
-    def to_dict(self) -> dict:
-        return {**super().to_dict(), "pattern": str(self.pattern)}
