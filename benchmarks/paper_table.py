@@ -129,9 +129,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="run keys such as wanda:unstructured or wanda-variant:unstructured")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--floor", choices=("targets", "all"), default="targets",
+    parser.add_argument("--floor", choices=("targets", "all", "none"), default="targets",
                         help="measure the two-forward-pass floor for the target runs only (Wanda and SparseGPT at "
-                        "50%% unstructured; default) or for every run")
+                        "50%% unstructured; default), for every run, or for none (saves two forward passes a run)")
     parser.add_argument("--model", default="smollm2-135m", choices=tuple(NAMED_MODELS),
                         help="named model to run (default: smollm2-135m)")
     parser.add_argument("--eval_windows", type=int, default=PROTOCOL["eval_windows"],
@@ -157,7 +157,8 @@ def main() -> None:
     rows = []
     for method, pattern, variant in runs:
         print(f"== {run_key(method, pattern, variant)}", file=sys.stderr, flush=True)
-        floor = method != "magnitude" and (args.floor == "all" or (method, pattern, variant) in FLOOR_RUNS)
+        floor = method != "magnitude" and args.floor != "none" and (
+            args.floor == "all" or (method, pattern, variant) in FLOOR_RUNS)
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--eval_windows",
                                str(args.eval_windows), "--worker",
                                json.dumps([method, variant, pattern, floor])],
