@@ -31,7 +31,12 @@ def test_gemma3_loads_by_name_and_prunes_every_matrix_of_every_block(gemma):
         assert model(input_ids=ids, labels=ids).loss.item() < 3.0
     report = prune(model, None, PruneSettings(prune_method="magnitude", sparsity_type="2:4"), progress=False)
     assert len(report.layers) == 18 * 7
-    assert set(model_sparsity(model).values()) == {0.5}
+    # Q4_K_M dequantises some weights to exact zeros already, so a group of 4 may hold more than 2 zeros
+    for block in model.model.layers:
+        for layer in (block.self_attn.q_proj, block.mlp.down_proj):
+            groups = (layer.weight.reshape(layer.out_features, -1, 4) == 0).sum(-1)
+            assert bool((groups >= 2).all())
+    assert all(0.5 <= s < 0.51 for s in model_sparsity(model).values())
     reasons = {}
     for item in report.not_pruned:
         reasons.setdefault(item.reason, set()).add(item.name.split(".", 3)[-1])
