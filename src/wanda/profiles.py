@@ -17,7 +17,7 @@ from torch import nn
 from .engine import BlockInputs, LayerwiseEngine
 from .methods.owl import outlier_ratio, owl_ratios
 from .methods.scores import wanda_scores
-from .models import DecoderLayout, find_linears
+from .models import DecoderLayout
 from .stats import InputRecorder, SquaredNorm
 
 if TYPE_CHECKING:
@@ -49,14 +49,15 @@ def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m
     ratios: list[float] = []
 
     def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
-        recorder = InputRecorder(find_linears(block, layout.block_name(index)), SquaredNorm)
+        recorder = InputRecorder(layout.matrices(index, block).prunable, SquaredNorm)
         recorders[index] = recorder.__enter__()  # its hooks see the engine's own forward of this block
 
     def after(index: int, outputs: BlockInputs) -> None:
         recorder = recorders.pop(index)
         recorder.remove()
-        scores = [wanda_scores(layer.weight.data, recorder.stat(name).squared_norm())
-                  for name, layer in recorder.layers.items()]
+        # matrices that read no token (an expert never routed to) say nothing about outliers
+        scores = [wanda_scores(matrix.weight, stat.squared_norm()) for name, matrix in recorder.layers.items()
+                  if (stat := recorder.stat(name)) is not None and stat.tokens > 0]
         ratios.append(outlier_ratio(scores, m))
 
     try:
@@ -71,8 +72,7 @@ def _owl(model: nn.Module, layout: DecoderLayout, calibration_ids: torch.Tensor,
          engine: LayerwiseEngine) -> dict[str, float]:
     outliers = owl_outlier_ratios(engine, calibration_ids, settings.owl_m)
     block_ratios = owl_ratios(outliers, settings.sparsity_ratio, settings.owl_lambda)
-    return {name: block_ratios[index] for index, block in enumerate(layout.blocks)
-            for name in find_linears(block, layout.block_name(index))}
+    return {name: block_ratios[index] for index in range(len(layout.blocks)) for name in layout.matrices(index).prunable}
 
 
 PROFILES: dict[str, Profile] = {

@@ -1,8 +1,15 @@
-"""Pruning a whole model: the engine walks the blocks, the chosen method prunes each linear layer."""
+"""Pruning a whole model: the engine walks the blocks, the chosen method prunes each weight matrix.
+
+What is pruned is ``find_prunable``'s enumeration (linear layers and per-expert slices of fused expert
+parameters); everything else in the blocks is reported as not pruned with its reason. A matrix that received
+no calibration token (an expert the router never chose) is pruned by the no-token rule: the method run with
+its statistic's ``neutral`` value, i.e. magnitude pruning in the method's own scope, and it is reported.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -14,8 +21,10 @@ from .distributed import SINGLE, Ranks
 from .engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
 from .errors import WandaError
 from .masks import overall_sparsity, zero_fraction
-from .methods import get_method, prune_layer, statistics_for
-from .models import check_seqlen, find_decoder_layout, find_linears
+from .methods import MethodSpec, get_method, prune_layer, statistics_for
+from .models import (BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, check_seqlen,
+                     find_decoder_layout)
+from .models.matrices import UNOBSERVED
 from .profiles import PROFILES, layer_ratios
 from .resources import peak_rss_mb, release_memory, reset_peak_rss
 from .stats import InputRecorder, statistic_factory
@@ -32,6 +41,14 @@ class LayerReport:
     obs_loss: float | None = None
     #: the ratio this layer was asked for (the sparsity profile's; ``sparsity`` is what it got)
     ratio: float | None = None
+    #: calibration tokens this matrix read (for an expert: the tokens routed to it); None without calibration
+    tokens: int | None = None
+    #: the rule that replaced the missing statistic, when ``tokens`` is 0
+    rule: str | None = None
+
+
+#: What a matrix that read no calibration token is pruned with (see ``InputStatistic.neutral``).
+NO_TOKEN_RULE = "no calibration token: the method with a neutral statistic (magnitude in its own scope, no update)"
 
 
 @dataclass
@@ -47,6 +64,8 @@ class PruneReport:
     profile_seconds: float = 0.0
     #: peak resident memory during this call (Linux; elsewhere the process's peak so far), MiB
     peak_rss_mb: float = 0.0
+    #: every other parameter inside the decoder blocks, with the reason it was left alone
+    not_pruned: list[NotPruned] = field(default_factory=list)
 
     @property
     def prune_seconds(self) -> float:
@@ -57,16 +76,35 @@ class PruneReport:
         """Zeros over all pruned matrices, weighted by their size."""
         return overall_sparsity((l.shape, l.sparsity) for l in self.layers)
 
+    @property
+    def sparsity_over(self) -> str:
+        """What ``actual_sparsity`` is computed over, in words."""
+        pruned = sum(l.shape[0] * l.shape[1] for l in self.layers)
+        left = sum(math.prod(n.shape) for n in self.not_pruned)
+        return (f"the {len(self.layers)} pruned weight matrices inside the decoder blocks ({pruned} weights); "
+                f"not counted: the {len(self.not_pruned)} block parameters listed in not_pruned ({left} values), "
+                "the embeddings and the LM head")
+
+    def not_pruned_summary(self) -> str:
+        """One line: the not-pruned parameters grouped by reason, with a count and the first name of each."""
+        groups: dict[str, list[str]] = {}
+        for item in self.not_pruned:
+            groups.setdefault(item.reason, []).append(item.name)
+        return "; ".join(f"{reason}: {len(names)} (e.g. {names[0]})" for reason, names in groups.items()) or "none"
+
     def to_dict(self) -> dict:
         return {
             "settings": self.settings,
             "actual_sparsity": self.actual_sparsity,
+            "sparsity_over": self.sparsity_over,
             "prune_seconds": self.prune_seconds,
             "wall_seconds": self.wall_seconds,
             "calibration_tokens": self.calibration_tokens,
             "profile_seconds": self.profile_seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "layers": [asdict(layer) for layer in self.layers],
+            "not_pruned": [asdict(item) for item in self.not_pruned],
+            "matrices_without_tokens": [l.name for l in self.layers if l.rule is not None],
         }
 
 
@@ -75,26 +113,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _prune_linears(linears: dict[str, nn.Linear], settings: PruneSettings, ratios: dict[str, float],
+def _statistic(name: str, weight: torch.Tensor, spec: MethodSpec, recorder: InputRecorder | None):
+    """(statistic, tokens, rule) for one matrix: the recorded one, or the method's neutral one when it read no
+    token (DSnoT, which needs real activations, is then left out for that matrix)."""
+    if recorder is None:
+        return None, None, None
+    stat = recorder.stat(name)
+    if stat is not None and stat.tokens > 0:
+        return stat, stat.tokens, None
+    neutral = spec.statistic.neutral(weight.shape[1], weight.device) if spec.statistic is not None else None
+    return neutral, 0, NO_TOKEN_RULE
+
+
+def _prune_linears(linears: dict[str, PrunableMatrix], settings: PruneSettings, ratios: dict[str, float],
                    recorder: InputRecorder | None, report: PruneReport, ranks: Ranks = SINGLE) -> None:
+    spec = get_method(settings.method)
     # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
-    owners = ranks.assign(linears, get_method(settings.method))
+    owners = ranks.assign(linears, spec)
     done: dict[str, LayerReport] = {}
     with ranks.agreed("pruning a block"):
-        for name, layer in linears.items():
+        for name, matrix in linears.items():
             if owners[name] != ranks.rank:
                 continue
-            weight = layer.weight.data
-            stat = recorder.stat(name) if recorder is not None else None
+            view = matrix.weight  # (out, in), a view into the model (strided for transposed expert slices)
+            weight = view if view.is_contiguous() else view.contiguous()
+            stat, tokens, rule = _statistic(name, weight, spec, recorder)
             ratio = ratios.get(name, settings.sparsity_ratio)
             layer_settings = settings if ratio == settings.sparsity_ratio else settings.replace(sparsity_ratio=ratio)
             _sync(weight.device)
             start = time.perf_counter()
             result = prune_layer(weight, stat, layer_settings, name)
-            weight.copy_(result.weight.to(weight.dtype))
+            view.copy_(result.weight.to(view.dtype))
             _sync(weight.device)
             seconds = time.perf_counter() - start
-            done[name] = LayerReport(name, tuple(weight.shape), zero_fraction(weight), seconds, result.obs_loss, ratio)
+            done[name] = LayerReport(name, tuple(view.shape), zero_fraction(view), seconds, result.obs_loss, ratio,
+                                     tokens, rule)
     # distributed hook: weights solved on another rank arrive here, with their reports
     done = ranks.share(linears, owners, done)
     report.layers.extend(done[name] for name in linears)
@@ -105,10 +158,21 @@ def needs_calibration(settings: PruneSettings) -> bool:
     return bool(statistics_for(settings)) or PROFILES[settings.sparsity_profile].needs_calibration
 
 
+def _unobserved(found: BlockMatrices, recorder: InputRecorder) -> dict[str, PrunableMatrix]:
+    """Moves fused experts whose per-expert inputs were not seen into ``not_pruned``; returns the rest."""
+    lost = recorder.unobserved
+    for name, matrix in list(found.prunable.items()):
+        if id(matrix.module) in lost:
+            found.not_pruned.append(NotPruned(name, matrix.shape, UNOBSERVED))
+            del found.prunable[name]
+    return found.prunable
+
+
 def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
           device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None,
-          source: BlockSource | None = None, ranks: Ranks = SINGLE) -> PruneReport:
-    """Prune every linear layer inside ``model``'s decoder blocks in place.
+          source: BlockSource | None = None, ranks: Ranks = SINGLE,
+          structure: StructureOverride | None = None) -> PruneReport:
+    """Prune every weight matrix inside ``model``'s decoder blocks in place (see ``find_prunable``).
 
     ``calibration_ids``: (nsamples, seqlen) token ids; not needed for magnitude pruning.
     ``device``: where each block is processed (default: where block 0 lives).
@@ -117,11 +181,13 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     them from disk and saves each pruned block).
     ``ranks``: under torchrun, ``wanda.distributed.init_ranks()``: every rank passes the same
     ``calibration_ids``, runs its share of them and ends with the same pruned weights.
+    ``structure``: which module list holds the blocks and which matrices to prune, for a model the generic
+    discovery gets wrong.
     """
     get_method(settings.method)
     statistics = statistics_for(settings)
     progress = progress and ranks.is_main
-    layout = find_decoder_layout(model)
+    layout = find_decoder_layout(model, structure)
     report = PruneReport(settings=settings.to_dict())
     release_memory()
     reset_peak_rss()
@@ -137,18 +203,25 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None)
     report.profile_seconds = time.perf_counter() - start
     if not statistics:
-        engine.walk(None, lambda index, block, inputs: _prune_linears(
-            find_linears(block, layout.block_name(index)), settings, ratios, None, report, ranks))
+
+        def visit_without_statistics(index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
+            found = layout.matrices(index, block)
+            report.not_pruned.extend(found.not_pruned)
+            _prune_linears(found.prunable, settings, ratios, None, report, ranks)
+
+        engine.walk(None, visit_without_statistics)
     else:
         factory = statistic_factory(statistics)
 
         def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
-            linears = find_linears(block, layout.block_name(index))
-            with ranks.agreed("calibrating a block"), InputRecorder(linears, factory) as recorder:
+            found = layout.matrices(index, block)
+            with ranks.agreed("calibrating a block"), InputRecorder(found.prunable, factory) as recorder:
                 for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
                     block(hidden, *args, **kwargs)
                     recorder.end_batch()
             ranks.reduce(recorder.stats)  # distributed hook: statistics summed over ranks before any mask
+            linears = _unobserved(found, recorder)
+            report.not_pruned.extend(found.not_pruned)
             _prune_linears(linears, settings, ratios, recorder, report, ranks)
             del recorder
 
@@ -157,16 +230,17 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     report.wall_seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     release_memory()  # the calibration activations
-    log.info("pruned %d layers with %s: sparsity %.4f, %.1fs pruning, %.1fs wall", len(report.layers),
-             settings.method, report.actual_sparsity, report.prune_seconds, report.wall_seconds)
+    log.info("pruned %d matrices with %s: sparsity %.4f over %s; %.1fs pruning, %.1fs wall", len(report.layers),
+             settings.method, report.actual_sparsity, report.sparsity_over, report.prune_seconds, report.wall_seconds)
+    log.info("not pruned: %s", report.not_pruned_summary())
+    without = [l.name for l in report.layers if l.rule is not None]
+    if without:
+        log.warning("%d matrices read no calibration token (%s, ...): %s", len(without), without[0], NO_TOKEN_RULE)
     return report
 
 
-def model_sparsity(model: nn.Module) -> dict[str, float]:
-    """Fraction of exact zeros of every linear layer inside the decoder blocks."""
-    layout = find_decoder_layout(model)
-    out = {}
-    for index, block in enumerate(layout.blocks):
-        for name, layer in find_linears(block, layout.block_name(index)).items():
-            out[name] = zero_fraction(layer.weight)
-    return out
+def model_sparsity(model: nn.Module, structure: StructureOverride | None = None) -> dict[str, float]:
+    """Fraction of exact zeros of every prunable matrix inside the decoder blocks (``find_prunable``'s)."""
+    layout: DecoderLayout = find_decoder_layout(model, structure)
+    return {name: zero_fraction(matrix.weight)
+            for index in range(len(layout.blocks)) for name, matrix in layout.matrices(index).prunable.items()}

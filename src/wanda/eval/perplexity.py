@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 
 
 class _GivenHidden(nn.Module):
@@ -32,8 +32,9 @@ class _GivenHidden(nn.Module):
     def decoder(self) -> "_GivenHidden":  # OPT's forward calls ``self.model.decoder(...)``
         return self
 
-    def forward(self, *args, **kwargs) -> BaseModelOutputWithPast:
-        return BaseModelOutputWithPast(last_hidden_state=self.hidden)
+    def forward(self, *args, **kwargs) -> MoeModelOutputWithPast:
+        # the MoE output type: a mixture-of-experts LM's forward also reads ``router_logits`` (None here)
+        return MoeModelOutputWithPast(last_hidden_state=self.hidden)
 
 
 @contextmanager

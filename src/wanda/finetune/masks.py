@@ -3,7 +3,8 @@
 A mask is a bool tensor shaped like its weight, True where the weight is pruned (exactly zero when captured).
 Masks are keyed by the qualified name of their linear layer inside the decoder blocks, the matrices that
 ``wanda.prune`` prunes. The name resolves to the same weight in the plain model and in the model that
-``peft`` wraps (a LoRA layer keeps its name and exposes its frozen base weight as ``.weight``).
+``peft`` wraps (a LoRA layer keeps its name and exposes its frozen base weight as ``.weight``). Fused expert
+parameters (experts, out, in) are pruned per expert but kept as one mask, keyed by the parameter's name.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..models import find_decoder_layout, find_linears
+from ..models import find_decoder_layout
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,10 @@ def masked_weight(model: nn.Module, name: str) -> torch.Tensor:
     try:
         module = model.get_submodule(name)
     except AttributeError as exc:
+        try:  # a fused expert parameter
+            return model.get_parameter(name)
+        except AttributeError:
+            pass
         raise WandaError(f"the model has no layer {name!r}; masks must come from the same architecture") from exc
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor):
@@ -37,12 +42,16 @@ def masked_weight(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def capture_masks(model: nn.Module) -> PrunedMasks:
-    """Masks of every linear layer in the decoder blocks of an unwrapped model (zeros in its weights)."""
+    """Masks of every prunable matrix in the decoder blocks of an unwrapped model (zeros in its weights)."""
     layout = find_decoder_layout(model)
     masks: PrunedMasks = {}
-    for index, block in enumerate(layout.blocks):
-        for name, layer in find_linears(block, layout.block_name(index)).items():
-            masks[name] = layer.weight.detach() == 0
+    for index in range(len(layout.blocks)):
+        for name, matrix in layout.matrices(index).prunable.items():
+            if matrix.expert is None:
+                masks[name] = matrix.weight == 0
+            else:  # one mask for the whole fused parameter
+                qualified = name.split("[", 1)[0]
+                masks[qualified] = getattr(matrix.module, matrix.parameter).detach() == 0
     pruned = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     if pruned == 0:

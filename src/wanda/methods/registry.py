@@ -179,9 +179,9 @@ def prune_layer(weight: torch.Tensor, stat: InputStatistic | None, settings: Pru
     """Prune one matrix with ``settings`` (its own ratio already in ``settings.sparsity_ratio``), then DSnoT."""
     spec = get_method(settings.method)
     result = spec.prune(weight, part(stat, spec.statistic) if spec.statistic else None, settings)
-    if not dsnot_applies(settings, layer_name):
-        return result
     sums = part(stat, ChannelSum)
+    if not dsnot_applies(settings, layer_name) or sums is None:  # None: a matrix that read no token
+        return result
     mean = sums.mean()
     norm = stat.squared_norm()
     variance = norm.to(mean.device) / max(sums.tokens, 1) - mean.square()

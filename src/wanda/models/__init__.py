@@ -1,6 +1,9 @@
-"""Finding the prunable structure of a model, and loading models (hub id, folder, GGUF, bundled)."""
+"""Finding the prunable structure of a model, and loading models (hub id, folder, GGUF, named models)."""
 
-from .discovery import DecoderLayout, find_decoder_layout, find_linears
+from .discovery import DecoderLayout, StructureOverride, find_decoder_layout
 from .loading import LoadedModel, ModelSettings, check_seqlen, context_length, default_seqlen, load_model, resolve_dtype
+from .matrices import BlockMatrices, NotPruned, PrunableMatrix, find_linears, find_prunable
 
-__all__ = ["DecoderLayout", "find_decoder_layout", "find_linears", "LoadedModel", "ModelSettings", "check_seqlen", "context_length", "default_seqlen", "load_model", "resolve_dtype"]
+__all__ = ["DecoderLayout", "StructureOverride", "find_decoder_layout", "BlockMatrices", "NotPruned",
+           "PrunableMatrix", "find_linears", "find_prunable", "LoadedModel", "ModelSettings", "check_seqlen",
+           "context_length", "default_seqlen", "load_model", "resolve_dtype"]

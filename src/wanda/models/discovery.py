@@ -1,8 +1,9 @@
-"""Generic discovery of decoder blocks and their linear layers.
+"""Generic discovery of decoder blocks, and the one override for models it gets wrong.
 
-No architecture is named here: the decoder blocks are the ``nn.ModuleList`` of identical modules that hold
-``nn.Linear`` layers (the longest such list, preferring one whose length is ``config.num_hidden_layers``).
-Embeddings and the LM head live outside the blocks and are therefore never pruned, as in the paper.
+No architecture is named here: the decoder blocks are the ``nn.ModuleList`` of identical modules that hold a
+weight matrix (an ``nn.Linear`` or a fused 3-D expert parameter; the longest such list, preferring one whose
+length is ``config.num_hidden_layers``). Embeddings and the LM head live outside the blocks and are therefore
+never pruned, as in the paper. What inside a block is pruned is decided by ``models.matrices.find_prunable``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,21 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import WandaError
+from .matrices import BlockMatrices, find_prunable
+
+
+@dataclass(frozen=True)
+class StructureOverride:
+    """For a model the generic discovery gets wrong (Python API: ``prune(..., structure=...)``).
+
+    ``blocks``: dotted path of the module list that holds the decoder blocks (``"transformer.h"``).
+    ``prune``: glob patterns of the names, relative to a block, of the matrices to prune
+    (``("self_attn.*_proj", "mlp.experts.*")``); every other matrix is reported as excluded.
+    Either may be ``None``: the generic rule then decides.
+    """
+
+    blocks: str | None = None
+    prune: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -20,18 +36,19 @@ class DecoderLayout:
 
     path: str
     blocks: nn.ModuleList
+    #: glob patterns limiting what is pruned inside a block (``StructureOverride.prune``); None: everything found
+    include: tuple[str, ...] | None = None
 
     def block_name(self, index: int) -> str:
         return f"{self.path}.{index}"
 
+    def matrices(self, index: int, block: nn.Module | None = None) -> BlockMatrices:
+        """``find_prunable`` for block ``index`` (or ``block``, when the caller holds a moved copy)."""
+        return find_prunable(self.blocks[index] if block is None else block, self.block_name(index), self.include)
 
-def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside ``module`` by qualified name, in registration (execution) order."""
-    return {
-        f"{prefix}.{name}" if prefix else name: child
-        for name, child in module.named_modules()
-        if isinstance(child, nn.Linear)
-    }
+
+def _holds_matrices(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.Linear) for m in module.modules()) or any(p.dim() == 3 for p in module.parameters())
 
 
 def _is_block_list(module: nn.Module) -> bool:
@@ -40,19 +57,33 @@ def _is_block_list(module: nn.Module) -> bool:
         isinstance(module, nn.ModuleList)
         and len(children) > 0
         and len({type(c) for c in children}) == 1
-        and any(isinstance(m, nn.Linear) for m in children[0].modules())
+        and _holds_matrices(children[0])
     )
 
 
-def find_decoder_layout(model: nn.Module) -> DecoderLayout:
+def _overridden_blocks(model: nn.Module, path: str) -> nn.ModuleList:
+    try:
+        blocks = model.get_submodule(path)
+    except AttributeError as exc:
+        raise WandaError(f"structure override: {type(model).__name__} has no module {path!r}") from exc
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
+        raise WandaError(f"structure override: {path!r} in {type(model).__name__} is a {type(blocks).__name__}, "
+                         "not a non-empty nn.ModuleList of blocks")
+    return blocks
+
+
+def find_decoder_layout(model: nn.Module, override: StructureOverride | None = None) -> DecoderLayout:
+    include = override.prune if override is not None else None
+    if override is not None and override.blocks is not None:
+        return DecoderLayout(override.blocks, _overridden_blocks(model, override.blocks), include)
     candidates = [(name, m) for name, m in model.named_modules() if _is_block_list(m)]
     if not candidates:
         raise WandaError(
             f"{type(model).__name__} is not supported: found no decoder blocks (an nn.ModuleList of identical "
-            "layers that contain nn.Linear). Supported are decoder-only transformers such as LLaMA, LLaMA-2, "
-            "OPT, Mistral and Qwen2."
+            "layers holding nn.Linear or fused 3-D expert weights); name them with "
+            "wanda.StructureOverride(blocks='path.to.layers') in the Python API"
         )
     expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     exact = [c for c in candidates if len(c[1]) == expected]
     path, blocks = max(exact or candidates, key=lambda c: len(c[1]))
-    return DecoderLayout(path, blocks)
+    return DecoderLayout(path, blocks, include)

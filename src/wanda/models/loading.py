@@ -1,4 +1,4 @@
-"""Loading a causal LM and its tokenizer from a hub id, a local folder, a ``.gguf`` file or the bundled model."""
+"""Loading a causal LM and its tokenizer from a hub id, a local folder, a ``.gguf`` file or a named model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..errors import WandaError
 from ..resources import release_memory
 from ..settings import SettingsMixin, setting
-from .bundled import BUNDLED_NAME, bundled_model_dir
+from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
 from .checks import check_finite_weights, check_model_folder, check_remote_code
 
 log = logging.getLogger(__name__)
@@ -25,8 +25,8 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
 class ModelSettings(SettingsMixin):
     """Which model to load, where it runs, and what loading it may do beyond reading data."""
 
-    model: str | None = setting(None, f"hub id, local from_pretrained folder, .gguf file, or '{BUNDLED_NAME}' "
-                                "(the bundled model; the default)")
+    model: str | None = setting(None, "hub id, local from_pretrained folder, .gguf file, or a named model that "
+                                f"installs offline: {', '.join(NAMED_MODELS)} (default: {BUNDLED_NAME})")
     cache_dir: str = setting("llm_weights", "where hub weights are downloaded")
     device: str = setting("auto", "cpu, cuda, cuda:N (auto: cuda if available); each block is moved there while "
                           "it is processed")
@@ -47,7 +47,8 @@ class ModelSettings(SettingsMixin):
 
     @property
     def bundled(self) -> bool:
-        return self.name == BUNDLED_NAME
+        """A named offline model (its defaults: offline calibration and evaluation text)."""
+        return self.name in NAMED_MODELS
 
     def load(self, dtype: str | None = None) -> "LoadedModel":
         return load_model(self.model, self.cache_dir, dtype or self.dtype, self.device,
@@ -92,7 +93,8 @@ def _looks_local(name: str) -> bool:
 def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: str | None = "auto",
                device: str | None = "auto", *, trust_remote_code: bool = False,
                allow_pickle: bool = False) -> LoadedModel:
-    """Load ``name`` (hub id, folder, ``.gguf`` file or ``smollm2-135m``) on CPU, or across GPUs on CUDA.
+    """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on
+    CPU, or across GPUs on CUDA.
 
     A local folder is checked before ``transformers`` reads it (``wanda.models.checks``): code it ships runs
     only with ``trust_remote_code``, pickled weights load only with ``allow_pickle``, and truncated weights,
@@ -114,8 +116,8 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
         kwargs["device_map"] = "auto" if target.index is None else {"": target.index}
     tok_kwargs: dict = {"trust_remote_code": trust_remote_code}
     compressed = False
-    if name == BUNDLED_NAME:
-        location = str(bundled_model_dir())
+    if name in NAMED_MODELS:
+        location = str(bundled_model_dir(name))
     elif _looks_local(name):
         path = Path(name).expanduser()
         if not path.exists():

@@ -38,6 +38,15 @@ class InputStatistic:
         distributed run (``tokens`` is summed beside them). A new statistic must list all of its state here."""
         raise NotImplementedError(f"{type(self).__name__} does not say how to sum it over ranks (summands())")
 
+    @classmethod
+    def neutral(cls, features: int, device: torch.device | str) -> "InputStatistic":
+        """The statistic of inputs that say nothing: every feature equally large and uncorrelated with the
+        others. It stands in for a matrix that received no calibration token (an expert the router never
+        chose), which makes the data-aware methods magnitude pruning within their own comparison scope:
+        Wanda's |W| * 1 per output row; SparseGPT's OBS with H = I, whose saliency is w^2 and whose
+        weight update is zero."""
+        raise NotImplementedError(f"{cls.__name__} has no neutral statistic for matrices without inputs")
+
 
 class SquaredNorm(InputStatistic):
     """Each batch's column sum is taken in fp32 and added into an fp64 total. Adding fp32 numbers in fp64 is
@@ -64,6 +73,12 @@ class SquaredNorm(InputStatistic):
 
     def summands(self) -> list[torch.Tensor]:
         return [self.sum]
+
+    @classmethod
+    def neutral(cls, features: int, device: torch.device | str) -> "SquaredNorm":
+        stat = cls(features, device)
+        stat.sum.fill_(1.0)
+        return stat
 
 
 class Gram(InputStatistic):
@@ -108,6 +123,12 @@ class Gram(InputStatistic):
         # changes the last bits, so SparseGPT agrees with a single process up to float rounding, not bit for bit
         self.derived.clear()
         return [self.total()]
+
+    @classmethod
+    def neutral(cls, features: int, device: torch.device | str) -> "Gram":
+        stat = cls(features, device)
+        stat.sum.fill_diagonal_(1.0)
+        return stat
 
     def hessian(self) -> torch.Tensor:
         """SparseGPT's H = 2/n X^T X (n = calibration tokens)."""
