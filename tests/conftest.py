@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,22 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-
     of that size in the largest values still does."""
     scale = expected.detach().abs().max().item() if expected.numel() else 0.0
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=msg)
+
+
+def one_thread():
+    """For tests on tiny matrices, where thread start-up costs more than the work on a shared CPU; a module
+    uses it as ``_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, str]:
+    """The environment of a ``wanda`` subprocess in a test: offline, one thread, a cache of its own."""
+    out = dict(os.environ)
+    out.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+               WANDA_CACHE=str(tmp_path_factory.mktemp("wanda-cache")))
+    return out

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import calib_ids, tiny_model
+from conftest import calib_ids, one_thread, tiny_model
 from wanda import PruneSettings, WandaError, prune
-from wanda.masks import nm_mask, prune_count, row_mask, row_spread_mask
+from wanda.masks import prune_count, row_mask, row_spread_mask
 from wanda.methods import dsnot, get_method, outlier_ratio, owl_ratios, prune_layer, ria_scores, wanda_scores
 from wanda.models import find_decoder_layout, find_linears
 from wanda.stats import ChannelSum, Combined, Gram, InputRecorder, SquaredNorm, part, statistic_factory
@@ -19,12 +19,7 @@ from wanda.stats import ChannelSum, Combined, Gram, InputRecorder, SquaredNorm, 
 ROWS, COLS, TOKENS = 16, 32, 512
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _data(seed: int = 0, rows: int = ROWS, cols: int = COLS, tokens: int = TOKENS,

@@ -4,7 +4,6 @@ combination (exact per-layer counts from results_*.json), and bad combinations (
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,15 +16,6 @@ from wanda.masks import prune_count
 
 BIN = Path(sys.executable).parent
 TIMEOUT = 600
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    out = dict(os.environ)
-    out.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               WANDA_CACHE=str(tmp_path_factory.mktemp("wanda-cache")))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -21,15 +20,6 @@ BIN = Path(sys.executable).parent
 SEED_FLAGS = ["--model", "--cache_dir", "--seed", "--nsamples", "--sparsity_ratio", "--sparsity_type",
               "--prune_method", "--use_variant", "--save", "--save_model", "--eval_zero_shot"]
 TIMEOUT = 300
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, str]:
-    out = dict(os.environ)
-    out.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               WANDA_CACHE=str(tmp_path_factory.mktemp("wanda-cache")))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import builtins
 import errno
 import io
-import json
 import os
 import random
 import re
@@ -19,7 +18,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import save_tiny
 from wanda import WandaError

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import calib_ids, save_tiny, tiny_model, word_corpus
+from conftest import calib_ids, one_thread, save_tiny, tiny_model, word_corpus
 from distributed_worker import ARCHS, BATCH, CALIB, EVAL, METHODS, pruned_weights, settings_of
 from wanda import PruneSettings, WandaError, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
@@ -31,12 +31,7 @@ TESTS = Path(__file__).resolve().parent
 LAUNCH_TIMEOUT = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _free_port() -> int:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ARCHS, assert_close, calib_ids, tiny_model
+from conftest import assert_close, calib_ids, one_thread, tiny_model
 from wanda import METHODS, PruneSettings, WandaError, model_sparsity, prune
 from wanda.engine import LayerwiseEngine, capture_block_inputs
 from wanda.models import find_decoder_layout, find_linears
@@ -22,13 +22,7 @@ FINAL_NORM = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.no
               "opt": "model.decoder.final_layer_norm"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: thread start-up costs more than the work on a shared CPU
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @functools.lru_cache(maxsize=None)

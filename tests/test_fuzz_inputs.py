@@ -6,7 +6,6 @@ turns into a single ``error:`` line); any other exception would reach the user a
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 

@@ -156,7 +156,7 @@ def test_pickled_weights_refused_without_allow_pickle_and_never_unpickled(copy, 
     (copy / "model.safetensors").unlink()
     with open(copy / "pytorch_model.bin", "wb") as handle:
         pickle.dump({"model.embed_tokens.weight": _Payload(marker)}, handle)
-    _refused(rf"holds only pickled weights \(pytorch_model.bin\), which can run code.*--allow_pickle", copy)
+    _refused(r"holds only pickled weights \(pytorch_model.bin\), which can run code.*--allow_pickle", copy)
     assert not marker.exists()
     # Allowed, it is still read with torch.load(weights_only=True), which refuses to call anything
     _refused(r"could not load model", copy, allow_pickle=True)

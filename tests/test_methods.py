@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_close
+from conftest import assert_close, one_thread
 
 from wanda import PruneSettings, WandaError
 from wanda.methods import METHOD_SPECS, get_method
@@ -24,13 +24,7 @@ OBS_METHODS = [name for name, spec in METHOD_SPECS.items() if name not in ("magn
 ROW_SCOPED = ("wanda", "ablate_wanda_seq", "ablate_wanda_iter")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny matrices: thread start-up costs more than the work on a shared CPU
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def _data(seed: int = 0, spread: float = 3.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,21 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import VOCAB, calib_ids, tiny_model
+from conftest import calib_ids, one_thread, tiny_model, VOCAB
 from wanda import PruneSettings, WandaError, model_sparsity, prune
-from wanda.models import StructureOverride, find_decoder_layout, find_prunable
+from wanda.models import StructureOverride, find_decoder_layout
 from wanda.pruning import NO_TOKEN_RULE
 
 MOE_ARCHS = ["mixtral", "qwen2_moe", "gpt_oss"]
 EXPERTS, TOP_K, HIDDEN, INTER = 4, 2, 64, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+_one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 def moe_config(arch: str, top_k: int = TOP_K):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..masks.pattern import PatternField, SparsityPattern
+from ..masks.pattern import PatternField
 from ..settings import SettingsMixin, require, require_seed, setting
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
