@@ -3,7 +3,9 @@
 ``python distributed_worker.py OUT MODE``. MODE ``prune``: tiny LLaMA and OPT, each pruned with Wanda, magnitude
 and SparseGPT through ``prune(..., ranks=...)``, plus dense and pruned perplexity through ``ranks.perplexity``; the
 main rank saves the pruned weights and perplexities to OUT. MODE ``die``: rank 1 exits abruptly at its first
-statistics reduction, to see how rank 0 ends.
+statistics reduction, to see how rank 0 ends. MODE ``moe``: the tiny mixtures of experts of ``test_moe``, each rank
+with one short window, so that some expert is routed tokens on one rank only; every rank saves its weights and
+the statistics it held before each reduction to OUT.rank-R.
 """
 
 from __future__ import annotations
@@ -60,11 +62,39 @@ def run_prune(ranks: Ranks, out: Path) -> None:
 
 def run_die(ranks: Ranks) -> None:
     if ranks.rank == 1:
-        def die(self, stats):  # a rank lost mid-job (killed, out of memory)
+        def die(self, stats, factory=None):  # a rank lost mid-job (killed, out of memory)
             os._exit(3)
         Ranks.reduce = die
     prune(tiny_model("llama"), calib_ids(**CALIB), PruneSettings(prune_method="wanda"), batch_size=BATCH,
           progress=False, ranks=ranks)
+
+
+#: MoE mode: one window of 3 tokens per rank (top-2 of 4 experts: 6 choices, so experts go unseen on a rank)
+MOE_CALIB, MOE_BATCH = dict(n=2, seqlen=3, seed=0), 1
+MOE_METHODS = ("wanda", "sparsegpt")
+
+
+def run_moe(ranks: Ranks, out: Path) -> None:
+    from test_moe import MOE_ARCHS, _original
+
+    seen: list[list[str]] = []
+    reduce = Ranks.reduce
+
+    def recording(self, stats, factory=None):
+        seen.append(sorted(stats))  # what this rank's tokens produced, before the ranks agree
+        return reduce(self, stats, factory)
+
+    Ranks.reduce = recording
+    results = {}
+    for arch in MOE_ARCHS:
+        for method in MOE_METHODS:
+            seen.clear()
+            model = copy.deepcopy(_original(arch))
+            report = prune(model, calib_ids(**MOE_CALIB), PruneSettings(prune_method=method), batch_size=MOE_BATCH,
+                           progress=False, ranks=ranks)
+            results[(arch, method)] = {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                                       "seen": list(seen), "tokens": {l.name: l.tokens for l in report.layers}}
+    torch.save(results, out.with_name(f"{out.name}.rank-{ranks.rank}"))
 
 
 def main() -> int:
@@ -72,7 +102,7 @@ def main() -> int:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     ranks = init_ranks(DistributedSettings(dist_timeout=60), device="cpu")
     try:
-        run_prune(ranks, out) if mode == "prune" else run_die(ranks)
+        {"prune": lambda: run_prune(ranks, out), "die": lambda: run_die(ranks), "moe": lambda: run_moe(ranks, out)}[mode]()
     except WandaError as exc:
         print(f"wanda: error: {exc}", file=sys.stderr)
         return 2

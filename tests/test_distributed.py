@@ -19,9 +19,13 @@ import pytest
 import torch
 
 from conftest import calib_ids, one_thread, save_tiny, tiny_model, word_corpus
-from distributed_worker import ARCHS, BATCH, CALIB, EVAL, METHODS, pruned_weights, settings_of
+from distributed_worker import (ARCHS, BATCH, CALIB, EVAL, METHODS, MOE_BATCH, MOE_CALIB, MOE_METHODS, pruned_weights,
+                                settings_of)
+from test_moe import MOE_ARCHS
+from test_streaming import _cli_args, _cli_env, _four_block_model
 from wanda import PruneSettings, WandaError, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
+from wanda.engine.resume import agree_resume_point
 from wanda.distributed import SINGLE, DistributedSettings, deal_layers, init_ranks, window_share
 from wanda.models import load_model
 from wanda.stats import SquaredNorm
@@ -83,6 +87,18 @@ def test_window_share_covers_every_window_once_in_order(count, batch, world):
     assert [i for s in shares for i in range(count)[s]] == list(range(count))
     if -(-count // batch) >= world:  # whole batches of the single-process run, never a batch cut in two
         assert all(s.start % batch == 0 for s in shares)
+
+
+@pytest.mark.parametrize("states,expected", [
+    ([(3, [1, 2])], 2),                       # one process: blocks 0-2 saved, not block 3's inputs
+    ([(3, [2, 3]), (None, [3, 4])], 3),       # rank 1 ahead by one block: both hold block 3's inputs
+    ([(3, [2]), (None, [2, 3])], 2),          # rank 0 killed before saving block 3's inputs
+    ([(3, [2, 3]), (None, [4, 5])], 0),       # no common point (cannot happen with two files kept): start over
+    ([(4, []), (None, [])], 4),               # every block done: nothing to redo, no inputs needed
+    ([(2, [2]), (3, [2, 3]), (None, [2])], 2),  # two block writers (two machines): the fewer blocks count
+])
+def test_ranks_resume_at_the_latest_block_all_of_them_hold(states, expected):
+    assert agree_resume_point(states, num_blocks=4, needs_hidden=True) == expected
 
 
 def test_deal_layers_balances_estimated_cost_and_is_deterministic():
@@ -283,3 +299,136 @@ def test_dist_timeout_is_a_flag_of_the_pruning_job(capsys):
         main(["--dist_timeout", "0"], prog="wanda")
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip() == "wanda: error: --dist_timeout must be positive, got 0.0"
+
+
+# ---- mixtures of experts: an expert routed tokens on one rank only ------------------------------------------
+
+@pytest.fixture(scope="module")
+def moe_two_ranks(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("moe")
+    out = tmp / "moe.pt"
+    command = [sys.executable, str(TESTS / "distributed_worker.py"), str(out), "moe"]
+    results = _launch([command, command], tmp)
+    assert [r["code"] for r in results] == [0, 0], [r["stderr"][-2000:] for r in results]
+    return [torch.load(out.with_name(f"{out.name}.rank-{rank}")) for rank in (0, 1)]
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("method", MOE_METHODS)
+def test_an_expert_fed_on_one_rank_only_is_pruned_as_in_one_process(moe_two_ranks, arch, method):
+    from test_moe import _original
+
+    rank0, rank1 = (ranks[(arch, method)] for ranks in moe_two_ranks)
+    # the case under test happened: at some block the two ranks' tokens reached different experts
+    assert any(mine != theirs for mine, theirs in zip(rank0["seen"], rank1["seen"])), rank0["seen"]
+    model = copy.deepcopy(_original(arch))
+    report = prune(model, calib_ids(**MOE_CALIB), PruneSettings(prune_method=method), batch_size=MOE_BATCH,
+                   progress=False)
+    # each expert's token count is the sum over both ranks, as one process counts it (0 only if no rank fed it)
+    assert rank0["tokens"] == rank1["tokens"] == {layer.name: layer.tokens for layer in report.layers}
+    reference = model.state_dict()
+    assert list(rank0["weights"]) == list(reference)
+    for name, weight in reference.items():
+        assert torch.equal(rank0["weights"][name], rank1["weights"][name]), name  # the ranks agree exactly
+    if method == "wanda":  # fp64 sums: bit-identical to one process
+        assert all(torch.equal(rank0["weights"][name], weight) for name, weight in reference.items())
+    else:  # Gram matrices summed in fp32 over ranks: masks agree but for near-ties
+        agree = sum(int(((rank0["weights"][n] == 0) == (w == 0)).sum()) for n, w in reference.items())
+        assert agree / sum(w.numel() for w in reference.values()) >= 0.9999
+
+
+# ---- the streamed engine (--offload disk) under a launcher --------------------------------------------------
+
+def _streamed_job(folder: Path, corpus: Path, out: Path) -> list[str]:
+    """``wanda --offload disk`` on the 4-block model, through the entry that can stall at a given save."""
+    return _cli_args(folder, corpus, out / "model", "--save", str(out / "results"), "--dist_timeout", "120",
+                     evaluate=True)
+
+
+@pytest.fixture(scope="module")
+def streamed_runs(tmp_path_factory) -> dict:
+    """The streamed job once in one process and once over 2 ranks."""
+    tmp = tmp_path_factory.mktemp("streamed")
+    folder, corpus = _four_block_model(tmp), word_corpus(tmp / "corpus.txt", words=2000)
+    single = subprocess.run(_streamed_job(folder, corpus, tmp / "single"), capture_output=True, text=True,
+                            env=_cli_env(), timeout=LAUNCH_TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = _launch([_streamed_job(folder, corpus, tmp / "two")] * 2, tmp)
+    assert [r["code"] for r in two] == [0, 0], [r["stderr"][-3000:] for r in two]
+    return {"folder": folder, "corpus": corpus, "tmp": tmp, "single": tmp / "single", "two": tmp / "two",
+            "two_ranks": two}
+
+
+def _saved(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+def test_streamed_job_over_two_ranks_equals_one_process(streamed_runs):
+    single, two = streamed_runs["single"], streamed_runs["two"]
+    mine, reference = _saved(two), _saved(single)
+    assert list(mine) == list(reference)
+    assert all(torch.equal(mine[name], reference[name]) for name in reference)  # Wanda: bit-identical
+    ours = json.loads((two / "results" / "results_wanda.json").read_text())
+    theirs = json.loads((single / "results" / "results_wanda.json").read_text())
+    assert ours["ranks"] == 2 and ours["streamed"] is True
+    for label in ("dense", "pruned"):  # the block-by-block evaluation split over the ranks
+        for name, value in theirs["perplexity"][label].items():
+            assert ours["perplexity"][label][name] == pytest.approx(value, rel=1e-5)
+    assert [layer["name"] for layer in ours["prune"]["layers"]] == [layer["name"] for layer in theirs["prune"]["layers"]]
+    printed = [r["stdout"].count("actual sparsity") for r in streamed_runs["two_ranks"]]
+    assert printed == [1, 0]  # one writer
+    assert not (two / "model.work").exists()  # the work folder is removed once every rank is done with it
+
+
+def _start_and_kill_ranks(commands: list[list[str]], stalls: list[str], tmp: Path) -> None:
+    """Start the ranks, each stalling at its own save (``WANDA_TEST_STALL``), then SIGKILL all of them."""
+    env = {**_cli_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "WORLD_SIZE": str(len(commands))}
+    procs, errs = [], []
+    for rank, (command, stall) in enumerate(zip(commands, stalls)):
+        errs.append(tmp / f"killed{rank}.err")
+        with errs[-1].open("w") as fe:
+            procs.append(subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                                        "WANDA_TEST_STALL": stall},
+                                          stdout=subprocess.DEVNULL, stderr=fe))
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    try:
+        while not all("stalled" in err.read_text() for err in errs):
+            assert all(p.poll() is None for p in procs), [err.read_text()[-2000:] for err in errs]
+            assert time.monotonic() < deadline, "the ranks did not reach their stalls"
+            time.sleep(0.1)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_streamed_ranks_killed_at_different_blocks_resume_together(streamed_runs, tmp_path):
+    """Rank 1 (not a block writer) has saved its inputs of block 3 while rank 0 was still saving block 2: they
+    agree to resume at block 2, the latest point both hold, and the result is the uninterrupted run's."""
+    folder, corpus = streamed_runs["folder"], streamed_runs["corpus"]
+    job = _streamed_job(folder, corpus, tmp_path)
+    _start_and_kill_ranks([job, job], ["save_block:2", "save_hidden:3"], tmp_path)
+    work = tmp_path / "model.work"
+    assert (work / "block-00002.safetensors").is_file() and not (work / "block-00003.safetensors").exists()
+    assert {p.name for p in work.glob("hidden-*")} >= {"hidden-00002.rank-0-of-2.safetensors",
+                                                     "hidden-00002.rank-1-of-2.safetensors",
+                                                     "hidden-00003.rank-1-of-2.safetensors"}
+    again = _launch([job, job], tmp_path)
+    assert [r["code"] for r in again] == [0, 0], [r["stderr"][-3000:] for r in again]
+    assert f"resuming from block 2 of 4 (work folder {work})" in again[0]["stderr"]
+    mine, reference = _saved(tmp_path), _saved(streamed_runs["two"])
+    assert all(torch.equal(mine[name], reference[name]) for name in reference)
+    assert not work.exists()
+
+
+def test_a_restart_with_another_number_of_ranks_is_refused(streamed_runs, tmp_path):
+    folder, corpus = streamed_runs["folder"], streamed_runs["corpus"]
+    job = _streamed_job(folder, corpus, tmp_path)
+    _start_and_kill_ranks([job, job], ["save_hidden:2", "save_hidden:2"], tmp_path)
+    alone = subprocess.run(job, capture_output=True, text=True, env=_cli_env(), timeout=LAUNCH_TIMEOUT)
+    assert alone.returncode == 2
+    assert alone.stderr.strip().splitlines()[-1].startswith(
+        f"wanda: error: work folder {tmp_path / 'model.work'} belongs to another run (differs in ranks)")

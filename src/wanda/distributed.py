@@ -18,6 +18,10 @@ Under one, the block walk calls these hooks (``wanda.pruning.prune`` shows where
   rank is left waiting at a collective. A rank that dies breaks the others' next collective (gloo: at once;
   NCCL: after ``--dist_timeout``), which ends them with one message naming the step;
 - ``perplexity``: evaluation windows divided over the ranks, losses summed.
+
+A streamed run (``--offload``, ``wanda.streaming.prune_streamed``) goes through the same hooks: every rank
+streams each block and walks its own windows through it; one rank per machine (``node_writer``) saves the
+pruned blocks, each rank its own hidden states, and the ranks agree where a restart resumes.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -175,10 +179,29 @@ class Ranks:
                         "--batch_size for bit-identical masks", ids.shape[0], batch_size, self.world_size)
         return ids[window_share(ids.shape[0], batch_size, self.rank, self.world_size)]
 
-    def reduce(self, stats: Mapping[str, InputStatistic]) -> None:
+    def reduce(self, stats: dict[str, InputStatistic],
+               factory: Callable[[int, torch.device], InputStatistic] | None = None) -> None:
         """Sum each statistic (its ``summands()`` and ``tokens``) over the ranks, in place. Called after a
-        block's calibration forwards and before its masks are chosen."""
-        if not self.distributed or not stats:
+        block's calibration forwards and before its masks are chosen.
+
+        The ranks first agree on the names: a statistic exists only where its layer read a token, so an expert
+        that the router chose on one rank and not on another is known to the first only. The others add it
+        from ``factory`` with nothing accumulated (zero sums, zero tokens: the sum's identity), so every rank
+        reduces the same list; an expert no rank fed ends with no statistic anywhere (the no-token rule)."""
+        if not self.distributed:
+            return
+        features = {name: stat.summands()[0].shape[0] for name, stat in stats.items()}
+        union: dict[str, int] = {}
+        for part in self._gather(features, "summing a block's statistics"):
+            union.update(part)
+        missing = sorted(set(union) - set(stats))
+        if missing:
+            if factory is None:
+                raise WandaError(f"rank {self.rank} has no statistic for {missing[0]} and no way to make one")
+            device = next((s.summands()[0].device for s in stats.values()), self.device or torch.device("cpu"))
+            for name in missing:
+                stats[name] = factory(union[name], device)
+        if not stats:
             return
         names = sorted(stats)  # the same order on every rank
         tensors = [t for name in names for t in stats[name].summands()]
@@ -203,11 +226,18 @@ class Ranks:
         record of the solve, held by its solver) are merged so that every rank has all of them."""
         if not self.distributed or all(owner == self.rank for owner in owners.values()):
             return notes
+        views = {name: linears[name].weight.data for name in linears}
+        # a fused expert's slice can be a strided view (gpt-oss: transposed, gate and up interleaved): it is sent
+        # and received through a contiguous copy, then written back in place
+        buffers = {name: view if view.is_contiguous() else view.contiguous() for name, view in views.items()}
         with self._collective("sending the solved weights"):
-            works = [dist.broadcast(linears[name].weight.data, src=owners[name], group=self.group,
-                                   async_op=True) for name in linears]
+            works = [dist.broadcast(buffers[name], src=owners[name], group=self.group, async_op=True)
+                     for name in linears]
             for work in works:
                 work.wait()
+        for name, view in views.items():
+            if buffers[name] is not view:
+                view.copy_(buffers[name])
         merged: dict[str, Any] = {}
         for part in self._gather(notes, "sending the solved weights"):
             merged.update(part)
@@ -262,13 +292,36 @@ class Ranks:
 
         if not self.distributed:
             return perplexity(model, windows, batch_size=batch_size, **kwargs)
-        share = windows[window_share(windows.shape[0], batch_size, self.rank, self.world_size)]
+        share = self.eval_share(windows, batch_size)
         nll, tokens = negative_log_likelihood(model, share, batch_size=batch_size,
                                               **{"progress": self.is_main, **kwargs})
+        return nll_to_perplexity(*self.sum_nll(nll, tokens))
+
+    def eval_share(self, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """This rank's evaluation windows: whole batches, as for calibration; possibly none."""
+        if not self.distributed:
+            return windows
+        return windows[window_share(windows.shape[0], batch_size, self.rank, self.world_size)]
+
+    def sum_nll(self, nll: float, tokens: int) -> tuple[float, int]:
+        """The negative log-likelihood and token count summed over the ranks (fp64)."""
+        if not self.distributed:
+            return nll, tokens
         totals = torch.tensor([nll, float(tokens)], dtype=torch.float64, device=self.device)
         with self._collective("summing the perplexity"):
             dist.all_reduce(totals, group=self.group)
-        return nll_to_perplexity(totals[0].item(), int(totals[1].item()))
+        return totals[0].item(), int(totals[1].item())
+
+    def gather(self, obj: Any, step: str) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank (``[obj]`` in one process)."""
+        return self._gather(obj, step) if self.distributed else [obj]
+
+    @property
+    def node_writer(self) -> bool:
+        """The one rank per machine (``LOCAL_RANK`` 0) that writes a streamed run's pruned blocks into the work
+        folder: every rank of the machine reads them back to evaluate, and a folder on a disk of each machine
+        and a folder shared by all of them both work (identical files, each written atomically)."""
+        return self.local_rank == 0
 
     # ---- plumbing ----------------------------------------------------------------------------------------
 

@@ -219,7 +219,9 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
                 for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
                     block(hidden, *args, **kwargs)
                     recorder.end_batch()
-            ranks.reduce(recorder.stats)  # distributed hook: statistics summed over ranks before any mask
+            # distributed hook: statistics summed over ranks before any mask (the factory makes the ones this
+            # rank lacks: an expert routed tokens on another rank only)
+            ranks.reduce(recorder.stats, recorder.factory)
             linears = _unobserved(found, recorder)
             report.not_pruned.extend(found.not_pruned)
             _prune_linears(linears, settings, ratios, recorder, report, ranks)

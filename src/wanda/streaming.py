@@ -18,17 +18,18 @@ import torch
 
 from .config import PruneSettings
 from .devices import default_batch_size
-from .engine.resume import WorkFolder, tensor_digest
+from .distributed import SINGLE, Ranks
+from .engine.resume import WorkFolder, agree_resume_point, tensor_digest
 from .engine.streaming import OffloadSettings, StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
 from .errors import WandaError
 from .export.compressed_stream import save_compressed_streamed
 from .export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from .export.shards import DEFAULT_SHARD_SIZE, write_shards
 from .io import atomic_directory, ensure_free
-from .methods import get_method
+from .methods import statistics_for
 from .models.checkpoint import Checkpoint, file_entries, is_streamable
 from .models.streaming import StreamedModel, build_skeleton
-from .pruning import LayerReport, PruneReport, prune
+from .pruning import LayerReport, PruneReport, needs_calibration, prune
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,14 @@ class StreamedRun:
     work: WorkFolder
     streamed: StreamedModel
     saved: SavedModel | None = None
+    ranks: Ranks = SINGLE
 
     def cleanup(self) -> None:
-        """Remove the work folder (the run is complete and its result saved or no longer needed)."""
-        self.work.remove()
+        """Remove the work folder (the run is complete and its result saved or no longer needed), once every
+        rank is done reading it."""
+        self.ranks.barrier()
+        if self.ranks.node_writer:
+            self.work.remove()
 
 
 def default_work_dir(save_model: str | Path | None, fingerprint: dict) -> Path:
@@ -130,30 +135,34 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    batch_size: int | None = None, progress: bool = True, overwrite: bool = False,
                    seed: int | None = None, tokenizer=None, cleanup: bool = True,
-                   save_format: str = "dense") -> StreamedRun:
+                   save_format: str = "dense", ranks: Ranks = SINGLE) -> StreamedRun:
     """Prune the safetensors checkpoint in ``model_path`` one block at a time; write it to ``save_model``.
 
     Restarted with the same arguments after a crash, it resumes from the last finished block and gives the
     same bits. ``cleanup``: remove the work folder at the end (only when the model was saved; otherwise the
     caller evaluates from it, then calls ``run.cleanup()``).
+
+    ``ranks``: under torchrun every rank calls this with the same arguments; each streams every block and
+    walks its share of the calibration windows, the main rank alone saves the model. The work folder may be on
+    each machine's own disk or shared (see ``Ranks.node_writer``); a restart needs the same number of ranks.
     """
-    if save_model is not None:
+    if save_model is not None and ranks.is_main:
         ensure_free(save_model, overwrite, "model folder")
     if save_format not in SAVE_FORMATS:
         raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
     device = torch.device(device)
     batch_size = batch_size or default_batch_size(device)
-    spec = get_method(settings.method)
+    calibrated = needs_calibration(settings)
+    calibration_ids = calibration_ids if calibrated else None
     streamed = build_skeleton(model_path, dtype, device, with_head=False)
     fingerprint = {
         "model": str(Path(model_path).resolve()), "checkpoint": streamed.checkpoint.signature(),
         "settings": settings.to_dict(), "seed": seed, "dtype": str(dtype), "device": device.type,
-        "batch_size": batch_size,
-        "calibration": tensor_digest(calibration_ids) if spec.statistic is not None else None,
+        "batch_size": batch_size, "calibration": tensor_digest(calibration_ids), "ranks": ranks.world_size,
     }
     work_dir = Path(stream.work_dir) if stream.work_dir else default_work_dir(save_model, fingerprint)
     num_blocks = len(streamed.layout.blocks)
-    work = WorkFolder(work_dir, fingerprint, num_blocks, needs_hidden=spec.statistic is not None)
+    work = _open_work_folder(work_dir, fingerprint, num_blocks, bool(statistics_for(settings)), ranks)
 
     report = PruneReport(settings=settings.to_dict())
     start = work.resume_point()
@@ -168,21 +177,44 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     source = StreamedBlocks(streamed, device, work, activations, rows, drop_outside=True)
     try:
         done = len(report.layers)
-        result = prune(streamed.model, calibration_ids if spec.statistic is not None else None, settings,
-                       device=device, progress=progress, batch_size=batch_size, source=source)
+        result = prune(streamed.model, calibration_ids, settings, device=device, progress=progress,
+                       batch_size=batch_size, source=source, ranks=ranks)
     finally:
         source.close()
     report.layers = report.layers[:done] + result.layers
     report.wall_seconds, report.peak_rss_mb = result.wall_seconds, result.peak_rss_mb
     report.calibration_tokens = result.calibration_tokens
+    report.not_pruned = result.not_pruned
     # ``prune`` logged its own report (this process's blocks); ``report`` is the whole run's
-    pruned = pruned_checkpoint(streamed, work)
-    run = StreamedRun(report, source.resumed_from, pruned, work, streamed)
+    with ranks.agreed("reading the pruned blocks"):
+        pruned = pruned_checkpoint(streamed, work)
+    run = StreamedRun(report, source.resumed_from, pruned, work, streamed, ranks=ranks)
     if save_model is not None:
-        run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
+        with ranks.agreed("saving the pruned model"):  # one writer; the others wait here for its outcome
+            if ranks.is_main:
+                run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
         if cleanup:
             run.cleanup()
     return run
+
+
+def _open_work_folder(path: Path, fingerprint: dict, num_blocks: int, needs_hidden: bool,
+                      ranks: Ranks) -> WorkFolder:
+    """The work folder, and the block every rank resumes from. The main rank creates (or checks) the folder
+    first, then the other machines' block writers (a folder on each machine's disk), then the remaining
+    ranks, so that no rank finds a half-made folder."""
+    phase = 0 if ranks.is_main else 1 if ranks.node_writer else 2
+    work: WorkFolder | None = None
+    for turn in range(3 if ranks.distributed else 1):
+        with ranks.agreed("opening the work folder"):
+            if phase == turn:
+                work = WorkFolder(path, fingerprint, num_blocks, needs_hidden, ranks.rank, ranks.world_size,
+                                  ranks.node_writer)
+    assert work is not None
+    if ranks.distributed:
+        states = ranks.gather(work.local_state(), "agreeing where to resume")
+        work.start = agree_resume_point(states, num_blocks, needs_hidden)
+    return work
 
 
 def pruned_checkpoint(streamed: StreamedModel, work: WorkFolder) -> Checkpoint:

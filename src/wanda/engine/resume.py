@@ -6,7 +6,13 @@ that enter block i+1, one tensor per calibration batch). Every file is written w
 name, fsync, rename, fsync of the folder), the block before the hidden states, so after a kill at any instant
 the folder names a consistent point: resume at the first block k whose predecessors are all saved and whose
 inputs are saved. ``fingerprint.json`` records what the run computes (model, method, ratio and pattern, seed,
-calibration tokens, dtype, batch size, device type); a folder with another fingerprint is refused, never reused.
+calibration tokens, dtype, batch size, device type, number of ranks); a folder with another fingerprint is
+refused, never reused.
+
+Under torchrun every rank keeps the hidden states of its own share of the windows (``hidden-000k.rank-r-of-N``)
+and one rank per machine writes the blocks. The ranks are at most one block apart (they meet at every block's
+statistics reduction), so each keeps its last two hidden files, and ``agree_resume_point`` finds the latest
+block that every rank can restart from.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +35,7 @@ from ..export.shards import fsync_dir, write_safetensors
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkFolder", "tensor_digest"]
+__all__ = ["WorkFolder", "tensor_digest", "agree_resume_point"]
 
 FINGERPRINT = "fingerprint.json"
 
@@ -55,12 +62,32 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         raise
 
 
+def agree_resume_point(states: list[tuple[int | None, list[int]]], num_blocks: int, needs_hidden: bool) -> int:
+    """Where every rank can continue: ``states`` holds each rank's ``WorkFolder.local_state()``. The blocks
+    before it are saved by every block writer, and every rank holds its hidden states entering it (block 0 and
+    the end need none)."""
+    blocks = min((count for count, _ in states if count is not None), default=0)
+    if not needs_hidden:
+        return blocks
+    for k in range(blocks, -1, -1):
+        if k in (0, num_blocks) or all(k in hidden for _, hidden in states):
+            return k
+    return 0
+
+
 class WorkFolder:
-    def __init__(self, path: str | Path, fingerprint: dict[str, Any], num_blocks: int, needs_hidden: bool):
+    """``rank``/``world_size``: whose hidden states this process keeps; ``writes_blocks``: whether it writes the
+    pruned blocks (every rank in one process; one per machine under torchrun)."""
+
+    def __init__(self, path: str | Path, fingerprint: dict[str, Any], num_blocks: int, needs_hidden: bool,
+                 rank: int = 0, world_size: int = 1, writes_blocks: bool = True):
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
         self.num_blocks = num_blocks
         self.needs_hidden = needs_hidden
+        self.rank, self.world_size, self.writes_blocks = rank, world_size, writes_blocks
+        #: the resume point the ranks agreed on (``agree_resume_point``); None: decide from this folder alone
+        self.start: int | None = None
         stored = self.path / FINGERPRINT
         if stored.is_file():
             old = json.loads(stored.read_text())
@@ -83,27 +110,44 @@ class WorkFolder:
     def block_file(self, index: int) -> Path:
         return self.path / f"block-{index:05d}.safetensors"
 
+    @property
+    def _rank_suffix(self) -> str:
+        return f".rank-{self.rank}-of-{self.world_size}" if self.world_size > 1 else ""
+
     def hidden_file(self, index: int) -> Path:
-        return self.path / f"hidden-{index:05d}.safetensors"
+        """This rank's hidden states entering block ``index``."""
+        return self.path / f"hidden-{index:05d}{self._rank_suffix}.safetensors"
+
+    def local_state(self) -> tuple[int | None, list[int]]:
+        """(how many blocks from 0 on are saved, or None when this process writes none; the blocks whose
+        inputs this rank holds)."""
+        count = None
+        if self.writes_blocks:
+            count = 0
+            while count < self.num_blocks and self.block_file(count).is_file():
+                count += 1
+        pattern = re.compile(rf"hidden-(\d{{5}}){re.escape(self._rank_suffix)}\.safetensors")
+        hidden = sorted(int(m.group(1)) for p in self.path.iterdir() if (m := pattern.fullmatch(p.name)))
+        return count, hidden
 
     def resume_point(self) -> int:
-        """The first block not yet done: every block before it is saved, and so are its inputs."""
-        k = 0
-        while k < self.num_blocks and self.block_file(k).is_file():
-            k += 1
-        if self.needs_hidden:
-            while 0 < k < self.num_blocks and not self.hidden_file(k).is_file():
-                k -= 1  # a kill between the block's file and its outputs' file: redo that block
-        return k
+        """The first block not yet done: every block before it is saved, and so are its inputs (a kill between
+        a block's file and its outputs' file redoes that block)."""
+        if self.start is None:
+            self.start = agree_resume_point([self.local_state()], self.num_blocks, self.needs_hidden)
+        return self.start
 
     def save_block(self, index: int, tensors: dict[str, torch.Tensor], layers: list[dict]) -> None:
-        _atomic_save(self.block_file(index), tensors, {"layers": json.dumps(layers)})
+        if self.writes_blocks:
+            _atomic_save(self.block_file(index), tensors, {"layers": json.dumps(layers)})
 
     def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
-        """The hidden states entering block ``index``; the previous block's are then no longer needed."""
+        """The hidden states entering block ``index``. One process then needs the previous block's no more;
+        a rank keeps them one block longer, since another rank may not have finished that block yet."""
         _atomic_save(self.hidden_file(index), {f"batch.{i}": h for i, h in enumerate(hidden)})
-        if index > 0:
-            self.hidden_file(index - 1).unlink(missing_ok=True)
+        spent = index - (1 if self.world_size == 1 else 2)
+        if spent >= 0:
+            self.hidden_file(spent).unlink(missing_ok=True)
 
     def load_hidden(self, index: int) -> list[torch.Tensor]:
         with safe_open(str(self.hidden_file(index)), framework="pt", device="cpu") as handle:

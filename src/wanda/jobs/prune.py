@@ -106,18 +106,23 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
 
     from ..streaming import placement, streaming_folder  # --offload: the model streamed from disk block by block
 
-    with ranks.agreed("choosing whether to stream the model"):  # the free memory may differ between nodes
+    with ranks.agreed("choosing whether to stream the model"):
         folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), stream)
-        # the streamed job writes each pruned block and the activations to one work folder: not per rank yet
-        require(folder is None or not ranks.distributed, "streaming the model from disk (--offload) does not run "
-                "over several processes yet; pass --offload none (each rank then holds the whole model)")
+    # the free memory differs between machines: when one rank must stream, all of them do
+    if folder is None and any(ranks.gather(folder is not None, "choosing whether to stream the model")):
+        with ranks.agreed("choosing whether to stream the model"):
+            folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings),
+                                      stream.replace(offload="disk"))
+            require(folder is not None, f"{model_settings.model} cannot be streamed here, but another rank streams it")
     if folder is not None:
         from .streamed import streamed_prune_job
 
-        require(not zero_shot.eval_zero_shot, "--eval_zero_shot needs the whole model in memory: pass --offload none")
+        with ranks.agreed("checking the flags"):
+            require(not zero_shot.eval_zero_shot,
+                    "--eval_zero_shot needs the whole model in memory: pass --offload none")
         return streamed_prune_job(folder, *placement(model_settings), model_settings.name, model_settings.bundled,
                                   settings, calib_settings, eval_settings, outputs, results, stream,
-                                  outputs.eval_dense or model_settings.bundled)
+                                  outputs.eval_dense or model_settings.bundled, ranks)
 
     with ranks.agreed("loading the model and the data"):
         loaded = model_settings.load()

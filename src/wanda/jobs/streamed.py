@@ -16,14 +16,15 @@ from types import SimpleNamespace
 import torch
 
 from ..config import PruneSettings
+from ..distributed import SINGLE, Ranks
 from ..data import calibration_windows, resolve_source
 from ..engine.streaming import OffloadSettings, StreamSettings
 from ..errors import WandaError
 from ..eval.streamed import streamed_perplexity
 from ..io import atomic_write_json
-from ..methods import get_method
 from ..models import default_seqlen
 from ..models.streaming import build_skeleton
+from ..pruning import needs_calibration
 from ..resources import peak_rss_mb, run_peak_rss_mb
 from ..streaming import open_pruned, prune_streamed, streamed_linear_sparsity
 from .common import EvalSettings, print_perplexities
@@ -45,48 +46,54 @@ def _tokenizer_and_seqlen(folder: Path, eval_settings: EvalSettings):
 
 
 def _evaluate(folder_or_model, windows: dict[str, torch.Tensor], dtype, device, batch_size: int,
-              offload: OffloadSettings) -> dict[str, float]:
+              offload: OffloadSettings, ranks: Ranks = SINGLE) -> dict[str, float]:
     activations = Path(offload.offload_activations) if offload.offload_activations else None
     out = {}
     for name, w in windows.items():
         streamed = build_skeleton(folder_or_model, dtype, device) if isinstance(folder_or_model, Path) else folder_or_model
-        out[name] = streamed_perplexity(streamed, w, device, batch_size, activations=activations)
+        out[name] = streamed_perplexity(streamed, w, device, batch_size, activations=activations, ranks=ranks)
     return out
 
 
 def streamed_prune_job(folder: Path, device: torch.device, dtype: torch.dtype, model_name: str, bundled: bool,
                        settings: PruneSettings, calib_settings, eval_settings: EvalSettings, outputs, results,
-                       stream: StreamSettings, eval_dense: bool) -> int:
-    """``wanda`` with the model streamed: calibrate, prune block by block (resumable), save, evaluate."""
+                       stream: StreamSettings, eval_dense: bool, ranks: Ranks = SINGLE) -> int:
+    """``wanda`` with the model streamed: calibrate, prune block by block (resumable), save, evaluate. Under
+    torchrun every rank streams every block with its share of the windows; the main rank alone prints and
+    writes."""
     from .prune import _write_results
 
     start = time.perf_counter()
     method = settings.prune_method
-    tokenizer, seqlen = _tokenizer_and_seqlen(folder, eval_settings)
-    log.info("sequence length %d", seqlen)
-    batch_size = eval_settings.batch_for(device)
-    eval_windows = eval_settings.windows(eval_settings.specs(bundled), tokenizer, seqlen)
-    calib = None
-    if get_method(method).statistic is not None:
-        spec = calib_settings.calib_dataset or ("wiki-summaries" if bundled else "c4")
-        source = resolve_source(spec, "calibration", eval_settings.text_field)
-        calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
-        log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
+    with ranks.agreed("loading the tokenizer and the data"):
+        tokenizer, seqlen = _tokenizer_and_seqlen(folder, eval_settings)
+        log.info("sequence length %d", seqlen)
+        batch_size = eval_settings.batch_for(device)
+        eval_windows = eval_settings.windows(eval_settings.specs(bundled), tokenizer, seqlen)
+        calib = None
+        if needs_calibration(settings):  # the method's statistics, DSnoT's or the sparsity profile's walk
+            spec = calib_settings.calib_dataset or ("wiki-summaries" if bundled else "c4")
+            source = resolve_source(spec, "calibration", eval_settings.text_field)
+            calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
+            log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
 
-    dense = _evaluate(folder, eval_windows, dtype, device, batch_size, stream) if eval_dense else {}
+    dense = _evaluate(folder, eval_windows, dtype, device, batch_size, stream, ranks) if eval_dense else {}
     run = prune_streamed(folder, calib, settings, stream, outputs.save_model, device, dtype, batch_size,
                          overwrite=results.overwrite, seed=calib_settings.seed, tokenizer=tokenizer, cleanup=False,
-                         save_format=outputs.save_format)
-    pruned = _evaluate(open_pruned(run, device), eval_windows, dtype, device, batch_size, stream) if eval_windows else {}
+                         save_format=outputs.save_format, ranks=ranks, progress=ranks.is_main)
+    pruned = _evaluate(open_pruned(run, device), eval_windows, dtype, device, batch_size, stream, ranks) \
+        if eval_windows else {}
     run.cleanup()  # after the evaluation: a crash there resumes at the end of the walk
+    if not ranks.is_main:
+        return 0
     report = run.report
     extra = {"model": model_name, "seqlen": seqlen, "nsamples": calib_settings.nsamples, "seed": calib_settings.seed,
              "calib_dataset": calib_settings.calib_dataset, "eval_dataset": list(eval_windows), "streamed": True,
              "resumed_from_block": run.resumed_from, "total_wall_seconds": time.perf_counter() - start,
-             "peak_rss_mb": run_peak_rss_mb()}
+             "peak_rss_mb": run_peak_rss_mb(), "ranks": ranks.world_size}
     print(f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_name} (streamed): actual "
           f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
-          f"{report.wall_seconds:.1f}s wall")
+          f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else ""))
     print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
     sys.stdout.flush()
     if results.save:
