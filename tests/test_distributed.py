@@ -432,3 +432,23 @@ def test_a_restart_with_another_number_of_ranks_is_refused(streamed_runs, tmp_pa
     assert alone.returncode == 2
     assert alone.stderr.strip().splitlines()[-1].startswith(
         f"wanda: error: work folder {tmp_path / 'model.work'} belongs to another run (differs in ranks)")
+
+
+def test_streamed_sparsegpt_over_two_ranks_agrees_with_one_process(streamed_runs, tmp_path):
+    """The OBS solves dealt to the ranks inside a streamed walk: the solved weights reach the block writer."""
+    folder, corpus = streamed_runs["folder"], streamed_runs["corpus"]
+    jobs = {n: _streamed_job(folder, corpus, tmp_path / n) + ["--prune_method", "sparsegpt"] for n in ("one", "two")}
+    single = subprocess.run(jobs["one"], capture_output=True, text=True, env=_cli_env(), timeout=LAUNCH_TIMEOUT)
+    assert single.returncode == 0, single.stderr[-3000:]
+    two = _launch([jobs["two"]] * 2, tmp_path)
+    assert [r["code"] for r in two] == [0, 0], [r["stderr"][-3000:] for r in two]
+    mine, reference = _saved(tmp_path / "two"), _saved(tmp_path / "one")
+    matrices = [n for n in reference if n.endswith("proj.weight")]
+    agree = sum(int(((mine[n] == 0) == (reference[n] == 0)).sum()) for n in matrices)
+    assert agree / sum(reference[n].numel() for n in matrices) >= 0.9999
+    for n in matrices:  # the updated weights too, not only the masks
+        assert torch.allclose(mine[n], reference[n], rtol=1e-3, atol=1e-3 * float(reference[n].abs().max()))
+    ppl = [json.loads((tmp_path / n / "results" / "results_sparsegpt.json").read_text())["perplexity"]["pruned"]
+           for n in ("two", "one")]
+    for name, value in ppl[1].items():
+        assert ppl[0][name] == pytest.approx(value, rel=1e-3)
