@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from .distributed import SINGLE, Ranks
 from .engine import BlockInputs, LayerwiseEngine
 from .methods.owl import outlier_ratio, owl_ratios
 from .methods.scores import wanda_scores
@@ -31,19 +32,23 @@ class Profile:
     name: str
     #: True when the profile itself reads calibration data (so even magnitude pruning needs it).
     needs_calibration: bool
-    #: (model, layout, calibration ids, settings, engine) -> {layer name: ratio}; missing names get the target.
+    #: (model, layout, calibration ids, settings, engine, ranks) -> {layer name: ratio}; missing names get the
+    #: target. Under torchrun every rank must return the same ratios.
     ratios: Callable[..., dict[str, float]]
     doc: str
 
 
 def _uniform(model: nn.Module, layout: DecoderLayout, calibration_ids, settings: PruneSettings,
-             engine: LayerwiseEngine | None) -> dict[str, float]:
+             engine: LayerwiseEngine | None, ranks: Ranks = SINGLE) -> dict[str, float]:
     return {}
 
 
-def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m: float) -> list[float]:
+def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m: float,
+                       ranks: Ranks = SINGLE) -> list[float]:
     """Each block's OWL outlier ratio on the dense model: its layers' input norms are recorded while the walk
-    runs the block anyway (one block forward per block, no extra one), then scored with the dense weights."""
+    runs the block anyway (one block forward per block, no extra one), then scored with the dense weights.
+    Under torchrun each rank walks its share of the windows and the norms are summed (exact fp64 sums, so the
+    ratios are those of one process)."""
     layout = engine.layout
     recorders: dict[int, InputRecorder] = {}
     ratios: list[float] = []
@@ -55,13 +60,14 @@ def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m
     def after(index: int, outputs: BlockInputs) -> None:
         recorder = recorders.pop(index)
         recorder.remove()
+        ranks.reduce(recorder.stats, SquaredNorm)
         # matrices that read no token (an expert never routed to) say nothing about outliers
         scores = [wanda_scores(matrix.weight, stat.squared_norm()) for name, matrix in recorder.layers.items()
                   if (stat := recorder.stat(name)) is not None and stat.tokens > 0]
         ratios.append(outlier_ratio(scores, m))
 
     try:
-        engine.walk(calibration_ids, visit, after)
+        engine.walk(ranks.local_windows(calibration_ids, engine.batch_size), visit, after)
     finally:
         for recorder in recorders.values():  # an error inside the walk: no hook outlives it
             recorder.remove()
@@ -69,8 +75,8 @@ def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m
 
 
 def _owl(model: nn.Module, layout: DecoderLayout, calibration_ids: torch.Tensor, settings: PruneSettings,
-         engine: LayerwiseEngine) -> dict[str, float]:
-    outliers = owl_outlier_ratios(engine, calibration_ids, settings.owl_m)
+         engine: LayerwiseEngine, ranks: Ranks = SINGLE) -> dict[str, float]:
+    outliers = owl_outlier_ratios(engine, calibration_ids, settings.owl_m, ranks)
     block_ratios = owl_ratios(outliers, settings.sparsity_ratio, settings.owl_lambda)
     return {name: block_ratios[index] for index in range(len(layout.blocks)) for name in layout.matrices(index).prunable}
 
@@ -85,6 +91,6 @@ PROFILES: dict[str, Profile] = {
 
 
 def layer_ratios(model: nn.Module, layout: DecoderLayout, calibration_ids: torch.Tensor | None,
-                 settings: PruneSettings, engine: LayerwiseEngine | None) -> dict[str, float]:
+                 settings: PruneSettings, engine: LayerwiseEngine | None, ranks: Ranks = SINGLE) -> dict[str, float]:
     """{layer name: ratio} for the layers the profile sets; the others are pruned at ``settings.sparsity_ratio``."""
-    return PROFILES[settings.sparsity_profile].ratios(model, layout, calibration_ids, settings, engine)
+    return PROFILES[settings.sparsity_profile].ratios(model, layout, calibration_ids, settings, engine, ranks)

@@ -200,7 +200,8 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
         check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
     engine = LayerwiseEngine(model, device, batch_size, progress, layout, source)
-    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None)
+    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None,
+                          ranks)
     report.profile_seconds = time.perf_counter() - start
     if not statistics:
 
