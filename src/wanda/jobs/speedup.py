@@ -22,7 +22,8 @@ from ..export.semi_structured import BACKENDS, MIN_CAPABILITY, SemiStructuredBac
 from ..export.semi_structured import gpu_problem
 from ..export.speedup import SpeedupSettings, format_tables, run_speedup
 from ..io import atomic_write_json, ensure_free
-from ..settings import SettingsMixin, setting
+from ..models.loading import TrustSettings
+from ..settings import setting
 from .common import LogSettings
 
 log = logging.getLogger("wanda")
@@ -39,7 +40,7 @@ class NoSparseGpu(WandaError):
 
 
 @dataclass(frozen=True)
-class SpeedupJobSettings(SettingsMixin):
+class SpeedupJobSettings(TrustSettings):
     model: str = setting(help="a 2:4-pruned model: from_pretrained folder, compressed folder, hub id, or smollm2-135m")
     backend: str = setting("auto", "sparse kernels (auto: cutlass on compute capability 8.x, else cusparselt)",
                            choices=("auto", *BACKENDS))
@@ -92,7 +93,8 @@ def run_speedup_job(job: SpeedupJobSettings, settings: SpeedupSettings, logging_
     backend = SemiStructuredBackend(name, device)
     output = Path(job.output or f"speedup_{gpu_slug(device)}_{name}.json")
     ensure_free(output, job.overwrite, "result")
-    loaded = load_model(job.model, job.cache_dir, job.dtype, str(device))
+    loaded = load_model(job.model, job.cache_dir, job.dtype, str(device), trust_remote_code=job.trust_remote_code,
+                        allow_pickle=job.allow_pickle)
     warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*prototype.*")
     result = run_speedup(loaded.model, backend, settings)
     result.environment = {**environment(device), "model": job.model}

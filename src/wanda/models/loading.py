@@ -21,9 +21,19 @@ log = logging.getLogger(__name__)
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
+@dataclass(frozen=True, kw_only=True)  # keyword-only: subclasses may declare fields without defaults
+class TrustSettings(SettingsMixin):
+    """What loading a model may do beyond reading data; every command that loads a model has these flags."""
+
+    trust_remote_code: bool = setting(False, "run Python code shipped with the model (its config's auto_map); "
+                                      "without it such a model is refused and nothing from it runs")
+    allow_pickle: bool = setting(False, "load pickled weights (.bin, .pt), which can run code when unpickled; "
+                                 "without it only safetensors are read")
+
+
 @dataclass(frozen=True)
-class ModelSettings(SettingsMixin):
-    """Which model to load, where it runs, and what loading it may do beyond reading data."""
+class ModelSettings(TrustSettings):
+    """Which model to load, where it runs, and (``TrustSettings``) what loading it may do beyond reading data."""
 
     model: str | None = setting(None, "hub id, local from_pretrained folder, .gguf file, or a named model that "
                                 f"installs offline: {', '.join(NAMED_MODELS)} (default: {BUNDLED_NAME})")
@@ -32,10 +42,6 @@ class ModelSettings(SettingsMixin):
                           "it is processed")
     dtype: str = setting("auto", "auto (fp32 on CPU, bf16/fp16 on GPU; full fine-tuning trains fp32 weights under "
                          "autocast), float32, float16, bfloat16")
-    trust_remote_code: bool = setting(False, "run Python code shipped with the model (its config's auto_map); "
-                                      "without it such a model is refused and nothing from it runs")
-    allow_pickle: bool = setting(False, "load pickled weights (.bin, .pt), which can run code when unpickled; "
-                                 "without it only safetensors are read")
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype, torch.device("cpu"))  # a bad name fails here, before anything loads
