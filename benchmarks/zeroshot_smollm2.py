@@ -6,6 +6,8 @@ per model (about 15 hours per model on 2 CPU cores), so by default only the firs
 are used, the same documents for every model; the table says which.
 
     nice -n 10 python benchmarks/zeroshot_smollm2.py --limit 15      # writes results/zeroshot_smollm2.{json,md}
+    python benchmarks/zeroshot_smollm2.py --limit 1000 --runs dense@- wanda@0.5 sparsegpt@0.5 ria+dsnot@0.5 \
+        wanda@0.7 owl+wanda@0.7 --out results/zeroshot_beyond --resume   # issue 14 (about 80 min per run on 2 cores)
 
 Two smaller checks of the dense model (each its own results file):
 
@@ -37,28 +39,33 @@ from wanda.resources import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("WANDA_DATA_DIR", ROOT.parent / "shared" / "data")) / "zeroshot"
-RUNS = (("dense", None), ("wanda 50%", "unstructured"), ("wanda 2:4", "2:4"))
+#: Configurations as keys of benchmarks/beyond_paper.py (method@ratio or method@N:M, dense@-).
+RUNS = ("dense@-", "wanda@0.5", "wanda@2:4")
 #: Chance accuracy: 1 / choices (ARC has a few items with 3 or 5 choices; 4 is the rule).
 CHANCE = {"boolq": 0.5, "rte": 0.5, "hellaswag": 0.25, "winogrande": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25,
           "openbookqa": 0.25}
 
 
-def run(name: str, pattern: str | None, settings: ZeroShotSettings) -> dict:
+def run(key: str, settings: ZeroShotSettings, device: str = "cpu") -> dict:
+    """Load, prune as ``key`` says (the calibration of the paper-table protocol), evaluate the seven tasks."""
+    from beyond_paper import settings_of
+
     torch.manual_seed(0)
     start = time.perf_counter()
-    loaded = load_model("smollm2-135m", dtype=PROTOCOL["dtype"], device="cpu")
+    loaded = load_model("smollm2-135m", dtype=PROTOCOL["dtype"], device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    out: dict = {"run": name, "pattern": pattern}
-    if pattern is not None:
+    out: dict = {"run": key, "device": device}
+    if not key.startswith("dense"):
         calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), tokenizer, PROTOCOL["nsamples"],
                                     PROTOCOL["seqlen"], PROTOCOL["seed"])
-        report = prune(model, calib, PruneSettings(prune_method="wanda", sparsity_type=pattern,
-                                                   sparsity_ratio=0.5 if pattern == "unstructured" else None),
-                       device="cpu", progress=False, batch_size=PROTOCOL["batch_size"])
+        report = prune(model, calib, PruneSettings(**settings_of(key)), device=device, progress=False,
+                       batch_size=PROTOCOL["batch_size"])
         out.update(actual_sparsity=report.actual_sparsity, prune_wall_seconds=report.wall_seconds)
+    eval_start = time.perf_counter()
     result = evaluate_zero_shot(model, tokenizer, settings)
     out.update(result.to_dict())
-    out.update(total_wall_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+    out.update(eval_wall_seconds=time.perf_counter() - eval_start, total_wall_seconds=time.perf_counter() - start,
+               peak_rss_mb=peak_rss_mb())
     return out
 
 
@@ -202,6 +209,11 @@ def main() -> None:
     parser.add_argument("--tasks", default=",".join(SEED_TASKS))
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--part", choices=("table", "chance", "hellaswag-format"), default="table")
+    parser.add_argument("--runs", nargs="+", default=list(RUNS),
+                        help="configurations, as benchmarks/beyond_paper.py names them (default: %(default)s); "
+                        "issue 14's: dense@- wanda@0.5 sparsegpt@0.5 <best new>@0.5 wanda@0.7 <best new>@0.7")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the protocol's fp32 either way)")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON")
     parser.add_argument("--out", default=None, help="output path without extension "
                         "(default: results/zeroshot_smollm2, _chance or _hellaswag_format)")
     args = parser.parse_args()
@@ -219,9 +231,13 @@ def main() -> None:
         chance_check(settings, args.out)
         return
     rows = []
-    for name, pattern in RUNS:
-        print(f"== {name}", file=sys.stderr, flush=True)
-        rows.append(run(name, pattern, settings))
+    if args.resume and Path(args.out + ".json").is_file():
+        rows = [r for r in json.loads(Path(args.out + ".json").read_text())["runs"] if r["run"] in args.runs]
+    for key in args.runs:
+        if any(r["run"] == key for r in rows):
+            continue
+        print(f"== {key}", file=sys.stderr, flush=True)
+        rows.append(run(key, settings, args.device))
         payload = {"model": "smollm2-135m", "protocol": PROTOCOL, "limit": settings.limit, "runs": rows}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out + ".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
