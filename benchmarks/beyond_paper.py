@@ -203,13 +203,78 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+#: The issue's cost bound: "at most 1.15x Wanda's wall time" (50%), "at Wanda's cost" (2:4, the same bound here).
+COST_BOUND = 1.15
+
+
+def _cost(row: dict, rows: dict[str, dict]) -> tuple[float, float]:
+    """(wall, CPU) time of pruning over Wanda's at 50%, both measured in this benchmark."""
+    base = rows.get("wanda@0.5", {})
+    if row.get("source") != "this benchmark" or base.get("source") != "this benchmark":
+        return float("nan"), float("nan")
+    return (row["prune_wall_seconds"] / base["prune_wall_seconds"],
+            row.get("prune_cpu_seconds", float("nan")) / base.get("prune_cpu_seconds", float("nan")))
+
+
+def _ppl(rows: dict[str, dict], key: str) -> float:
+    return rows.get(key, {}).get("ppl", {}).get("wikitext2", float("nan"))
+
+
+def _cheap_best(rows: dict[str, dict], level: str, exclude: tuple[str, ...]) -> tuple[str, float, float, float] | None:
+    """The lowest WikiText-2 perplexity at ``level`` among this benchmark's runs within the cost bound (both
+    wall and CPU time ratios, so that another job's load cannot make a slow method look cheap)."""
+    found = []
+    for key, row in rows.items():
+        if row["level"] != level or row["method"] in exclude:
+            continue
+        wall, cpu = _cost(row, rows)
+        if wall <= COST_BOUND and cpu <= COST_BOUND:
+            found.append((_ppl(rows, key), key, wall, cpu))
+    if not found:
+        return None
+    ppl, key, wall, cpu = min(found)
+    return key, ppl, wall, cpu
+
+
+def targets(rows: dict[str, dict]) -> list[str]:
+    """The issue's three targets on WikiText-2, each met, missed, or not yet measured, with the figures."""
+    lines = []
+    sparsegpt, best = _ppl(rows, "sparsegpt@0.5"), _cheap_best(rows, "0.5", ("sparsegpt",))
+    if best is None or sparsegpt != sparsegpt:
+        lines.append("- 50% unstructured, a method within 1.15x Wanda's time at or below SparseGPT: not measured yet")
+    else:
+        key, ppl, wall, cpu = best
+        verdict = "**met**" if ppl <= sparsegpt else "**missed**"
+        lines.append(f"- 50% unstructured, a method within {COST_BOUND}x Wanda's time at or below SparseGPT's "
+                     f"{sparsegpt:.2f}: {verdict}; the best such method is {key} at {ppl:.2f} ({wall:.2f}x Wanda's "
+                     f"wall time, {cpu:.2f}x its CPU time)")
+    wanda70, owl70 = _ppl(rows, "wanda@0.7"), _ppl(rows, "owl+wanda@0.7")
+    if owl70 == owl70 and wanda70 == wanda70:
+        verdict = "**met**" if owl70 <= 0.6 * wanda70 else "**missed**"
+        lines.append(f"- 70% unstructured, OWL+Wanda at most 0.6x Wanda: {verdict}; {owl70:.1f} against "
+                     f"{wanda70:.1f} ({owl70 / wanda70:.2f}x)")
+    else:
+        lines.append("- 70% unstructured, OWL+Wanda at most 0.6x Wanda: not measured yet")
+    wanda24, best = _ppl(rows, "wanda@2:4"), _cheap_best(rows, "2:4", ("sparsegpt", "wanda"))
+    if best is None or wanda24 != wanda24 or rows.get("wanda@2:4", {}).get("source") != "this benchmark":
+        lines.append("- 2:4, a method at Wanda's cost at most 0.8x Wanda: not measured yet")
+    else:
+        key, ppl, wall, cpu = best
+        verdict = "**met**" if ppl <= 0.8 * wanda24 else "**missed**"
+        lines.append(f"- 2:4, a method at Wanda's cost (within {COST_BOUND}x its time) at most 0.8x Wanda's "
+                     f"{wanda24:.2f} (= {0.8 * wanda24:.2f}): {verdict}; the best such method is {key} at {ppl:.2f} "
+                     f"({ppl / wanda24:.2f}x; {wall:.2f}x Wanda's wall time, {cpu:.2f}x its CPU time)")
+    return lines
+
+
 def write_outputs(rows: dict[str, dict], out: str) -> None:
     payload = {"model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32)", "protocol": PROTOCOL,
                "not_defined": [f"{m}@{l}" for l in LEVELS for m in METHODS if not defined(m, l)],
                "runs": list(rows.values())}
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out + ".json"), json.dumps(payload, indent=2) + "\n", overwrite=True)
-    atomic_write_text(Path(out + ".md"), markdown(rows), overwrite=True)
+    text = markdown(rows) + "\nTargets (WikiText-2 perplexity, from the rows above):\n\n" + "\n".join(targets(rows)) + "\n"
+    atomic_write_text(Path(out + ".md"), text, overwrite=True)
     plot(rows, Path(out + ".png"))
 
 
