@@ -41,7 +41,10 @@ LEVELS = ("0.5", "0.6", "0.7", "2:4", "4:8")
 #: On a shared, loaded machine a run takes 10-30 minutes, so the most likely candidate for each target comes first.
 PRIORITY = ["wanda@0.5", "ria@0.5", "wanda@0.7", "owl+wanda@0.7", "wanda@2:4", "sparsegpt@0.5", "dense@-",
             "ria@2:4", "ria+dsnot@2:4", "wanda+dsnot@0.5", "ria+dsnot@0.5", "wanda+dsnot@2:4", "owl+ria+dsnot@0.7",
-            "ria@0.7"]
+            "ria@0.7",
+            # then one curve per method over 50-70% (the plot), the cheap magnitude rows among them
+            "wanda@0.6", "sparsegpt@0.7", "sparsegpt@0.6", "magnitude@0.6", "magnitude@0.7", "owl+wanda@0.6",
+            "ria@0.6", "owl+wanda@0.5"]
 #: Runs that also measure the two-forward-pass floor (it does not depend on the method).
 FLOOR_RUNS = {"wanda@0.5"}
 
