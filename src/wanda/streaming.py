@@ -146,15 +146,16 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     walks its share of the calibration windows, the main rank alone saves the model. The work folder may be on
     each machine's own disk or shared (see ``Ranks.node_writer``); a restart needs the same number of ranks.
     """
-    if save_model is not None and ranks.is_main:
-        ensure_free(save_model, overwrite, "model folder")
-    if save_format not in SAVE_FORMATS:
-        raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
     device = torch.device(device)
+    with ranks.agreed("reading the checkpoint"):  # a file missing on one machine ends every rank at once
+        if save_model is not None and ranks.is_main:
+            ensure_free(save_model, overwrite, "model folder")
+        if save_format not in SAVE_FORMATS:
+            raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
+        streamed = build_skeleton(model_path, dtype, device, with_head=False)
     batch_size = batch_size or default_batch_size(device)
     calibrated = needs_calibration(settings)
     calibration_ids = calibration_ids if calibrated else None
-    streamed = build_skeleton(model_path, dtype, device, with_head=False)
     fingerprint = {
         "model": str(Path(model_path).resolve()), "checkpoint": streamed.checkpoint.signature(),
         "settings": settings.to_dict(), "seed": seed, "dtype": str(dtype), "device": device.type,
