@@ -7,7 +7,7 @@ are used, the same documents for every model; the table says which.
 
     nice -n 10 python benchmarks/zeroshot_smollm2.py --limit 15      # writes results/zeroshot_smollm2.{json,md}
     python benchmarks/zeroshot_smollm2.py --limit 1000 --runs dense@- wanda@0.5 sparsegpt@0.5 ria+dsnot@0.5 \
-        wanda@0.7 owl+wanda@0.7 --out results/zeroshot_beyond --resume   # issue 14 (about 80 min per run on 2 cores)
+        wanda@0.7 owl+wanda@0.7 --out benchmarks/results/zeroshot_beyond --resume   # issue 14 (about 80 min per run on 2 cores)
 
 Two smaller checks of the dense model (each its own results file):
 
