@@ -245,6 +245,10 @@ CONFIGS = [
     dict(prune_method="ablate_wanda_iter", sparsity_profile="owl", sparsity_ratio=0.55, blocksize=32),
     dict(prune_method="ablate_mag_iter", sparsity_ratio=0.65, blocksize=48),
     dict(prune_method="wanda", use_variant=True, sparsity_profile="owl", sparsity_ratio=0.6),
+    # bands as wide as allowed: the top block's ratio plus lambda passes 1, the bottom one's is below lambda
+    # (the band bounds the request, not each layer's own ratio)
+    dict(prune_method="wanda", sparsity_profile="owl", sparsity_ratio=0.7, owl_lambda=0.25),
+    dict(prune_method="sparsegpt", sparsity_profile="owl", sparsity_ratio=0.3, owl_lambda=0.25),
 ]
 
 

@@ -139,7 +139,9 @@ def _prune_linears(linears: dict[str, PrunableMatrix], settings: PruneSettings, 
             weight = view if view.is_contiguous() else view.contiguous()
             stat, tokens, rule = _statistic(name, weight, spec, recorder)
             ratio = ratios.get(name, settings.sparsity_ratio)
-            layer_settings = settings if ratio == settings.sparsity_ratio else settings.replace(sparsity_ratio=ratio)
+            # the profile is spent once it gave this layer its ratio (its checks bound the request, not the layer)
+            layer_settings = (settings if ratio == settings.sparsity_ratio
+                              else settings.replace(sparsity_ratio=ratio, sparsity_profile="uniform"))
             _sync(weight.device)
             start = time.perf_counter()
             result = prune_layer(weight, stat, layer_settings, name)
