@@ -40,6 +40,11 @@ METHODS = {
 #: the 70% target reads.
 OWL_SWEEP = {f"owl(lambda={lam})+wanda": {"prune_method": "wanda", "sparsity_profile": "owl", "owl_lambda": lam}
              for lam in (0.12, 0.2)}
+#: DSnoT on every layer (--dsnot_skip none) rather than the reference code's attention-only default: outside
+#: the grid, at 50% and 2:4, where the targets are.
+DSNOT_ALL = {"wanda+dsnot(all layers)": {"prune_method": "wanda", "dsnot": True, "dsnot_skip": "none"}}
+#: every label a run key may carry
+ALL_METHODS = {**METHODS, **OWL_SWEEP, **DSNOT_ALL}
 #: ratios are unstructured; "2:4" and "4:8" are N:M
 LEVELS = ("0.5", "0.6", "0.7", "2:4", "4:8")
 #: The issue's targets first (50%: Wanda, SparseGPT, RIA, DSnoT; 70%: Wanda, OWL+Wanda; 2:4), then the rest.
@@ -61,13 +66,13 @@ def defined(method: str, level: str) -> bool:
 
 def all_runs() -> list[str]:
     rest = [f"{m}@{l}" for l in LEVELS for m in METHODS if defined(m, l)]
-    sweep = [f"{m}@0.7" for m in OWL_SWEEP]
+    sweep = [f"{m}@0.7" for m in OWL_SWEEP] + [f"{m}@{l}" for m in DSNOT_ALL for l in ("0.5", "2:4")]
     return PRIORITY + [r for r in rest if r not in PRIORITY] + sweep
 
 
 def settings_of(key: str) -> dict:
     method, level = key.split("@")
-    kw = dict({**METHODS, **OWL_SWEEP}[method])
+    kw = dict(ALL_METHODS[method])
     if ":" in level:
         kw["sparsity_type"] = level
     else:
@@ -161,8 +166,8 @@ def markdown(rows: dict[str, dict]) -> str:
         "CPU / Wanda's", "source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ordered = sorted(rows.values(), key=lambda r: (LEVELS.index(r["level"]) if r["level"] in LEVELS else -1,
-                                                   list({**METHODS, **OWL_SWEEP}).index(r["method"])
-                                                   if r["method"] in METHODS or r["method"] in OWL_SWEEP else -1))
+                                                   list(ALL_METHODS).index(r["method"])
+                                                   if r["method"] in ALL_METHODS else -1))
     for r in ordered:
         level = r["level"] if ":" in r["level"] or r["level"] == "-" else f"{float(r['level']):.0%}"
         cells = [r["method"], level] + [_number(r["ppl"].get(s), ".2f") for s in sets]
