@@ -278,7 +278,9 @@ def targets(rows: dict[str, dict]) -> list[str]:
         verdict = "**met**" if tuned <= 0.6 * wanda70 else "**missed**"
         lines.append(f"- the same with OWL's lambda chosen on the held-out summaries (lowest summaries perplexity "
                      f"among {', '.join(m for _, m in sorted(swept, key=lambda t: t[1]))}): {chosen}, {verdict}; "
-                     f"{tuned:.1f} against {wanda70:.1f} ({tuned / wanda70:.2f}x)")
+                     f"{tuned:.1f} against {wanda70:.1f} ({tuned / wanda70:.2f}x)"
+                     + ("" if any(m == "owl+wanda" for _, m in swept) else
+                        "; the default lambda's row has no summaries figure, so it is not among them"))
     wanda24, best = _ppl(rows, "wanda@2:4"), _cheap_best(rows, "2:4", ("sparsegpt", "wanda"))
     if best is None or wanda24 != wanda24 or rows.get("wanda@2:4", {}).get("source") != "this benchmark":
         lines.append("- 2:4, a method at Wanda's cost at most 0.8x Wanda: not measured yet")
