@@ -87,9 +87,14 @@ def markdown(rows: list[dict], limit: int | None) -> str:
                 value, err = r["metrics"][task][metric], r["stderr"][task][metric]
                 cells.append(f"{value:.3f} ± {err:.3f}" if err is not None else f"{value:.3f}")
             lines.append("| " + " | ".join(cells) + " |")
-    means = ["mean acc (7 tasks)", "acc", "", ""] + [
-        f"{sum(m['acc'] for m in r['metrics'].values()) / len(r['metrics']):.3f}" for r in rows]
-    lines.append("| " + " | ".join(means) + " |")
+    for label, skip in ((f"mean acc ({len(first['metrics'])} tasks)", ()), ("mean acc without BoolQ", ("boolq",))):
+        kept = [t for t in first["metrics"] if t not in skip]
+        if skip and len(kept) == len(first["metrics"]):
+            continue
+        means = [label, "acc", "", ""] + [f"{sum(r['metrics'][t]['acc'] for t in kept) / len(kept):.3f} ± "
+                                          f"{sum((r['stderr'][t]['acc'] or 0.0) ** 2 for t in kept) ** 0.5 / len(kept):.3f}"
+                                          for r in rows]
+        lines.append("| " + " | ".join(means) + " |")
     sparsity = ["linear-layer sparsity", "", "", ""] + [f"{r['zero_fraction_after']:.4f}" for r in rows]
     lines.append("| " + " | ".join(sparsity) + " |")
     wall = ["wall seconds (load, prune, eval)", "", "", ""] + [f"{r['total_wall_seconds']:.0f}" for r in rows]
@@ -105,12 +110,29 @@ def markdown(rows: list[dict], limit: int | None) -> str:
             f"{PROTOCOL['seed']}.\n\n" + "\n".join(lines) + "\n" + notes(rows, limit))
 
 
+def boolq_yes_share(row: dict) -> float | None:
+    """Share of "yes" answers among the BoolQ documents a run evaluated (the first n of its local file)."""
+    source = row.get("sources", {}).get("boolq", "")
+    if not source.endswith(".jsonl") or not Path(source).is_file():
+        return None
+    n = row["samples"]["boolq"]["evaluated"]
+    with open(source, encoding="utf-8") as handle:
+        labels = [str(json.loads(line)["label"]).lower() for _, line in zip(range(n), handle)]
+    return sum(label in ("true", "1") for label in labels) / len(labels)
+
+
 def notes(rows: list[dict], limit: int | None) -> str:
     """What a reader needs to weigh the table: how wide the error bars are, and where the checks live."""
     errors = [e for r in rows for metrics in r["stderr"].values() for e in metrics.values() if e is not None]
     lines = ["", "Notes",
              f"- A task's stderr here is {min(errors):.3f}-{max(errors):.3f}: two columns differ beyond noise only "
              "where their gap is about three times that or more."]
+    yes = boolq_yes_share(rows[0])
+    if yes is not None:
+        lines.append(f"- BoolQ measures a bias as much as reading: {yes:.3f} of its evaluated documents answer yes, "
+                     "so a model that always says no scores {:.3f} and one that always says yes {:.3f}. A pruned model "
+                     "that drifts towards yes gains accuracy without reading better; the mean without BoolQ leaves "
+                     "that out.".format(1 - yes, yes))
     if limit and limit < 100:
         lines.append("- Why so few documents: the full splits are about 66k loglikelihood requests per model "
                      "(HellaSwag alone 40k), hours per model on 2 CPU cores. The table shows the pipeline end to "
