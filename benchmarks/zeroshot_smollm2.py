@@ -9,9 +9,9 @@ are used, the same documents for every model; the table says which.
     python benchmarks/zeroshot_smollm2.py --limit 1000 --runs dense@- wanda@0.5 sparsegpt@0.5 \
         owl+sparsegpt@0.5 wanda@0.7 owl+sparsegpt@0.7 --out benchmarks/results/zeroshot_beyond --resume
 
-The second is issue 14's table (about 45 minutes per run on 2 cores). Its "best new method" at 50% and at 70% is
-the row of benchmarks/results/beyond_paper.json that uses OWL, RIA or DSnoT with the lowest perplexity on the
-held-out summaries (never on WikiText-2, which the targets are measured on).
+The second is issue 14's table (27-30 minutes per run on 2 cores at batch 32). Its "best new method" at 50%
+and at 70% is the row of benchmarks/results/beyond_paper.json that uses OWL, RIA or DSnoT with the lowest
+perplexity on the held-out summaries (never on WikiText-2, which the targets are measured on).
 
 Two smaller checks of the dense model (each its own results file):
 
@@ -37,6 +37,7 @@ from common import PROTOCOL, RESULTS
 
 from wanda import PruneSettings, prune
 from wanda.data import calibration_windows, resolve_source
+from wanda.io import atomic_write_text
 from wanda.eval.zeroshot import SEED_TASKS, ZeroShotSettings, evaluate_zero_shot
 from wanda.models import load_model
 from wanda.resources import peak_rss_mb
@@ -278,11 +279,11 @@ def main() -> None:
 
 
 def write(out: str, rows: list[dict], limit: int | None) -> None:
-    """JSON and Markdown after every run, so that an interrupted sweep keeps what it measured."""
+    """JSON and Markdown after every run, atomically: an interrupted sweep keeps what it measured and --resume never reads half a file."""
     payload = {"model": "smollm2-135m", "protocol": PROTOCOL, "limit": limit, "runs": rows}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out + ".json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    Path(out + ".md").write_text(markdown(rows, limit))
+    atomic_write_text(Path(out + ".json"), json.dumps(payload, indent=2, default=str) + "\n", overwrite=True)
+    atomic_write_text(Path(out + ".md"), markdown(rows, limit), overwrite=True)
 
 
 if __name__ == "__main__":
