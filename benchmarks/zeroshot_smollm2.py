@@ -92,9 +92,11 @@ def markdown(rows: list[dict], limit: int | None) -> str:
         kept = [t for t in first["metrics"] if t not in skip]
         if skip and len(kept) == len(first["metrics"]):
             continue
-        means = [label, "acc", "", ""] + [f"{sum(r['metrics'][t]['acc'] for t in kept) / len(kept):.3f} ± "
-                                          f"{sum((r['stderr'][t]['acc'] or 0.0) ** 2 for t in kept) ** 0.5 / len(kept):.3f}"
-                                          for r in rows]
+        means = [label, "acc", "", ""]
+        for r in rows:
+            value = sum(r["metrics"][t]["acc"] for t in kept) / len(kept)
+            err = sum((r["stderr"][t]["acc"] or 0.0) ** 2 for t in kept) ** 0.5 / len(kept)
+            means.append(f"{value:.3f} ± {err:.3f}")
         lines.append("| " + " | ".join(means) + " |")
     sparsity = ["linear-layer sparsity", "", "", ""] + [f"{r['zero_fraction_after']:.4f}" for r in rows]
     lines.append("| " + " | ".join(sparsity) + " |")
@@ -240,7 +242,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="local task files (default: %(default)s)")
     parser.add_argument("--tasks", default=",".join(SEED_TASKS))
     parser.add_argument("--batch_size", type=int, default=32,
-                        help="requests per forward pass (default: %(default)s; 32 ran 1.27x faster than 8 on 2 cores with identical accuracies)")
+                        help="requests per forward pass (default: %(default)s; 32 ran 1.27x faster than 8 on 2 "
+                        "cores with identical accuracies)")
     parser.add_argument("--part", choices=("table", "chance", "hellaswag-format"), default="table")
     parser.add_argument("--runs", nargs="+", default=list(RUNS),
                         help="configurations, as benchmarks/beyond_paper.py names them (default: %(default)s); "
@@ -279,7 +282,8 @@ def main() -> None:
 
 
 def write(out: str, rows: list[dict], limit: int | None) -> None:
-    """JSON and Markdown after every run, atomically: an interrupted sweep keeps what it measured and --resume never reads half a file."""
+    """JSON and Markdown after every run, atomically: an interrupted sweep keeps what it measured, and
+    --resume never reads half a file."""
     payload = {"model": "smollm2-135m", "protocol": PROTOCOL, "limit": limit, "runs": rows}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out + ".json"), json.dumps(payload, indent=2, default=str) + "\n", overwrite=True)
