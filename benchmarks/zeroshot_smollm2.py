@@ -9,7 +9,7 @@ are used, the same documents for every model; the table says which.
     python benchmarks/zeroshot_smollm2.py --limit 1000 --runs dense@- wanda@0.5 sparsegpt@0.5 \
         owl+sparsegpt@0.5 wanda@0.7 owl+sparsegpt@0.7 --out benchmarks/results/zeroshot_beyond --resume
 
-The second is issue 14's table (27-30 minutes per run on 2 cores at batch 32). Its "best new method" at 50%
+The second is issue 14's table (26-30 minutes per run on 2 cores at batch 32). Its "best new method" at 50%
 and at 70% is the row of benchmarks/results/beyond_paper.json that uses OWL, RIA or DSnoT with the lowest
 perplexity on the held-out summaries (never on WikiText-2, which the targets are measured on).
 
