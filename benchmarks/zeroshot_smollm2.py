@@ -38,8 +38,8 @@ from common import PROTOCOL, RESULTS
 
 from wanda import PruneSettings, prune
 from wanda.data import calibration_windows, resolve_source
-from wanda.io import atomic_write_text
 from wanda.eval.zeroshot import SEED_TASKS, ZeroShotSettings, evaluate_zero_shot
+from wanda.io import atomic_write_text
 from wanda.models import load_model
 from wanda.resources import peak_rss_mb
 
