@@ -118,6 +118,28 @@ def test_activations_offloaded_to_a_file_give_the_same_model(tmp_path):
     assert all(torch.equal(ram[k], file[k]) for k in ram)
 
 
+@pytest.mark.parametrize("method", ["wanda", "magnitude", "sparsegpt"])
+@pytest.mark.parametrize("activations", [False, True])
+def test_streamed_owl_equals_in_memory(tmp_path, method, activations):
+    """OWL's dense walk runs before the pruning walk: it must leave the embeddings for the pruning walk's
+    capture, score each block while it is loaded, and keep its activations where streaming keeps them."""
+    folder = save_tiny(tmp_path, "llama")
+    settings = PruneSettings(prune_method=method, sparsity_ratio=0.5, sparsity_profile="owl", owl_lambda=0.08)
+    ids = calib_ids()
+    _in_memory(folder, settings, tmp_path / "memory", ids)
+    stream = StreamSettings(offload="disk", offload_activations=str(tmp_path / "act") if activations else None)
+    run = prune_streamed(folder, ids, settings, stream, save_model=tmp_path / "streamed", batch_size=2,
+                         progress=False)
+    assert run.report.profile_seconds > 0
+    assert {l.ratio for l in run.report.layers} != {0.5}  # OWL gave the blocks their own ratios
+    memory, streamed = _state(tmp_path / "memory"), _state(tmp_path / "streamed")
+    assert memory.keys() == streamed.keys()
+    for name, tensor in memory.items():
+        assert torch.equal(tensor, streamed[name]), name
+    if activations:
+        assert not any((tmp_path / "act").glob("*.bin"))  # every activation file removed
+
+
 def _four_block_model(tmp_path: Path) -> Path:
     """The tiny LLaMA with 4 blocks and the tiny word tokenizer, so a run can be killed in its middle."""
     folder = save_tiny(tmp_path, "llama")

@@ -185,6 +185,7 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     report.layers = report.layers[:done] + result.layers
     report.wall_seconds, report.peak_rss_mb = result.wall_seconds, result.peak_rss_mb
     report.calibration_tokens = result.calibration_tokens
+    report.profile_seconds = result.profile_seconds
     report.not_pruned = result.not_pruned
     # ``prune`` logged its own report (this process's blocks); ``report`` is the whole run's
     with ranks.agreed("reading the pruned blocks"):

@@ -97,8 +97,10 @@ class ReadOnlyBlocks:
     def finish(self, index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
         pass
 
-    def place(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        return hidden
+    def place(self, hidden: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        # where the source keeps its own walk's activations (a streamed run's activation file, say)
+        store = getattr(self.source, "store", None)
+        return store(hidden) if store is not None else hidden
 
 
 class LayerwiseEngine:
@@ -140,7 +142,8 @@ class LayerwiseEngine:
     def walk(self, input_ids: torch.Tensor | None, visit: Visitor | None = None,
              after: Callable[[int, BlockInputs | None], None] | None = None) -> BlockInputs | None:
         """Capture block 0's inputs for ``input_ids``, then for each block: visit it, re-run it to get the
-        next block's inputs. ``after(index, outputs)`` sees each block's outputs (used by tests).
+        next block's inputs. ``after(index, outputs)`` sees each block's outputs while the block is still open
+        (OWL scores the block's dense weights there).
 
         ``input_ids=None`` walks the blocks without activations (for methods that need no calibration). A
         source that resumes starts at its saved block, with the hidden states it saved; the other block
@@ -166,8 +169,8 @@ class LayerwiseEngine:
                         # a broken block stops the walk before its outputs are saved or passed on
                         check_finite_outputs(self.layout.block_name(index), inputs.hidden)
                     self.source.finish(index, block, inputs)
-                if after is not None:
-                    after(index, inputs)
+                    if after is not None:  # the block is still loaded (a streamed one is released below)
+                        after(index, inputs)
             return inputs
         finally:
             self.model.train(was_training)

@@ -109,8 +109,12 @@ class StreamedBlocks:
         self.drop_outside = drop_outside
         self._file: ActivationFile | None = None
         self.resumed_from = 0
+        #: set once this source's own walk starts: a read-only walk before it (a sparsity profile's dense
+        #: pass) still needs the embeddings for the pruning walk's capture, so nothing outside is released
+        self._walking = False
 
     def resume_point(self) -> tuple[int, list[torch.Tensor] | None]:
+        self._walking = True
         if self.work is None:
             return 0, None
         k = self.work.resume_point()
@@ -121,17 +125,23 @@ class StreamedBlocks:
         return k, self.work.load_hidden(k) if self.work.needs_hidden and k < self.work.num_blocks else None
 
     def place(self, hidden: list[torch.Tensor]) -> Sequence[torch.Tensor]:
-        if self.drop_outside:
+        if self.drop_outside and self._walking:
             self.streamed.release_outside()
+        return self.store(hidden)
+
+    def store(self, hidden: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Where hidden states are kept between blocks: RAM, or the activation file when one was asked for
+        (also for a read-only walk before the pruning walk; a new walk's file replaces the last one's)."""
         if self.activations is None:
             return hidden
+        self.close()
         self._file = ActivationFile(self.activations / f"activations-{os.getpid()}.bin", hidden, self.device)
         hidden.clear()
         return self._file
 
     @contextmanager
     def open(self, index: int) -> Iterator[nn.Module]:
-        if self.drop_outside:
+        if self.drop_outside and self._walking:
             self.streamed.release_outside()
         block = self.streamed.load_block(index, self.device)
         try:
