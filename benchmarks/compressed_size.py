@@ -20,7 +20,7 @@ import torch
 
 from wanda import PruneSettings, prune
 from wanda.export import load_compressed, save_model
-from wanda.export.compressed import WEIGHTS_NAME, same_bits
+from wanda.models.compressed import WEIGHTS_NAME, same_bits
 from wanda.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -7,7 +7,7 @@ accumulators), the solves (the method's function per layer), the re-run that pro
 and the collectives (``Ranks.collective_seconds``, which includes waiting for a slower rank). From the measured
 split the script also writes down what 8 ranks would take: the forward and statistics shares divided by 8, the
 solves as the longest of the 8 ranks' shares when the measured per-layer times are dealt the way
-``wanda.distributed.deal_layers`` deals them; collectives on 8 GPUs are estimated from bytes, not measured.
+``wanda.parallel.ranks.deal_layers`` deals them; collectives on 8 GPUs are estimated from bytes, not measured.
 
 Usage (from the repository root; heavy, so under the shared lock)::
 
@@ -77,7 +77,8 @@ def worker(args: argparse.Namespace) -> None:
     import wanda.methods.registry as registry
     from wanda import PruneSettings, prune
     from wanda.data import calibration_windows, evaluation_windows, resolve_source
-    from wanda.distributed import init_ranks
+    from wanda.parallel.ranks import init_ranks
+    from wanda.eval.perplexity import ranked_perplexity
     from wanda.models import load_model
     from wanda.stats import Gram, InputRecorder, SquaredNorm
 
@@ -120,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
     prune_wall = time.perf_counter() - start
     prune_collectives = ranks.collective_seconds
     start = time.perf_counter()
-    ppl = ranks.perplexity(loaded.model, evals, batch_size=args.batch_size, progress=False)
+    ppl = ranked_perplexity(ranks, loaded.model, evals, batch_size=args.batch_size, progress=False)
     eval_wall = time.perf_counter() - start
     split = dict(timers.seconds)
     split["calibration_forward"] = split.pop("calibration_forward_and_statistics") - split.get("statistics", 0.0)
@@ -158,7 +159,7 @@ def launch(args: argparse.Namespace, method: str, world: int) -> list[dict]:
 def eight_gpu_estimate(one: dict) -> dict:
     """From the 1-rank split: what 8 ranks would take per run, forward and statistics divided by 8, solves as the
     longest share when the measured per-layer times are dealt as the job deals them."""
-    from wanda.distributed import deal_layers
+    from wanda.parallel.ranks import deal_layers
 
     split = one["split"]
     per_block: dict[str, dict[str, tuple[int, int]]] = defaultdict(dict)

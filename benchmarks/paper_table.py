@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from common import PROTOCOL, RESULTS
-from wanda.io import atomic_write_text
+from wanda.utils.io import atomic_write_text
 from wanda.models.bundled import NAMED_MODELS
 
 RUNS = (
@@ -45,7 +45,7 @@ def worker(method: str, pattern: str, variant: bool, floor: bool, model_name: st
 
     from wanda import PruneSettings, perplexity, prune
     from wanda.models import load_model
-    from wanda.resources import run_peak_rss_mb
+    from wanda.utils.resources import run_peak_rss_mb
     from common import protocol_data, two_forward_floor
 
     torch.manual_seed(0)

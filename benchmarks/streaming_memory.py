@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from common import PROTOCOL, RESULTS
-from wanda.io import atomic_write_text
+from wanda.utils.io import atomic_write_text
 
 LARGE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
          "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
@@ -54,7 +54,7 @@ def build_large(folder: str) -> dict:
     from accelerate import init_empty_weights
 
     from wanda.export.shards import write_shards
-    from wanda.resources import run_peak_rss_mb
+    from wanda.utils.resources import run_peak_rss_mb
 
     start = time.perf_counter()
     config = LlamaConfig(**LARGE, tie_word_embeddings=False)
@@ -108,7 +108,7 @@ def _large_calib(folder: str):
 def stream_large(folder: str, output: str) -> dict:
     """``wanda --offload disk`` on the random model, in this process (the command's own code path)."""
     from wanda.cli.main import run
-    from wanda.resources import run_peak_rss_mb
+    from wanda.utils.resources import run_peak_rss_mb
 
     results = Path(output).with_name("results-streamed")
     start = time.perf_counter()
@@ -134,7 +134,7 @@ def memory_large(folder: str, output: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from wanda import PruneSettings, prune
-    from wanda.resources import run_peak_rss_mb
+    from wanda.utils.resources import run_peak_rss_mb
 
     start = time.perf_counter()  # the random model has no tokenizer, so not wanda's load_model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, low_cpu_mem_usage=True).eval()
@@ -176,8 +176,8 @@ def smol(mode: str, output: str) -> dict:
     from wanda.export import save_model
     from wanda.models import load_model
     from wanda.models.bundled import bundled_model_dir
-    from wanda.resources import release_memory, run_peak_rss_mb
-    from wanda.streaming import open_pruned, prune_streamed, save_streamed
+    from wanda.utils.resources import release_memory, run_peak_rss_mb
+    from wanda.pruning.streamed import open_pruned, prune_streamed, save_streamed
 
     calib, evals = _smol_data()
     folder = bundled_model_dir()

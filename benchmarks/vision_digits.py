@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from wanda.io import atomic_directory, atomic_write_json, atomic_write_text
+from wanda.utils.io import atomic_directory, atomic_write_json, atomic_write_text
 from wanda.vision import ImageFolder, Preprocess
 
 HERE = Path(__file__).resolve().parent

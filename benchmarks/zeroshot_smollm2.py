@@ -39,9 +39,9 @@ from common import PROTOCOL, RESULTS
 from wanda import PruneSettings, prune
 from wanda.data import calibration_windows, resolve_source
 from wanda.eval.zeroshot import SEED_TASKS, ZeroShotSettings, evaluate_zero_shot
-from wanda.io import atomic_write_text
+from wanda.utils.io import atomic_write_text
 from wanda.models import load_model
-from wanda.resources import peak_rss_mb
+from wanda.utils.resources import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("WANDA_DATA_DIR", ROOT.parent / "shared" / "data")) / "zeroshot"

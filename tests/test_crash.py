@@ -22,8 +22,8 @@ import pytest
 from conftest import save_tiny
 from wanda import WandaError
 from wanda.export import save_model
-from wanda.export.compressed import same_bits
-from wanda.io import atomic_directory, claim
+from wanda.models.compressed import same_bits
+from wanda.utils.io import atomic_directory, claim
 from wanda.models import load_model
 
 FORMATS = ["dense", "compressed"]
@@ -250,7 +250,7 @@ def test_a_second_writer_of_the_same_target_is_refused(reference, tmp_path):
     target = tmp_path / "model"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
-        from wanda.io import claim
+        from wanda.utils.io import claim
         with claim({str(target)!r}):
             print("held", flush=True)
             sys.stdin.readline()

@@ -8,7 +8,7 @@ import torch
 from conftest import save_tiny, word_corpus
 from wanda import METHODS, PruneSettings, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
-from wanda.export.compressed import same_bits
+from wanda.models.compressed import same_bits
 from wanda.models import load_model
 
 

@@ -26,7 +26,7 @@ from test_streaming import _cli_args, _cli_env, _four_block_model
 from wanda import PruneSettings, WandaError, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
 from wanda.engine.resume import agree_resume_point
-from wanda.distributed import SINGLE, DistributedSettings, deal_layers, init_ranks, window_share
+from wanda.parallel.ranks import SINGLE, DistributedSettings, deal_layers, init_ranks, window_share
 from wanda.models import load_model
 from wanda.stats import SquaredNorm
 

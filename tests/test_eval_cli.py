@@ -12,10 +12,10 @@ import torch
 from conftest import SHARED_DATA, save_tiny, word_corpus
 
 from wanda.cli.main import main
-from wanda.config import PruneSettings
+from wanda.pruning.prune_settings import PruneSettings
 from wanda.data import evaluation_windows, resolve_source
 from wanda.eval import perplexity
-from wanda.pruning import prune
+from wanda.pruning.prune import prune
 
 ZEROSHOT = SHARED_DATA / "zeroshot"
 needs_shared = pytest.mark.skipif(not ZEROSHOT.is_dir(), reason=f"local task files not found at {ZEROSHOT}")

@@ -13,7 +13,7 @@ from wanda import PruneSettings, prune
 from wanda.errors import WandaError
 from wanda.export import (SpeedupSettings, check_24, format_tables, load_compressed, measure, run_speedup,
                           save_model, sparsify_linears)
-from wanda.export.compressed import (MANIFEST_NAME, WEIGHTS_NAME, decode_tensor, encode_tensor,
+from wanda.models.compressed import (MANIFEST_NAME, WEIGHTS_NAME, decode_tensor, encode_tensor,
                                      same_bits)
 from wanda.masks import check_nm
 from wanda.models import find_linears, load_model

@@ -16,7 +16,7 @@ from conftest import calib_ids, save_tiny, tiny_model, word_corpus
 from wanda import PruneSettings, WandaError, prune
 from wanda.data import calibration_windows, resolve_source
 from wanda.eval import perplexity
-from wanda.io import atomic_write_json, check_writable
+from wanda.utils.io import atomic_write_json, check_writable
 from wanda.models import ModelSettings, check_seqlen, load_model
 from wanda.models.checks import check_finite_weights
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from wanda import WandaError
-from wanda.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_free
+from wanda.utils.io import atomic_directory, atomic_write_json, atomic_write_text, ensure_free
 
 
 def _tree(root):

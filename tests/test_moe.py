@@ -22,7 +22,7 @@ from torch import nn
 from conftest import calib_ids, one_thread, tiny_model, VOCAB
 from wanda import PruneSettings, WandaError, model_sparsity, prune
 from wanda.models import StructureOverride, find_decoder_layout
-from wanda.pruning import NO_TOKEN_RULE
+from wanda.pruning.prune import NO_TOKEN_RULE
 
 MOE_ARCHS = ["mixtral", "qwen2_moe", "gpt_oss"]
 EXPERTS, TOP_K, HIDDEN, INTER = 4, 2, 64, 32
@@ -343,7 +343,7 @@ def test_saved_moe_model_keeps_its_zeros(arch, tmp_path):
     assert model_sparsity(reloaded) == model_sparsity(model)
     assert set(model_sparsity(reloaded).values()) == {0.5}
     # the compact format stores each fused expert parameter as one bitmask-encoded tensor
-    from wanda.export.compressed import load_compressed
+    from wanda.models.compressed import load_compressed
 
     saved = save_model(model, None, tmp_path / "compact", "compressed")
     assert saved.compression.encodings["model.layers.0.mlp.experts.down_proj"] == "bitmask"

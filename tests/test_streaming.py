@@ -28,7 +28,7 @@ from wanda.export import save_model
 from wanda.models import load_model
 from wanda.models.checkpoint import INDEX_NAME
 from wanda.models.streaming import build_skeleton
-from wanda.streaming import open_pruned, prune_streamed, save_streamed, streamed_linear_sparsity
+from wanda.pruning.streamed import open_pruned, prune_streamed, save_streamed, streamed_linear_sparsity
 
 ENTRY = Path(__file__).with_name("streaming_entry.py")
 
@@ -279,7 +279,7 @@ def test_non_safetensors_folder_is_refused(tmp_path):
 
 @pytest.mark.parametrize("arch", ["opt", "llama"])  # OPT ties its LM head to the embeddings: an alias
 def test_streamed_compressed_save_equals_in_memory(tmp_path, arch):
-    from wanda.export.compressed import load_compressed_state_dict, same_bits
+    from wanda.models.compressed import load_compressed_state_dict, same_bits
 
     folder = save_tiny(tmp_path, arch)
     settings, ids = PruneSettings(prune_method="wanda", sparsity_type="2:4"), calib_ids()
@@ -300,7 +300,7 @@ def test_streamed_compressed_save_equals_in_memory(tmp_path, arch):
 
 def test_streaming_folder_follows_offload_and_format(tmp_path, monkeypatch):
     import wanda.engine.streaming as streaming
-    from wanda.streaming import streaming_folder
+    from wanda.pruning.streamed import streaming_folder
 
     folder = save_tiny(tmp_path, "llama")
     cpu = torch.device("cpu")

@@ -21,7 +21,7 @@ from conftest import SHARED_DATA, save_tiny
 
 pytest.importorskip("lm_eval")
 
-from wanda.config import PruneSettings  # noqa: E402
+from wanda.pruning.prune_settings import PruneSettings  # noqa: E402
 from wanda.errors import WandaError  # noqa: E402
 from wanda.eval.tasks import convert  # noqa: E402
 from wanda.eval.zeroshot import (  # noqa: E402
@@ -33,7 +33,7 @@ from wanda.eval.zeroshot import (  # noqa: E402
     local_task_names,
     run_zero_shot,
 )
-from wanda.pruning import model_sparsity, prune  # noqa: E402
+from wanda.pruning.prune import model_sparsity, prune  # noqa: E402
 
 ZEROSHOT = SHARED_DATA / "zeroshot"
 needs_shared = pytest.mark.skipif(not ZEROSHOT.is_dir(), reason=f"local task files not found at {ZEROSHOT}")

@@ -7,11 +7,11 @@ The Python API mirrors the command line::
     ppl = perplexity(model, eval_windows)
 """
 
-from .config import METHODS, PruneSettings, SparsityPattern
+from .pruning.prune_settings import METHODS, PruneSettings, SparsityPattern
 from .errors import WandaError
 from .eval import perplexity
 from .models import StructureOverride
-from .pruning import LayerReport, PruneReport, model_sparsity, prune
+from .pruning.prune import LayerReport, PruneReport, model_sparsity, prune
 
 __all__ = [
     "METHODS",

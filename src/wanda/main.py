@@ -1,4 +1,4 @@
-"""``python -m wanda.main``: the seed's entry point."""
+"""``python -m wanda.main``: the original code's entry point."""
 
 from .cli.main import main
 

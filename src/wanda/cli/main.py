@@ -1,6 +1,6 @@
 """Entry points: ``wanda``, ``wanda-opt`` and ``python -m wanda.main``.
 
-``wanda [flags]`` runs the seed's pruning job; ``wanda COMMAND ...`` another job. Every command is a row of
+``wanda [flags]`` runs the original code's pruning job; ``wanda COMMAND ...`` another job. Every command is a row of
 ``COMMANDS``: the settings dataclasses its parser is generated from, and the job that receives them.
 """
 
@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Union
 
-from ..distributed import SINGLE, init_ranks, launched
+from ..parallel.ranks import SINGLE, init_ranks, launched
 from ..errors import WandaError
 from .parsing import SettingsParser, guarded, setup_logging
 
@@ -29,7 +29,7 @@ class Command:
     job: str
     description: str
     #: True for the job that runs over several processes under torchrun / accelerate launch (its settings
-    #: include ``wanda.distributed.DistributedSettings``); the others refuse a launcher.
+    #: include ``wanda.parallel.ranks.DistributedSettings``); the others refuse a launcher.
     distributed: bool = False
 
     def parser(self, prog: str) -> SettingsParser:
@@ -123,6 +123,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> NoReturn:
 
 
 def main_opt() -> NoReturn:
-    """``wanda-opt``: the same tool (the architecture is detected), kept for the seed's OPT commands."""
+    """``wanda-opt``: the same tool (the architecture is detected), kept for the original code's OPT commands."""
     main(prog="wanda-opt")
 

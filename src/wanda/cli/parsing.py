@@ -1,6 +1,6 @@
 """Command-line parsers generated from settings dataclasses, and the boundary that turns errors into exit 2.
 
-Each flag is a field of a frozen settings dataclass (``wanda.settings.setting``): its name, type, default and
+Each flag is a field of a frozen settings dataclass (``wanda.utils.declare.setting``): its name, type, default and
 help are declared there once, and transformers' ``HfArgumentParser`` builds the parser from the fields.
 Parsing constructs the dataclasses, so their ``__post_init__`` validation runs before any work starts.
 """
@@ -16,7 +16,7 @@ from transformers import HfArgumentParser
 
 from ..errors import WandaError
 
-__all__ = ["SettingsParser", "parse", "guarded", "setup_logging"]
+__all__ = ["SettingsParser", "guarded", "setup_logging"]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -41,7 +41,7 @@ class SettingsParser(HfArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         # raised, not printed and exited, so that under torchrun a bad flag on one rank reaches every rank
-        # (wanda.distributed.Ranks.agreed); ``guarded`` prints it as one line with exit code 2
+        # (wanda.parallel.ranks.Ranks.agreed); ``guarded`` prints it as one line with exit code 2
         exc = WandaError(f"{message} (see {self.prog} --help)")
         exc.prog = self.prog
         raise exc
@@ -70,12 +70,6 @@ class SettingsParser(HfArgumentParser):
                                                                     for v in values):
                 flag = max(action.option_strings, key=len)
                 self.exit(2, f"{self.prog}: error: {flag} is an empty string; give a value or leave the flag out\n")
-
-
-def parse(classes: Sequence[type], argv: Sequence[str], prog: str, description: str, epilog: str | None = None
-          ) -> tuple:
-    """Parse ``argv`` into one instance of each settings class."""
-    return SettingsParser(classes, prog=prog, description=description, epilog=epilog).parse_settings(argv)
 
 
 def setup_logging(verbose: bool) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ..errors import WandaError
-from ..hub import hub_problem
+from ..utils.hub import hub_problem
 from .summaries import summaries_split
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import WandaError
-from ..resources import release_memory
+from ..utils.resources import release_memory
 from .sources import TextSource
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..devices import default_batch_size
+from ..utils.devices import default_batch_size
 from ..models import DecoderLayout, find_decoder_layout
 from .capture import BlockInputs, capture_block_inputs
 from .numerics import check_finite_outputs

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..models.streaming import StreamedModel
-from ..resources import trim_heap
-from ..settings import SettingsMixin, require, setting
+from ..utils.resources import trim_heap
+from ..utils.declare import SettingsMixin, require, setting
 from .activations import ActivationFile
 from .capture import BlockInputs
 from .resume import WorkFolder

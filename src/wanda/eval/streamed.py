@@ -17,7 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..distributed import SINGLE, Ranks
+from ..parallel.ranks import SINGLE, Ranks
 from ..engine import LayerwiseEngine
 from ..engine.streaming import StreamedBlocks
 from ..models.streaming import StreamedModel

@@ -30,9 +30,9 @@ from torch import nn
 
 from ..errors import WandaError
 from ..masks import zero_count
-from ..hub import hub_problem
-from ..io import atomic_write_json
-from ..settings import SettingsMixin, require, setting
+from ..utils.hub import hub_problem
+from ..utils.io import atomic_write_json
+from ..utils.declare import SettingsMixin, require, setting
 
 __all__ = [
     "SEED_TASKS",
@@ -50,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The seven tasks of the Wanda paper's zero-shot table (the seed's defaults).
+#: The seven tasks of the Wanda paper's zero-shot table (the original code's defaults).
 SEED_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 #: Local task configs shipped with wanda (package data), one ``<task>.yaml`` each.
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"

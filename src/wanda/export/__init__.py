@@ -3,7 +3,7 @@
 Pruning hands on dense weights with zeros; everything here is a separate step on such a model.
 """
 
-from .compressed import CompressionReport, is_compressed_folder, load_compressed, save_compressed
+from ..models.compressed import CompressionReport, is_compressed_folder, load_compressed, save_compressed
 from .save import SAVE_FORMATS, SavedModel, save_model
 from .semi_structured import (BACKENDS, SemiStructuredBackend, SparsifyReport, available_backends, backend_problem,
                               check_24, gpu_problem, sparsify_linears)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from .compressed import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, CompressionReport, _dtype_name, encode_tensor
+from ..models.compressed import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, CompressionReport, dtype_name, encode_tensor
 from .shards import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def save_compressed_streamed(model: nn.Module, names: list[str], read: Callable[
         if "::" in key:
             raise WandaError(f"cannot save parameter {key!r}: '::' is reserved by the compressed format")
         encoded = encode_tensor(read(key))
-        entries[key] = {"encoding": encoded.encoding, "shape": list(encoded.shape), "dtype": _dtype_name(encoded.dtype)}
+        entries[key] = {"encoding": encoded.encoding, "shape": list(encoded.shape), "dtype": dtype_name(encoded.dtype)}
         specs += [(f"{key}::{part}", tuple(data.shape), data.dtype) for part, data in encoded.parts.items()]
         report.encodings[key] = encoded.encoding
         report.tensor_bytes[key] = encoded.nbytes

@@ -10,14 +10,14 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import WandaError
-from ..io import atomic_directory
-from .compressed import CompressionReport, save_compressed
+from ..utils.io import atomic_directory
+from ..models.compressed import CompressionReport, save_compressed
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SAVE_FORMATS", "SavedModel", "save_model", "folder_bytes"]
 
-#: ``--save_format`` choices: ``dense`` is ``save_pretrained``; ``compressed`` is ``wanda.export.compressed``.
+#: ``--save_format`` choices: ``dense`` is ``save_pretrained``; ``compressed`` is ``wanda.models.compressed``.
 SAVE_FORMATS = ("dense", "compressed")
 
 

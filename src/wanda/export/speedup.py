@@ -1,6 +1,6 @@
 """Measuring what 2:4 sparsity buys at inference: dense versus semi-structured sparse, per layer and end to end.
 
-The seed's "Speedup Evaluation": each linear layer's matmul ``Y = X W^T`` with X (tokens, in_features), for
+The original code's "Speedup Evaluation": each linear layer's matmul ``Y = X W^T`` with X (tokens, in_features), for
 decode-sized (1-16 tokens) and prefill-sized (512-8192 tokens) inputs, and the whole model's forward latency.
 Layers with the same shape run the same kernels, so each distinct shape is timed once (on the first layer
 that has it) and labelled with every layer name that shares it. Before timing, the sparse model's outputs
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..settings import SettingsMixin, require, require_seed, setting
+from ..utils.declare import SettingsMixin, require, require_seed, setting
 from ..models import find_decoder_layout, find_linears
 from .semi_structured import Converter, SparsifyReport, check_24, relative_error, sparsify_linears
 from .timing import measure
@@ -165,8 +165,8 @@ def time_linears(linears: dict[str, nn.Linear], backend: Converter, settings: Sp
         for phase, counts in (("decode", settings.decode_tokens), ("prefill", settings.prefill_tokens)):
             for tokens in counts:
                 x = torch.randn(tokens, shape[1], generator=generator).to(weight.device, weight.dtype)
-                dense = measure(lambda: nn.functional.linear(x, weight), weight.device, settings.warmup, settings.iters)
-                fast = measure(lambda: nn.functional.linear(x, sparse), weight.device, settings.warmup, settings.iters)
+                dense = measure(lambda x=x: nn.functional.linear(x, weight), weight.device, settings.warmup, settings.iters)
+                fast = measure(lambda x=x, w=sparse: nn.functional.linear(x, w), weight.device, settings.warmup, settings.iters)
                 out.append(LayerTiming(tokens, dense.median_ms, fast.median_ms, label, shape, phase))
                 log.debug("%s %s x %d: dense %.4f ms, sparse %.4f ms", label, shape, tokens, dense.median_ms,
                           fast.median_ms)

@@ -1,6 +1,6 @@
 """Validated settings of fine-tuning: the LoRA adapter and the training run.
 
-The CLI only turns flags into these objects; the library reads nothing else. Defaults follow the seed's
+The CLI only turns flags into these objects; the library reads nothing else. Defaults follow the original code's
 ``lora_ft/finetune_lm.py`` (LoRA r=8, alpha=16, dropout 0.05, learning rate 1e-4, one epoch, block size
 1024, warm-up 5 steps, a loss log every 10 steps, a checkpoint every 50) except where noted.
 """
@@ -11,14 +11,14 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..settings import SettingsMixin, require, require_seed, setting
+from ..utils.declare import SettingsMixin, require, require_seed, setting
 
 __all__ = ["LoraSettings", "TrainSettings", "FINETUNE_MODES", "BLOCK_SIZE_CAP"]
 
 #: ``lora``: train a low-rank adapter on the frozen pruned weights; ``full``: train every weight, keeping the
 #: pruned ones exactly zero.
 FINETUNE_MODES = ("lora", "full")
-#: The seed capped the block size at 1024 tokens (``run_clm.py``'s default).
+#: The original code capped the block size at 1024 tokens (``run_clm.py``'s default).
 BLOCK_SIZE_CAP = 1024
 
 
@@ -32,7 +32,7 @@ class LoraSettings(SettingsMixin):
     lora_alpha: float = setting(16.0, "scale alpha; the update is alpha/r * BA")
     lora_dropout: float = setting(0.05, "dropout on the adapter input")
     lora_target_modules: str | None = setting(
-        None, "comma-separated module names, e.g. q_proj,v_proj (the seed's); default: every linear layer in the "
+        None, "comma-separated module names, e.g. q_proj,v_proj (the original code's); default: every linear layer in the "
         "decoder blocks (attention and MLP projections)")
     merge: str | None = setting(None, "also write the merged model, pruned weights kept at zero (default DIR: "
                                 "OUTPUT_DIR/merged)", nargs="?", const="", metavar="DIR")
@@ -60,25 +60,25 @@ class TrainSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "training (transformers.Trainer)"
 
     block_size: int | None = setting(None, "tokens per training sequence and evaluation window (default: "
-                                     f"min(context, {BLOCK_SIZE_CAP}), the seed's cap)")
+                                     f"min(context, {BLOCK_SIZE_CAP}), the original code's cap)")
     learning_rate: float = setting(1e-4, "peak learning rate")
     num_train_epochs: float = setting(1.0, "passes over the training blocks")
     max_steps: int = setting(-1, "optimizer steps; overrides --num_train_epochs if > 0")
     max_train_samples: int | None = setting(None, "use the first N training blocks (default: all)")
-    max_eval_samples: int | None = setting(None, "evaluate on at most N windows per set (default: all; the seed "
+    max_eval_samples: int | None = setting(None, "evaluate on at most N windows per set (default: all; the original code "
                                            "used 128)")
     per_device_train_batch_size: int = setting(1, "blocks per step per device")
     per_device_eval_batch_size: int = setting(8, "windows per forward pass")
-    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (the seed forced 128 / batch "
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (the original code forced 128 / batch "
                                                "size)")
-    warmup_steps: int = setting(5, "linear warm-up steps (the seed's)")
+    warmup_steps: int = setting(5, "linear warm-up steps (the original code's)")
     weight_decay: float = setting(0.0, "decoupled (AdamW) weight decay; pruned weights stay zero whatever it is")
     lr_scheduler_type: str = setting("linear", "a transformers scheduler name")
     optim: str = setting("adamw_torch", "a transformers optimizer name")
     max_grad_norm: float = setting(1.0, "gradient clipping norm, 0 = off")
     logging_steps: int = setting(10, "log the loss every N steps")
     save_steps: int = setting(50, "checkpoint every N steps")
-    save_total_limit: int = setting(3, "checkpoints kept (the seed kept 15; a full fine-tuning checkpoint holds the "
+    save_total_limit: int = setting(3, "checkpoints kept (the original code kept 15; a full fine-tuning checkpoint holds the "
                                     "optimizer state, three times the model)")
     seed: int = setting(0, "seed of initialisation and data order")
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")

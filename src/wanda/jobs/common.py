@@ -6,17 +6,22 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ..data import NAMED_SOURCES, evaluation_windows, resolve_source
-from ..devices import AUTO_BATCH, default_batch_size
-from ..distributed import SINGLE, Ranks
+from ..utils.devices import AUTO_BATCH, default_batch_size
+from ..parallel.ranks import SINGLE, Ranks
 from ..errors import WandaError
+from ..eval.perplexity import ranked_perplexity
 from ..models import check_seqlen, default_seqlen
-from ..settings import SettingsMixin, require, setting
+from ..utils.io import atomic_write_json, atomic_write_text
+from ..utils.declare import SettingsMixin, require, setting
+
+if TYPE_CHECKING:
+    from ..pruning.prune import PruneReport
 
 log = logging.getLogger("wanda")
 
@@ -38,7 +43,7 @@ class ResultsSettings(SettingsMixin):
 
     def claim(self, *names: str) -> None:
         """Refuse existing result files before any long work starts."""
-        from ..io import ensure_free
+        from ..utils.io import ensure_free
 
         if self.save:
             for name in names:
@@ -107,7 +112,7 @@ class EvalSettings(TextSettings):
 def evaluate(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int, label: str,
              ranks: Ranks = SINGLE) -> dict[str, float]:
     """Perplexity on each set; under a launcher the windows are divided over the ranks and the losses summed."""
-    return {name: ranks.perplexity(model, w, batch_size=batch_size, desc=f"{label} ppl {name}")
+    return {name: ranked_perplexity(ranks, model, w, batch_size=batch_size, desc=f"{label} ppl {name}")
             for name, w in windows.items()}
 
 
@@ -122,3 +127,14 @@ def print_perplexities(columns: dict[str, dict[str, float]], seqlen: int) -> Non
         print(f"| {name} | " + " | ".join(f"{columns[c][name]:.3f}" if name in columns[c] else "-"
                                          for c in columns) + " |")
     sys.stdout.flush()
+
+
+def write_results(results: ResultsSettings, method: str, report: PruneReport, dense: dict, pruned: dict,
+                   extra: dict) -> None:
+    save = Path(results.save)
+    names = list(pruned)
+    header = ["method", "actual_sparsity", "ppl_test"] + [f"ppl_{n}" for n in names[1:]]
+    row = [method, f"{report.actual_sparsity:.4f}"] + [f"{pruned[n]:.4f}" for n in names] + (["nan"] if not names else [])
+    atomic_write_text(save / f"log_{method}.txt", "\t".join(header) + "\n" + "\t".join(row) + "\n", results.overwrite)
+    payload = {"prune": report.to_dict(), "perplexity": {"dense": dense, "pruned": pruned}, **extra}
+    atomic_write_json(save / f"results_{method}.json", payload, results.overwrite)

@@ -1,6 +1,6 @@
 """``wanda eval``: perplexity and/or zero-shot accuracy of a saved model, without pruning it.
 
-With ``--adapter`` the model is evaluated with a LoRA adapter attached unmerged (the seed's
+With ``--adapter`` the model is evaluated with a LoRA adapter attached unmerged (the original code's
 ``lora_ft/evaluate_ppl.py``); ``wanda finetune eval`` is this job.
 """
 
@@ -13,11 +13,11 @@ from pathlib import Path
 
 from ..engine.streaming import OffloadSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, linear_zero_counts, run_zero_shot
-from ..io import atomic_write_json
+from ..utils.io import atomic_write_json
 from ..masks import overall_sparsity
 from ..models import ModelSettings
-from ..resources import peak_rss_mb
-from ..settings import SettingsMixin, require, setting
+from ..utils.resources import peak_rss_mb
+from ..utils.declare import SettingsMixin, require, setting
 from .common import EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
 
 log = logging.getLogger("wanda")
@@ -63,7 +63,7 @@ def run_eval_job(model_settings: ModelSettings, adapter: AdapterSettings, eval_s
     for spec in specs:  # a missing corpus fails before the model loads
         resolve_source(spec, "evaluation", eval_settings.text_field)
 
-    from ..streaming import placement, streaming_folder  # --offload: evaluated block by block from disk
+    from ..pruning.streamed import placement, streaming_folder  # --offload: evaluated block by block from disk
 
     streamable = adapter.adapter is None and not zero_shot.eval_zero_shot
     require(streamable or offload.offload != "disk", "--offload disk evaluates perplexity only: not with --adapter "

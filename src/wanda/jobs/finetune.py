@@ -23,10 +23,10 @@ import torch
 from ..data import resolve_source
 from ..errors import WandaError
 from ..finetune.config import BLOCK_SIZE_CAP, LoraSettings, TrainSettings
-from ..io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.io import atomic_directory, atomic_write_json, ensure_free
 from ..models import ModelSettings, default_seqlen
-from ..resources import peak_rss_mb
-from ..settings import SettingsMixin, setting
+from ..utils.resources import peak_rss_mb
+from ..utils.declare import SettingsMixin, setting
 from .common import SOURCE_HELP, LogSettings, TextSettings, print_perplexities
 
 log = logging.getLogger("wanda")

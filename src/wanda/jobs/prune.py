@@ -1,4 +1,4 @@
-"""The seed's main job: load, calibrate, prune, evaluate, save."""
+"""The original code's main job: load, calibrate, prune, evaluate, save."""
 
 from __future__ import annotations
 
@@ -6,22 +6,22 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 
-from ..config import PruneSettings
+from ..pruning.prune_settings import PruneSettings
 from ..engine.streaming import StreamSettings
 from ..data import calibration_windows, resolve_source
-from ..distributed import DistributedSettings, init_ranks
+from ..parallel.ranks import DistributedSettings, init_ranks
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
-from ..io import atomic_write_json, atomic_write_text, ensure_free
+from ..utils.io import ensure_free
 from ..models import ModelSettings
-from ..pruning import PruneReport, needs_calibration, prune
-from ..resources import run_peak_rss_mb
-from ..settings import SettingsMixin, require, require_seed, setting
-from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
+from ..pruning.prune import needs_calibration, prune
+from ..utils.resources import run_peak_rss_mb
+from ..utils.declare import SettingsMixin, require, require_seed, setting
+from .common import (SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities,
+                     write_results)
 
 log = logging.getLogger("wanda")
 
@@ -73,17 +73,6 @@ def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, eva
     return calib, evaluation
 
 
-def _write_results(results: ResultsSettings, method: str, report: PruneReport, dense: dict, pruned: dict,
-                   extra: dict) -> None:
-    save = Path(results.save)
-    names = list(pruned)
-    header = ["method", "actual_sparsity", "ppl_test"] + [f"ppl_{n}" for n in names[1:]]
-    row = [method, f"{report.actual_sparsity:.4f}"] + [f"{pruned[n]:.4f}" for n in names] + (["nan"] if not names else [])
-    atomic_write_text(save / f"log_{method}.txt", "\t".join(header) + "\n" + "\t".join(row) + "\n", results.overwrite)
-    payload = {"prune": report.to_dict(), "perplexity": {"dense": dense, "pruned": pruned}, **extra}
-    atomic_write_json(save / f"results_{method}.json", payload, results.overwrite)
-
-
 def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_settings: CalibrationSettings,
                   eval_settings: EvalSettings, outputs: PruneOutputSettings, results: ResultsSettings,
                   zero_shot: ZeroShotSettings, stream: StreamSettings, dist_settings: DistributedSettings,
@@ -104,7 +93,7 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
     start = time.perf_counter()
     torch.manual_seed(calib_settings.seed)
 
-    from ..streaming import placement, streaming_folder  # --offload: the model streamed from disk block by block
+    from ..pruning.streamed import placement, streaming_folder  # --offload: the model streamed from disk block by block
 
     with ranks.agreed("choosing whether to stream the model"):
         folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), stream)
@@ -162,7 +151,7 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
     print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
     sys.stdout.flush()
     if results.save:
-        _write_results(results, method, report, dense, pruned, extra)
+        write_results(results, method, report, dense, pruned, extra)
         log.info("results written to %s", results.save)
     if outputs.save_model:
         from ..export import save_model

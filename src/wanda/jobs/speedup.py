@@ -21,9 +21,9 @@ from ..errors import WandaError
 from ..export.semi_structured import BACKENDS, MIN_CAPABILITY, SemiStructuredBackend, available_backends, backend_problem
 from ..export.semi_structured import gpu_problem
 from ..export.speedup import SpeedupSettings, format_tables, run_speedup
-from ..io import atomic_write_json, ensure_free
+from ..utils.io import atomic_write_json, ensure_free
 from ..models.loading import TrustSettings
-from ..settings import setting
+from ..utils.declare import setting
 from .common import LogSettings
 
 log = logging.getLogger("wanda")

@@ -1,4 +1,4 @@
-"""The pruning and evaluation jobs when the model is streamed from disk (``--offload``, ``wanda.streaming``).
+"""The pruning and evaluation jobs when the model is streamed from disk (``--offload``, ``wanda.pruning.streamed``).
 
 ``wanda`` and ``wanda eval`` call these instead of loading the model when ``streaming_folder`` says so: the
 checkpoint is a safetensors folder and either ``--offload disk`` or it would not fit in memory. Same flags, same
@@ -15,19 +15,19 @@ from types import SimpleNamespace
 
 import torch
 
-from ..config import PruneSettings
-from ..distributed import SINGLE, Ranks
+from ..pruning.prune_settings import PruneSettings
+from ..parallel.ranks import SINGLE, Ranks
 from ..data import calibration_windows, resolve_source
 from ..engine.streaming import OffloadSettings, StreamSettings
 from ..errors import WandaError
 from ..eval.streamed import streamed_perplexity
-from ..io import atomic_write_json
+from ..utils.io import atomic_write_json
 from ..models import default_seqlen
 from ..models.streaming import build_skeleton
-from ..pruning import needs_calibration
-from ..resources import peak_rss_mb, run_peak_rss_mb
-from ..streaming import open_pruned, prune_streamed, streamed_linear_sparsity
-from .common import EvalSettings, print_perplexities
+from ..pruning.prune import needs_calibration
+from ..utils.resources import peak_rss_mb, run_peak_rss_mb
+from ..pruning.streamed import open_pruned, prune_streamed, streamed_linear_sparsity
+from .common import EvalSettings, print_perplexities, write_results
 
 log = logging.getLogger("wanda")
 
@@ -61,8 +61,6 @@ def streamed_prune_job(folder: Path, device: torch.device, dtype: torch.dtype, m
     """``wanda`` with the model streamed: calibrate, prune block by block (resumable), save, evaluate. Under
     torchrun every rank streams every block with its share of the windows; the main rank alone prints and
     writes."""
-    from .prune import _write_results
-
     start = time.perf_counter()
     method = settings.prune_method
     with ranks.agreed("loading the tokenizer and the data"):
@@ -97,7 +95,7 @@ def streamed_prune_job(folder: Path, device: torch.device, dtype: torch.dtype, m
     print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
     sys.stdout.flush()
     if results.save:
-        _write_results(results, method, report, dense, pruned, extra)
+        write_results(results, method, report, dense, pruned, extra)
         log.info("results written to %s", results.save)
     return 0
 

@@ -1,6 +1,6 @@
 """``wanda vision``: prune an image classifier (ConvNeXt, DeiT, ViT) and report top-1 / top-5 before and after.
 
-The seed's ``image_classifiers/main.py`` flags, plus N:M patterns, a choice of library, and atomic outputs.
+The original code's ``image_classifiers/main.py`` flags, plus N:M patterns, a choice of library, and atomic outputs.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from typing import ClassVar
 
 import torch
 
-from ..devices import resolve_device
+from ..utils.devices import resolve_device
 from ..errors import WandaError
-from ..io import atomic_directory, atomic_write_json, ensure_free
-from ..resources import peak_rss_mb
-from ..settings import SettingsMixin, require, setting
+from ..utils.io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.resources import peak_rss_mb
+from ..utils.declare import SettingsMixin, require, setting
 from ..vision import METRICS, ImageFolder, VisionPruneSettings, calibration_batches, load_classifier, prune_classifier
 from ..vision import topk_accuracy
 from ..vision.data import Preprocess, loader

@@ -17,7 +17,7 @@ from .ria import ria_scores
 from .scores import magnitude_scores, wanda_scores
 
 if TYPE_CHECKING:
-    from ..config import PruneSettings
+    from ..pruning.prune_settings import PruneSettings
 
 
 @dataclass

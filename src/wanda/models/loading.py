@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..devices import resolve_device, resolve_dtype
+from ..utils.devices import resolve_device, resolve_dtype
 from ..errors import WandaError
-from ..resources import release_memory
-from ..settings import SettingsMixin, setting
+from ..utils.resources import release_memory
+from ..utils.declare import SettingsMixin, setting
 from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
 from .checks import check_finite_weights, check_model_folder, check_remote_code
 
@@ -144,7 +144,7 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
         kwargs["cache_dir"] = tok_kwargs["cache_dir"] = cache_dir
     try:
         if compressed:
-            from ..export.compressed import load_compressed
+            from .compressed import load_compressed
 
             model, tokenizer = load_compressed(location, dtype=torch_dtype, device=target)
         else:

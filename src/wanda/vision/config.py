@@ -1,8 +1,8 @@
-"""Validated settings of image-classifier pruning (the seed's ``image_classifiers`` flags).
+"""Validated settings of image-classifier pruning (the original code's ``image_classifiers`` flags).
 
-The seed prunes with ``--prune_metric`` (magnitude or wanda) compared within ``--prune_granularity``
+The original code prunes with ``--prune_metric`` (magnitude or wanda) compared within ``--prune_granularity``
 (``layer``: one threshold per matrix; ``row``: the same fraction of every output row). N:M patterns, which the
-seed lacked, compare within groups of M consecutive inputs whatever the granularity.
+the original code lacked, compare within groups of M consecutive inputs whatever the granularity.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..masks.pattern import PatternField
-from ..settings import SettingsMixin, require, require_seed, setting
+from ..utils.declare import SettingsMixin, require, require_seed, setting
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
 
@@ -26,7 +26,7 @@ class VisionPruneSettings(PatternField, SettingsMixin):
     """What to prune and how. ``sparsity=None`` means N/M for N:M patterns and 0.5 for unstructured; after
     construction it holds the resolved ratio."""
 
-    _argument_group_name: ClassVar[str] = "pruning (the seed's flags)"
+    _argument_group_name: ClassVar[str] = "pruning (the original code's flags)"
 
     prune_metric: str = setting("wanda", "score of a weight", choices=VISION_METRICS)
     prune_granularity: str = setting("row", "layer (one threshold per matrix) or row (the same fraction of every "
@@ -35,7 +35,7 @@ class VisionPruneSettings(PatternField, SettingsMixin):
                                      "N:M, which it must equal)")
     sparsity_type: str = setting("unstructured", "'unstructured' or N:M such as 2:4, 4:8 (compared within groups of "
                                  "M consecutive inputs whatever the granularity)")
-    #: The seed's default is 4096; its paper reports that a few hundred already suffice for Wanda.
+    #: The original code's default is 4096; its paper reports that a few hundred already suffice for Wanda.
     nsamples: int = setting(4096, "calibration images from train/")
     batch_size: int = setting(64, "images per forward pass, for calibration and evaluation alike")
     seed: int = setting(0, "seed of the calibration sampling")

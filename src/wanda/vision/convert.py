@@ -1,6 +1,6 @@
-"""Reading the seed's checkpoints into transformers models, so that they load without timm.
+"""Reading the original code's checkpoints into transformers models, so that they load without timm.
 
-The seed downloads the official ConvNeXt weights (``downsample_layers.*``, ``stages.i.j.*``) and timm-format
+The original code downloads the official ConvNeXt weights (``downsample_layers.*``, ``stages.i.j.*``) and timm-format
 ViT / DeiT weights (``blocks.i.attn.qkv``, ...). These functions rename their keys to transformers' and split
 the fused qkv projection; nothing else changes (both formats store nn.Linear weights as (out, in)). Newer
 timm ConvNeXt keys (``stem.*``, ``stages.i.blocks.j.*``) are read too.

@@ -45,7 +45,7 @@ class Preprocess:
 
     @classmethod
     def center_crop_pct(cls, size: int, crop_pct: float, **kwargs) -> "Preprocess":
-        """timm's and the seed's evaluation transform: shorter side to floor(size / crop_pct), crop size x size."""
+        """timm's and the original code's evaluation transform: shorter side to floor(size / crop_pct), crop size x size."""
         return cls(math.floor(size / crop_pct), (size, size), **kwargs)
 
     @classmethod
@@ -155,7 +155,7 @@ def loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int) -> 
 
 def calibration_batches(dataset: ImageFolder, nsamples: int, batch_size: int, seed: int, workers: int = 0):
     """Batches of images only, ``nsamples`` drawn without replacement with a seeded generator (all images
-    when the set is smaller; the seed drew with replacement, so it could repeat an image)."""
+    when the set is smaller; the original code drew with replacement, so it could repeat an image)."""
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(dataset), generator=generator)[: min(nsamples, len(dataset))].tolist()
     subset = torch.utils.data.Subset(dataset, chosen)

@@ -1,10 +1,10 @@
 """Image classifiers by name: ConvNeXt, DeiT and ViT from ``transformers`` (always) or ``timm`` (optional).
 
-``--model`` takes the seed's timm names (``convnext_base``, ``deit_base_patch16_224``,
+``--model`` takes the original code's timm names (``convnext_base``, ``deit_base_patch16_224``,
 ``vit_large_patch16_224`` and the other sizes of the same families). With timm importable (it needs
-torchvision) the name goes to ``timm.create_model``, the seed's choice. Otherwise the name picks a
+torchvision) the name goes to ``timm.create_model``, the original code's choice. Otherwise the name picks a
 ``transformers`` architecture and config from the registry below, whose weights come from ``--resume`` (a
-state dict in transformers' keys, or one of the seed's official ConvNeXt / timm ViT and DeiT checkpoints, which
+state dict in transformers' keys, or one of the original code's official ConvNeXt / timm ViT and DeiT checkpoints, which
 ``convert`` renames) or from the matching hub checkpoint.
 ``--resume`` may also be a ``from_pretrained`` folder of any transformers image classifier; then ``--model`` is
 only a label.
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("auto", "transformers", "timm")
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
-# Each evaluation transform as published with the weights the hub id names (the seed's checkpoints use the
+# Each evaluation transform as published with the weights the hub id names (the original code's checkpoints use the
 # same numbers: 224 / 0.875 = 256 then a 224 crop, bicubic).
 _CONVNEXT_PRE = dict(crop_pct=0.875, interpolation="bicubic")
 _DEIT_PRE = dict(crop_pct=0.875, interpolation="bicubic")
@@ -115,7 +115,7 @@ def timm_available() -> bool:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch file; unwraps the seed's ``{"model": ...}`` and DDP's
+    """A state dict from .safetensors or a torch file; unwraps the original code's ``{"model": ...}`` and DDP's
     ``module.`` prefix."""
     path = Path(path)
     if not path.is_file():
@@ -168,7 +168,7 @@ class LoadedClassifier:
             self.model.save_pretrained(folder)
             processor = self.processor_config or self.preprocess.to_image_processor()
             (folder / PREPROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
-        else:  # the seed's checkpoint format, which ``--resume`` reads back
+        else:  # the original code's checkpoint format, which ``--resume`` reads back
             torch.save({"model": self.model.state_dict(), "model_name": self.name}, folder / "checkpoint.pth")
         (folder / "wanda_vision.json").write_text(json.dumps(extra, indent=2, default=str) + "\n")
 

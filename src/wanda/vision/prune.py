@@ -1,7 +1,7 @@
 """Pruning an image classifier in one shot, as the paper's ``image_classifiers`` does.
 
 One calibration pass through the dense model records every pruned layer's input statistics at once (the
-seed ran its blocks in turn but fed each the *dense* output of the one before, which is the same thing);
+the original code ran its blocks in turn but fed each the *dense* output of the one before, which is the same thing);
 then every layer is pruned from those statistics, with no layer-wise re-run. The scores and the mask
 selection are the language models' own (``wanda.methods.scores``, ``wanda.masks``); only the loop is here.
 """
@@ -73,7 +73,7 @@ class VisionPruneReport:
 
     @property
     def actual_sparsity(self) -> float:
-        """Zeros over all pruned matrices, weighted by their size (the seed's ``check_sparsity``, head excluded)."""
+        """Zeros over all pruned matrices, weighted by their size (the original code's ``check_sparsity``, head excluded)."""
         return overall_sparsity((l.shape, l.sparsity) for l in self.layers)
 
     def to_dict(self) -> dict:

@@ -213,7 +213,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.detach().cpu().contiguous().view(view), b.detach().cpu().contiguous().view(view))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
@@ -261,7 +261,7 @@ def save_compressed(model: nn.Module, folder: str | Path, tokenizer=None) -> Com
         if "::" in key:
             raise WandaError(f"cannot save parameter {key!r}: '::' is reserved by the compressed format")
         encoded = encode_tensor(tensor)
-        entries[key] = {"encoding": encoded.encoding, "shape": list(encoded.shape), "dtype": _dtype_name(encoded.dtype)}
+        entries[key] = {"encoding": encoded.encoding, "shape": list(encoded.shape), "dtype": dtype_name(encoded.dtype)}
         for part, data in encoded.parts.items():
             payload[f"{key}::{part}"] = data
         report.encodings[key] = encoded.encoding
@@ -289,7 +289,7 @@ def _read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST_NAME
     if not path.is_file():
         raise WandaError(f"{folder} is not a compressed checkpoint: {MANIFEST_NAME} is missing")
-    from ..models.checks import read_json
+    from .checks import read_json
 
     manifest = read_json(path)
     if manifest.get("format") != FORMAT_NAME:
@@ -306,7 +306,7 @@ def load_compressed_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tens
 
     folder = Path(folder)
     manifest = _read_manifest(folder)
-    from ..models.checks import check_safetensors, inside
+    from .checks import check_safetensors, inside
 
     weights = inside(folder, str(manifest.get("weights", WEIGHTS_NAME)), str(folder / MANIFEST_NAME))
     if not weights.is_file():

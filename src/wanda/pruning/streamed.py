@@ -1,6 +1,6 @@
 """Pruning a model that stays on disk: the job around the streamed walk.
 
-``prune_streamed`` builds the skeleton (``wanda.models.streaming``), runs ``wanda.pruning.prune`` over
+``prune_streamed`` builds the skeleton (``wanda.models.streaming``), runs ``wanda.pruning.prune.prune`` over
 ``StreamedBlocks`` (so the walk and the per-block pruning are the in-memory path's), keeps its progress in a
 work folder so that a killed run resumes, and writes the pruned model as safetensors shards tensor by tensor
 (``wanda.export.shards``). ``open_pruned`` gives the result as a streamed model for evaluation block by block.
@@ -16,20 +16,20 @@ from pathlib import Path
 
 import torch
 
-from .config import PruneSettings
-from .devices import default_batch_size
-from .distributed import SINGLE, Ranks
-from .engine.resume import WorkFolder, agree_resume_point, tensor_digest
-from .engine.streaming import OffloadSettings, StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
-from .errors import WandaError
-from .export.compressed_stream import save_compressed_streamed
-from .export.save import SAVE_FORMATS, SavedModel, folder_bytes
-from .export.shards import DEFAULT_SHARD_SIZE, write_shards
-from .io import atomic_directory, ensure_free
-from .methods import statistics_for
-from .models.checkpoint import Checkpoint, file_entries, is_streamable
-from .models.streaming import StreamedModel, build_skeleton
-from .pruning import LayerReport, PruneReport, needs_calibration, prune
+from .prune_settings import PruneSettings
+from ..utils.devices import default_batch_size
+from ..parallel.ranks import SINGLE, Ranks
+from ..engine.resume import WorkFolder, agree_resume_point, tensor_digest
+from ..engine.streaming import OffloadSettings, StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
+from ..errors import WandaError
+from ..export.compressed_stream import save_compressed_streamed
+from ..export.save import SAVE_FORMATS, SavedModel, folder_bytes
+from ..export.shards import DEFAULT_SHARD_SIZE, write_shards
+from ..utils.io import atomic_directory, ensure_free
+from ..methods import statistics_for
+from ..models.checkpoint import Checkpoint, file_entries, is_streamable
+from ..models.streaming import StreamedModel, build_skeleton
+from .prune import LayerReport, PruneReport, needs_calibration, prune
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken
 
 def placement(model) -> tuple[torch.device, torch.dtype]:
     """The compute device (``cuda:N`` as given) and dtype that ``ModelSettings``' ``--device``/``--dtype`` name."""
-    from .devices import resolve_device, resolve_dtype
+    from ..utils.devices import resolve_device, resolve_dtype
 
     device = resolve_device(model.device)
     return device, resolve_dtype(model.dtype, device)
@@ -50,7 +50,7 @@ def placement(model) -> tuple[torch.device, torch.dtype]:
 
 def _checkpoint_folder(name: str | None, cache_dir: str | None) -> Path | None:
     """The local folder holding ``name``'s weights (the bundled model, a folder, a hub snapshot), else None."""
-    from .models.bundled import BUNDLED_NAME, bundled_model_dir
+    from ..models.bundled import BUNDLED_NAME, bundled_model_dir
 
     if name in (None, BUNDLED_NAME):
         return bundled_model_dir()
@@ -295,8 +295,8 @@ def open_pruned(run: StreamedRun, device: torch.device | str = "cpu") -> Streame
 def streamed_linear_sparsity(streamed: StreamedModel) -> float:
     """Exact zeros over every linear layer in the blocks, reading one block at a time (``wanda eval``'s figure
     for a model that is not loaded)."""
-    from .masks.checks import zero_count
-    from .models import find_linears
+    from ..masks.checks import zero_count
+    from ..models import find_linears
 
     zeros = total = 0
     for index in range(len(streamed.layout.blocks)):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .masks.pattern import PatternField, SparsityPattern
-from .methods.dsnot import DEFAULT_MAX_CYCLES, DEFAULT_THRESHOLD, DEFAULT_VAR_POWER
-from .methods.owl import DEFAULT_LAMBDA, DEFAULT_M
-from .methods.registry import DSNOT_BASES, METHOD_SPECS
-from .methods.ria import DEFAULT_A
+from ..masks.pattern import PatternField, SparsityPattern
+from ..methods.dsnot import DEFAULT_MAX_CYCLES, DEFAULT_THRESHOLD, DEFAULT_VAR_POWER
+from ..methods.owl import DEFAULT_LAMBDA, DEFAULT_M
+from ..methods.registry import DSNOT_BASES, METHOD_SPECS
+from ..methods.ria import DEFAULT_A
 from .profiles import PROFILES
-from .settings import SettingsMixin, require, setting
+from ..utils.declare import SettingsMixin, require, setting
 
 __all__ = ["SparsityPattern", "PruneSettings", "METHODS"]
 
@@ -36,7 +36,7 @@ class PruneSettings(PatternField, SettingsMixin):
     percdamp: float = setting(0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT's 1%%)")
     #: Relative tolerance of the Wanda variant's bisection on the achieved sparsity.
     variant_tolerance: float = setting(1e-3, "relative tolerance of the variant's bisection on the sparsity")
-    #: How the ratio is spread over the layers (``wanda.profiles``): the same everywhere, or OWL's per block.
+    #: How the ratio is spread over the layers (``wanda.pruning.profiles``): the same everywhere, or OWL's per block.
     sparsity_profile: str = setting("uniform", "per-layer sparsity: 'uniform' (every layer at --sparsity_ratio) "
                                     "or 'owl' (OWL: blocks with more activation outliers pruned less, "
                                     "averaging --sparsity_ratio; unstructured only)", choices=tuple(PROFILES))

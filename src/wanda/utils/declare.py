@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import MISSING, Field, asdict
 from typing import Any
 
-from .errors import WandaError
+from ..errors import WandaError
 
 __all__ = ["setting", "SettingsMixin", "require", "require_seed", "MAX_SEED"]
 

@@ -2,7 +2,7 @@
 ``accelerate launch`` (both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``).
 
 Without a launcher ``init_ranks`` returns ``SINGLE``, whose methods do nothing, and the job is unchanged.
-Under one, the block walk calls these hooks (``wanda.pruning.prune`` shows where):
+Under one, the block walk calls these hooks (``wanda.pruning.prune.prune`` shows where):
 
 - ``local_windows``: each rank takes a contiguous share of the single-process run's calibration *batches*, so
   every forward pass sees exactly the tensors it would see in one process, and produces the next block's inputs
@@ -17,9 +17,10 @@ Under one, the block walk calls these hooks (``wanda.pruning.prune`` shows where
   the ranks then exchange what went wrong and all raise the same ``WandaError`` (exit code 2 in the CLI), so no
   rank is left waiting at a collective. A rank that dies breaks the others' next collective (gloo: at once;
   NCCL: after ``--dist_timeout``), which ends them with one message naming the step;
-- ``perplexity``: evaluation windows divided over the ranks, losses summed.
+- ``eval_share`` / ``sum_nll``: evaluation windows divided over the ranks, losses summed
+  (``wanda.eval.perplexity.ranked_perplexity``).
 
-A streamed run (``--offload``, ``wanda.streaming.prune_streamed``) goes through the same hooks: every rank
+A streamed run (``--offload``, ``wanda.pruning.streamed.prune_streamed``) goes through the same hooks: every rank
 streams each block and walks its own windows through it; one rank per machine (``node_writer``) saves the
 pruned blocks, each rank its own hidden states, and the ranks agree where a restart resumes.
 """
@@ -38,12 +39,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import WandaError
-from .settings import SettingsMixin, require, setting
+from ..errors import WandaError
+from ..utils.declare import SettingsMixin, require, setting
 
 if TYPE_CHECKING:
-    from .methods import MethodSpec
-    from .stats import InputStatistic
+    from ..methods import MethodSpec
+    from ..stats import InputStatistic
 
 __all__ = ["DistributedSettings", "Ranks", "SINGLE", "init_ranks", "launched", "window_share", "deal_layers"]
 
@@ -273,29 +274,7 @@ class Ranks:
             message = f"{message} (on rank {rank} of {self.world_size})"
         raise WandaError(message) from failure
 
-    def broadcast_object(self, obj: Any, step: str, src: int = 0) -> Any:
-        """``src``'s ``obj`` on every rank: for what one rank decides for all (e.g. where a resumed run
-        continues, read from the main rank's work folder)."""
-        if not self.distributed:
-            return obj
-        box = [obj if self.rank == src else None]
-        with self._collective(step):
-            dist.broadcast_object_list(box, src=src, group=self.group)
-        return box[0]
-
     # ---- evaluation ---------------------------------------------------------------------------------------
-
-    def perplexity(self, model: nn.Module, windows: torch.Tensor, batch_size: int = 1, **kwargs: Any) -> float:
-        """``wanda.eval.perplexity`` with the windows divided over the ranks (whole batches, as for calibration)
-        and the losses summed in fp64: equal to the single-process value up to the order of that sum."""
-        from .eval.perplexity import negative_log_likelihood, perplexity, nll_to_perplexity
-
-        if not self.distributed:
-            return perplexity(model, windows, batch_size=batch_size, **kwargs)
-        share = self.eval_share(windows, batch_size)
-        nll, tokens = negative_log_likelihood(model, share, batch_size=batch_size,
-                                              **{"progress": self.is_main, **kwargs})
-        return nll_to_perplexity(*self.sum_nll(nll, tokens))
 
     def eval_share(self, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
         """This rank's evaluation windows: whole batches, as for calibration; possibly none."""

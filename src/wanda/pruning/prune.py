@@ -16,18 +16,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .config import PruneSettings
-from .distributed import SINGLE, Ranks
-from .engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
-from .errors import WandaError
-from .masks import overall_sparsity, zero_fraction
-from .methods import MethodSpec, get_method, prune_layer, statistics_for
-from .models import (BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, check_seqlen,
+from .prune_settings import PruneSettings
+from ..parallel.ranks import SINGLE, Ranks
+from ..engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
+from ..errors import WandaError
+from ..masks import overall_sparsity, zero_fraction
+from ..methods import MethodSpec, get_method, prune_layer, statistics_for
+from ..models import (BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, check_seqlen,
                      find_decoder_layout)
-from .models.matrices import UNOBSERVED
+from ..models.matrices import UNOBSERVED
 from .profiles import PROFILES, layer_ratios
-from .resources import peak_rss_mb, release_memory, reset_peak_rss
-from .stats import InputRecorder, statistic_factory
+from ..utils.resources import peak_rss_mb, release_memory, reset_peak_rss
+from ..stats import InputRecorder, statistic_factory
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ NO_TOKEN_RULE = "no calibration token: the method with a neutral statistic (magn
 
 @dataclass
 class PruneReport:
-    """What ``prune`` did. ``prune_seconds`` is the seed's pruning speed: mask-and-update time summed over
+    """What ``prune`` did. ``prune_seconds`` is the original code's pruning speed: mask-and-update time summed over
     layers, without the forward passes; ``wall_seconds`` includes everything."""
 
     settings: dict
@@ -181,7 +181,7 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     ``batch_size``: calibration windows per forward pass (default: 2 on a CPU, 8 on a GPU).
     ``source``: where the engine gets the blocks (default: ``model``'s own; ``wanda.engine.streaming`` streams
     them from disk and saves each pruned block).
-    ``ranks``: under torchrun, ``wanda.distributed.init_ranks()``: every rank passes the same
+    ``ranks``: under torchrun, ``wanda.parallel.ranks.init_ranks()``: every rank passes the same
     ``calibration_ids``, runs its share of them and ends with the same pruned weights.
     ``structure``: which module list holds the blocks and which matrices to prune, for a model the generic
     discovery gets wrong.

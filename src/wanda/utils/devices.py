@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import WandaError
+from ..errors import WandaError
 
 __all__ = ["AUTO_BATCH", "resolve_device", "resolve_dtype", "default_batch_size"]
 

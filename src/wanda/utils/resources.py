@@ -37,16 +37,6 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def current_rss_mb() -> float:
-    try:
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def release_memory() -> None:
     """Return freed heap memory to the system (glibc keeps large freed blocks, e.g. of tokenised corpora or
     calibration activations, counted in the resident size until the process ends)."""

@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from .distributed import SINGLE, Ranks
-from .engine import BlockInputs, LayerwiseEngine
-from .methods.owl import outlier_ratio, owl_ratios
-from .methods.scores import wanda_scores
-from .models import DecoderLayout
-from .stats import InputRecorder, SquaredNorm
+from ..parallel.ranks import SINGLE, Ranks
+from ..engine import BlockInputs, LayerwiseEngine
+from ..methods.owl import outlier_ratio, owl_ratios
+from ..methods.scores import wanda_scores
+from ..models import DecoderLayout
+from ..stats import InputRecorder, SquaredNorm
 
 if TYPE_CHECKING:
-    from .config import PruneSettings
+    from .prune_settings import PruneSettings
 
 __all__ = ["PROFILES", "Profile", "layer_ratios", "owl_outlier_ratios"]
 

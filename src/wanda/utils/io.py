@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import WandaError
+from ..errors import WandaError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Several processes through ``torch.distributed``: the ranks and the collectives the block walk calls."""

@@ -1,0 +1,1 @@
+"""What every layer uses: devices, atomic file outputs, memory accounting, hub access, settings declaration."""
