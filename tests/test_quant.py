@@ -232,7 +232,8 @@ class _Stop(Exception):
                     reason="bundled SmolLM2 model or offline corpus not installed: real-layer check not run")
 def test_gptq_beats_round_to_nearest_on_every_linear_layer_of_smollm2_block_0():
     """The real inputs of SmolLM2-135M's first block (4 windows of 128 tokens), a Wanda mask (|W| ||x||, half
-    of every row), 4-bit groups of 128: GPTQ's error on those inputs is at most round-to-nearest's."""
+    of every row), 4-bit groups of 128: GPTQ's error on those inputs is well below round-to-nearest's (measured
+    0.26 to 0.69 of it; 0.9 is asserted)."""
     from wanda.data import calibration_windows, resolve_source
     from wanda.models import load_model
 
@@ -267,4 +268,4 @@ def test_gptq_beats_round_to_nearest_on_every_linear_layer_of_smollm2_block_0():
         assert (gptq[mask] == 0).all()
         err_gptq = (X @ (target - gptq).T).norm()
         err_rtn = (X @ (target - rtn_quantize(W, grid, mask)).T).norm()
-        assert err_gptq <= err_rtn * (1 + 1e-4), f"{name}: GPTQ {err_gptq:.4g} > round-to-nearest {err_rtn:.4g}"
+        assert err_gptq <= 0.9 * err_rtn, f"{name}: GPTQ {err_gptq:.4g} > round-to-nearest {err_rtn:.4g}"
