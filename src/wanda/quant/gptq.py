@@ -45,16 +45,18 @@ def gptq_quantize(
     lazy: int = LAZY_COLUMNS,
     return_params: bool = False,
 ):
-    """Return (quantized weight in float32, or float64 for a float64 weight, OBS-predicted loss sum); with ``return_params`` also the list of
-    ``GroupParams`` of the groups in column order (each of shape (rows, 1); group k covers the columns
+    """Return (quantized weight in float32, or float64 for a float64 weight, OBS-predicted loss sum); with
+    ``return_params`` also the list of ``GroupParams`` of the groups in column order (each of shape (rows, 1); group k covers the columns
     [k g, (k + 1) g) with g = ``grid.group_width(cols)``), which is what an exporter needs to write codes.
 
     ``hessian``: H = 2/n X^T X of the layer's inputs (cols x cols), or None when ``factor`` =
     ``inverse_hessian_factor(H, percdamp)`` is passed (as ``obs_prune`` takes it, for layers sharing an input).
     ``mask``: bool, the weight's shape, True where pruned. ``blocksize`` and ``lazy`` only batch the updates.
     """
-    _rows, cols = weight.shape
+    cols = weight.shape[1]
     grid.check(cols)
+    if hessian is None and factor is None:
+        raise WandaError("GPTQ needs the layer's Hessian or its inverse factor")
     if blocksize < 1 or lazy < 1:
         raise WandaError(f"GPTQ blocksize and lazy batch must be at least 1, got {blocksize} and {lazy}")
     if mask is not None and mask.shape != weight.shape:
