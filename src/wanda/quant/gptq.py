@@ -46,8 +46,9 @@ def gptq_quantize(
     return_params: bool = False,
 ):
     """Return (quantized weight in float32, or float64 for a float64 weight, OBS-predicted loss sum); with
-    ``return_params`` also the list of ``GroupParams`` of the groups in column order (each of shape (rows, 1); group k covers the columns
-    [k g, (k + 1) g) with g = ``grid.group_width(cols)``), which is what an exporter needs to write codes.
+    ``return_params`` also the list of ``GroupParams`` of the groups in column order (each of shape (rows, 1);
+    group k covers the columns [k g, (k + 1) g) with g = ``grid.group_width(cols)``), which is what an exporter
+    needs to write codes (``grid.encode(weight[:, k g : (k + 1) g], params[k])``).
 
     ``hessian``: H = 2/n X^T X of the layer's inputs (cols x cols), or None when ``factor`` =
     ``inverse_hessian_factor(H, percdamp)`` is passed (as ``obs_prune`` takes it, for layers sharing an input).
