@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..settings import SettingsMixin, require, setting
+from ..utils.declare import SettingsMixin, require, setting
 from .grid import BITS, QuantGrid
 
 __all__ = ["QuantSettings"]
