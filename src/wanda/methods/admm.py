@@ -13,13 +13,17 @@ of ``dampened_cholesky`` (dead inputs set to 1, percdamp of the mean diagonal ad
       W <- (W0 H + rho (Z - U)) (H + rho I)^-1,   Z <- (W + U) zeroed at the mask,   U <- U + W - Z,
   one Cholesky factorisation of H + rho I for every iteration. The mask is re-chosen from the Wanda score of
   W + U during the first ``admm_ramp_iterations`` iterations, the sparsity rising along the cubic schedule
-  s_k = s (1 - (1 - k / K)^3), k = 1..K, and is fixed after it.
+  s_k = s (1 - (1 - k / K)^3), k = 1..K (K = 15 of 20 iterations, rho = 1 on the unit-diagonal Gram, as
+  the paper), and is fixed after it.
 - ALPS (Meng et al., "ALPS: Improved Optimization for Highly Sparse One-Shot Pruning for Large Language
   Models", NeurIPS 2024): ADMM on the l0-constrained problem with dual V,
       W <- (H + rho I)^-1 (H W0 - V + rho D),   D <- P_k(W + V / rho),   V <- V + rho (W - D),
-  P_k keeping the largest entries (the whole matrix's floor((1 - ratio) numel) largest, or N of every M), rho
-  multiplied every ``ALPS_CHECK_EVERY`` iterations by a factor that is larger the more of the support changed
-  since the last check, and stopping once the support no longer changes. With H = Q diag(lam) Q^T factorised
+  P_k keeping the largest entries (all but the whole matrix's floor(ratio numel) smallest, or M - N of every
+  M), rho = 0.1 at first. Every ``ALPS_CHECK_EVERY`` iterations, with c the fraction of the support (relative
+  to its size) that changed since the last check: rho *= 1.3 if c > 10%, 1.2 if c > 0.5%, else 1.1, and the
+  iterations stop once rho has grown and the support no longer changes (or, after ``ALPS_SETTLE_ITERATIONS``,
+  changes by less than ``ALPS_SETTLED_CHANGE``); a support that freezes before rho ever grew means rho was
+  too large to let it move, so rho /= 5 and the iterations restart. With H = Q diag(lam) Q^T factorised
   once, (H + rho I)^-1 = Q diag(1 / (lam + rho)) Q^T for every rho.
 
 Both end with the least-squares weights on the final support, H_SS w_S = (H w0)_S for every row, by
@@ -42,6 +46,13 @@ if TYPE_CHECKING:
 
 #: ALPS: iterations between two updates of rho (and two checks of the support).
 ALPS_CHECK_EVERY = 3
+#: ALPS: the largest rho (relative to the unit diagonal); past it the W-update no longer moves.
+ALPS_MAX_RHO = 1e6
+#: ALPS: the smallest rho the restarts go down to before the support counts as settled.
+ALPS_MIN_RHO = 1e-6
+#: ALPS: after this many iterations, a support changing by less than this fraction of its size counts as settled.
+ALPS_SETTLE_ITERATIONS = 30
+ALPS_SETTLED_CHANGE = 3e-4
 
 
 def _normalised(stat: Gram, s: PruneSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -100,15 +111,22 @@ def _finish(unit_weight: torch.Tensor, target: torch.Tensor, unit: torch.Tensor,
 
 
 def _admm_mask(scores: torch.Tensor, ratio: float, s: PruneSettings) -> torch.Tensor:
-    if s.pattern.is_nm:
-        return nm_mask(scores, s.pattern.n, s.pattern.m)
-    return row_spread_mask(scores, ratio)
+    """The Wanda-score mask at ``ratio``: per output row (unstructured); for N:M, the floor(ratio * numel)
+    lowest of the weights that the N:M pattern would prune, so that at ratio N/M it is the N:M mask."""
+    if not s.pattern.is_nm:
+        return row_spread_mask(scores, ratio)
+    candidates = nm_mask(scores, s.pattern.n, s.pattern.m)
+    count = prune_count(ratio, scores.numel())
+    if count >= int(candidates.sum().item()):
+        return candidates
+    flat = scores.masked_fill(~candidates, float("inf")).reshape(1, -1)
+    return lowest_k_mask(flat, count).reshape(scores.shape)
 
 
 def admm_grad(weight: torch.Tensor, stat: Gram, s: PruneSettings):
     """ADMM-Grad (Boza, TMLR 2024): see the module docstring. The mask is the Wanda score's, compared per output
-    row (in every group of M for N:M, where the pattern is imposed from the first iteration); the matrix loses
-    floor(ratio * numel) weights."""
+    row (unstructured; the matrix loses floor(ratio * numel) weights) or within every group of M (N:M, where
+    the schedule prunes the lowest of the weights the N:M pattern would prune, all of them at its end)."""
     _check_nm(weight, s)
     unit, scale, used = _normalised(stat, s, weight.device)
     key = ("admm_factor", s.percdamp, s.admm_rho, weight.device)
@@ -155,20 +173,33 @@ def alps(weight: torch.Tensor, stat: Gram, s: PruneSettings):
     target = w0 @ unit  # W0 H
     rho = s.alps_rho
     mask = _alps_project(w0, s)
-    d, v = w0.masked_fill(mask, 0.0), torch.zeros_like(w0)
-    checked = mask
+    start = w0.masked_fill(mask, 0.0)
+    d, v = start.clone(), torch.zeros_like(w0)
+    checked, grown = mask, False
     kept = max(int((~mask).sum().item()), 1)
     for it in range(1, s.alps_iterations + 1):
         w = ((target - v + rho * d) @ Q / (lam + rho)) @ Q.T
         mask = _alps_project(w + v / rho, s)
         d = (w + v / rho).masked_fill(mask, 0.0)
         v += rho * (w - d)
-        if it % ALPS_CHECK_EVERY == 0:
-            changed = int((mask != checked).sum().item())
+        if it % ALPS_CHECK_EVERY:
+            continue
+        changed = int((mask != checked).sum().item()) / kept
+        checked = mask
+        if changed > 0.005:
+            rho, grown = rho * (1.3 if changed > 0.1 else 1.2), True
+        elif grown:
             if changed == 0:
-                break
-            rho *= 1.3 if changed >= 0.1 * kept else 1.2 if changed >= 0.005 * kept else 1.1
-            checked = mask
+                break  # the support no longer changes
+            rho *= 1.1
+        else:  # the support froze before rho ever grew: rho started too large, so start again with less
+            if rho / 5 < ALPS_MIN_RHO:
+                break  # the support does not move at any penalty (H = I, for one)
+            rho /= 5
+            d, v = start.clone(), torch.zeros_like(w0)
+        rho = min(rho, ALPS_MAX_RHO)
+        if it >= ALPS_SETTLE_ITERATIONS and changed < ALPS_SETTLED_CHANGE:
+            break
     result = _finish(d, target, unit, scale, mask, s)
     result.damping = used
     return result
