@@ -197,7 +197,7 @@ def prune_layer(weight: torch.Tensor, stat: InputStatistic | None, settings: Pru
     new, mask = dsnot(weight, result.weight, result.mask, mean, variance, norm,
                       (pattern.n, pattern.m) if pattern.is_nm else None, settings.dsnot_max_cycles,
                       settings.dsnot_threshold, settings.dsnot_var_power, settings.dsnot_same_sign)
-    return LayerResult(new, mask, None)  # the OBS loss of the starting mask no longer describes this one
+    return LayerResult(new, mask, None, result.damping)  # the OBS loss of the starting mask no longer applies
 
 
 def get_method(name: str) -> MethodSpec:
