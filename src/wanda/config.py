@@ -36,14 +36,15 @@ class PruneSettings(PatternField, SettingsMixin):
     percdamp: float = setting(0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT's 1%%)")
     #: ADMM-Grad's penalty rho, relative to the mean diagonal of X^T X (Boza 2024 uses rho = 1 on the
     #: unit-diagonal Gram).
-    admm_rho: float = setting(1.0, "ADMM-Grad (Boza 2024): penalty rho, relative to the mean diagonal of X^T X")
+    admm_rho: float = setting(1.0, "ADMM-Grad (Boza 2024): penalty rho, relative to the mean diagonal of X^T X "
+                              "(the paper's rho = 1 on X^T X scaled to a unit diagonal)")
     #: ADMM-Grad's iterations in all, and those over which the mask is tightened (Boza 2024: 20 and 15).
     admm_iterations: int = setting(20, "ADMM-Grad (Boza 2024): ADMM iterations in all")
     admm_ramp_iterations: int = setting(15, "ADMM-Grad (Boza 2024): the first iterations, over which the sparsity "
                                         "rises to the target along s (1 - (1 - k/K)^3) (the mask is fixed after)")
     #: ALPS's initial penalty (relative to the mean diagonal) and its iteration cap (Meng et al. 2024).
     alps_rho: float = setting(0.1, "ALPS (Meng et al. 2024): initial penalty rho, relative to the mean diagonal "
-                              "of X^T X; it grows while the support changes")
+                              "of X^T X (scaled to a unit diagonal); it grows while the support changes")
     alps_iterations: int = setting(300, "ALPS (Meng et al. 2024): at most this many ADMM iterations (it stops "
                                    "earlier once the support no longer changes)")
     #: Conjugate-gradient iterations of the final least-squares update on the support (ADMM-Grad and ALPS).
