@@ -162,3 +162,17 @@ def test_settings_and_flags():
     for flag in ("--admm_rho", "--admm_iterations", "--admm_ramp_iterations", "--alps_rho", "--alps_iterations",
                  "--support_cg_iterations"):
         assert flag in flags
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_reports_the_escalated_dampening_per_layer(method):
+    """Through ``prune``: 2 windows of 8 tokens (16 samples) for inputs 64 and 128 wide, without dampening: every
+    Gram is singular, so every layer reports the dampening its factorisation escalated to."""
+    from conftest import calib_ids, tiny_model
+
+    from wanda import prune
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    report = prune(model, calib_ids(2, 8), PruneSettings(prune_method=method, percdamp=0.0), progress=False)
+    assert report.layers and all(0 < layer.damping <= MAX_PERCDAMP for layer in report.layers)
+    assert report.actual_sparsity == pytest.approx(0.5, rel=1e-6)
