@@ -4,7 +4,7 @@ Both minimise, for a layer W (rows x cols) with input Gram H = X^T X, the output
     ||X W^T - X What^T||_F^2 = tr((What - W) H (What - W)^T)   subject to What being zero at a sparse mask,
 each row an independent quadratic in the same H. They work in the coordinates where diag(H) = 1
 (W_ij -> W_ij sqrt(H_jj), H -> D^-1/2 H D^-1/2): there the magnitude of a weight is its Wanda score
-|W_ij| ||X_j|| (||X_j||^2 = H_jj), the relative penalty rho is relative to the mean diagonal (which is 1), and
+|W_ij| ||X_j|| (||X_j||^2 = H_jj, up to the dampening added to it), the relative penalty rho is relative to the mean diagonal (which is 1), and
 the diagonal (Jacobi) preconditioner of the final conjugate gradients is built in. H is the dampened Hessian
 of ``dampened_cholesky`` (dead inputs set to 1, percdamp of the mean diagonal added, escalated if singular).
 
@@ -22,8 +22,8 @@ of ``dampened_cholesky`` (dead inputs set to 1, percdamp of the mean diagonal ad
   M), rho = 0.1 at first. Every ``ALPS_CHECK_EVERY`` iterations, with c the fraction of the support (relative
   to its size) that changed since the last check: rho *= 1.3 if c > 10%, 1.2 if c > 0.5%, else 1.1, and the
   iterations stop once rho has grown and the support no longer changes (or, after ``ALPS_SETTLE_ITERATIONS``,
-  changes by less than ``ALPS_SETTLED_CHANGE``); a support that freezes before rho ever grew means rho was
-  too large to let it move, so rho /= 5 and the iterations restart. With H = Q diag(lam) Q^T factorised
+  changes by less than ``ALPS_SETTLED_CHANGE``); a support that changes by at most 0.5% before rho ever grew
+  means rho was too large to let it move, so rho /= 5 and the iterations restart from W0's projection. With H = Q diag(lam) Q^T factorised
   once, (H + rho I)^-1 = Q diag(1 / (lam + rho)) Q^T for every rho.
 
 Both end with the least-squares weights on the final support, H_SS w_S = (H w0)_S for every row, by
@@ -192,7 +192,7 @@ def alps(weight: torch.Tensor, stat: Gram, s: PruneSettings):
             if changed == 0:
                 break  # the support no longer changes
             rho *= 1.1
-        else:  # the support froze before rho ever grew: rho started too large, so start again with less
+        else:  # the support barely moved before rho ever grew: rho started too large, so start again with less
             if rho / 5 < ALPS_MIN_RHO:
                 break  # the support does not move at any penalty (H = I, for one)
             rho /= 5
