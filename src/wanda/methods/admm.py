@@ -4,9 +4,10 @@ Both minimise, for a layer W (rows x cols) with input Gram H = X^T X, the output
     ||X W^T - X What^T||_F^2 = tr((What - W) H (What - W)^T)   subject to What being zero at a sparse mask,
 each row an independent quadratic in the same H. They work in the coordinates where diag(H) = 1
 (W_ij -> W_ij sqrt(H_jj), H -> D^-1/2 H D^-1/2): there the magnitude of a weight is its Wanda score
-|W_ij| ||X_j|| (||X_j||^2 = H_jj, up to the dampening added to it), the relative penalty rho is relative to the mean diagonal (which is 1), and
-the diagonal (Jacobi) preconditioner of the final conjugate gradients is built in. H is the dampened Hessian
-of ``dampened_cholesky`` (dead inputs set to 1, percdamp of the mean diagonal added, escalated if singular).
+|W_ij| ||X_j|| (||X_j||^2 = H_jj, up to the dampening added to it), the penalty rho is relative to the mean
+diagonal (which is 1), and the diagonal (Jacobi) preconditioner of the final conjugate gradients is built
+in. H is the dampened Hessian of ``dampened_cholesky`` (dead inputs set to 1, percdamp of the mean diagonal
+added, escalated if singular).
 
 - ADMM-Grad (Boza, "Fast and Effective Weight Update for Pruned Large Language Models", TMLR 2024): ADMM on
   min_W ||X W0^T - X W^T||^2 + indicator(Z zero at the mask), W = Z, with scaled dual U:
@@ -22,9 +23,9 @@ of ``dampened_cholesky`` (dead inputs set to 1, percdamp of the mean diagonal ad
   M), rho = 0.1 at first. Every ``ALPS_CHECK_EVERY`` iterations, with c the fraction of the support (relative
   to its size) that changed since the last check: rho *= 1.3 if c > 10%, 1.2 if c > 0.5%, else 1.1, and the
   iterations stop once rho has grown and the support no longer changes (or, after ``ALPS_SETTLE_ITERATIONS``,
-  changes by less than ``ALPS_SETTLED_CHANGE``); a support that changes by at most 0.5% before rho ever grew
-  means rho was too large to let it move, so rho /= 5 and the iterations restart from W0's projection. With H = Q diag(lam) Q^T factorised
-  once, (H + rho I)^-1 = Q diag(1 / (lam + rho)) Q^T for every rho.
+  changes by less than ``ALPS_SETTLED_CHANGE``); a support changing by at most 0.5% before rho ever grew
+  means rho was too large to let it move: rho /= 5 and the iterations restart from W0's projection. With
+  H = Q diag(lam) Q^T factorised once, (H + rho I)^-1 = Q diag(1 / (lam + rho)) Q^T for every rho.
 
 Both end with the least-squares weights on the final support, H_SS w_S = (H w0)_S for every row, by
 preconditioned conjugate gradients (``support_least_squares``).
