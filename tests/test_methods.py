@@ -20,7 +20,9 @@ ROWS, COLS, TOKENS = 16, 32, 256
 #: Two blocks of columns, so that the lazy block updates and the per-block selection are exercised.
 BLOCKSIZE = 16
 PATTERNS = ["unstructured", "2:4", "4:8"]
-OBS_METHODS = [name for name, spec in METHOD_SPECS.items() if name not in ("magnitude", "wanda", "ria")]
+#: The ADMM methods update the weights too, but by least squares on their support, without an OBS loss.
+ADMM_METHODS = ("admm", "alps")
+OBS_METHODS = [name for name in METHOD_SPECS if name not in ("magnitude", "wanda", "ria") + ADMM_METHODS]
 ROW_SCOPED = ("wanda", "ablate_wanda_seq", "ablate_wanda_iter")
 
 
@@ -96,6 +98,8 @@ def test_zeros_exactly_at_the_mask_and_counts_exact(method, pattern):
         assert mask.reshape(ROWS, COLS // m, m).sum(-1).eq(n).all(), f"{method} breaks {pattern} in some group"
     if method in OBS_METHODS:
         assert result.obs_loss is not None and result.obs_loss > 0
+    elif method in ADMM_METHODS:
+        assert result.obs_loss is None and result.damping == 0.01
     else:
         assert result.obs_loss is None
         # no weight update: what is kept is the original weight
@@ -204,7 +208,7 @@ def test_obs_with_a_dead_input_feature():
     # a feature that is never active (H_jj == 0) must not break the Cholesky factorisation
     weight, x = _data()
     x[:, 5] = 0
-    for method in OBS_METHODS:
+    for method in OBS_METHODS + list(ADMM_METHODS):
         result = get_method(method).prune(weight, _stat(Gram, x), _settings(method, "2:4"))
         assert torch.isfinite(result.weight).all()
         assert torch.equal(result.weight == 0, result.mask)

@@ -14,6 +14,8 @@ weights *as updated so far*. SparseGPT scores w^2 / [H^-1]_jj^2; the ablations p
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -27,26 +29,84 @@ Selector = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 LAZY_COLUMNS = 32
 
 
+#: Largest dampening, as a fraction of the mean diagonal, that the escalation tries before giving up: at 1.0
+#: the dampening already weighs as much as the average input, and any Hessian with a finite, non-negative
+#: diagonal is positive definite well before that unless its entries are not finite.
+MAX_PERCDAMP = 1.0
+#: First retry when the requested dampening is 0 (then x10 per retry, as from any other start).
+FIRST_RETRY_PERCDAMP = 1e-6
+
+log = logging.getLogger("wanda")
+
+
+@dataclass(frozen=True)
+class Dampened:
+    """A Cholesky factorisation of H + lambda I with lambda = percdamp * mean(diag H).
+
+    ``factor``: the lower Cholesky factor (of the reversed matrix when asked for ``flip``); ``hessian``: the
+    dampened H itself (dead inputs set to 1, see ``dampened_cholesky``); ``percdamp``: the dampening that was
+    finally used, which is the requested one unless the factorisation had to escalate it."""
+
+    factor: torch.Tensor
+    hessian: torch.Tensor
+    percdamp: float
+    requested: float
+
+    @property
+    def escalated(self) -> bool:
+        return self.percdamp != self.requested
+
+
+def dampened_cholesky(hessian: torch.Tensor, percdamp: float, flip: bool = False) -> Dampened:
+    """Cholesky of H + lambda I, lambda = percdamp * mean(diag H), escalating the dampening when it fails.
+
+    Inputs that were never active (H_jj == 0) get H_jj = 1 first so that H stays invertible; their weights
+    have no effect on the output either way. When the factorisation fails (a rank-deficient H, e.g. fewer
+    calibration tokens than features, with too little dampening), percdamp is multiplied by 10 (starting
+    from ``FIRST_RETRY_PERCDAMP`` when it was 0) and the factorisation retried, up to ``MAX_PERCDAMP``; the
+    dampening finally used is logged as a warning and returned. A Hessian with non-finite entries, or one that
+    fails even at ``MAX_PERCDAMP``, raises ``WandaError``.
+    """
+    H = hessian.clone()
+    diag = H.diagonal()
+    if not torch.isfinite(diag).all() or not torch.isfinite(H).all():
+        raise WandaError("the Hessian (X^T X) of a layer has non-finite entries: its calibration inputs "
+                         "overflowed or are NaN")
+    diag[diag == 0] = 1.0
+    mean = diag.mean()
+    used, added = percdamp, 0.0
+    while True:
+        diag.add_((used - added) * mean)
+        added = used
+        L, info = torch.linalg.cholesky_ex(H.flip(0, 1) if flip else H)
+        if not info.item():
+            break
+        if used >= MAX_PERCDAMP:
+            raise WandaError(f"the Hessian of a layer is not positive definite even dampened by {used:g} of its "
+                             f"mean diagonal (minor {info.item()}, requested percdamp {percdamp:g}); its "
+                             f"calibration inputs are degenerate")
+        used = min(MAX_PERCDAMP, used * 10 if used > 0 else FIRST_RETRY_PERCDAMP)
+    if used != percdamp:
+        log.warning("Hessian of %d inputs not positive definite with percdamp %g: factorised with percdamp %g",
+                    H.shape[0], percdamp, used)
+    return Dampened(L, H, used, percdamp)
+
+
+def inverse_hessian_factor_dampened(hessian: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """``inverse_hessian_factor`` and the dampening it finally used (see ``dampened_cholesky``)."""
+    damped = dampened_cholesky(hessian, percdamp, flip=True)
+    return _lower_inverse(damped.factor).flip(0, 1), damped.percdamp
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor U of (H + lambda I)^-1 (so that (H + lambda I)^-1 = U^T U), lambda = percdamp *
-    mean(diag H).
+    mean(diag H), the dampening escalated if needed (``dampened_cholesky``).
 
     With P the reversal permutation and P H P = L L^T, H = R R^T for the upper triangular R = P L P, so
     H^-1 = R^-T R^-1 and U = R^-1 = P L^-1 P: one Cholesky and one triangular inverse, instead of the
     Cholesky, inverse and second Cholesky of the reference code.
-
-    Inputs that were never active (H_jj == 0) get H_jj = 1 so that H stays invertible; their weights have no
-    effect on the output either way.
     """
-    H = hessian.clone()
-    diag = H.diagonal()
-    diag[diag == 0] = 1.0
-    diag.add_(percdamp * diag.mean())
-    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
-    if info.item():
-        raise WandaError(f"the dampened Hessian of a layer is not positive definite (minor {info.item()}); "
-                         f"raise the dampening (PruneSettings.percdamp, now {percdamp})")
-    return _lower_inverse(L).flip(0, 1)
+    return inverse_hessian_factor_dampened(hessian, percdamp)[0]
 
 
 def _lower_inverse(L: torch.Tensor) -> torch.Tensor:

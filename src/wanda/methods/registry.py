@@ -12,7 +12,8 @@ from ..errors import WandaError
 from ..masks import lowest_k_mask, nm_mask, prune_count, row_mask_count, row_spread_mask, select_mask, variant_mask
 from ..stats import ChannelSum, Gram, InputStatistic, SquaredNorm, part
 from .dsnot import dsnot
-from .obs import inverse_hessian_factor, obs_prune
+from .admm import admm_grad, alps
+from .obs import inverse_hessian_factor_dampened, obs_prune
 from .ria import ria_scores
 from .scores import magnitude_scores, wanda_scores
 
@@ -22,11 +23,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerResult:
-    """What pruning one matrix produced: the new weight (zeros at ``mask``) and, for OBS, its predicted loss."""
+    """What pruning one matrix produced: the new weight (zeros at ``mask``), for OBS its predicted loss, and for
+    the methods that factorise the Hessian the dampening (fraction of its mean diagonal) finally used."""
 
     weight: torch.Tensor
     mask: torch.Tensor
     obs_loss: float | None = None
+    damping: float | None = None
 
 
 PruneFn = Callable[[torch.Tensor, "InputStatistic | None", "PruneSettings"], LayerResult]
@@ -82,10 +85,11 @@ def _obs(weight: torch.Tensor, stat: Gram, s: PruneSettings, select) -> LayerRes
     # q/k/v (and gate/up) share one Gram, so its factorisation is computed once for all of them
     key = ("inverse_factor", s.percdamp, weight.device)
     if key not in stat.derived:
-        stat.derived[key] = inverse_hessian_factor(stat.hessian().to(weight.device), s.percdamp)
-    new, mask, loss = obs_prune(weight, None, s.pattern, select, s.blocksize, s.percdamp,
-                                factor=stat.derived[key])
-    return LayerResult(new, mask, loss)
+        stat.derived[key] = inverse_hessian_factor_dampened(stat.hessian().to(weight.device), s.percdamp)
+        stat.derived[("percdamp_used", s.percdamp)] = stat.derived[key][1]
+    factor, used = stat.derived[key]
+    new, mask, loss = obs_prune(weight, None, s.pattern, select, s.blocksize, s.percdamp, factor=factor)
+    return LayerResult(new, mask, loss, used)
 
 
 def _sparsegpt(weight: torch.Tensor, stat: InputStatistic | None, s: PruneSettings) -> LayerResult:
@@ -150,6 +154,10 @@ METHOD_SPECS: dict[str, MethodSpec] = {
                    True),
         MethodSpec("ablate_wanda_iter", Gram, _ablate_wanda_iter, "Wanda mask re-selected every block during OBS",
                    True),
+        MethodSpec("admm", Gram, admm_grad, "ADMM-Grad (Boza 2024): ADMM weight update with the Wanda mask tightened "
+                   "along a cubic schedule, then least squares on the support", True),
+        MethodSpec("alps", Gram, alps, "ALPS (Meng et al. 2024): ADMM on the l0-constrained reconstruction with a "
+                   "growing penalty, then preconditioned CG on the support", True),
     )
 }
 
@@ -189,7 +197,7 @@ def prune_layer(weight: torch.Tensor, stat: InputStatistic | None, settings: Pru
     new, mask = dsnot(weight, result.weight, result.mask, mean, variance, norm,
                       (pattern.n, pattern.m) if pattern.is_nm else None, settings.dsnot_max_cycles,
                       settings.dsnot_threshold, settings.dsnot_var_power, settings.dsnot_same_sign)
-    return LayerResult(new, mask, None)  # the OBS loss of the starting mask no longer describes this one
+    return LayerResult(new, mask, None, result.damping)  # the OBS loss of the starting mask no longer applies
 
 
 def get_method(name: str) -> MethodSpec:

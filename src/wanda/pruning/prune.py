@@ -45,6 +45,9 @@ class LayerReport:
     tokens: int | None = None
     #: the rule that replaced the missing statistic, when ``tokens`` is 0
     rule: str | None = None
+    #: the Hessian dampening finally used (fraction of its mean diagonal) by the methods that factorise it:
+    #: ``--percdamp`` unless the factorisation had to escalate it
+    damping: float | None = None
 
 
 #: What a matrix that read no calibration token is pruned with (see ``InputStatistic.neutral``).
@@ -149,7 +152,7 @@ def _prune_linears(linears: dict[str, PrunableMatrix], settings: PruneSettings, 
             _sync(weight.device)
             seconds = time.perf_counter() - start
             done[name] = LayerReport(name, tuple(view.shape), zero_fraction(view), seconds, result.obs_loss, ratio,
-                                     tokens, rule)
+                                     tokens, rule, result.damping)
     # distributed hook: weights solved on another rank arrive here, with their reports
     done = ranks.share(linears, owners, done)
     report.layers.extend(done[name] for name in linears)

@@ -34,6 +34,22 @@ class PruneSettings(PatternField, SettingsMixin):
     blocksize: int = setting(128, "columns per lazy OBS update (SparseGPT's B); the iter ablations' period")
     #: Hessian dampening as a fraction of its mean diagonal (SparseGPT's 1%).
     percdamp: float = setting(0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT's 1%%)")
+    #: ADMM-Grad's penalty rho, relative to the mean diagonal of X^T X (Boza 2024 uses rho = 1 on the
+    #: unit-diagonal Gram).
+    admm_rho: float = setting(1.0, "ADMM-Grad (Boza 2024): penalty rho, relative to the mean diagonal of X^T X "
+                              "(the paper's rho = 1 on X^T X scaled to a unit diagonal)")
+    #: ADMM-Grad's iterations in all, and those over which the mask is tightened (Boza 2024: 20 and 15).
+    admm_iterations: int = setting(20, "ADMM-Grad (Boza 2024): ADMM iterations in all")
+    admm_ramp_iterations: int = setting(15, "ADMM-Grad (Boza 2024): the first iterations, over which the sparsity "
+                                        "rises to the target along s (1 - (1 - k/K)^3) (the mask is fixed after)")
+    #: ALPS's initial penalty (relative to the mean diagonal) and its iteration cap (Meng et al. 2024).
+    alps_rho: float = setting(0.1, "ALPS (Meng et al. 2024): initial penalty rho, relative to the mean diagonal "
+                              "of X^T X (scaled to a unit diagonal); it grows while the support changes")
+    alps_iterations: int = setting(300, "ALPS (Meng et al. 2024): at most this many ADMM iterations (it stops "
+                                   "earlier once the support no longer changes)")
+    #: Conjugate-gradient iterations of the final least-squares update on the support (ADMM-Grad and ALPS).
+    support_cg_iterations: int = setting(50, "ADMM-Grad and ALPS: preconditioned conjugate-gradient iterations "
+                                         "of the final least-squares update on the support")
     #: Relative tolerance of the Wanda variant's bisection on the achieved sparsity.
     variant_tolerance: float = setting(1e-3, "relative tolerance of the variant's bisection on the sparsity")
     #: How the ratio is spread over the layers (``wanda.pruning.profiles``): the same everywhere, or OWL's per block.
@@ -71,6 +87,14 @@ class PruneSettings(PatternField, SettingsMixin):
         require(not pattern.is_nm or self.blocksize % pattern.m == 0,
                 f"--blocksize {self.blocksize} must be a multiple of M={pattern.m}")
         require(0 <= self.percdamp < 1, f"--percdamp must be in [0, 1), got {self.percdamp}")
+        require(0 < self.admm_rho < math.inf, f"--admm_rho must be a positive number, got {self.admm_rho}")
+        require(self.admm_iterations >= 1, f"--admm_iterations must be at least 1, got {self.admm_iterations}")
+        require(self.admm_ramp_iterations >= 1,
+                f"--admm_ramp_iterations must be at least 1, got {self.admm_ramp_iterations}")
+        require(0 < self.alps_rho < math.inf, f"--alps_rho must be a positive number, got {self.alps_rho}")
+        require(self.alps_iterations >= 1, f"--alps_iterations must be at least 1, got {self.alps_iterations}")
+        require(self.support_cg_iterations >= 0,
+                f"--support_cg_iterations must be non-negative, got {self.support_cg_iterations}")
         require(0 < self.variant_tolerance < 1, f"--variant_tolerance must be in (0, 1), got {self.variant_tolerance}")
         require(self.sparsity_profile in PROFILES,
                 f"--sparsity_profile must be one of {', '.join(PROFILES)}; got {self.sparsity_profile!r}")
