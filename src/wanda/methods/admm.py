@@ -41,9 +41,10 @@ from ..errors import WandaError
 from ..masks import lowest_k_mask, nm_mask, prune_count, row_spread_mask
 from ..stats import Gram
 from .obs import dampened_cholesky
+from .result import LayerResult
 
 if TYPE_CHECKING:
-    from ..config import PruneSettings
+    from ..pruning.prune_settings import PruneSettings
 
 #: ALPS: iterations between two updates of rho (and two checks of the support).
 ALPS_CHECK_EVERY = 3
@@ -105,8 +106,6 @@ def support_least_squares(start: torch.Tensor, target: torch.Tensor, hessian: to
 
 def _finish(unit_weight: torch.Tensor, target: torch.Tensor, unit: torch.Tensor, scale: torch.Tensor,
             mask: torch.Tensor, s: PruneSettings):
-    from .registry import LayerResult
-
     new = support_least_squares(unit_weight, target, unit, mask, s.support_cg_iterations) / scale
     return LayerResult(new.masked_fill(mask, 0.0), mask)
 

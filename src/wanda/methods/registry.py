@@ -12,6 +12,7 @@ from ..errors import WandaError
 from ..masks import lowest_k_mask, nm_mask, prune_count, row_mask_count, row_spread_mask, select_mask, variant_mask
 from ..stats import ChannelSum, Gram, InputStatistic, SquaredNorm, part
 from .dsnot import dsnot
+from .result import LayerResult
 from .admm import admm_grad, alps
 from .obs import inverse_hessian_factor_dampened, obs_prune
 from .ria import ria_scores
@@ -19,17 +20,6 @@ from .scores import magnitude_scores, wanda_scores
 
 if TYPE_CHECKING:
     from ..pruning.prune_settings import PruneSettings
-
-
-@dataclass
-class LayerResult:
-    """What pruning one matrix produced: the new weight (zeros at ``mask``), for OBS its predicted loss, and for
-    the methods that factorise the Hessian the dampening (fraction of its mean diagonal) finally used."""
-
-    weight: torch.Tensor
-    mask: torch.Tensor
-    obs_loss: float | None = None
-    damping: float | None = None
 
 
 PruneFn = Callable[[torch.Tensor, "InputStatistic | None", "PruneSettings"], LayerResult]
