@@ -1,0 +1,250 @@
+"""SparseLinear: a pruned linear layer kept as bitmask + non-zero values, with compiled CPU decode kernels.
+
+Why: decoding reads each weight once per token, so its speed is set by memory bandwidth. At 50% sparsity an
+fp32 matrix stored as non-zeros plus a one-bit mask is 2.125 bytes per weight instead of 4 (bf16: 1.125
+instead of 2). The compiled kernels stream that compressed form directly; prefill (many tokens) is compute
+bound, so it decompresses small row tiles into a scratch buffer and uses the dense matmul.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+KERNEL_PATHS = ("auto", "reference", "portable", "avx2", "avx512")
+_COMPILED = ("avx512", "avx2", "portable")  # auto picks the first this CPU supports
+_VALUE_PAD = 16  # zeros after the last value, so vector loads of 8/16 lanes stay inside the buffer
+_ROW_ALIGN_BYTES = 8  # mask row width in bytes is a multiple of this (whole 16-bit and 64-bit words)
+_DECODE_MAX_ROWS = 8  # more tokens than this: tile-decompress + dense matmul
+_TILE_ROWS = 64
+
+_forced: str | None = None
+_ext: ModuleType | None = None
+_ext_failed = False
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("WANDA_CACHE")
+    root = Path(base) / "kernels" if base else Path.home() / ".cache" / "wanda" / "kernels"
+    return root
+
+
+def _load_extension() -> ModuleType | None:
+    """Build (once, cached on disk) and import the C++ extension; None with one warning if that fails."""
+    global _ext, _ext_failed
+    if _ext is not None or _ext_failed:
+        return _ext
+    src = Path(__file__).with_name("sparse_kernels.cpp")
+    try:
+        from torch.utils.cpp_extension import load
+
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
+        build = _cache_dir() / f"sparse_{digest}"
+        build.mkdir(parents=True, exist_ok=True)
+        _ext = load(name=f"wanda_sparse_{digest}", sources=[str(src)], build_directory=str(build),
+                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - compiler missing, build error, ...: the reference path still works
+        _ext_failed = True
+        warnings.warn(f"wanda sparse kernels could not be built ({type(exc).__name__}: {exc}); "
+                      "using the pure-PyTorch reference path", RuntimeWarning, stacklevel=2)
+    return _ext
+
+
+def available_paths() -> list[str]:
+    """Kernel paths that run on this machine, reference first."""
+    ext = _load_extension()
+    paths = ["reference"]
+    if ext is not None:
+        paths += [p for p in ("portable", "avx2", "avx512") if ext.cpu_has(p)]
+    return paths
+
+
+def set_kernel_path(name: str | None) -> None:
+    """Force a kernel path for every SparseLinear (None or "auto": choose from the CPU's flags).
+
+    Raises ValueError for an unknown name and RuntimeError for a path this machine cannot run.
+    """
+    global _forced
+    if name is None or name == "auto":
+        _forced = None
+        return
+    _check_path(name)
+    _forced = name
+
+
+def _check_path(name: str) -> None:
+    if name not in KERNEL_PATHS:
+        raise ValueError(f"unknown sparse kernel path {name!r}; choose one of {', '.join(KERNEL_PATHS)}")
+    if name in ("auto", "reference"):
+        return
+    ext = _load_extension()
+    if ext is None:
+        raise RuntimeError(f"sparse kernel path {name!r} needs the compiled extension, which failed to build")
+    if not ext.cpu_has(name):
+        raise RuntimeError(f"sparse kernel path {name!r} is not supported by this CPU")
+
+
+def get_kernel_path() -> str:
+    """The path in use: set_kernel_path's, else $WANDA_SPARSE_KERNEL's, else the best this CPU supports."""
+    name = _forced or os.environ.get("WANDA_SPARSE_KERNEL", "auto").strip().lower() or "auto"
+    if name != "auto":
+        _check_path(name)
+        return name
+    ext = _load_extension()
+    if ext is None:
+        return "reference"
+    return next(p for p in _COMPILED if ext.cpu_has(p))
+
+
+def _pack(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, mask, offsets) of a dense (out, in) weight; bit j of mask byte k is column 8k+j."""
+    out_f, in_f = weight.shape
+    w = weight.detach().to(dtype)
+    nz = w != 0
+    row_bytes = max(1, -(-in_f // (8 * _ROW_ALIGN_BYTES))) * _ROW_ALIGN_BYTES
+    padded = torch.zeros(out_f, row_bytes * 8, dtype=torch.uint8)
+    padded[:, :in_f] = nz.to(torch.uint8)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    mask = (padded.view(out_f, row_bytes, 8) << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
+    counts = nz.sum(1)
+    offsets = torch.zeros(out_f + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    values = torch.cat([w[nz], torch.zeros(_VALUE_PAD, dtype=dtype)])
+    return values.contiguous(), mask.contiguous(), offsets
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose pruned weight is stored as concatenated row-major non-zeros + a packed bitmask.
+
+    Buffers: ``values`` (fp32 or bf16, the non-zeros of row 0, then row 1, ..., plus a little zero padding),
+    ``mask`` (uint8, out x row_bytes, bit j of byte k marks column 8k+j), ``offsets`` (int64, out+1, start of
+    each row in ``values``) and optional ``bias``. forward accumulates in fp32 and returns the input dtype.
+    """
+
+    def __init__(self, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, in_features: int,
+                 out_features: int, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if values.dtype not in (torch.float32, torch.bfloat16):
+            raise TypeError(f"SparseLinear values must be fp32 or bf16, got {values.dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("values", values)
+        self.register_buffer("mask", mask)
+        self.register_buffer("offsets", offsets)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
+
+    @classmethod
+    def from_dense(cls, linear_or_weight: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype | None = None) -> SparseLinear:
+        """Compress an nn.Linear (its bias included) or an (out, in) weight; dtype defaults to the weight's
+        own when that is fp32/bf16, else fp32."""
+        if isinstance(linear_or_weight, nn.Linear):
+            weight = linear_or_weight.weight
+            if bias is None:
+                bias = linear_or_weight.bias
+        else:
+            weight = linear_or_weight
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+        if dtype is None:
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        weight = weight.detach().cpu()
+        values, mask, offsets = _pack(weight, dtype)
+        out_f, in_f = weight.shape
+        return cls(values, mask, offsets, in_f, out_f, None if bias is None else bias.detach().cpu())
+
+    @property
+    def nnz(self) -> int:
+        return int(self.offsets[-1])
+
+    def _dense_rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows r0:r1 of the weight as dense fp32 (written into ``out`` when given, a scratch tile)."""
+        shifts = torch.arange(8, dtype=torch.uint8)
+        bits = ((self.mask[r0:r1, :, None] >> shifts) & 1).reshape(r1 - r0, -1)[:, : self.in_features].bool()
+        tile = out if out is not None else torch.empty(r1 - r0, self.in_features, dtype=torch.float32)
+        tile.zero_()
+        tile[bits] = self.values[int(self.offsets[r0]):int(self.offsets[r1])].to(torch.float32)
+        return tile
+
+    def to_dense(self) -> torch.Tensor:
+        """The full (out, in) weight in the values' dtype (for checks; forward never builds it)."""
+        return self._dense_rows(0, self.out_features).to(self.values.dtype)
+
+    def _reference(self, x2: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
+        scratch = torch.empty(min(_TILE_ROWS, self.out_features), self.in_features, dtype=torch.float32)
+        for r0 in range(0, self.out_features, _TILE_ROWS):
+            r1 = min(r0 + _TILE_ROWS, self.out_features)
+            tile = self._dense_rows(r0, r1, scratch[: r1 - r0])
+            torch.matmul(x2, tile.T, out=y[:, r0:r1])
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected last dimension {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        path = get_kernel_path()
+        if path == "reference" or x2.shape[0] > _DECODE_MAX_ROWS or x2.shape[0] == 0:
+            y = self._reference(x2)
+        else:
+            width = self.mask.shape[1] * 8
+            xp = F.pad(x2, (0, width - self.in_features)).contiguous()
+            assert _ext is not None
+            y = _ext.sparse_matmul(self.values, self.mask, self.offsets, xp, self.out_features, path)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        total = self.in_features * self.out_features
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"density={self.nnz / max(total, 1):.3f}, dtype={self.values.dtype}, bias={self.bias is not None}")
+
+
+def _tied_weights(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for mod in model.modules():
+        if isinstance(mod, nn.Embedding):
+            ids.add(id(mod.weight))
+    return ids
+
+
+def sparsify_linears(model: nn.Module, min_sparsity: float = 0.3,
+                     skip_names: tuple[str, ...] = ("lm_head",), dtype: torch.dtype | None = None
+                     ) -> tuple[int, int]:
+    """Replace each nn.Linear with at least ``min_sparsity`` zeros by a SparseLinear, in place.
+
+    Skipped: modules whose own name is in ``skip_names`` and any whose weight is tied to an nn.Embedding
+    (those stay as they are and are not counted). Below the threshold the compressed form would not save
+    bandwidth (mask overhead), so such matrices stay dense. Returns (converted, kept_dense).
+    """
+    tied = _tied_weights(model)
+    converted = kept = 0
+    targets: list[tuple[nn.Module, str, nn.Linear]] = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and child_name not in skip_names and id(child.weight) not in tied:
+                targets.append((parent, child_name, child))
+    for parent, name, lin in targets:
+        w = lin.weight.detach()
+        sparsity = float((w == 0).sum()) / max(w.numel(), 1)
+        if sparsity >= min_sparsity:
+            setattr(parent, name, SparseLinear.from_dense(lin, dtype=dtype))
+            converted += 1
+        else:
+            kept += 1
+    log.info("%d matrices sparse, %d stayed dense", converted, kept)
+    return converted, kept
+
+
