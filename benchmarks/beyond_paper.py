@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from common import PROTOCOL, RESULTS
+
 from wanda.utils.io import atomic_write_text
 
 #: label -> PruneSettings fields
@@ -38,8 +39,10 @@ METHODS = {
 #: OWL's lambda swept as its paper does (it searches lambda in {0.02, 0.05, 0.08, 0.1, 0.2} per model): run with
 #: --only, outside the grid. The value is chosen on the held-out summaries, never on WikiText-2, whose perplexity
 #: the 70% target reads.
-OWL_SWEEP = {f"owl(lambda={lam})+wanda": {"prune_method": "wanda", "sparsity_profile": "owl", "owl_lambda": lam}
-             for lam in (0.12, 0.2)}
+OWL_SWEEP = {
+    f"owl(lambda={lam})+wanda": {"prune_method": "wanda", "sparsity_profile": "owl", "owl_lambda": lam}
+    for lam in (0.12, 0.2)
+}
 #: DSnoT on every layer (--dsnot_skip none) rather than the reference code's attention-only default: outside
 #: the grid, at 50% and 2:4, where the targets are.
 DSNOT_ALL = {"wanda+dsnot(all layers)": {"prune_method": "wanda", "dsnot": True, "dsnot_skip": "none"}}
@@ -49,12 +52,31 @@ ALL_METHODS = {**METHODS, **OWL_SWEEP, **DSNOT_ALL}
 LEVELS = ("0.5", "0.6", "0.7", "2:4", "4:8")
 #: The issue's targets first (50%: Wanda, SparseGPT, RIA, DSnoT; 70%: Wanda, OWL+Wanda; 2:4), then the rest.
 #: On a shared, loaded machine a run takes 10-30 minutes, so the most likely candidate for each target comes first.
-PRIORITY = ["wanda@0.5", "ria@0.5", "wanda@0.7", "owl+wanda@0.7", "wanda@2:4", "sparsegpt@0.5", "dense@-",
-            "ria@2:4", "ria+dsnot@2:4", "wanda+dsnot@0.5", "ria+dsnot@0.5", "wanda+dsnot@2:4", "owl+ria+dsnot@0.7",
-            "ria@0.7",
-            # then one curve per method over 50-70% (the plot), the cheap magnitude rows among them
-            "wanda@0.6", "sparsegpt@0.7", "sparsegpt@0.6", "magnitude@0.6", "magnitude@0.7", "owl+wanda@0.6",
-            "ria@0.6", "owl+wanda@0.5"]
+PRIORITY = [
+    "wanda@0.5",
+    "ria@0.5",
+    "wanda@0.7",
+    "owl+wanda@0.7",
+    "wanda@2:4",
+    "sparsegpt@0.5",
+    "dense@-",
+    "ria@2:4",
+    "ria+dsnot@2:4",
+    "wanda+dsnot@0.5",
+    "ria+dsnot@0.5",
+    "wanda+dsnot@2:4",
+    "owl+ria+dsnot@0.7",
+    "ria@0.7",
+    # then one curve per method over 50-70% (the plot), the cheap magnitude rows among them
+    "wanda@0.6",
+    "sparsegpt@0.7",
+    "sparsegpt@0.6",
+    "magnitude@0.6",
+    "magnitude@0.7",
+    "owl+wanda@0.6",
+    "ria@0.6",
+    "owl+wanda@0.5",
+]
 #: Runs that also measure the two-forward-pass floor (it does not depend on the method).
 FLOOR_RUNS = {"wanda@0.5"}
 
@@ -83,11 +105,11 @@ def settings_of(key: str) -> dict:
 def worker(key: str, floor: bool, sets: list[str] | None = None) -> dict:
     """One configuration in a fresh process: load, (floor), prune, evaluate."""
     import torch
+    from common import protocol_data, two_forward_floor
 
     from wanda import PruneSettings, perplexity, prune
     from wanda.models import load_model
     from wanda.utils.resources import run_peak_rss_mb
-    from common import protocol_data, two_forward_floor
 
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -104,15 +126,24 @@ def worker(key: str, floor: bool, sets: list[str] | None = None) -> dict:
         # CPU seconds of this process: on a machine shared with other jobs the wall time depends on their load
         out["prune_cpu_seconds"] = time.process_time() - cpu_start
         ratios = [layer.ratio for layer in report.layers]
-        out.update(settings=settings.to_dict(), actual_sparsity=report.actual_sparsity,
-                   prune_seconds=report.prune_seconds, prune_wall_seconds=report.wall_seconds,
-                   profile_seconds=report.profile_seconds, peak_rss_mb_pruning=report.peak_rss_mb,
-                   layer_ratio_min=min(ratios), layer_ratio_max=max(ratios),
-                   layers=[{"name": l.name, "ratio": l.ratio, "sparsity": l.sparsity} for l in report.layers])
+        out.update(
+            settings=settings.to_dict(),
+            actual_sparsity=report.actual_sparsity,
+            prune_seconds=report.prune_seconds,
+            prune_wall_seconds=report.wall_seconds,
+            profile_seconds=report.profile_seconds,
+            peak_rss_mb_pruning=report.peak_rss_mb,
+            layer_ratio_min=min(ratios),
+            layer_ratio_max=max(ratios),
+            layers=[{"name": l.name, "ratio": l.ratio, "sparsity": l.sparsity} for l in report.layers],
+        )
     else:
         out.update(actual_sparsity=0.0)
-    out["ppl"] = {name: perplexity(model, windows, batch_size=PROTOCOL["batch_size"], progress=False)
-                  for name, windows in evals.items() if not sets or name in sets}
+    out["ppl"] = {
+        name: perplexity(model, windows, batch_size=PROTOCOL["batch_size"], progress=False)
+        for name, windows in evals.items()
+        if not sets or name in sets
+    }
     out["peak_rss_mb"] = run_peak_rss_mb()
     out["total_wall_seconds"] = time.perf_counter() - start
     return out
@@ -158,16 +189,40 @@ def wanda_cpu(rows: dict[str, dict]) -> float:
 
 
 def markdown(rows: dict[str, dict]) -> str:
-    floor = next((r["floor_seconds"] for r in rows.values() if r.get("floor_seconds") == r.get("floor_seconds")
-                  and r.get("floor_seconds") is not None and r["source"] == "this benchmark"), float("nan"))
+    floor = next(
+        (
+            r["floor_seconds"]
+            for r in rows.values()
+            if r.get("floor_seconds") == r.get("floor_seconds")
+            and r.get("floor_seconds") is not None
+            and r["source"] == "this benchmark"
+        ),
+        float("nan"),
+    )
     sets = ["wikitext2", "wiki-summaries"]
-    head = ["method", "sparsity"] + [f"ppl {s}" for s in sets] + [
-        "achieved", "layer ratios", "mask s", "prune wall s", "wall / floor", "wall / Wanda's", "prune CPU s",
-        "CPU / Wanda's", "source"]
+    head = (
+        ["method", "sparsity"]
+        + [f"ppl {s}" for s in sets]
+        + [
+            "achieved",
+            "layer ratios",
+            "mask s",
+            "prune wall s",
+            "wall / floor",
+            "wall / Wanda's",
+            "prune CPU s",
+            "CPU / Wanda's",
+            "source",
+        ]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    ordered = sorted(rows.values(), key=lambda r: (LEVELS.index(r["level"]) if r["level"] in LEVELS else -1,
-                                                   list(ALL_METHODS).index(r["method"])
-                                                   if r["method"] in ALL_METHODS else -1))
+    ordered = sorted(
+        rows.values(),
+        key=lambda r: (
+            LEVELS.index(r["level"]) if r["level"] in LEVELS else -1,
+            list(ALL_METHODS).index(r["method"]) if r["method"] in ALL_METHODS else -1,
+        ),
+    )
     for r in ordered:
         level = r["level"] if ":" in r["level"] or r["level"] == "-" else f"{float(r['level']):.0%}"
         cells = [r["method"], level] + [_number(r["ppl"].get(s), ".2f") for s in sets]
@@ -175,20 +230,26 @@ def markdown(rows: dict[str, dict]) -> str:
             cells += ["0", "-", "-", "-", "-", "-", "-", "-"]
         else:
             own = r["source"] == "this benchmark"
-            spread = (f"{r['layer_ratio_min']:.3f}-{r['layer_ratio_max']:.3f}" if "layer_ratio_min" in r else "-")
-            cells += [f"{r['actual_sparsity']:.4f}", spread, f"{r['prune_seconds']:.1f}",
-                      f"{r['prune_wall_seconds']:.1f}",
-                      _number(r["prune_wall_seconds"] / floor if own else float("nan"), ".2f"),
-                      _number(r["prune_wall_seconds"] / wanda_wall(rows) if own else float("nan"), ".2f"),
-                      _number(r.get("prune_cpu_seconds"), ".1f"),
-                      _number(r.get("prune_cpu_seconds", float("nan")) / wanda_cpu(rows), ".2f")]
+            spread = f"{r['layer_ratio_min']:.3f}-{r['layer_ratio_max']:.3f}" if "layer_ratio_min" in r else "-"
+            cells += [
+                f"{r['actual_sparsity']:.4f}",
+                spread,
+                f"{r['prune_seconds']:.1f}",
+                f"{r['prune_wall_seconds']:.1f}",
+                _number(r["prune_wall_seconds"] / floor if own else float("nan"), ".2f"),
+                _number(r["prune_wall_seconds"] / wanda_wall(rows) if own else float("nan"), ".2f"),
+                _number(r.get("prune_cpu_seconds"), ".1f"),
+                _number(r.get("prune_cpu_seconds", float("nan")) / wanda_cpu(rows), ".2f"),
+            ]
         cells.append("here" if r["source"] == "this benchmark" else "paper_table")
         lines.append("| " + " | ".join(cells) + " |")
-    note = (f"\nFloor: two plain forward passes over the calibration set, {floor:.1f} s (measured once, in the Wanda "
-            "50% run; it does not depend on the method). `mask s`: mask selection and weight update summed over "
-            "layers; `prune wall s`: all of pruning including forward passes and OWL's dense walk; `prune CPU s`: the "
-            "CPU time of the pruning process (the machine was shared with other jobs, so wall times carry their "
-            "load; CPU time much less so).\n")
+    note = (
+        f"\nFloor: two plain forward passes over the calibration set, {floor:.1f} s (measured once, in the Wanda "
+        "50% run; it does not depend on the method). `mask s`: mask selection and weight update summed over "
+        "layers; `prune wall s`: all of pruning including forward passes and OWL's dense walk; `prune CPU s`: the "
+        "CPU time of the pruning process (the machine was shared with other jobs, so wall times carry their "
+        "load; CPU time much less so).\n"
+    )
     return "\n".join(lines) + "\n" + note
 
 
@@ -203,8 +264,11 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     dense = rows.get("dense@-")
     for ax, s in zip(axes, sets):
         for method in METHODS:
-            points = [(float(l), rows[f"{method}@{l}"]["ppl"][s]) for l in ("0.5", "0.6", "0.7")
-                      if s in rows.get(f"{method}@{l}", {}).get("ppl", {})]
+            points = [
+                (float(l), rows[f"{method}@{l}"]["ppl"][s])
+                for l in ("0.5", "0.6", "0.7")
+                if s in rows.get(f"{method}@{l}", {}).get("ppl", {})
+            ]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
         if dense:
@@ -227,8 +291,10 @@ def _cost(row: dict, rows: dict[str, dict]) -> tuple[float, float]:
     base = rows.get("wanda@0.5", {})
     if row.get("source") != "this benchmark" or base.get("source") != "this benchmark":
         return float("nan"), float("nan")
-    return (row["prune_wall_seconds"] / base["prune_wall_seconds"],
-            row.get("prune_cpu_seconds", float("nan")) / base.get("prune_cpu_seconds", float("nan")))
+    return (
+        row["prune_wall_seconds"] / base["prune_wall_seconds"],
+        row.get("prune_cpu_seconds", float("nan")) / base.get("prune_cpu_seconds", float("nan")),
+    )
 
 
 def _ppl(rows: dict[str, dict], key: str) -> float:
@@ -260,46 +326,65 @@ def targets(rows: dict[str, dict]) -> list[str]:
     else:
         key, ppl, wall, cpu = best
         verdict = "**met**" if ppl <= sparsegpt else "**missed**"
-        lines.append(f"- 50% unstructured, a method within {COST_BOUND}x Wanda's time at or below SparseGPT's "
-                     f"{sparsegpt:.2f}: {verdict}; the best such method is {key} at {ppl:.2f} ({wall:.2f}x Wanda's "
-                     f"wall time, {cpu:.2f}x its CPU time)")
+        lines.append(
+            f"- 50% unstructured, a method within {COST_BOUND}x Wanda's time at or below SparseGPT's "
+            f"{sparsegpt:.2f}: {verdict}; the best such method is {key} at {ppl:.2f} ({wall:.2f}x Wanda's "
+            f"wall time, {cpu:.2f}x its CPU time)"
+        )
     wanda70, owl70 = _ppl(rows, "wanda@0.7"), _ppl(rows, "owl+wanda@0.7")
     if owl70 == owl70 and wanda70 == wanda70:
         verdict = "**met**" if owl70 <= 0.6 * wanda70 else "**missed**"
-        lines.append(f"- 70% unstructured, OWL+Wanda at most 0.6x Wanda: {verdict}; {owl70:.1f} against "
-                     f"{wanda70:.1f} ({owl70 / wanda70:.2f}x)")
+        lines.append(
+            f"- 70% unstructured, OWL+Wanda at most 0.6x Wanda: {verdict}; {owl70:.1f} against "
+            f"{wanda70:.1f} ({owl70 / wanda70:.2f}x)"
+        )
     else:
         lines.append("- 70% unstructured, OWL+Wanda at most 0.6x Wanda: not measured yet")
-    swept = [(rows[f"{m}@0.7"]["ppl"]["wiki-summaries"], m) for m in ("owl+wanda", *OWL_SWEEP)
-             if "wiki-summaries" in rows.get(f"{m}@0.7", {}).get("ppl", {})]
+    swept = [
+        (rows[f"{m}@0.7"]["ppl"]["wiki-summaries"], m)
+        for m in ("owl+wanda", *OWL_SWEEP)
+        if "wiki-summaries" in rows.get(f"{m}@0.7", {}).get("ppl", {})
+    ]
     if len(swept) > 1 and wanda70 == wanda70:
         chosen = min(swept)[1]
         tuned = _ppl(rows, f"{chosen}@0.7")
         verdict = "**met**" if tuned <= 0.6 * wanda70 else "**missed**"
-        lines.append(f"- the same with OWL's lambda chosen on the held-out summaries (lowest summaries perplexity "
-                     f"among {', '.join(m for _, m in sorted(swept, key=lambda t: t[1]))}): {chosen}, {verdict}; "
-                     f"{tuned:.1f} against {wanda70:.1f} ({tuned / wanda70:.2f}x)"
-                     + ("" if any(m == "owl+wanda" for _, m in swept) else
-                        "; the default lambda's row has no summaries figure, so it is not among them"))
+        lines.append(
+            f"- the same with OWL's lambda chosen on the held-out summaries (lowest summaries perplexity "
+            f"among {', '.join(m for _, m in sorted(swept, key=lambda t: t[1]))}): {chosen}, {verdict}; "
+            f"{tuned:.1f} against {wanda70:.1f} ({tuned / wanda70:.2f}x)"
+            + (
+                ""
+                if any(m == "owl+wanda" for _, m in swept)
+                else "; the default lambda's row has no summaries figure, so it is not among them"
+            )
+        )
     wanda24, best = _ppl(rows, "wanda@2:4"), _cheap_best(rows, "2:4", ("sparsegpt", "wanda"))
     if best is None or wanda24 != wanda24 or rows.get("wanda@2:4", {}).get("source") != "this benchmark":
         lines.append("- 2:4, a method at Wanda's cost at most 0.8x Wanda: not measured yet")
     else:
         key, ppl, wall, cpu = best
         verdict = "**met**" if ppl <= 0.8 * wanda24 else "**missed**"
-        lines.append(f"- 2:4, a method at Wanda's cost (within {COST_BOUND}x its time) at most 0.8x Wanda's "
-                     f"{wanda24:.2f} (= {0.8 * wanda24:.2f}): {verdict}; the best such method is {key} at {ppl:.2f} "
-                     f"({ppl / wanda24:.2f}x; {wall:.2f}x Wanda's wall time, {cpu:.2f}x its CPU time)")
+        lines.append(
+            f"- 2:4, a method at Wanda's cost (within {COST_BOUND}x its time) at most 0.8x Wanda's "
+            f"{wanda24:.2f} (= {0.8 * wanda24:.2f}): {verdict}; the best such method is {key} at {ppl:.2f} "
+            f"({ppl / wanda24:.2f}x; {wall:.2f}x Wanda's wall time, {cpu:.2f}x its CPU time)"
+        )
     return lines
 
 
 def write_outputs(rows: dict[str, dict], out: str) -> None:
-    payload = {"model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32)", "protocol": PROTOCOL,
-               "not_defined": [f"{m}@{l}" for l in LEVELS for m in METHODS if not defined(m, l)],
-               "runs": list(rows.values())}
+    payload = {
+        "model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32)",
+        "protocol": PROTOCOL,
+        "not_defined": [f"{m}@{l}" for l in LEVELS for m in METHODS if not defined(m, l)],
+        "runs": list(rows.values()),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out + ".json"), json.dumps(payload, indent=2) + "\n", overwrite=True)
-    text = markdown(rows) + "\nTargets (WikiText-2 perplexity, from the rows above):\n\n" + "\n".join(targets(rows)) + "\n"
+    text = (
+        markdown(rows) + "\nTargets (WikiText-2 perplexity, from the rows above):\n\n" + "\n".join(targets(rows)) + "\n"
+    )
     atomic_write_text(Path(out + ".md"), text, overwrite=True)
     plot(rows, Path(out + ".png"))
 
@@ -308,12 +393,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", help="run keys such as wanda@0.5, owl+wanda@0.7, ria+dsnot@2:4")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--import_paper_table", action="store_true",
-                        help="take dense and plain magnitude/Wanda/SparseGPT rows from paper_table.json unless rerun")
+    parser.add_argument(
+        "--import_paper_table",
+        action="store_true",
+        help="take dense and plain magnitude/Wanda/SparseGPT rows from paper_table.json unless rerun",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON and skip them")
     parser.add_argument("--out", default=str(RESULTS / "beyond_paper"), help="output path without extension")
-    parser.add_argument("--eval_sets", nargs="*", help="evaluate only these sets (e.g. wikitext2, which the targets "
-                        "use: half the evaluation time on a loaded machine); default both")
+    parser.add_argument(
+        "--eval_sets",
+        nargs="*",
+        help="evaluate only these sets (e.g. wikitext2, which the targets "
+        "use: half the evaluation time on a loaded machine); default both",
+    )
     args = parser.parse_args()
     if args.worker:
         key, floor, sets = json.loads(args.worker)
@@ -322,15 +414,28 @@ def main() -> None:
     rows: dict[str, dict] = import_paper_table() if args.import_paper_table else {}
     if args.resume and Path(args.out + ".json").is_file():
         # the runs measured here; imported rows come from import_paper_table as it reads now
-        rows.update({r["key"]: r for r in json.loads(Path(args.out + ".json").read_text())["runs"]
-                     if r["source"] == "this benchmark"})
-    todo = [k for k in all_runs() if (not args.only or k in args.only)
-            and not (args.resume and rows.get(k, {}).get("source") == "this benchmark")
-            and not (args.import_paper_table and k in rows and not args.only)]
+        rows.update(
+            {
+                r["key"]: r
+                for r in json.loads(Path(args.out + ".json").read_text())["runs"]
+                if r["source"] == "this benchmark"
+            }
+        )
+    todo = [
+        k
+        for k in all_runs()
+        if (not args.only or k in args.only)
+        and not (args.resume and rows.get(k, {}).get("source") == "this benchmark")
+        and not (args.import_paper_table and k in rows and not args.only)
+    ]
     for key in todo:
         print(f"== {key}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps([key, key in FLOOR_RUNS, args.eval_sets])],
-                              capture_output=True, text=True, cwd=str(RESULTS.parent))
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps([key, key in FLOOR_RUNS, args.eval_sets])],
+            capture_output=True,
+            text=True,
+            cwd=str(RESULTS.parent),
+        )
         if proc.returncode:
             print(f"run {key} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
             continue

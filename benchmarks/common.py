@@ -13,7 +13,9 @@ from wanda.data.sources import TextSource, _wikitext_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-WIKITEXT_TEST = Path(os.environ.get("WANDA_WIKITEXT_TEST", ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"))
+WIKITEXT_TEST = Path(
+    os.environ.get("WANDA_WIKITEXT_TEST", ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
+)
 
 #: The default protocol (issue 3): fp32 on CPU, 1024-token windows, 32 calibration windows from the
 #: wiki-summaries calibration part with seed 0, 40 evaluation windows per set.
@@ -22,14 +24,20 @@ PROTOCOL = {"seqlen": 1024, "nsamples": 32, "seed": 0, "eval_windows": 40, "batc
 
 def protocol_data(tokenizer, protocol: dict = PROTOCOL) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Calibration windows and the evaluation sets (WikiText-2 test when present, held-out summaries)."""
-    calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), tokenizer, protocol["nsamples"],
-                                protocol["seqlen"], protocol["seed"])
+    calib = calibration_windows(
+        resolve_source("wiki-summaries", "calibration"),
+        tokenizer,
+        protocol["nsamples"],
+        protocol["seqlen"],
+        protocol["seed"],
+    )
     evals = {}
     if WIKITEXT_TEST.is_file():
         source = TextSource("wikitext2", _wikitext_rows(WIKITEXT_TEST.read_text("utf-8")))
         evals["wikitext2"] = evaluation_windows(source, tokenizer, protocol["seqlen"], protocol["eval_windows"])
-    evals["wiki-summaries"] = evaluation_windows(resolve_source("wiki-summaries", "evaluation"), tokenizer,
-                                                 protocol["seqlen"], protocol["eval_windows"])
+    evals["wiki-summaries"] = evaluation_windows(
+        resolve_source("wiki-summaries", "evaluation"), tokenizer, protocol["seqlen"], protocol["eval_windows"]
+    )
     return calib, evals
 
 

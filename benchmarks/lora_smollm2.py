@@ -33,8 +33,16 @@ if "WANDA_DATA_DIR" not in os.environ and (SHARED_DATA / "wikitext-2-raw").is_di
 from wanda import PruneSettings, prune  # noqa: E402
 from wanda.data import calibration_windows, evaluation_windows, resolve_source  # noqa: E402
 from wanda.errors import WandaError  # noqa: E402
-from wanda.finetune import (LoraSettings, TrainSettings, evaluate_perplexity, finetune, masked_merge,  # noqa: E402
-                            plain_merge_revivals, training_blocks, verify_sparsity)
+from wanda.finetune import (  # noqa: E402
+    LoraSettings,
+    TrainSettings,
+    evaluate_perplexity,
+    finetune,
+    masked_merge,
+    plain_merge_revivals,
+    training_blocks,
+    verify_sparsity,
+)
 from wanda.models import load_model  # noqa: E402
 
 
@@ -45,8 +53,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="LoRA optimizer steps (default: 100)")
     p.add_argument("--block_size", type=int, default=256, help="tokens per training sequence (default: 256)")
     p.add_argument("--batch_size", type=int, default=1, help="sequences per step (default: 1)")
-    p.add_argument("--learning_rate", type=float, default=1e-3,
-                   help="higher than the seed's 1e-4 because the budget is under a hundred steps (default: 1e-3)")
+    p.add_argument(
+        "--learning_rate",
+        type=float,
+        default=1e-3,
+        help="higher than the seed's 1e-4 because the budget is under a hundred steps (default: 1e-3)",
+    )
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=float, default=16.0)
     p.add_argument("--lora_dropout", type=float, default=0.05)
@@ -54,9 +66,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib_seqlen", type=int, default=256, help="tokens per calibration window (default: 256)")
     p.add_argument("--eval_seqlen", type=int, default=512, help="tokens per evaluation window (default: 512)")
     p.add_argument("--eval_windows", type=int, default=12, help="windows per evaluation set (default: 12)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default: 1; on a 2-core machine shared with other jobs, two OpenMP threads "
-                   "spin-wait for each other: a LoRA step measured 2.5 s with one thread, 5-34 s with two)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default: 1; on a 2-core machine shared with other jobs, two OpenMP threads "
+        "spin-wait for each other: a LoRA step measured 2.5 s with one thread, 5-34 s with two)",
+    )
     p.add_argument("--no_dense", action="store_true", help="skip the dense model's perplexity")
     p.add_argument("--out", default=str(RESULTS / "lora_smollm2"), help="results path without suffix")
     return p.parse_args()
@@ -97,17 +113,25 @@ def write(path: str, args, rows: list[dict], meta: dict) -> None:
     ]
     for row in rows:
         ppl = " | ".join(f"{row['ppl'][s]:.2f}" if s in row.get("ppl", {}) else "-" for s in sets)
-        lines.append(f"| {row['pattern']} | {row['model']} | {row['sparsity']:.4f} | {ppl} | {row['seconds']:.0f} | "
-                     f"{row.get('cpu_seconds', 0.0):.0f} |")
-    lines += ["", "*sparsity*: exact zeros over all linear layers of the decoder blocks. *masked merge*: "
-              "W + M * (alpha/r) BA with M zero at the pruned weights; checked matrix by matrix to keep exactly "
-              "the pruned model's zeros (0 pruned weights non-zero in every row marked so). *plain merge*: "
-              "peft's merge_and_unload without the mask, its sparsity computed, not evaluated.", ""]
+        lines.append(
+            f"| {row['pattern']} | {row['model']} | {row['sparsity']:.4f} | {ppl} | {row['seconds']:.0f} | "
+            f"{row.get('cpu_seconds', 0.0):.0f} |"
+        )
+    lines += [
+        "",
+        "*sparsity*: exact zeros over all linear layers of the decoder blocks. *masked merge*: "
+        "W + M * (alpha/r) BA with M zero at the pruned weights; checked matrix by matrix to keep exactly "
+        "the pruned model's zeros (0 pruned weights non-zero in every row marked so). *plain merge*: "
+        "peft's merge_and_unload without the mask, its sparsity computed, not evaluated.",
+        "",
+    ]
     for note in meta.get("notes", []):
         lines.append(f"- {note}")
     if "total_wall_seconds" in meta:
-        lines.append(f"- whole run: {meta['total_wall_seconds'] / 60:.1f} min wall, {meta['total_cpu_seconds'] / 60:.1f} "
-                     f"min CPU, {meta['threads']} torch thread(s); load average at the end {meta['load_end']}.")
+        lines.append(
+            f"- whole run: {meta['total_wall_seconds'] / 60:.1f} min wall, {meta['total_cpu_seconds'] / 60:.1f} "
+            f"min CPU, {meta['threads']} torch thread(s); load average at the end {meta['load_end']}."
+        )
     Path(f"{path}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -129,17 +153,26 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     whole = Clock()
     patterns = [p.strip() for p in args.patterns.split(",") if p.strip()]
-    meta = {"model": "smollm2-135m", "threads": torch.get_num_threads(), "cpu": platform.processor() or "CPU",
-            "torch": torch.__version__, "args": vars(args), "eval_sets": [], "notes": []}
+    meta = {
+        "model": "smollm2-135m",
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or "CPU",
+        "torch": torch.__version__,
+        "args": vars(args),
+        "eval_sets": [],
+        "notes": [],
+    }
     rows: list[dict] = []
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     tokenizer = loaded.tokenizer
     sets = eval_sets(tokenizer, args.eval_seqlen, args.eval_windows)
     meta["eval_sets"] = list(sets)
-    calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), tokenizer, args.nsamples,
-                                args.calib_seqlen, seed=0)
-    blocks = training_blocks(resolve_source("wiki-summaries", "calibration"), tokenizer, args.block_size,
-                             args.steps * args.batch_size)
+    calib = calibration_windows(
+        resolve_source("wiki-summaries", "calibration"), tokenizer, args.nsamples, args.calib_seqlen, seed=0
+    )
+    blocks = training_blocks(
+        resolve_source("wiki-summaries", "calibration"), tokenizer, args.block_size, args.steps * args.batch_size
+    )
     clock = Clock()
     if not args.no_dense:
         ppl = evaluate_perplexity(loaded.model, sets, label="dense")
@@ -152,21 +185,46 @@ def main() -> None:
         clock.lap()
         report = prune(model, calib, PruneSettings(prune_method="wanda", sparsity_type=pattern))
         ppl = evaluate_perplexity(model, sets, label=f"{pattern} pruned")
-        rows.append({"pattern": pattern, "model": "Wanda pruned", "sparsity": report.actual_sparsity, "ppl": ppl,
-                     "prune_seconds": report.wall_seconds, **clock.lap()})
+        rows.append(
+            {
+                "pattern": pattern,
+                "model": "Wanda pruned",
+                "sparsity": report.actual_sparsity,
+                "ppl": ppl,
+                "prune_seconds": report.wall_seconds,
+                **clock.lap(),
+            }
+        )
         write(args.out, args, rows, meta)
 
-        settings = TrainSettings(block_size=args.block_size, learning_rate=args.learning_rate, max_steps=args.steps,
-                                 per_device_train_batch_size=args.batch_size, warmup_steps=10, logging_steps=10,
-                                 save_steps=max(args.steps // 2, 1), save_total_limit=1, seed=0)
+        settings = TrainSettings(
+            block_size=args.block_size,
+            learning_rate=args.learning_rate,
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            warmup_steps=10,
+            logging_steps=10,
+            save_steps=max(args.steps // 2, 1),
+            save_total_limit=1,
+            seed=0,
+        )
         lora = LoraSettings(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout)
         with tempfile.TemporaryDirectory(prefix="lora_smollm2_") as out:
             outcome = finetune(model, tokenizer, blocks, settings, out, mode="lora", lora=lora)
         ppl = evaluate_perplexity(outcome.model, sets, label=f"{pattern} adapter")
         losses = [e["loss"] for e in outcome.log_history if "loss" in e]
         adapter = f"+ LoRA adapter ({outcome.global_step} steps, unmerged; sparsity of the base)"
-        rows.append({"pattern": pattern, "model": adapter, "sparsity": outcome.sparsity.sparsity, "ppl": ppl,
-                     "train_seconds": outcome.train_seconds, "loss_log": losses, **clock.lap()})
+        rows.append(
+            {
+                "pattern": pattern,
+                "model": adapter,
+                "sparsity": outcome.sparsity.sparsity,
+                "ppl": ppl,
+                "train_seconds": outcome.train_seconds,
+                "loss_log": losses,
+                **clock.lap(),
+            }
+        )
         write(args.out, args, rows, meta)
 
         revived = plain_merge_revivals(outcome.model, outcome.masks)
@@ -177,22 +235,42 @@ def main() -> None:
         check.raise_if_revived("the merged model")
         exact = all(torch.equal(merged.get_submodule(n).weight == 0, m) for n, m in outcome.masks.items())
         ppl = evaluate_perplexity(merged, sets, label=f"{pattern} merged")
-        rows.append({"pattern": pattern, "model": "+ LoRA, masked merge", "sparsity": check.sparsity, "ppl": ppl,
-                     "revived": check.revived, "zero_pattern_identical": exact,
-                     "per_matrix": check.to_dict()["matrices"], **clock.lap()})
-        rows.append({"pattern": pattern, "model": "(+ LoRA, plain merge: not evaluated)",
-                     "sparsity": (zeros - sum(revived.values())) / total, "ppl": {}, "seconds": 0.0,
-                     "revived": sum(revived.values())})
+        rows.append(
+            {
+                "pattern": pattern,
+                "model": "+ LoRA, masked merge",
+                "sparsity": check.sparsity,
+                "ppl": ppl,
+                "revived": check.revived,
+                "zero_pattern_identical": exact,
+                "per_matrix": check.to_dict()["matrices"],
+                **clock.lap(),
+            }
+        )
+        rows.append(
+            {
+                "pattern": pattern,
+                "model": "(+ LoRA, plain merge: not evaluated)",
+                "sparsity": (zeros - sum(revived.values())) / total,
+                "ppl": {},
+                "seconds": 0.0,
+                "revived": sum(revived.values()),
+            }
+        )
         meta["notes"].append(
             f"{pattern}: masked merge keeps {check.sparsity:.4f} sparsity with {check.revived} pruned weights "
             f"non-zero (zero pattern identical to the pruned model: {exact}); a plain merge would revive "
             f"{sum(revived.values())} of {zeros} pruned weights. LoRA loss every 10 steps: "
-            + ", ".join(f"{x:.3f}" for x in losses))
+            + ", ".join(f"{x:.3f}" for x in losses)
+        )
         write(args.out, args, rows, meta)
         del merged, outcome, model
     total_time = whole.lap()
-    meta.update(total_wall_seconds=total_time["seconds"], total_cpu_seconds=total_time["cpu_seconds"],
-                load_end=" ".join(f"{x:.1f}" for x in os.getloadavg()))
+    meta.update(
+        total_wall_seconds=total_time["seconds"],
+        total_cpu_seconds=total_time["cpu_seconds"],
+        load_end=" ".join(f"{x:.1f}" for x in os.getloadavg()),
+    )
     write(args.out, args, rows, meta)
     print(Path(f"{args.out}.md").read_text())
 

@@ -14,8 +14,8 @@ import os
 import time
 
 import torch
-
 from common import RESULTS
+
 from wanda.masks import nm_mask
 
 
@@ -48,13 +48,28 @@ def main() -> None:
             assert torch.equal(nm_mask(scores, n, m), loop_nm_mask(scores, n, m)), "both select the same weights"
             ours = best_of(lambda: nm_mask(scores, n, m))
             loop = best_of(lambda: loop_nm_mask(scores, n, m))
-            results.append({"pattern": f"{n}:{m}", "shape": [rows, cols], "threads": threads, "vectorised_s": ours,
-                            "loop_topk_s": loop, "speedup": loop / ours, "load_average": list(os.getloadavg())})
-    lines = [f"N:M mask selection for a {rows}x{cols} score matrix, best wall time of 10 (torch {torch.__version__}, "
-             f"{os.cpu_count()} CPUs).", "",
-             "| pattern | threads | vectorised s | loop of topk s | speed-up |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['pattern']} | {r['threads']} | {r['vectorised_s']:.3f} | {r['loop_topk_s']:.3f} | "
-              f"{r['speedup']:.1f}x |" for r in results]
+            results.append(
+                {
+                    "pattern": f"{n}:{m}",
+                    "shape": [rows, cols],
+                    "threads": threads,
+                    "vectorised_s": ours,
+                    "loop_topk_s": loop,
+                    "speedup": loop / ours,
+                    "load_average": list(os.getloadavg()),
+                }
+            )
+    lines = [
+        f"N:M mask selection for a {rows}x{cols} score matrix, best wall time of 10 (torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs).",
+        "",
+        "| pattern | threads | vectorised s | loop of topk s | speed-up |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['pattern']} | {r['threads']} | {r['vectorised_s']:.3f} | {r['loop_topk_s']:.3f} | {r['speedup']:.1f}x |"
+        for r in results
+    ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "nm_mask_speed.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "nm_mask_speed.md").write_text("\n".join(lines) + "\n")

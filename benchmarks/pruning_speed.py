@@ -54,9 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smollm_windows", type=int, default=32, help="calibration windows for smollm2-135m (0: skip)")
     p.add_argument("--llama_blocks", type=int, default=2, help="LLaMA-7B-shaped blocks (0: skip; default: 2)")
     p.add_argument("--llama_windows", type=int, default=4, help="calibration windows for the 7B-shaped blocks")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (default 0: torch's default). On a shared, overloaded machine use 1: "
-                   "with more, every small element-wise op waits for a descheduled worker thread (60x slower here)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (default 0: torch's default). On a shared, overloaded machine use 1: "
+        "with more, every small element-wise op waits for a descheduled worker thread (60x slower here)",
+    )
     p.add_argument("--output", default=None, help="file stem (default: benchmarks/results/pruning_speed_<device>)")
     return p.parse_args(argv)
 
@@ -69,9 +73,16 @@ def _device_tag(device: torch.device) -> str:
 
 
 def _environment(device: torch.device) -> dict:
-    env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine(),
-           "cpu_count": os.cpu_count(), "load_average_at_start": list(os.getloadavg()), "code": _code_version()}
+    env = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": list(os.getloadavg()),
+        "code": _code_version(),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -89,10 +100,12 @@ def _code_version() -> str:
 
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/wanda"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src/wanda"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+dirty" if dirty else "")
@@ -108,9 +121,14 @@ def _summarise(model_name: str, blocks: int, method: str, pattern: str, report) 
     for layer in report.layers:
         per_type.setdefault(_layer_type(layer.name), []).append(layer.prune_seconds)
     return {
-        "model": model_name, "blocks": blocks, "method": method, "pattern": pattern,
-        "prune_seconds": report.prune_seconds, "per_block_seconds": report.prune_seconds / blocks,
-        "wall_seconds": report.wall_seconds, "actual_sparsity": report.actual_sparsity,
+        "model": model_name,
+        "blocks": blocks,
+        "method": method,
+        "pattern": pattern,
+        "prune_seconds": report.prune_seconds,
+        "per_block_seconds": report.prune_seconds / blocks,
+        "wall_seconds": report.wall_seconds,
+        "actual_sparsity": report.actual_sparsity,
         "calibration_tokens": report.calibration_tokens,
         "per_layer_type_mean_seconds": {k: statistics.mean(v) for k, v in per_type.items()},
         "layers": [{"name": l.name, "shape": list(l.shape), "seconds": l.prune_seconds} for l in report.layers],
@@ -125,8 +143,9 @@ def _run(model, calib, method: str, pattern: str, device: torch.device):
 def bench_smollm(args, device: torch.device, dtype: str) -> list[dict]:
     rows = []
     tokenizer = load_model("smollm2-135m", dtype=dtype, device=str(device)).tokenizer
-    calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), tokenizer, args.smollm_windows,
-                                args.seqlen, seed=0)
+    calib = calibration_windows(
+        resolve_source("wiki-summaries", "calibration"), tokenizer, args.smollm_windows, args.seqlen, seed=0
+    )
     for pattern in args.patterns.split(","):
         for method in args.methods.split(","):
             model = load_model("smollm2-135m", dtype=dtype, device=str(device)).model  # fresh weights every run
@@ -140,14 +159,22 @@ def bench_smollm(args, device: torch.device, dtype: str) -> list[dict]:
 def bench_llama7b(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                         num_key_value_heads=32, num_hidden_layers=args.llama_blocks, max_position_embeddings=2048)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=args.llama_blocks,
+        max_position_embeddings=2048,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     model.config.use_cache = False
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calib = torch.randint(0, config.vocab_size, (args.llama_windows, args.seqlen),
-                          generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(
+        0, config.vocab_size, (args.llama_windows, args.seqlen), generator=torch.Generator().manual_seed(0)
+    )
     rows = []
     name = f"LLaMA-7B-shaped ({args.llama_blocks} random blocks)"
     for pattern in args.patterns.split(","):
@@ -162,16 +189,22 @@ def bench_llama7b(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
 def markdown(rows: list[dict], payload: dict) -> str:
     env = payload["environment"]
     hardware = env.get("gpu") or f"{env.get('cpu')}, {env['threads']} torch thread(s)"
-    lines = [f"Pruning speed on {hardware} (torch {env['torch']}, {payload['dtype'].removeprefix('torch.')}, "
-             f"wanda at {env.get('code', 'unknown')}): "
-             "mask-and-update seconds summed over all pruned layers, without forward passes. Calibration: "
-             f"smollm2-135m {payload['smollm_windows']} windows of {payload['seqlen']} tokens from wiki-summaries; "
-             f"the 7B-shaped blocks {payload['llama_windows']} windows of {payload['seqlen']} random tokens. "
-             "The 32-block column is the per-block time times 32.", ""]
+    lines = [
+        f"Pruning speed on {hardware} (torch {env['torch']}, {payload['dtype'].removeprefix('torch.')}, "
+        f"wanda at {env.get('code', 'unknown')}): "
+        "mask-and-update seconds summed over all pruned layers, without forward passes. Calibration: "
+        f"smollm2-135m {payload['smollm_windows']} windows of {payload['seqlen']} tokens from wiki-summaries; "
+        f"the 7B-shaped blocks {payload['llama_windows']} windows of {payload['seqlen']} random tokens. "
+        "The 32-block column is the per-block time times 32.",
+        "",
+    ]
     load = max(env["load_average_at_start"][0], env.get("load_average_at_end", [0])[0])
     if env["device"] == "cpu" and load > env["cpu_count"]:
-        lines.insert(1, f"The machine was shared (1-minute load average up to {load:.1f} on {env['cpu_count']} cores), "
-                     "so these times are inflated by waiting for the CPU.")
+        lines.insert(
+            1,
+            f"The machine was shared (1-minute load average up to {load:.1f} on {env['cpu_count']} cores), "
+            "so these times are inflated by waiting for the CPU.",
+        )
     columns = list(dict.fromkeys((r["model"], r["pattern"]) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     by_key = {(r["model"], r["pattern"], r["method"]): r for r in rows}
@@ -180,16 +213,27 @@ def markdown(rows: list[dict], payload: dict) -> str:
     header += [f"est. LLaMA-7B (32 blocks) {'50% unstr.' if p == 'unstructured' else p}" for _, p in seven_b]
     lines += ["| method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
     for method in methods:
-        cells = [f"{by_key[(m, p, method)]['prune_seconds']:.2f}" if (m, p, method) in by_key else "-" for m, p in columns]
-        cells += [f"{by_key[(m, p, method)]['per_block_seconds'] * LLAMA_7B_BLOCKS:.1f}" if (m, p, method) in by_key
-                  else "-" for m, p in seven_b]
+        cells = [
+            f"{by_key[(m, p, method)]['prune_seconds']:.2f}" if (m, p, method) in by_key else "-" for m, p in columns
+        ]
+        cells += [
+            f"{by_key[(m, p, method)]['per_block_seconds'] * LLAMA_7B_BLOCKS:.1f}" if (m, p, method) in by_key else "-"
+            for m, p in seven_b
+        ]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     types = list(dict.fromkeys(t for r in rows for t in r["per_layer_type_mean_seconds"]))
-    lines += ["", "Per layer: mean mask-and-update seconds of one matrix of each kind.", "",
-              "| model | pattern | method | " + " | ".join(types) + " |", "|---|---|---|" + "---:|" * len(types)]
+    lines += [
+        "",
+        "Per layer: mean mask-and-update seconds of one matrix of each kind.",
+        "",
+        "| model | pattern | method | " + " | ".join(types) + " |",
+        "|---|---|---|" + "---:|" * len(types),
+    ]
     for r in rows:
-        cells = [f"{r['per_layer_type_mean_seconds'][t]:.4f}" if t in r["per_layer_type_mean_seconds"] else "-"
-                 for t in types]
+        cells = [
+            f"{r['per_layer_type_mean_seconds'][t]:.4f}" if t in r["per_layer_type_mean_seconds"] else "-"
+            for t in types
+        ]
         lines.append(f"| {r['model']} | {r['pattern']} | {r['method']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -199,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     # fp32 on CPU (half precision is slow there), fp16 on GPU as in the paper
     dtype = torch.float32 if device.type == "cpu" else torch.float16
     env = _environment(device)
@@ -213,9 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.output) if args.output else RESULTS / f"pruning_speed_{_device_tag(device)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     env["load_average_at_end"] = list(os.getloadavg())
-    payload = {"environment": env, "dtype": str(dtype), "seqlen": args.seqlen, "smollm_windows": args.smollm_windows,
-               "llama_blocks": args.llama_blocks, "llama_windows": args.llama_windows,
-               "total_seconds": time.perf_counter() - start, "runs": rows}
+    payload = {
+        "environment": env,
+        "dtype": str(dtype),
+        "seqlen": args.seqlen,
+        "smollm_windows": args.smollm_windows,
+        "llama_blocks": args.llama_blocks,
+        "llama_windows": args.llama_windows,
+        "total_seconds": time.perf_counter() - start,
+        "runs": rows,
+    }
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
     table = markdown(rows, payload)
     stem.with_suffix(".md").write_text(table)

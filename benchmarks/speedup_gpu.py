@@ -26,9 +26,17 @@ from pathlib import Path
 import torch
 
 from wanda import PruneSettings, prune
-from wanda.jobs.speedup import EXIT_NO_GPU, environment, gpu_slug
 from wanda.data import calibration_windows, resolve_source
-from wanda.export import BACKENDS, SemiStructuredBackend, available_backends, SpeedupSettings, format_tables, gpu_problem, run_speedup
+from wanda.export import (
+    BACKENDS,
+    SemiStructuredBackend,
+    SpeedupSettings,
+    available_backends,
+    format_tables,
+    gpu_problem,
+    run_speedup,
+)
+from wanda.jobs.speedup import EXIT_NO_GPU, environment, gpu_slug
 from wanda.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,8 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def llama7b_24(blocks: int, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                         num_key_value_heads=32, num_hidden_layers=blocks, max_position_embeddings=4096)
+    config = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        num_hidden_layers=blocks,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
     model.config.use_cache = False
@@ -68,8 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problem = gpu_problem()
     if problem is not None:
-        print(f"speedup_gpu.py: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; {problem}",
-              file=sys.stderr)
+        print(
+            f"speedup_gpu.py: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; {problem}",
+            file=sys.stderr,
+        )
         return EXIT_NO_GPU
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*prototype.*")
@@ -80,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     if not backends:
         print(f"speedup_gpu.py: none of {args.backends} runs on this GPU", file=sys.stderr)
         return EXIT_NO_GPU
-    builders = {f"LLaMA-7B-shaped ({args.blocks} random blocks, magnitude 2:4)": lambda: llama7b_24(args.blocks, dtype, device)}
+    builders = {
+        f"LLaMA-7B-shaped ({args.blocks} random blocks, magnitude 2:4)": lambda: llama7b_24(args.blocks, dtype, device)
+    }
     if not args.skip_smollm:
         builders["smollm2-135m (Wanda 2:4)"] = lambda: smollm_24(dtype, device)
     results, sections = [], []
@@ -97,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.output) if args.output else RESULTS / f"speedup_{gpu_slug(device)}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(f"2:4 speed-up on {torch.cuda.get_device_name(device)} ({args.dtype}, torch "
-                                       f"{torch.__version__}, CUDA {torch.version.cuda})\n\n" + "\n".join(sections))
+    stem.with_suffix(".md").write_text(
+        f"2:4 speed-up on {torch.cuda.get_device_name(device)} ({args.dtype}, torch "
+        f"{torch.__version__}, CUDA {torch.version.cuda})\n\n" + "\n".join(sections)
+    )
     return 0 if all(r["check"]["passed"] for r in results) else 4
 
 

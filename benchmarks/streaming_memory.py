@@ -32,10 +32,18 @@ import time
 from pathlib import Path
 
 from common import PROTOCOL, RESULTS
+
 from wanda.utils.io import atomic_write_text
 
-LARGE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-         "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
+LARGE = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+}
 #: 4 windows of 128 tokens: the memory figures hardly depend on it (activations 4 x 128 x 2048 x 4 B = 4 MB), and
 #: on 2 cores shared with five other jobs two runs of the 1.1 B model must fit in minutes.
 LARGE_CALIB = {"nsamples": 4, "seqlen": 128, "seed": 0, "batch_size": 2}
@@ -47,11 +55,12 @@ TARGETS = {"large_peak_rss_gb": 1.5, "smollm2_stream_peak_rss_gb": 0.70, "smollm
 
 # ---- workers (each in a fresh process) -------------------------------------------------------------------------
 
+
 def build_large(folder: str) -> dict:
     """The random model, written tensor by tensor (std 0.02 weights, unit norms) into 2 GB shards."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
     from accelerate import init_empty_weights
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from wanda.export.shards import write_shards
     from wanda.utils.resources import run_peak_rss_mb
@@ -75,11 +84,16 @@ def build_large(folder: str) -> dict:
     config.save_pretrained(out)
     _word_tokenizer().save_pretrained(out)
     words = torch.randint(0, LARGE["vocab_size"] - 3, (20000,), generator=torch.Generator().manual_seed(7)).tolist()
-    (out / "corpus.txt").write_text("\n".join(" ".join(f"w{i}" for i in words[k : k + 50])
-                                             for k in range(0, len(words), 50)) + "\n")
+    (out / "corpus.txt").write_text(
+        "\n".join(" ".join(f"w{i}" for i in words[k : k + 50]) for k in range(0, len(words), 50)) + "\n"
+    )
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    return {"bytes": size, "shards": len(list(out.glob("*.safetensors"))), "seconds": time.perf_counter() - start,
-            "peak_rss_mb": run_peak_rss_mb()}
+    return {
+        "bytes": size,
+        "shards": len(list(out.glob("*.safetensors"))),
+        "seconds": time.perf_counter() - start,
+        "peak_rss_mb": run_peak_rss_mb(),
+    }
 
 
 def _word_tokenizer():
@@ -101,8 +115,13 @@ def _large_calib(folder: str):
     from wanda.data import calibration_windows, resolve_source
 
     source = resolve_source(str(Path(folder) / "corpus.txt"), "calibration")
-    return calibration_windows(source, AutoTokenizer.from_pretrained(folder), LARGE_CALIB["nsamples"],
-                               LARGE_CALIB["seqlen"], LARGE_CALIB["seed"])
+    return calibration_windows(
+        source,
+        AutoTokenizer.from_pretrained(folder),
+        LARGE_CALIB["nsamples"],
+        LARGE_CALIB["seqlen"],
+        LARGE_CALIB["seed"],
+    )
 
 
 def stream_large(folder: str, output: str) -> dict:
@@ -112,25 +131,57 @@ def stream_large(folder: str, output: str) -> dict:
 
     results = Path(output).with_name("results-streamed")
     start = time.perf_counter()
-    code = run(["--model", folder, "--offload", "disk", "--prune_method", "wanda", "--sparsity_ratio", "0.5",
-                "--calib_dataset", str(Path(folder) / "corpus.txt"), "--nsamples", str(LARGE_CALIB["nsamples"]),
-                "--seqlen", str(LARGE_CALIB["seqlen"]), "--seed", str(LARGE_CALIB["seed"]), "--batch_size",
-                str(LARGE_CALIB["batch_size"]), "--eval_dataset", "none", "--device", "cpu", "--dtype", "float32",
-                "--save_model", output, "--save", str(results)], prog="wanda")
+    code = run(
+        [
+            "--model",
+            folder,
+            "--offload",
+            "disk",
+            "--prune_method",
+            "wanda",
+            "--sparsity_ratio",
+            "0.5",
+            "--calib_dataset",
+            str(Path(folder) / "corpus.txt"),
+            "--nsamples",
+            str(LARGE_CALIB["nsamples"]),
+            "--seqlen",
+            str(LARGE_CALIB["seqlen"]),
+            "--seed",
+            str(LARGE_CALIB["seed"]),
+            "--batch_size",
+            str(LARGE_CALIB["batch_size"]),
+            "--eval_dataset",
+            "none",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--save_model",
+            output,
+            "--save",
+            str(results),
+        ],
+        prog="wanda",
+    )
     total = time.perf_counter() - start
     assert code == 0, code
     payload = json.loads((results / "results_wanda.json").read_text())
-    return {"command": "wanda --offload disk (in-process)", "peak_rss_mb_pruning": payload["prune"]["peak_rss_mb"],
-            "peak_rss_mb_run": run_peak_rss_mb(), "prune_wall_seconds": payload["prune"]["wall_seconds"],
-            "total_wall_seconds": total, "actual_sparsity": payload["prune"]["actual_sparsity"],
-            "output_bytes": sum(f.stat().st_size for f in Path(output).iterdir())}
+    return {
+        "command": "wanda --offload disk (in-process)",
+        "peak_rss_mb_pruning": payload["prune"]["peak_rss_mb"],
+        "peak_rss_mb_run": run_peak_rss_mb(),
+        "prune_wall_seconds": payload["prune"]["wall_seconds"],
+        "total_wall_seconds": total,
+        "actual_sparsity": payload["prune"]["actual_sparsity"],
+        "output_bytes": sum(f.stat().st_size for f in Path(output).iterdir()),
+    }
 
 
 def memory_large(folder: str, output: str) -> dict:
     """The same pruning with the whole model in RAM; every tensor compared with the streamed output."""
     import torch
     from safetensors import safe_open
-
     from transformers import AutoModelForCausalLM
 
     from wanda import PruneSettings, prune
@@ -138,8 +189,14 @@ def memory_large(folder: str, output: str) -> dict:
 
     start = time.perf_counter()  # the random model has no tokenizer, so not wanda's load_model
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, low_cpu_mem_usage=True).eval()
-    report = prune(model, _large_calib(folder), PruneSettings(prune_method="wanda", sparsity_ratio=0.5), device="cpu",
-                   progress=False, batch_size=LARGE_CALIB["batch_size"])
+    report = prune(
+        model,
+        _large_calib(folder),
+        PruneSettings(prune_method="wanda", sparsity_ratio=0.5),
+        device="cpu",
+        progress=False,
+        batch_size=LARGE_CALIB["batch_size"],
+    )
     wall = time.perf_counter() - start
     state = model.state_dict()
     compared, differ = 0, []
@@ -149,15 +206,21 @@ def memory_large(folder: str, output: str) -> dict:
                 compared += 1
                 if not torch.equal(handle.get_tensor(key), state[key]):
                     differ.append(key)
-    return {"peak_rss_mb_pruning": report.peak_rss_mb, "peak_rss_mb_run": run_peak_rss_mb(),
-            "prune_wall_seconds": report.wall_seconds, "load_prune_wall_seconds": wall,
-            "tensors_compared": compared, "tensors_in_model": len(state), "tensors_differing": differ}
+    return {
+        "peak_rss_mb_pruning": report.peak_rss_mb,
+        "peak_rss_mb_run": run_peak_rss_mb(),
+        "prune_wall_seconds": report.wall_seconds,
+        "load_prune_wall_seconds": wall,
+        "tensors_compared": compared,
+        "tensors_in_model": len(state),
+        "tensors_differing": differ,
+    }
 
 
 def _smol_data():
+    from common import protocol_data
     from transformers import AutoTokenizer
 
-    from common import protocol_data
     from wanda.models.bundled import bundled_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())  # not the model: both modes load it timed
@@ -176,8 +239,8 @@ def smol(mode: str, output: str) -> dict:
     from wanda.export import save_model
     from wanda.models import load_model
     from wanda.models.bundled import bundled_model_dir
-    from wanda.utils.resources import release_memory, run_peak_rss_mb
     from wanda.pruning.streamed import open_pruned, prune_streamed, save_streamed
+    from wanda.utils.resources import release_memory, run_peak_rss_mb
 
     calib, evals = _smol_data()
     folder = bundled_model_dir()
@@ -193,16 +256,30 @@ def smol(mode: str, output: str) -> dict:
         ppl = perplexity(model, evals, batch_size=PROTOCOL["batch_size"], progress=False)
     else:
         work = Path(output).with_name(Path(output).name + ".work")
-        run = prune_streamed(folder, calib, settings, StreamSettings(offload="disk", work_dir=str(work)),
-                             device="cpu", batch_size=PROTOCOL["batch_size"], progress=False, seed=PROTOCOL["seed"])
+        run = prune_streamed(
+            folder,
+            calib,
+            settings,
+            StreamSettings(offload="disk", work_dir=str(work)),
+            device="cpu",
+            batch_size=PROTOCOL["batch_size"],
+            progress=False,
+            seed=PROTOCOL["seed"],
+        )
         report = run.report
         wall = time.perf_counter() - start
         save_streamed(run.streamed, run.checkpoint, output)
         ppl = streamed_perplexity(open_pruned(run), evals, "cpu", PROTOCOL["batch_size"], progress=False)
         run.cleanup()
-    return {"mode": mode, "peak_rss_mb_pruning": report.peak_rss_mb, "prune_wall_seconds": report.wall_seconds,
-            "load_prune_wall_seconds": wall, "actual_sparsity": report.actual_sparsity,
-            "ppl_wiki_summaries": ppl, "peak_rss_mb_run": run_peak_rss_mb()}
+    return {
+        "mode": mode,
+        "peak_rss_mb_pruning": report.peak_rss_mb,
+        "prune_wall_seconds": report.wall_seconds,
+        "load_prune_wall_seconds": wall,
+        "actual_sparsity": report.actual_sparsity,
+        "ppl_wiki_summaries": ppl,
+        "peak_rss_mb_run": run_peak_rss_mb(),
+    }
 
 
 def compare_folders(a: str, b: str) -> dict:
@@ -214,16 +291,27 @@ def compare_folders(a: str, b: str) -> dict:
     return {"tensors": len(sa), "differing": [k for k in sa if not torch.equal(sa[k], sb[k])]}
 
 
-WORKERS = {"build_large": build_large, "stream_large": stream_large, "memory_large": memory_large, "smol": smol,
-           "compare_folders": compare_folders}
+WORKERS = {
+    "build_large": build_large,
+    "stream_large": stream_large,
+    "memory_large": memory_large,
+    "smol": smol,
+    "compare_folders": compare_folders,
+}
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------
 
+
 def _worker(name: str, *args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, *args], capture_output=True, text=True,
-                          cwd=str(RESULTS.parent), env=env)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", name, *args],
+        capture_output=True,
+        text=True,
+        cwd=str(RESULTS.parent),
+        env=env,
+    )
     if proc.returncode:
         sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -238,8 +326,14 @@ def run_large(scratch: Path) -> dict:
     memory = _worker("memory_large", str(model), str(output))
     shutil.rmtree(model, ignore_errors=True)
     shutil.rmtree(output, ignore_errors=True)
-    return {"config": LARGE, "calibration": LARGE_CALIB, "checkpoint": built, "streamed": streamed, "in_memory": memory,
-            "equal": not memory["tensors_differing"] and memory["tensors_compared"] == memory["tensors_in_model"]}
+    return {
+        "config": LARGE,
+        "calibration": LARGE_CALIB,
+        "checkpoint": built,
+        "streamed": streamed,
+        "in_memory": memory,
+        "equal": not memory["tensors_differing"] and memory["tensors_compared"] == memory["tensors_in_model"],
+    }
 
 
 def run_smol(scratch: Path, repeats: int) -> dict:
@@ -251,13 +345,20 @@ def run_smol(scratch: Path, repeats: int) -> dict:
     equal = _worker("compare_folders", runs[0]["folder"], runs[1]["folder"])
     for r in runs:
         shutil.rmtree(r.pop("folder"), ignore_errors=True)
-    best = {m: min((r for r in runs if r["mode"] == m), key=lambda r: r["load_prune_wall_seconds"])
-            for m in ("memory", "stream")}
-    return {"protocol": PROTOCOL, "runs": runs, "equal": not equal["differing"], "tensors_compared": equal["tensors"],
-            "wall_ratio": best["stream"]["load_prune_wall_seconds"] / best["memory"]["load_prune_wall_seconds"],
-            "prune_wall_ratio": best["stream"]["prune_wall_seconds"] / best["memory"]["prune_wall_seconds"],
-            "stream_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "stream"),
-            "memory_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "memory")}
+    best = {
+        m: min((r for r in runs if r["mode"] == m), key=lambda r: r["load_prune_wall_seconds"])
+        for m in ("memory", "stream")
+    }
+    return {
+        "protocol": PROTOCOL,
+        "runs": runs,
+        "equal": not equal["differing"],
+        "tensors_compared": equal["tensors"],
+        "wall_ratio": best["stream"]["load_prune_wall_seconds"] / best["memory"]["load_prune_wall_seconds"],
+        "prune_wall_ratio": best["stream"]["prune_wall_seconds"] / best["memory"]["prune_wall_seconds"],
+        "stream_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "stream"),
+        "memory_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "memory"),
+    }
 
 
 def from_log(path: Path) -> dict:
@@ -269,21 +370,31 @@ def from_log(path: Path) -> dict:
     out: dict = {}
     if "smol" in seen and "compare_folders" in seen:
         runs = seen["smol"]
-        best = {m: min((r for r in runs if r["mode"] == m), key=lambda r: r["load_prune_wall_seconds"])
-                for m in ("memory", "stream")}
+        best = {
+            m: min((r for r in runs if r["mode"] == m), key=lambda r: r["load_prune_wall_seconds"])
+            for m in ("memory", "stream")
+        }
         equal = seen["compare_folders"][0]
         out["smollm2"] = {
-            "protocol": PROTOCOL, "runs": runs, "equal": not equal["differing"], "tensors_compared": equal["tensors"],
+            "protocol": PROTOCOL,
+            "runs": runs,
+            "equal": not equal["differing"],
+            "tensors_compared": equal["tensors"],
             "wall_ratio": best["stream"]["load_prune_wall_seconds"] / best["memory"]["load_prune_wall_seconds"],
             "prune_wall_ratio": best["stream"]["prune_wall_seconds"] / best["memory"]["prune_wall_seconds"],
             "stream_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "stream"),
-            "memory_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "memory")}
+            "memory_peak_rss_mb_pruning": max(r["peak_rss_mb_pruning"] for r in runs if r["mode"] == "memory"),
+        }
     if all(k in seen for k in ("build_large", "stream_large", "memory_large")):
         memory = seen["memory_large"][0]
-        out["large"] = {"config": LARGE, "calibration": LARGE_CALIB, "checkpoint": seen["build_large"][0],
-                        "streamed": seen["stream_large"][0], "in_memory": memory,
-                        "equal": not memory["tensors_differing"]
-                        and memory["tensors_compared"] == memory["tensors_in_model"]}
+        out["large"] = {
+            "config": LARGE,
+            "calibration": LARGE_CALIB,
+            "checkpoint": seen["build_large"][0],
+            "streamed": seen["stream_large"][0],
+            "in_memory": memory,
+            "equal": not memory["tensors_differing"] and memory["tensors_compared"] == memory["tensors_in_model"],
+        }
     return out
 
 
@@ -329,8 +440,10 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|---|",
         ]
         for r in smol["runs"]:
-            lines.append(f"| {r['mode']} | {r['peak_rss_mb_pruning']:.0f} | {r['prune_wall_seconds']:.1f} | "
-                         f"{r['load_prune_wall_seconds']:.1f} | {r['actual_sparsity']:.4f} | {r['ppl_wiki_summaries']:.4f} |")
+            lines.append(
+                f"| {r['mode']} | {r['peak_rss_mb_pruning']:.0f} | {r['prune_wall_seconds']:.1f} | "
+                f"{r['load_prune_wall_seconds']:.1f} | {r['actual_sparsity']:.4f} | {r['ppl_wiki_summaries']:.4f} |"
+            )
         rss = smol["stream_peak_rss_mb_pruning"] / 1024
         lines += [
             "",
@@ -349,8 +462,9 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("large", "smollm2"), help="run one part (the other is kept from the "
-                        "existing results file)")
+    parser.add_argument(
+        "--only", choices=("large", "smollm2"), help="run one part (the other is kept from the existing results file)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="SmolLM2 runs per mode (default 1)")
     parser.add_argument("--scratch", default=None, help="folder for the 4.4 GB model (default: a temporary folder)")
     parser.add_argument("--from_log", help="build the results from the worker lines of an interrupted run's log")

@@ -61,8 +61,7 @@ class Recipe:
     seed: int = 0
 
     def key(self) -> str:
-        text = json.dumps({**asdict(self), "model": model_config(self.arch), "pre": asdict(PREPROCESS)},
-                          sort_keys=True)
+        text = json.dumps({**asdict(self), "model": model_config(self.arch), "pre": asdict(PREPROCESS)}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -71,11 +70,27 @@ RECIPES = (Recipe("convnext", epochs=30, lr=2e-3), Recipe("vit", epochs=60, lr=1
 
 def model_config(arch: str) -> dict:
     if arch == "convnext":  # 2 stages: 8x8 grid of width 32, then 4x4 of width 64; pointwise MLPs 4x wide
-        return dict(num_channels=3, image_size=16, patch_size=2, num_stages=2, hidden_sizes=[32, 64],
-                    depths=[2, 2], num_labels=10)
+        return dict(
+            num_channels=3,
+            image_size=16,
+            patch_size=2,
+            num_stages=2,
+            hidden_sizes=[32, 64],
+            depths=[2, 2],
+            num_labels=10,
+        )
     if arch == "vit":  # 16 patches of 4x4 plus the class token; 4 layers of width 64, MLP 4x wide
-        return dict(image_size=16, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                    intermediate_size=256, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        return dict(
+            image_size=16,
+            patch_size=4,
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=256,
+            num_labels=10,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
     raise ValueError(f"unknown arch {arch!r}")
 
 
@@ -123,7 +138,7 @@ def shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torc
     blank = (0.0 - PREPROCESS.mean[0]) / PREPROCESS.std[0]
     padded = torch.nn.functional.pad(images, (pixels,) * 4, value=blank)
     dy, dx = torch.randint(0, 2 * pixels + 1, (2, n), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w] for i in range(n)])
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
 def train(recipe: Recipe, data: Path, folder: Path) -> dict:
@@ -150,8 +165,10 @@ def train(recipe: Recipe, data: Path, folder: Path) -> dict:
             model.eval()
             with torch.no_grad():
                 accuracy = (model(pixel_values=x_test).logits.argmax(-1) == y_test).float().mean().item()
-            print(f"  {recipe.arch} epoch {epoch + 1}: loss {loss.item():.3f}, test top-1 {100 * accuracy:.2f}%",
-                  flush=True)
+            print(
+                f"  {recipe.arch} epoch {epoch + 1}: loss {loss.item():.3f}, test top-1 {100 * accuracy:.2f}%",
+                flush=True,
+            )
     model.eval()
     with atomic_directory(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
@@ -171,9 +188,31 @@ def cached_model(recipe: Recipe, data: Path, retrain: bool) -> Path:
 
 def prune_run(model: Path, data: Path, tag: str, extra: list[str], nsamples: int, threads: int) -> dict:
     out = CACHE / "runs" / tag
-    cmd = [sys.executable, "-m", "wanda", "vision", "--model", tag.split("-")[0], "--resume", str(model),
-           "--data_path", str(data), "--nsamples", str(nsamples), "--batch_size", "128", "--workers", "0",
-           "--save", str(out), "--save_model", str(out / "pruned"), "--overwrite", "--no_progress", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wanda",
+        "vision",
+        "--model",
+        tag.split("-")[0],
+        "--resume",
+        str(model),
+        "--data_path",
+        str(data),
+        "--nsamples",
+        str(nsamples),
+        "--batch_size",
+        "128",
+        "--workers",
+        "0",
+        "--save",
+        str(out),
+        "--save_model",
+        str(out / "pruned"),
+        "--overwrite",
+        "--no_progress",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -184,13 +223,21 @@ def prune_run(model: Path, data: Path, tag: str, extra: list[str], nsamples: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--retrain", action="store_true", help="train again even if a cached model exists")
-    parser.add_argument("--seeds", type=int, default=1, help="models trained per architecture, with seeds 0..N-1, "
-                        "each also calibrated with its seed; the table gives mean and spread (default: 1)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="models trained per architecture, with seeds 0..N-1, "
+        "each also calibrated with its seed; the table gives mean and spread (default: 1)",
+    )
     parser.add_argument("--nsamples", type=int, default=256, help="calibration images (default: 256)")
     # One thread: on a shared, busy CPU more threads made each step 10-30x slower (OpenMP spin-waiting).
     parser.add_argument("--threads", type=int, default=1, help="torch threads, here and in each run (default: 1)")
-    parser.add_argument("--tables_only", action="store_true",
-                        help="rewrite results/vision_digits.md from results/vision_digits.json, running nothing")
+    parser.add_argument(
+        "--tables_only",
+        action="store_true",
+        help="rewrite results/vision_digits.md from results/vision_digits.json, running nothing",
+    )
     args = parser.parse_args()
     if args.tables_only:
         saved = json.loads((RESULTS / "vision_digits.json").read_text())
@@ -214,14 +261,28 @@ def main() -> None:
                 acc = result["accuracy"]["pruned"]
                 if not any(d["model"] == recipe.arch and d["seed"] == seed for d in dense):
                     dense.append({"model": recipe.arch, "seed": seed, **result["accuracy"]["dense"]})
-                rows.append({"model": recipe.arch, "seed": seed, "sparsity": sparsity, "metric": metric,
-                             "granularity": granularity, "top1": acc["top1"], "top5": acc["top5"],
-                             "loss": acc["loss"], "test_images": acc["images"],
-                             "actual_sparsity": result["prune"]["actual_sparsity"],
-                             "pruned_layers": len(result["prune"]["layers"]), "head": result["prune"]["head"],
-                             "calibration_images": result["prune"]["calibration_images"]})
-                print(f"{tag}: top-1 {acc['top1']:.2f} (dense {dense[-1]['top1']:.2f}), actual sparsity "
-                      f"{rows[-1]['actual_sparsity']:.4f} [{time.perf_counter() - start:.0f}s]", flush=True)
+                rows.append(
+                    {
+                        "model": recipe.arch,
+                        "seed": seed,
+                        "sparsity": sparsity,
+                        "metric": metric,
+                        "granularity": granularity,
+                        "top1": acc["top1"],
+                        "top5": acc["top5"],
+                        "loss": acc["loss"],
+                        "test_images": acc["images"],
+                        "actual_sparsity": result["prune"]["actual_sparsity"],
+                        "pruned_layers": len(result["prune"]["layers"]),
+                        "head": result["prune"]["head"],
+                        "calibration_images": result["prune"]["calibration_images"],
+                    }
+                )
+                print(
+                    f"{tag}: top-1 {acc['top1']:.2f} (dense {dense[-1]['top1']:.2f}), actual sparsity "
+                    f"{rows[-1]['actual_sparsity']:.4f} [{time.perf_counter() - start:.0f}s]",
+                    flush=True,
+                )
     write_results(rows, dense, spread, args.nsamples)
 
 
@@ -237,8 +298,9 @@ def activation_spread(model: Path, data: Path, nsamples: int) -> dict:
     loaded = load_classifier("digits", str(model))
     train = ImageFolder(data / "train", loaded.preprocess)
     layers = find_layout(loaded.model).prunable
-    recorder, _ = record_statistics(loaded.model, layers, calibration_batches(train, nsamples, 128, seed=0),
-                                    SquaredNorm, loaded.forward)
+    recorder, _ = record_statistics(
+        loaded.model, layers, calibration_batches(train, nsamples, 128, seed=0), SquaredNorm, loaded.forward
+    )
     ratios = []
     for name in layers:
         norm = recorder.stat(name).squared_norm().sqrt()
@@ -257,24 +319,35 @@ def write_results(rows: list[dict], dense: list[dict], spread: list[dict], nsamp
     models = list(dict.fromkeys(r["model"] for r in rows))
     settings = list(dict.fromkeys((r["sparsity"], r["granularity"]) for r in rows))
     runs = {(r["model"], r["seed"], r["sparsity"], r["granularity"], r["metric"]): r for r in rows}
-    over = f"mean ± std over {len(seeds)} models per architecture (training and calibration seeds " \
-           f"{seeds[0]}..{seeds[-1]})" if len(seeds) > 1 else "one model per architecture (seed 0)"
-    lines = ["# `wanda vision` on scikit-learn's 8x8 digits", "",
-             f"Test accuracy on the held-out {rows[0]['test_images']} images (25%, stratified) after pruning every "
-             f"linear layer in the blocks (the head stays dense) with {nsamples} calibration images from the "
-             "training split, through `python -m wanda vision`. Models trained from scratch on the other 75% with "
-             "the command's own preprocessing (8x8 upsampled to 16x16); " + over + ". Generated by "
-             "`benchmarks/vision_digits.py`.", "",
-             "| model | sparsity | granularity | top-1 magnitude | top-1 wanda | wanda - magnitude | "
-             "cross-entropy magnitude | cross-entropy wanda |", "|---|---|---|---|---|---|---|---|"]
+    over = (
+        f"mean ± std over {len(seeds)} models per architecture (training and calibration seeds {seeds[0]}..{seeds[-1]})"
+        if len(seeds) > 1
+        else "one model per architecture (seed 0)"
+    )
+    lines = [
+        "# `wanda vision` on scikit-learn's 8x8 digits",
+        "",
+        f"Test accuracy on the held-out {rows[0]['test_images']} images (25%, stratified) after pruning every "
+        f"linear layer in the blocks (the head stays dense) with {nsamples} calibration images from the "
+        "training split, through `python -m wanda vision`. Models trained from scratch on the other 75% with "
+        "the command's own preprocessing (8x8 upsampled to 16x16); " + over + ". Generated by "
+        "`benchmarks/vision_digits.py`.",
+        "",
+        "| model | sparsity | granularity | top-1 magnitude | top-1 wanda | wanda - magnitude | "
+        "cross-entropy magnitude | cross-entropy wanda |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     wins = {"top1": 0, "tie": 0, "loss": 0, "pairs": 0}
     for model in models:
         d = [x for x in dense if x["model"] == model]
-        lines.append(f"| {model} | dense | - | {_stat([x['top1'] for x in d], 2)} | | | "
-                     f"{_stat([x['loss'] for x in d], 3)} | |")
+        lines.append(
+            f"| {model} | dense | - | {_stat([x['top1'] for x in d], 2)} | | | {_stat([x['loss'] for x in d], 3)} | |"
+        )
         for sparsity, granularity in settings:
-            pairs = [(runs[(model, s, sparsity, granularity, "magnitude")], runs[(model, s, sparsity, granularity,
-                                                                                  "wanda")]) for s in seeds]
+            pairs = [
+                (runs[(model, s, sparsity, granularity, "magnitude")], runs[(model, s, sparsity, granularity, "wanda")])
+                for s in seeds
+            ]
             for mag, wan in pairs:
                 wins["top1"] += wan["top1"] > mag["top1"]
                 wins["tie"] += wan["top1"] == mag["top1"]
@@ -285,21 +358,38 @@ def write_results(rows: list[dict], dense: list[dict], spread: list[dict], nsamp
             lines.append(
                 f"| {model} | {label} | {gran} | {_stat([m['top1'] for m, _ in pairs], 2)} | "
                 f"{_stat([w['top1'] for _, w in pairs], 2)} | {_stat([w['top1'] - m['top1'] for m, w in pairs], 2)} | "
-                f"{_stat([m['loss'] for m, _ in pairs], 3)} | {_stat([w['loss'] for _, w in pairs], 3)} |")
-    lines += ["", f"Wanda beats magnitude in {wins['top1']} of {wins['pairs']} (model, seed, setting) pairs on top-1 "
-              f"(ties: {wins['tie']}) and in {wins['loss']} of {wins['pairs']} on test cross-entropy (nats).", "",
-              "Spread of the input-feature norms ||X_j|| on the calibration images (max / median within a layer; "
-              "median and max over layers): " + "; ".join(
-                  f"{m} {_stat([x['median_over_layers'] for x in spread if x['model'] == m], 1)} / "
-                  f"{_stat([x['max_over_layers'] for x in spread if x['model'] == m], 1)}" for m in models) + ".", "",
-              "Pruned layers: " + ", ".join(
-                  f"{m}: {next(r['pruned_layers'] for r in rows if r['model'] == m)} (head "
-                  f"{next(r['head'] for r in rows if r['model'] == m)} dense)" for m in models) + ".", ""]
+                f"{_stat([m['loss'] for m, _ in pairs], 3)} | {_stat([w['loss'] for _, w in pairs], 3)} |"
+            )
+    lines += [
+        "",
+        f"Wanda beats magnitude in {wins['top1']} of {wins['pairs']} (model, seed, setting) pairs on top-1 "
+        f"(ties: {wins['tie']}) and in {wins['loss']} of {wins['pairs']} on test cross-entropy (nats).",
+        "",
+        "Spread of the input-feature norms ||X_j|| on the calibration images (max / median within a layer; "
+        "median and max over layers): "
+        + "; ".join(
+            f"{m} {_stat([x['median_over_layers'] for x in spread if x['model'] == m], 1)} / "
+            f"{_stat([x['max_over_layers'] for x in spread if x['model'] == m], 1)}"
+            for m in models
+        )
+        + ".",
+        "",
+        "Pruned layers: "
+        + ", ".join(
+            f"{m}: {next(r['pruned_layers'] for r in rows if r['model'] == m)} (head "
+            f"{next(r['head'] for r in rows if r['model'] == m)} dense)"
+            for m in models
+        )
+        + ".",
+        "",
+    ]
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "vision_digits.md", "\n".join(lines), overwrite=True)
-    atomic_write_json(RESULTS / "vision_digits.json", {"dense": dense, "nsamples": nsamples, "spread": spread,
-                                                       "recipes": [asdict(r) for r in RECIPES], "runs": rows},
-                      overwrite=True)
+    atomic_write_json(
+        RESULTS / "vision_digits.json",
+        {"dense": dense, "nsamples": nsamples, "spread": spread, "recipes": [asdict(r) for r in RECIPES], "runs": rows},
+        overwrite=True,
+    )
     print("\n".join(lines))
 
 

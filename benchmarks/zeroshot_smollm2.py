@@ -33,14 +33,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import PROTOCOL, RESULTS
 
 from wanda import PruneSettings, prune
 from wanda.data import calibration_windows, resolve_source
 from wanda.eval.zeroshot import SEED_TASKS, ZeroShotSettings, evaluate_zero_shot
-from wanda.utils.io import atomic_write_text
 from wanda.models import load_model
+from wanda.utils.io import atomic_write_text
 from wanda.utils.resources import peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +47,15 @@ DEFAULT_DATA = Path(os.environ.get("WANDA_DATA_DIR", ROOT.parent / "shared" / "d
 #: Configurations as keys of benchmarks/beyond_paper.py (method@ratio or method@N:M, dense@-).
 RUNS = ("dense@-", "wanda@0.5", "wanda@2:4")
 #: Chance accuracy: 1 / choices (ARC has a few items with 3 or 5 choices; 4 is the rule).
-CHANCE = {"boolq": 0.5, "rte": 0.5, "hellaswag": 0.25, "winogrande": 0.5, "arc_easy": 0.25, "arc_challenge": 0.25,
-          "openbookqa": 0.25}
+CHANCE = {
+    "boolq": 0.5,
+    "rte": 0.5,
+    "hellaswag": 0.25,
+    "winogrande": 0.5,
+    "arc_easy": 0.25,
+    "arc_challenge": 0.25,
+    "openbookqa": 0.25,
+}
 
 
 def run(key: str, settings: ZeroShotSettings, device: str = "cpu") -> dict:
@@ -62,16 +68,30 @@ def run(key: str, settings: ZeroShotSettings, device: str = "cpu") -> dict:
     model, tokenizer = loaded.model, loaded.tokenizer
     out: dict = {"run": key, "device": device}
     if not key.startswith("dense"):
-        calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), tokenizer, PROTOCOL["nsamples"],
-                                    PROTOCOL["seqlen"], PROTOCOL["seed"])
-        report = prune(model, calib, PruneSettings(**settings_of(key)), device=device, progress=False,
-                       batch_size=PROTOCOL["batch_size"])
+        calib = calibration_windows(
+            resolve_source("wiki-summaries", "calibration"),
+            tokenizer,
+            PROTOCOL["nsamples"],
+            PROTOCOL["seqlen"],
+            PROTOCOL["seed"],
+        )
+        report = prune(
+            model,
+            calib,
+            PruneSettings(**settings_of(key)),
+            device=device,
+            progress=False,
+            batch_size=PROTOCOL["batch_size"],
+        )
         out.update(actual_sparsity=report.actual_sparsity, prune_wall_seconds=report.wall_seconds)
     eval_start = time.perf_counter()
     result = evaluate_zero_shot(model, tokenizer, settings)
     out.update(result.to_dict())
-    out.update(eval_wall_seconds=time.perf_counter() - eval_start, total_wall_seconds=time.perf_counter() - start,
-               peak_rss_mb=peak_rss_mb())
+    out.update(
+        eval_wall_seconds=time.perf_counter() - eval_start,
+        total_wall_seconds=time.perf_counter() - start,
+        peak_rss_mb=peak_rss_mb(),
+    )
     return out
 
 
@@ -104,14 +124,20 @@ def markdown(rows: list[dict], limit: int | None) -> str:
     wall = ["wall seconds (load, prune, eval)", "", "", ""] + [f"{r['total_wall_seconds']:.0f}" for r in rows]
     lines.append("| " + " | ".join(wall) + " |")
     prune_wall = ["of which pruning", "", "", ""] + [
-        f"{r['prune_wall_seconds']:.0f}" if "prune_wall_seconds" in r else "-" for r in rows]
+        f"{r['prune_wall_seconds']:.0f}" if "prune_wall_seconds" in r else "-" for r in rows
+    ]
     lines.append("| " + " | ".join(prune_wall) + " |")
-    scope = (f"first {limit} documents of each task (lm-eval `--limit {limit}`), the same for every model"
-             if limit else "full splits")
-    return (f"SmolLM2-135M (bundled: SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32), 0-shot, lm-eval "
-            f"{rows[0]['lm_eval_version']}, local task files, {scope}; value ± stderr. Wanda calibration: "
-            f"{PROTOCOL['nsamples']} windows of {PROTOCOL['seqlen']} tokens from wiki-summaries, seed "
-            f"{PROTOCOL['seed']}.\n\n" + "\n".join(lines) + "\n" + notes(rows, limit))
+    scope = (
+        f"first {limit} documents of each task (lm-eval `--limit {limit}`), the same for every model"
+        if limit
+        else "full splits"
+    )
+    return (
+        f"SmolLM2-135M (bundled: SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32), 0-shot, lm-eval "
+        f"{rows[0]['lm_eval_version']}, local task files, {scope}; value ± stderr. Wanda calibration: "
+        f"{PROTOCOL['nsamples']} windows of {PROTOCOL['seqlen']} tokens from wiki-summaries, seed "
+        f"{PROTOCOL['seed']}.\n\n" + "\n".join(lines) + "\n" + notes(rows, limit)
+    )
 
 
 def boolq_yes_share(row: dict) -> float | None:
@@ -128,23 +154,32 @@ def boolq_yes_share(row: dict) -> float | None:
 def notes(rows: list[dict], limit: int | None) -> str:
     """What a reader needs to weigh the table: how wide the error bars are, and where the checks live."""
     errors = [e for r in rows for metrics in r["stderr"].values() for e in metrics.values() if e is not None]
-    lines = ["", "Notes",
-             f"- A task's stderr here is {min(errors):.3f}-{max(errors):.3f}: two columns differ beyond noise only "
-             "where their gap is about three times that or more."]
+    lines = [
+        "",
+        "Notes",
+        f"- A task's stderr here is {min(errors):.3f}-{max(errors):.3f}: two columns differ beyond noise only "
+        "where their gap is about three times that or more.",
+    ]
     yes = boolq_yes_share(rows[0])
     if yes is not None:
-        lines.append(f"- BoolQ measures a bias as much as reading: {yes:.3f} of its evaluated documents answer yes, "
-                     "so a model that always says no scores {:.3f} and one that always says yes {:.3f}. A pruned model "
-                     "that drifts towards yes gains accuracy without reading better; the mean without BoolQ leaves "
-                     "that out.".format(1 - yes, yes))
+        lines.append(
+            f"- BoolQ measures a bias as much as reading: {yes:.3f} of its evaluated documents answer yes, "
+            "so a model that always says no scores {:.3f} and one that always says yes {:.3f}. A pruned model "
+            "that drifts towards yes gains accuracy without reading better; the mean without BoolQ leaves "
+            "that out.".format(1 - yes, yes)
+        )
     if limit and limit < 100:
-        lines.append("- Why so few documents: the full splits are about 66k loglikelihood requests per model "
-                     "(HellaSwag alone 40k), hours per model on 2 CPU cores. The table shows the pipeline end to "
-                     "end (same documents for every model, zeros checked before and after each evaluation), not "
-                     "precise accuracy deltas; `zeroshot_beyond.md` has 1,000 documents per task.")
-    lines += ["- Dense above chance on ARC-Easy and HellaSwag, on more documents: `zeroshot_smollm2_chance.md`.",
-              "- HellaSwag from the local text file vs the harness on the original schema: "
-              "`zeroshot_smollm2_hellaswag_format.md`."]
+        lines.append(
+            "- Why so few documents: the full splits are about 66k loglikelihood requests per model "
+            "(HellaSwag alone 40k), hours per model on 2 CPU cores. The table shows the pipeline end to "
+            "end (same documents for every model, zeros checked before and after each evaluation), not "
+            "precise accuracy deltas; `zeroshot_beyond.md` has 1,000 documents per task."
+        )
+    lines += [
+        "- Dense above chance on ARC-Easy and HellaSwag, on more documents: `zeroshot_smollm2_chance.md`.",
+        "- HellaSwag from the local text file vs the harness on the original schema: "
+        "`zeroshot_smollm2_hellaswag_format.md`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -162,11 +197,16 @@ def chance_check(settings: ZeroShotSettings, out: str) -> None:
         n, total = result.samples[task]
         for metric, value in metrics.items():
             err = result.stderr[task][metric]
-            lines.append(f"| {task} | {metric} | {n} of {total} | {CHANCE[task]:.2f} | {value:.3f} ± {err:.3f} | "
-                         f"{(value - CHANCE[task]) / err:.1f} |")
-    text = (f"Dense SmolLM2-135M (bundled), 0-shot, lm-eval {result.lm_eval_version}, local task files, first "
-            f"{settings.limit} documents of each task; value ± stderr; z = (value - chance) / stderr.\n\n"
-            + "\n".join(lines) + "\n")
+            lines.append(
+                f"| {task} | {metric} | {n} of {total} | {CHANCE[task]:.2f} | {value:.3f} ± {err:.3f} | "
+                f"{(value - CHANCE[task]) / err:.1f} |"
+            )
+    text = (
+        f"Dense SmolLM2-135M (bundled), 0-shot, lm-eval {result.lm_eval_version}, local task files, first "
+        f"{settings.limit} documents of each task; value ± stderr; z = (value - chance) / stderr.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
     Path(out + ".json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     Path(out + ".md").write_text(text)
     print(text)
@@ -212,26 +252,35 @@ def hellaswag_format_check(data: Path, out: str, batch_size: int) -> None:
 
     yaml_path = TaskIndex.build([Path(lm_eval.tasks.__file__).parent / "hellaswag"])["hellaswag"].yaml_path
     builtin = load_yaml(yaml_path, resolve_func=True)
-    builtin.update(dataset_path="json", dataset_name=None, training_split=None,
-                   dataset_kwargs={"data_files": {"validation": str(folder / "hub.jsonl")}})
+    builtin.update(
+        dataset_path="json",
+        dataset_name=None,
+        training_split=None,
+        dataset_kwargs={"data_files": {"validation": str(folder / "hub.jsonl")}},
+    )
     local = local_task_config("hellaswag", folder)
     model, tokenizer = _dense()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     scores = {}
     for name, config in (("harness, original schema", builtin), ("local text file", local)):
-        output = lm_eval.simple_evaluate(model=lm, tasks=[config], task_manager=TaskManager(include_defaults=False),
-                                         log_samples=False)
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=[config], task_manager=TaskManager(include_defaults=False), log_samples=False
+        )
         scores[name] = {k.split(",")[0]: v for k, v in output["results"]["hellaswag"].items() if "," in k}
     n = len(picked_rows)
-    lines_md = ["| documents | metric | harness (original schema) | local text file | difference |",
-                "|---|---|---|---|---|"]
+    lines_md = [
+        "| documents | metric | harness (original schema) | local text file | difference |",
+        "|---|---|---|---|---|",
+    ]
     for metric in ("acc", "acc_norm"):
         a, b = scores["harness, original schema"][metric], scores["local text file"][metric]
         lines_md.append(f"| {n} affected of 1000 | {metric} | {a:.3f} | {b:.3f} | {b - a:+.3f} |")
-    text = (f"HellaSwag, dense SmolLM2-135M: the {n} of the 1000 original-schema items whose choices differ by a "
-            "leading space between the harness (built from the original rows) and the local text file. On the "
-            "full split about the same share of items is affected, so the effect on its accuracy is about "
-            f"{n / 1000:.3f} x the difference below.\n\n" + "\n".join(lines_md) + "\n")
+    text = (
+        f"HellaSwag, dense SmolLM2-135M: the {n} of the 1000 original-schema items whose choices differ by a "
+        "leading space between the harness (built from the original rows) and the local text file. On the "
+        "full split about the same share of items is affected, so the effect on its accuracy is about "
+        f"{n / 1000:.3f} x the difference below.\n\n" + "\n".join(lines_md) + "\n"
+    )
     Path(out + ".json").write_text(json.dumps({"affected_items": n, "scores": scores}, indent=2) + "\n")
     Path(out + ".md").write_text(text)
     print(text)
@@ -242,18 +291,29 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=20, help="documents per task; 0 for the full splits")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="local task files (default: %(default)s)")
     parser.add_argument("--tasks", default=",".join(SEED_TASKS))
-    parser.add_argument("--batch_size", type=int, default=32,
-                        help="requests per forward pass (default: %(default)s; 32 ran 1.27x faster than 8 on 2 "
-                        "cores with identical accuracies)")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        help="requests per forward pass (default: %(default)s; 32 ran 1.27x faster than 8 on 2 "
+        "cores with identical accuracies)",
+    )
     parser.add_argument("--part", choices=("table", "chance", "hellaswag-format"), default="table")
-    parser.add_argument("--runs", nargs="+", default=list(RUNS),
-                        help="configurations, as benchmarks/beyond_paper.py names them (default: %(default)s); "
-                        "issue 14's: dense@- wanda@0.5 sparsegpt@0.5 <best new>@0.5 wanda@0.7 <best new>@0.7 "
-                        "(and the same at 0.6)")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=list(RUNS),
+        help="configurations, as benchmarks/beyond_paper.py names them (default: %(default)s); "
+        "issue 14's: dense@- wanda@0.5 sparsegpt@0.5 <best new>@0.5 wanda@0.7 <best new>@0.7 "
+        "(and the same at 0.6)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the protocol's fp32 either way)")
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the output JSON")
-    parser.add_argument("--out", default=None, help="output path without extension "
-                        "(default: results/zeroshot_smollm2, _chance or _hellaswag_format)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output path without extension (default: results/zeroshot_smollm2, _chance or _hellaswag_format)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -263,8 +323,13 @@ def main() -> None:
         hellaswag_format_check(Path(args.data), args.out, args.batch_size)
         return
     tasks = "arc_easy,hellaswag" if args.part == "chance" and args.tasks == ",".join(SEED_TASKS) else args.tasks
-    settings = ZeroShotSettings(eval_zero_shot=True, tasks=tasks, limit=args.limit or None,
-                                eval_batch_size=str(args.batch_size), zero_shot_data=args.data)
+    settings = ZeroShotSettings(
+        eval_zero_shot=True,
+        tasks=tasks,
+        limit=args.limit or None,
+        eval_batch_size=str(args.batch_size),
+        zero_shot_data=args.data,
+    )
     if args.part == "chance":
         chance_check(settings, args.out)
         return

@@ -17,8 +17,9 @@ VOCAB = 128
 def tiny_config(arch: str, **overrides):
     from transformers import LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  max_position_embeddings=256)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
+    )
     if arch == "llama":
         cfg = LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
     elif arch == "mistral":
@@ -26,8 +27,15 @@ def tiny_config(arch: str, **overrides):
     elif arch == "qwen2":
         cfg = Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
     elif arch == "opt":
-        cfg = OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
-                        max_position_embeddings=256, word_embed_proj_dim=64)
+        cfg = OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=256,
+            word_embed_proj_dim=64,
+        )
     elif arch == "granite":  # divides its logits by logits_scaling inside forward
         from transformers import GraniteConfig
 
@@ -39,8 +47,14 @@ def tiny_config(arch: str, **overrides):
     elif arch == "gemma2":  # soft-caps its logits (a low cap, so that it matters on random weights)
         from transformers import Gemma2Config
 
-        cfg = Gemma2Config(intermediate_size=128, num_key_value_heads=2, head_dim=16, final_logit_softcapping=0.5,
-                           sliding_window=16, **common)
+        cfg = Gemma2Config(
+            intermediate_size=128,
+            num_key_value_heads=2,
+            head_dim=16,
+            final_logit_softcapping=0.5,
+            sliding_window=16,
+            **common,
+        )
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
@@ -119,7 +133,13 @@ def one_thread():
 def env(tmp_path_factory) -> dict[str, str]:
     """The environment of a ``wanda`` subprocess in a test: offline, one thread, a cache of its own."""
     out = dict(os.environ)
-    out.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               WANDA_CACHE=str(tmp_path_factory.mktemp("wanda-cache")))
+    out.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TQDM_DISABLE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        WANDA_CACHE=str(tmp_path_factory.mktemp("wanda-cache")),
+    )
     return out

@@ -20,11 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import calib_ids, tiny_model  # noqa: E402
+
 from wanda import PruneSettings, prune  # noqa: E402
-from wanda.parallel.ranks import DistributedSettings, Ranks, init_ranks  # noqa: E402
 from wanda.errors import WandaError  # noqa: E402
 from wanda.eval.perplexity import ranked_perplexity  # noqa: E402
 from wanda.models import find_decoder_layout, find_linears  # noqa: E402
+from wanda.parallel.ranks import DistributedSettings, Ranks, init_ranks  # noqa: E402
 
 ARCHS = ("llama", "opt")
 METHODS = ("wanda", "magnitude", "sparsegpt", "owl_wanda_dsnot")
@@ -34,14 +35,19 @@ SETTINGS = {"owl_wanda_dsnot": dict(prune_method="wanda", sparsity_profile="owl"
 
 def settings_of(method: str) -> PruneSettings:
     return PruneSettings(**SETTINGS.get(method, dict(prune_method=method)))
+
+
 #: 8 windows in batches of 2: 4 batches, 2 per rank; 6 evaluation windows: 3 batches, split 1 / 2
 CALIB, EVAL, BATCH = dict(n=8, seqlen=32, seed=0), dict(n=6, seqlen=32, seed=1), 2
 
 
 def pruned_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     layout = find_decoder_layout(model)
-    return {name: layer.weight.detach().clone() for i, block in enumerate(layout.blocks)
-            for name, layer in find_linears(block, layout.block_name(i)).items()}
+    return {
+        name: layer.weight.detach().clone()
+        for i, block in enumerate(layout.blocks)
+        for name, layer in find_linears(block, layout.block_name(i)).items()
+    }
 
 
 def run_prune(ranks: Ranks, out: Path) -> None:
@@ -51,22 +57,35 @@ def run_prune(ranks: Ranks, out: Path) -> None:
         dense = ranked_perplexity(ranks, original, calib_ids(**EVAL), batch_size=BATCH, progress=False)
         for method in METHODS:
             model = copy.deepcopy(original)
-            report = prune(model, calib_ids(**CALIB), settings_of(method), batch_size=BATCH,
-                           progress=False, ranks=ranks)
+            report = prune(
+                model, calib_ids(**CALIB), settings_of(method), batch_size=BATCH, progress=False, ranks=ranks
+            )
             ppl = ranked_perplexity(ranks, model, calib_ids(**EVAL), batch_size=BATCH, progress=False)
-            results[(arch, method)] = {"weights": pruned_weights(model), "ppl": ppl, "dense_ppl": dense,
-                                       "layers": [layer.name for layer in report.layers]}
+            results[(arch, method)] = {
+                "weights": pruned_weights(model),
+                "ppl": ppl,
+                "dense_ppl": dense,
+                "layers": [layer.name for layer in report.layers],
+            }
     if ranks.is_main:
         torch.save(results, out)
 
 
 def run_die(ranks: Ranks) -> None:
     if ranks.rank == 1:
+
         def die(self, stats, factory=None):  # a rank lost mid-job (killed, out of memory)
             os._exit(3)
+
         Ranks.reduce = die
-    prune(tiny_model("llama"), calib_ids(**CALIB), PruneSettings(prune_method="wanda"), batch_size=BATCH,
-          progress=False, ranks=ranks)
+    prune(
+        tiny_model("llama"),
+        calib_ids(**CALIB),
+        PruneSettings(prune_method="wanda"),
+        batch_size=BATCH,
+        progress=False,
+        ranks=ranks,
+    )
 
 
 #: MoE mode: one window of 3 tokens per rank (top-2 of 4 experts: 6 choices, so experts go unseen on a rank)
@@ -90,10 +109,19 @@ def run_moe(ranks: Ranks, out: Path) -> None:
         for method in MOE_METHODS:
             seen.clear()
             model = copy.deepcopy(_original(arch))
-            report = prune(model, calib_ids(**MOE_CALIB), PruneSettings(prune_method=method), batch_size=MOE_BATCH,
-                           progress=False, ranks=ranks)
-            results[(arch, method)] = {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                                       "seen": list(seen), "tokens": {l.name: l.tokens for l in report.layers}}
+            report = prune(
+                model,
+                calib_ids(**MOE_CALIB),
+                PruneSettings(prune_method=method),
+                batch_size=MOE_BATCH,
+                progress=False,
+                ranks=ranks,
+            )
+            results[(arch, method)] = {
+                "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "seen": list(seen),
+                "tokens": {l.name: l.tokens for l in report.layers},
+            }
     torch.save(results, out.with_name(f"{out.name}.rank-{ranks.rank}"))
 
 
@@ -102,7 +130,9 @@ def main() -> int:
     out, mode = Path(sys.argv[1]), sys.argv[2]
     ranks = init_ranks(DistributedSettings(dist_timeout=60), device="cpu")
     try:
-        {"prune": lambda: run_prune(ranks, out), "die": lambda: run_die(ranks), "moe": lambda: run_moe(ranks, out)}[mode]()
+        {"prune": lambda: run_prune(ranks, out), "die": lambda: run_die(ranks), "moe": lambda: run_moe(ranks, out)}[
+            mode
+        ]()
     except WandaError as exc:
         print(f"wanda: error: {exc}", file=sys.stderr)
         return 2

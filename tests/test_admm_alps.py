@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import one_thread
 
 from wanda import PruneSettings, WandaError
@@ -62,8 +61,9 @@ def _relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.mark.parametrize("method", METHODS)
 def test_weights_are_the_least_squares_of_their_support(method, pattern):
     weight, x = _data(8, 16, 200)
-    result = get_method(method).prune(weight, _gram(x), PruneSettings(prune_method=method, sparsity_type=pattern,
-                                                                      percdamp=0.0))
+    result = get_method(method).prune(
+        weight, _gram(x), PruneSettings(prune_method=method, sparsity_type=pattern, percdamp=0.0)
+    )
     assert result.damping == 0.0
     expected = _lstsq_on_support(weight, x, result.mask)
     assert _relative(result.weight, expected) < 1e-4
@@ -152,15 +152,28 @@ def test_settings_and_flags():
         spec = get_method(method)
         assert spec.statistic is Gram and spec.updates_weights
         assert PruneSettings(prune_method=method, sparsity_type="2:4").method == method
-    settings = PruneSettings(prune_method="alps", admm_rho=0.5, alps_rho=0.2, alps_iterations=30,
-                             admm_iterations=10, admm_ramp_iterations=5, support_cg_iterations=10)
+    settings = PruneSettings(
+        prune_method="alps",
+        admm_rho=0.5,
+        alps_rho=0.2,
+        alps_iterations=30,
+        admm_iterations=10,
+        admm_ramp_iterations=5,
+        support_cg_iterations=10,
+    )
     assert settings.to_dict()["alps_rho"] == 0.2
     with pytest.raises(WandaError, match="--admm_rho"):
         PruneSettings(prune_method="admm", admm_rho=0.0)
     # the recorded flags, which test_cli_flags checks against the parsers
     flags = json.loads((Path(__file__).resolve().parent / "data" / "cli_flags.json").read_text())["wanda"]
-    for flag in ("--admm_rho", "--admm_iterations", "--admm_ramp_iterations", "--alps_rho", "--alps_iterations",
-                 "--support_cg_iterations"):
+    for flag in (
+        "--admm_rho",
+        "--admm_iterations",
+        "--admm_ramp_iterations",
+        "--alps_rho",
+        "--alps_iterations",
+        "--support_cg_iterations",
+    ):
         assert flag in flags
 
 

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import calib_ids, one_thread, tiny_model
+
 from wanda import PruneSettings, WandaError, prune
 from wanda.masks import prune_count, row_mask, row_spread_mask
 from wanda.methods import dsnot, get_method, outlier_ratio, owl_ratios, prune_layer, ria_scores, wanda_scores
@@ -22,8 +22,9 @@ ROWS, COLS, TOKENS = 16, 32, 512
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
-def _data(seed: int = 0, rows: int = ROWS, cols: int = COLS, tokens: int = TOKENS,
-          shift: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def _data(
+    seed: int = 0, rows: int = ROWS, cols: int = COLS, tokens: int = TOKENS, shift: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A weight and inputs with per-feature scales and non-zero means (real activations have both; DSnoT's
     expected error is the mean's share of the output error)."""
     g = torch.Generator().manual_seed(seed)
@@ -45,8 +46,7 @@ def _stats(x: torch.Tensor, *kinds):
 
 
 def test_row_spread_mask_by_hand():
-    scores = torch.tensor([[3.0, 1.0, 2.0, 4.0],
-                           [0.5, 0.1, 0.9, 0.3]])
+    scores = torch.tensor([[3.0, 1.0, 2.0, 4.0], [0.5, 0.1, 0.9, 0.3]])
     # floor(0.74 * 8) = 5: 2 per row, and one more from the row whose third-lowest is lower (0.5 < 3.0)
     assert row_spread_mask(scores, 0.74).tolist() == [[False, True, True, False], [True, True, False, True]]
     assert torch.equal(row_spread_mask(scores, 0.5), row_mask(scores, 0.5))  # whole per-row count: the same
@@ -64,8 +64,9 @@ def test_row_spread_mask_prunes_floor_of_the_matrix(ratio, shape):
     assert counts.sum().item() == total
     assert set(counts.tolist()) <= {total // rows, total // rows + 1}
     # within each row the lowest scores go; the rows taking one more are those whose next candidate is lowest
-    assert torch.equal(mask, torch.stack([row_mask(scores[r : r + 1], c / cols)[0] for r, c in
-                                          enumerate(counts.tolist())]))
+    assert torch.equal(
+        mask, torch.stack([row_mask(scores[r : r + 1], c / cols)[0] for r, c in enumerate(counts.tolist())])
+    )
     nxt = scores.sort(dim=1).values[:, total // rows]
     extra = counts > total // rows
     assert not extra.any() or nxt[extra].max() <= nxt[~extra].min()
@@ -95,8 +96,9 @@ def test_ria_scores_equal_a_plain_computation(a):
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
 def test_ria_mask_compares_over_the_matrix_or_the_group(pattern):
     weight, x = _data(1)
-    settings = PruneSettings(prune_method="ria", sparsity_type=pattern,
-                             sparsity_ratio=0.6 if pattern == "unstructured" else None)
+    settings = PruneSettings(
+        prune_method="ria", sparsity_type=pattern, sparsity_ratio=0.6 if pattern == "unstructured" else None
+    )
     result = get_method("ria").prune(weight, _stats(x, SquaredNorm), settings)
     scores = _plain_ria(weight, x, 0.5)
     if pattern == "unstructured":
@@ -297,8 +299,11 @@ def _plain_outlier_ratios(model, ids: torch.Tensor, m: float) -> list[float]:
     handles = []
     for i, block in enumerate(layout.blocks):
         for name, layer in find_linears(block, layout.block_name(i)).items():
-            handles.append(layer.register_forward_pre_hook(
-                lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].detach())))
+            handles.append(
+                layer.register_forward_pre_hook(
+                    lambda mod, args, name=name: inputs.setdefault(name, []).append(args[0].detach())
+                )
+            )
     with torch.no_grad():
         model(input_ids=ids, use_cache=False)
     for h in handles:
@@ -321,8 +326,9 @@ def test_owl_profile_equals_a_plain_computation_on_the_dense_model(arch):
     outliers = _plain_outlier_ratios(model, ids, m=2.0)
     assert len(set(outliers)) > 1
     expected = owl_ratios(outliers, 0.6, 0.05)
-    settings = PruneSettings(prune_method="wanda", sparsity_profile="owl", sparsity_ratio=0.6, owl_m=2.0,
-                             owl_lambda=0.05)
+    settings = PruneSettings(
+        prune_method="wanda", sparsity_profile="owl", sparsity_ratio=0.6, owl_m=2.0, owl_lambda=0.05
+    )
     report = prune(model, ids, settings, progress=False, batch_size=4)
     layout = find_decoder_layout(model)
     got = [{e.ratio for e in report.layers if e.name.startswith(layout.block_name(i) + ".")} for i in range(4)]
@@ -336,8 +342,13 @@ def test_owl_costs_one_extra_forward_walk():
         model = tiny_model("llama")
         block = find_decoder_layout(model).blocks[1]
         handle = block.register_forward_pre_hook(lambda *a, p=profile: calls.__setitem__(p, calls[p] + 1))
-        prune(model, calib_ids(n=8), PruneSettings(sparsity_profile=profile, sparsity_ratio=0.6), progress=False,
-              batch_size=4)
+        prune(
+            model,
+            calib_ids(n=8),
+            PruneSettings(sparsity_profile=profile, sparsity_ratio=0.6),
+            progress=False,
+            batch_size=4,
+        )
         handle.remove()
     assert calls["owl"] - calls["uniform"] == 2  # one more pass over the 2 calibration batches
 
@@ -354,17 +365,20 @@ def test_dsnot_and_the_method_share_one_accumulator_per_input():
     assert all(isinstance(s, Combined) for s in recorder.stats.values())
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    (dict(sparsity_profile="owl", sparsity_type="2:4"), "--sparsity_profile owl"),
-    (dict(sparsity_profile="owl", sparsity_ratio=0.05), "--owl_lambda"),
-    (dict(sparsity_profile="owl", owl_m=0), "--owl_m"),
-    (dict(sparsity_profile="layerwise"), "--sparsity_profile"),
-    (dict(prune_method="ablate_mag_seq", dsnot=True), "--dsnot"),
-    (dict(prune_method="wanda", use_variant=True, dsnot=True), "--dsnot"),
-    (dict(dsnot=True, dsnot_max_cycles=0), "--dsnot_max_cycles"),
-    (dict(dsnot=True, dsnot_skip="attn"), "--dsnot_skip"),
-    (dict(prune_method="ria", ria_a=-1.0), "--ria_a"),
-])
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(sparsity_profile="owl", sparsity_type="2:4"), "--sparsity_profile owl"),
+        (dict(sparsity_profile="owl", sparsity_ratio=0.05), "--owl_lambda"),
+        (dict(sparsity_profile="owl", owl_m=0), "--owl_m"),
+        (dict(sparsity_profile="layerwise"), "--sparsity_profile"),
+        (dict(prune_method="ablate_mag_seq", dsnot=True), "--dsnot"),
+        (dict(prune_method="wanda", use_variant=True, dsnot=True), "--dsnot"),
+        (dict(dsnot=True, dsnot_max_cycles=0), "--dsnot_max_cycles"),
+        (dict(dsnot=True, dsnot_skip="attn"), "--dsnot_skip"),
+        (dict(prune_method="ria", ria_a=-1.0), "--ria_a"),
+    ],
+)
 def test_bad_combinations_raise_one_line(kwargs, flag):
     with pytest.raises(WandaError) as info:
         PruneSettings(**kwargs)
@@ -373,13 +387,15 @@ def test_bad_combinations_raise_one_line(kwargs, flag):
 
 def test_owl_with_magnitude_needs_calibration():
     with pytest.raises(WandaError, match="calibration"):
-        prune(tiny_model("llama"), None, PruneSettings(prune_method="magnitude", sparsity_profile="owl"),
-              progress=False)
+        prune(
+            tiny_model("llama"), None, PruneSettings(prune_method="magnitude", sparsity_profile="owl"), progress=False
+        )
 
 
 def test_owl_ria_dsnot_twice_is_bit_identical():
-    settings = PruneSettings(prune_method="ria", sparsity_profile="owl", dsnot=True, dsnot_skip="none",
-                             sparsity_ratio=0.6)
+    settings = PruneSettings(
+        prune_method="ria", sparsity_profile="owl", dsnot=True, dsnot_skip="none", sparsity_ratio=0.6
+    )
     weights = []
     for _ in range(2):
         model = tiny_model("llama")

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import save_tiny, word_corpus
+
 from wanda.masks import prune_count
 
 BIN = Path(sys.executable).parent
@@ -21,14 +21,32 @@ TIMEOUT = 600
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("beyond-cli-inputs")
-    return {"llama": save_tiny(root, "llama"), "opt": save_tiny(root, "opt"),
-            "corpus": word_corpus(root / "corpus.txt", words=2000)}
+    return {
+        "llama": save_tiny(root, "llama"),
+        "opt": save_tiny(root, "opt"),
+        "corpus": word_corpus(root / "corpus.txt", words=2000),
+    }
 
 
 def _args(files, model: str, extra: list[str]) -> list[str]:
-    return ["--model", str(files[model]), "--calib_dataset", str(files["corpus"]), "--eval_dataset",
-            str(files["corpus"]), "--seqlen", "32", "--nsamples", "8", "--eval_windows", "2", "--device", "cpu",
-            "--save", "out"] + extra
+    return [
+        "--model",
+        str(files[model]),
+        "--calib_dataset",
+        str(files["corpus"]),
+        "--eval_dataset",
+        str(files["corpus"]),
+        "--seqlen",
+        "32",
+        "--nsamples",
+        "8",
+        "--eval_windows",
+        "2",
+        "--device",
+        "cpu",
+        "--save",
+        "out",
+    ] + extra
 
 
 def _run_all(cases: dict[str, tuple[str, list[str]]], files, env, tmp_path_factory) -> dict:
@@ -36,8 +54,17 @@ def _run_all(cases: dict[str, tuple[str, list[str]]], files, env, tmp_path_facto
     started = {}
     for case, (model, extra) in cases.items():
         cwd = tmp_path_factory.mktemp(re.sub(r"\W", "_", case))
-        started[case] = (subprocess.Popen([str(BIN / "wanda")] + _args(files, model, extra), env=env, cwd=cwd,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cwd)
+        started[case] = (
+            subprocess.Popen(
+                [str(BIN / "wanda")] + _args(files, model, extra),
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+            cwd,
+        )
     done = {}
     for case, (proc, cwd) in started.items():
         stdout, stderr = proc.communicate(timeout=TIMEOUT)
@@ -48,19 +75,56 @@ def _run_all(cases: dict[str, tuple[str, list[str]]], files, env, tmp_path_facto
 GOOD = {
     "ria": ("llama", ["--prune_method", "ria", "--sparsity_ratio", "0.6"]),
     "ria_2:4_dsnot": ("llama", ["--prune_method", "ria", "--sparsity_type", "2:4", "--dsnot"]),
-    "wanda_dsnot_4:8_all_layers": ("opt", ["--prune_method", "wanda", "--sparsity_type", "4:8", "--dsnot",
-                                            "--dsnot_skip", "none", "--dsnot_max_cycles", "10"]),
-    "magnitude_dsnot": ("llama", ["--prune_method", "magnitude", "--dsnot", "--dsnot_same_sign",
-                                  "--dsnot_threshold", "0.01", "--dsnot_var_power", "0.5"]),
+    "wanda_dsnot_4:8_all_layers": (
+        "opt",
+        [
+            "--prune_method",
+            "wanda",
+            "--sparsity_type",
+            "4:8",
+            "--dsnot",
+            "--dsnot_skip",
+            "none",
+            "--dsnot_max_cycles",
+            "10",
+        ],
+    ),
+    "magnitude_dsnot": (
+        "llama",
+        [
+            "--prune_method",
+            "magnitude",
+            "--dsnot",
+            "--dsnot_same_sign",
+            "--dsnot_threshold",
+            "0.01",
+            "--dsnot_var_power",
+            "0.5",
+        ],
+    ),
     "sparsegpt_dsnot": ("llama", ["--prune_method", "sparsegpt", "--dsnot", "--dsnot_skip", "self_attn"]),
     "owl_wanda": ("llama", ["--prune_method", "wanda", "--sparsity_profile", "owl", "--sparsity_ratio", "0.7"]),
-    "owl_wanda_opt": ("opt", ["--prune_method", "wanda", "--sparsity_profile", "owl", "--sparsity_ratio", "0.6",
-                              "--owl_m", "3", "--owl_lambda", "0.05"]),
-    "owl_sparsegpt": ("llama", ["--prune_method", "sparsegpt", "--sparsity_profile", "owl", "--sparsity_ratio",
-                                "0.7"]),
+    "owl_wanda_opt": (
+        "opt",
+        [
+            "--prune_method",
+            "wanda",
+            "--sparsity_profile",
+            "owl",
+            "--sparsity_ratio",
+            "0.6",
+            "--owl_m",
+            "3",
+            "--owl_lambda",
+            "0.05",
+        ],
+    ),
+    "owl_sparsegpt": ("llama", ["--prune_method", "sparsegpt", "--sparsity_profile", "owl", "--sparsity_ratio", "0.7"]),
     "owl_magnitude": ("opt", ["--prune_method", "magnitude", "--sparsity_profile", "owl", "--sparsity_ratio", "0.6"]),
-    "owl_ria_dsnot": ("llama", ["--prune_method", "ria", "--sparsity_profile", "owl", "--dsnot", "--ria_a", "1.0",
-                                "--sparsity_ratio", "0.7"]),
+    "owl_ria_dsnot": (
+        "llama",
+        ["--prune_method", "ria", "--sparsity_profile", "owl", "--dsnot", "--ria_a", "1.0", "--sparsity_ratio", "0.7"],
+    ),
 }
 
 
@@ -107,12 +171,18 @@ def test_new_flags_run_with_exact_per_layer_counts(case, good_runs):
 
 
 BAD = {
-    "owl_with_nm": ("llama", ["--sparsity_profile", "owl", "--sparsity_type", "2:4"],
-                    r"--sparsity_profile owl is defined for unstructured sparsity only"),
+    "owl_with_nm": (
+        "llama",
+        ["--sparsity_profile", "owl", "--sparsity_type", "2:4"],
+        r"--sparsity_profile owl is defined for unstructured sparsity only",
+    ),
     "owl_lambda_too_big": ("llama", ["--sparsity_profile", "owl", "--sparsity_ratio", "0.95"], r"--owl_lambda"),
     "unknown_profile": ("llama", ["--sparsity_profile", "layerwise"], r"--sparsity_profile.*invalid choice"),
-    "dsnot_after_an_ablation": ("llama", ["--prune_method", "ablate_wanda_seq", "--dsnot"],
-                                r"--dsnot follows --prune_method magnitude, wanda, ria, sparsegpt"),
+    "dsnot_after_an_ablation": (
+        "llama",
+        ["--prune_method", "ablate_wanda_seq", "--dsnot"],
+        r"--dsnot follows --prune_method magnitude, wanda, ria, sparsegpt",
+    ),
     "dsnot_after_the_variant": ("llama", ["--use_variant", "--dsnot"], r"--dsnot follows.*--use_variant"),
     "dsnot_no_cycles": ("llama", ["--dsnot", "--dsnot_max_cycles", "0"], r"--dsnot_max_cycles must be at least 1"),
 }

@@ -11,14 +11,25 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import save_tiny, word_corpus
+
 from wanda import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SEED_FLAGS = ["--model", "--cache_dir", "--seed", "--nsamples", "--sparsity_ratio", "--sparsity_type",
-              "--prune_method", "--use_variant", "--save", "--save_model", "--eval_zero_shot"]
+SEED_FLAGS = [
+    "--model",
+    "--cache_dir",
+    "--seed",
+    "--nsamples",
+    "--sparsity_ratio",
+    "--sparsity_type",
+    "--prune_method",
+    "--use_variant",
+    "--save",
+    "--save_model",
+    "--eval_zero_shot",
+]
 TIMEOUT = 300
 
 
@@ -34,9 +45,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _args(files, model: str = "llama", **overrides) -> list[str]:
-    flags = {"--model": str(files[model]), "--calib_dataset": str(files["corpus"]),
-             "--eval_dataset": str(files["corpus"]), "--seqlen": "32", "--nsamples": "8",
-             "--eval_windows": "2", "--device": "cpu"}
+    flags = {
+        "--model": str(files[model]),
+        "--calib_dataset": str(files["corpus"]),
+        "--eval_dataset": str(files["corpus"]),
+        "--seqlen": "32",
+        "--nsamples": "8",
+        "--eval_windows": "2",
+        "--device": "cpu",
+    }
     flags.update(overrides)
     return [item for key, value in flags.items() for item in (key, value)]
 
@@ -61,7 +78,8 @@ def _ok(proc: subprocess.CompletedProcess) -> None:
 
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} | {
-        str(p.relative_to(root)) + "/": b"" for p in root.rglob("*") if p.is_dir()}
+        str(p.relative_to(root)) + "/": b"" for p in root.rglob("*") if p.is_dir()
+    }
 
 
 def _log_row(save: Path, method: str) -> dict[str, str]:
@@ -74,10 +92,26 @@ def _log_row(save: Path, method: str) -> dict[str, str]:
 
 # runs that succeed --------------------------------------------------------------------------------------------
 
+
 def test_wanda_run_writes_results_and_a_reloadable_model(files, env, tmp_path):
-    proc = _run("module", _args(files) + ["--prune_method", "wanda", "--sparsity_ratio", "0.5",
-                                          "--sparsity_type", "unstructured", "--save", "out/",
-                                          "--save_model", "pruned"], env, tmp_path)
+    proc = _run(
+        "module",
+        _args(files)
+        + [
+            "--prune_method",
+            "wanda",
+            "--sparsity_ratio",
+            "0.5",
+            "--sparsity_type",
+            "unstructured",
+            "--save",
+            "out/",
+            "--save_model",
+            "pruned",
+        ],
+        env,
+        tmp_path,
+    )
     _ok(proc)
     row = _log_row(tmp_path / "out", "wanda")
     assert row["method"] == "wanda" and row["actual_sparsity"] == "0.5000"
@@ -107,8 +141,9 @@ def _check_saved_model(files, folder: Path) -> None:
     prune(expected, calib, PruneSettings(prune_method="wanda", sparsity_ratio=0.5), progress=False)
 
     layout = find_decoder_layout(reloaded)
-    pruned = {f"{name}.weight" for i, block in enumerate(layout.blocks)
-              for name in find_linears(block, layout.block_name(i))}
+    pruned = {
+        f"{name}.weight" for i, block in enumerate(layout.blocks) for name in find_linears(block, layout.block_name(i))
+    }
     assert len(pruned) == 14
     got, want = reloaded.state_dict(), expected.state_dict()
     for key, value in got.items():
@@ -132,8 +167,15 @@ def test_main_py_from_the_repository_root_with_overwrite(files, env, tmp_path):
     save = tmp_path / "out"
     save.mkdir()
     (save / "log_magnitude.txt").write_text("an earlier result\n")
-    _ok(_run("main.py", _args(files) + ["--prune_method", "magnitude", "--sparsity_type", "2:4", "--save", str(save),
-                                        "--overwrite"], env, REPO))
+    _ok(
+        _run(
+            "main.py",
+            _args(files)
+            + ["--prune_method", "magnitude", "--sparsity_type", "2:4", "--save", str(save), "--overwrite"],
+            env,
+            REPO,
+        )
+    )
     row = _log_row(save, "magnitude")
     assert row["method"] == "magnitude" and row["actual_sparsity"] == "0.5000"
     assert json.loads((save / "results_magnitude.json").read_text())["prune"]["settings"]["pattern"] == "2:4"
@@ -182,8 +224,13 @@ def bad_runs(files, env, tmp_path_factory) -> dict[str, tuple[subprocess.Complet
         switches = [k for k, v in flags.items() if v is None]
         args = _args(files, **overrides) + switches + ["--save", "out", "--save_model", "model"]
         before = _tree(cwd)
-        started[case] = (subprocess.Popen(_command("wanda") + args, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True), cwd, before)
+        started[case] = (
+            subprocess.Popen(
+                _command("wanda") + args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            ),
+            cwd,
+            before,
+        )
     done = {}
     for case, (proc, cwd, before) in started.items():
         stdout, stderr = proc.communicate(timeout=TIMEOUT)

@@ -18,13 +18,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import save_tiny
+
 from wanda import WandaError
 from wanda.export import save_model
+from wanda.models import load_model
 from wanda.models.compressed import same_bits
 from wanda.utils.io import atomic_directory, claim
-from wanda.models import load_model
 
 FORMATS = ["dense", "compressed"]
 KILLS = 24  # kill points per format (the issue asks for at least 20)
@@ -76,8 +76,9 @@ def _assert_complete(folder: Path, reference) -> None:
 @pytest.mark.parametrize("save_format", FORMATS)
 def test_sigkill_at_random_points_leaves_nothing_or_a_complete_model(tiny, reference, tmp_path, save_format):
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-    worker = subprocess.Popen([sys.executable, "-c", WORKER, str(tiny)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env)
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(tiny)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
 
     def request(target: Path, delay: float) -> tuple[float, bool]:
         worker.stdin.write(f"{target} {save_format} {delay}\n")
@@ -173,6 +174,7 @@ def _patch_writes(monkeypatch, disk: FullDisk, tokenizer) -> None:
                 Path(filename).write_bytes(b"\0" * 100)  # the part written before the disk filled
                 raise
             return real(tensors, filename, *args, **kwargs)
+
         return save
 
     real_fsync = os.fsync
@@ -198,8 +200,9 @@ def _patch_writes(monkeypatch, disk: FullDisk, tokenizer) -> None:
     monkeypatch.setattr(io, "open", open_)
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(safetensors.torch, "save_file", safetensors_writer(safetensors.torch.save_file))
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file",
-                        safetensors_writer(transformers.modeling_utils.safe_save_file))
+    monkeypatch.setattr(
+        transformers.modeling_utils, "safe_save_file", safetensors_writer(transformers.modeling_utils.safe_save_file)
+    )
     monkeypatch.setattr(type(tokenizer), "backend_tokenizer", property(lambda self: Backend(backend.fget(self))))
 
 
@@ -236,8 +239,9 @@ def test_safetensors_own_disk_full_error_is_one_line(reference, tmp_path, monkey
     from safetensors import SafetensorError
 
     def full(*args, **kwargs):
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
-                              '"No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
     with pytest.raises(WandaError, match="could not write .*model: no space left on device"):
@@ -248,13 +252,22 @@ def test_safetensors_own_disk_full_error_is_one_line(reference, tmp_path, monkey
 def test_a_second_writer_of_the_same_target_is_refused(reference, tmp_path):
     """One run holds the target (a separate process, so the lock is a real flock between processes)."""
     target = tmp_path / "model"
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys
         from wanda.utils.io import claim
         with claim({str(target)!r}):
             print("held", flush=True)
             sys.stdin.readline()
-        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WandaError, match=rf"another run is writing {re.escape(str(target))}"):
@@ -285,4 +298,3 @@ def test_a_result_parked_by_a_killed_overwrite_is_restored(tmp_path):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.x.abcd1234.tmp", "model"]
     assert (tmp_path / "model" / "weights").read_text() == "old"
-

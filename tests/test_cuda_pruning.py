@@ -21,9 +21,11 @@ METHODS = ["magnitude", "wanda", "sparsegpt", "ablate_wanda_seq"]
 
 def _weights(model) -> dict[str, torch.Tensor]:
     layout = find_decoder_layout(model)
-    return {name: layer.weight.detach().float().cpu()
-            for index, block in enumerate(layout.blocks)
-            for name, layer in find_linears(block, layout.block_name(index)).items()}
+    return {
+        name: layer.weight.detach().float().cpu()
+        for index, block in enumerate(layout.blocks)
+        for name, layer in find_linears(block, layout.block_name(index)).items()
+    }
 
 
 def _calibration() -> torch.Tensor:

@@ -7,13 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import SHARED_DATA, VOCAB
 
 from wanda.data import calibration_windows, evaluation_windows, resolve_source, summaries_split
 from wanda.data.sources import TextSource
 from wanda.data.summaries import is_held_out
 from wanda.errors import WandaError
-
-from conftest import SHARED_DATA, VOCAB
 
 
 class CharTokenizer:
@@ -67,8 +66,9 @@ def test_folder_reads_supported_files_in_sorted_order(tmp_path):
 def test_datasets_saved_to_disk(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    DatasetDict({"train": Dataset.from_dict({"text": DOCS[:5]}), "test": Dataset.from_dict({"text": DOCS[5:7]})}
-                ).save_to_disk(str(tmp_path / "ds"))
+    DatasetDict(
+        {"train": Dataset.from_dict({"text": DOCS[:5]}), "test": Dataset.from_dict({"text": DOCS[5:7]})}
+    ).save_to_disk(str(tmp_path / "ds"))
     assert resolve_source(str(tmp_path / "ds"), "calibration").documents == DOCS[:5]
     assert resolve_source(str(tmp_path / "ds"), "evaluation").documents == DOCS[5:7]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import save_tiny, word_corpus
+
 from wanda import METHODS, PruneSettings, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
-from wanda.models.compressed import same_bits
 from wanda.models import load_model
+from wanda.models.compressed import same_bits
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,13 @@ def _run(inputs, method: str, sparsity_type: str) -> tuple[dict[str, torch.Tenso
     folder, corpus = inputs
     loaded = load_model(str(folder), device="cpu")
     calib = calibration_windows(resolve_source(str(corpus), "calibration"), loaded.tokenizer, 8, 32, seed=3)
-    prune(loaded.model, calib, PruneSettings(prune_method=method, sparsity_type=sparsity_type), progress=False,
-          batch_size=3)  # 3 does not divide 8: a ragged last batch too
+    prune(
+        loaded.model,
+        calib,
+        PruneSettings(prune_method=method, sparsity_type=sparsity_type),
+        progress=False,
+        batch_size=3,
+    )  # 3 does not divide 8: a ragged last batch too
     test = evaluation_windows(resolve_source(str(corpus), "evaluation"), loaded.tokenizer, 32, max_windows=4)
     return loaded.model.state_dict(), perplexity(loaded.model, test, batch_size=2, progress=False)
 
@@ -55,9 +60,28 @@ def test_same_command_twice_writes_identical_files(inputs, tmp_path):
 
     folder, corpus = inputs
     for run in ("a", "b"):
-        argv = ["--model", str(folder), "--prune_method", "sparsegpt", "--calib_dataset", str(corpus),
-                "--eval_dataset", str(corpus), "--seqlen", "32", "--nsamples", "8", "--eval_windows", "4",
-                "--device", "cpu", "--save", str(tmp_path / run), "--save_model", str(tmp_path / run / "model")]
+        argv = [
+            "--model",
+            str(folder),
+            "--prune_method",
+            "sparsegpt",
+            "--calib_dataset",
+            str(corpus),
+            "--eval_dataset",
+            str(corpus),
+            "--seqlen",
+            "32",
+            "--nsamples",
+            "8",
+            "--eval_windows",
+            "4",
+            "--device",
+            "cpu",
+            "--save",
+            str(tmp_path / run),
+            "--save_model",
+            str(tmp_path / run / "model"),
+        ]
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             with pytest.raises(SystemExit) as exited:
                 main(argv, "wanda")

@@ -17,17 +17,27 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import calib_ids, one_thread, save_tiny, tiny_model, word_corpus
-from distributed_worker import (ARCHS, BATCH, CALIB, EVAL, METHODS, MOE_BATCH, MOE_CALIB, MOE_METHODS, pruned_weights,
-                                settings_of)
+from distributed_worker import (
+    ARCHS,
+    BATCH,
+    CALIB,
+    EVAL,
+    METHODS,
+    MOE_BATCH,
+    MOE_CALIB,
+    MOE_METHODS,
+    pruned_weights,
+    settings_of,
+)
 from test_moe import MOE_ARCHS
 from test_streaming import _cli_args, _cli_env, _four_block_model
+
 from wanda import PruneSettings, WandaError, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
 from wanda.engine.resume import agree_resume_point
-from wanda.parallel.ranks import SINGLE, DistributedSettings, deal_layers, init_ranks, window_share
 from wanda.models import load_model
+from wanda.parallel.ranks import SINGLE, DistributedSettings, deal_layers, init_ranks, window_share
 from wanda.stats import SquaredNorm
 
 TESTS = Path(__file__).resolve().parent
@@ -47,21 +57,31 @@ def _free_port() -> int:
 def _launch(commands: list[list[str]], tmp_path: Path) -> list[dict]:
     """Start one process per command as ranks 0..N-1 of one job; return each one's exit code, output and the
     time it exited (seconds after the start)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(len(commands))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": str(len(commands)),
+    }
     procs = []
     start = time.monotonic()
     for rank, command in enumerate(commands):
         out, err = tmp_path / f"rank{rank}.out", tmp_path / f"rank{rank}.err"
         with out.open("w") as fo, err.open("w") as fe:
-            procs.append(subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                          stdout=fo, stderr=fe, cwd=TESTS))
+            procs.append(
+                subprocess.Popen(
+                    command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=fo, stderr=fe, cwd=TESTS
+                )
+            )
     exited: dict[int, float] = {}
     try:
         while len(exited) < len(procs):
             if time.monotonic() - start > LAUNCH_TIMEOUT:
-                pytest.fail(f"ranks {sorted(set(range(len(procs))) - set(exited))} still running after "
-                            f"{LAUNCH_TIMEOUT} s (a hang)")
+                pytest.fail(
+                    f"ranks {sorted(set(range(len(procs))) - set(exited))} still running after "
+                    f"{LAUNCH_TIMEOUT} s (a hang)"
+                )
             for rank, proc in enumerate(procs):
                 if rank not in exited and proc.poll() is not None:
                     exited[rank] = time.monotonic() - start
@@ -70,9 +90,15 @@ def _launch(commands: list[list[str]], tmp_path: Path) -> list[dict]:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    return [{"code": proc.returncode, "exited": exited[rank],
-             "stdout": (tmp_path / f"rank{rank}.out").read_text(), "stderr": (tmp_path / f"rank{rank}.err").read_text()}
-            for rank, proc in enumerate(procs)]
+    return [
+        {
+            "code": proc.returncode,
+            "exited": exited[rank],
+            "stdout": (tmp_path / f"rank{rank}.out").read_text(),
+            "stderr": (tmp_path / f"rank{rank}.err").read_text(),
+        }
+        for rank, proc in enumerate(procs)
+    ]
 
 
 def _error_lines(result: dict) -> list[str]:
@@ -80,6 +106,7 @@ def _error_lines(result: dict) -> list[str]:
 
 
 # ---- pure pieces ------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("count,batch,world", [(8, 2, 2), (7, 2, 2), (9, 2, 4), (32, 8, 3), (3, 2, 2), (5, 4, 4)])
 def test_window_share_covers_every_window_once_in_order(count, batch, world):
@@ -89,21 +116,31 @@ def test_window_share_covers_every_window_once_in_order(count, batch, world):
         assert all(s.start % batch == 0 for s in shares)
 
 
-@pytest.mark.parametrize("states,expected", [
-    ([(3, [1, 2])], 2),                       # one process: blocks 0-2 saved, not block 3's inputs
-    ([(3, [2, 3]), (None, [3, 4])], 3),       # rank 1 ahead by one block: both hold block 3's inputs
-    ([(3, [2]), (None, [2, 3])], 2),          # rank 0 killed before saving block 3's inputs
-    ([(3, [2, 3]), (None, [4, 5])], 0),       # no common point (cannot happen with two files kept): start over
-    ([(4, []), (None, [])], 4),               # every block done: nothing to redo, no inputs needed
-    ([(2, [2]), (3, [2, 3]), (None, [2])], 2),  # two block writers (two machines): the fewer blocks count
-])
+@pytest.mark.parametrize(
+    "states,expected",
+    [
+        ([(3, [1, 2])], 2),  # one process: blocks 0-2 saved, not block 3's inputs
+        ([(3, [2, 3]), (None, [3, 4])], 3),  # rank 1 ahead by one block: both hold block 3's inputs
+        ([(3, [2]), (None, [2, 3])], 2),  # rank 0 killed before saving block 3's inputs
+        ([(3, [2, 3]), (None, [4, 5])], 0),  # no common point (cannot happen with two files kept): start over
+        ([(4, []), (None, [])], 4),  # every block done: nothing to redo, no inputs needed
+        ([(2, [2]), (3, [2, 3]), (None, [2])], 2),  # two block writers (two machines): the fewer blocks count
+    ],
+)
 def test_ranks_resume_at_the_latest_block_all_of_them_hold(states, expected):
     assert agree_resume_point(states, num_blocks=4, needs_hidden=True) == expected
 
 
 def test_deal_layers_balances_estimated_cost_and_is_deterministic():
-    shapes = {"q": (4096, 4096), "k": (1024, 4096), "v": (1024, 4096), "o": (4096, 4096),
-              "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
+    shapes = {
+        "q": (4096, 4096),
+        "k": (1024, 4096),
+        "v": (1024, 4096),
+        "o": (4096, 4096),
+        "gate": (11008, 4096),
+        "up": (11008, 4096),
+        "down": (4096, 11008),
+    }
     owners = deal_layers(shapes, 2)
     assert owners == deal_layers(dict(shapes), 2)
     assert owners["down"] == 0  # the costliest goes first, to rank 0
@@ -129,7 +166,8 @@ def test_squared_norm_does_not_depend_on_how_batches_are_grouped():
     assert torch.equal(left.squared_norm(), one.squared_norm())
     fp32_one = sum(((b * b).sum(0) for b in batches), torch.zeros(16))
     fp32_split = sum(((b * b).sum(0) for b in batches[:3]), torch.zeros(16)) + sum(
-        ((b * b).sum(0) for b in batches[3:]), torch.zeros(16))
+        ((b * b).sum(0) for b in batches[3:]), torch.zeros(16)
+    )
     assert not torch.equal(fp32_one, fp32_split)
 
 
@@ -161,6 +199,7 @@ def test_a_half_set_up_launch_is_one_clear_error(monkeypatch):
 
 # ---- 2 ranks against 1 -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> dict:
     """Every (arch, method) pruned once over 2 ranks (one launch for all of them)."""
@@ -181,8 +220,11 @@ def one_rank() -> dict:
         for method in METHODS:
             model = copy.deepcopy(original)
             prune(model, calib_ids(**CALIB), settings_of(method), batch_size=BATCH, progress=False)
-            results[(arch, method)] = {"weights": pruned_weights(model), "dense_ppl": dense,
-                                       "ppl": perplexity(model, calib_ids(**EVAL), batch_size=BATCH, progress=False)}
+            results[(arch, method)] = {
+                "weights": pruned_weights(model),
+                "dense_ppl": dense,
+                "ppl": perplexity(model, calib_ids(**EVAL), batch_size=BATCH, progress=False),
+            }
     return results
 
 
@@ -215,6 +257,7 @@ def test_two_rank_perplexity_equals_one_rank(two_ranks, one_rank, arch):
 
 # ---- errors: every rank ends, with the same message ----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_job(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("job")
@@ -223,13 +266,33 @@ def tiny_job(tmp_path_factory) -> tuple[Path, Path]:
 
 def _job(model: Path, corpus: Path, *extra: str) -> list[str]:
     """The ``wanda`` pruning job on the tiny model (without evaluation unless ``extra`` asks for it)."""
-    return [sys.executable, "-m", "wanda.main", "--model", str(model), "--device", "cpu", "--calib_dataset",
-            str(corpus), "--nsamples", "8", "--seqlen", "32", "--batch_size", "2", "--dist_timeout", "60",
-            "--eval_dataset", "none", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "wanda.main",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--calib_dataset",
+        str(corpus),
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--batch_size",
+        "2",
+        "--dist_timeout",
+        "60",
+        "--eval_dataset",
+        "none",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("bad", [["--sparsity_ratio", "1.5"], ["--model", "/no/such/model"]],
-                         ids=["flag", "model_path"])
+@pytest.mark.parametrize(
+    "bad", [["--sparsity_ratio", "1.5"], ["--model", "/no/such/model"]], ids=["flag", "model_path"]
+)
 def test_bad_input_on_one_rank_ends_both_with_exit_2(tiny_job, tmp_path, bad):
     model, corpus = tiny_job
     results = _launch([_job(model, corpus), _job(model, corpus, *bad)], tmp_path)
@@ -252,15 +315,34 @@ def test_a_rank_that_dies_ends_the_others_with_a_clear_message(tmp_path):
 
 # ---- the launcher itself ------------------------------------------------------------------------------------
 
+
 def test_torchrun_job_matches_the_single_process_api(tiny_job, tmp_path, monkeypatch):
     model, corpus = tiny_job
     save, saved_model = tmp_path / "results", tmp_path / "model"
     # exactly the README's command: torchrun --standalone --nproc_per_node 2 -m wanda.main ...
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *_job(model, corpus, "--eval_dataset", str(corpus), "--eval_windows", "6", "--save", str(save),
-                     "--save_model", str(saved_model))[1:]]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=LAUNCH_TIMEOUT)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *_job(
+            model,
+            corpus,
+            "--eval_dataset",
+            str(corpus),
+            "--eval_windows",
+            "6",
+            "--save",
+            str(save),
+            "--save_model",
+            str(saved_model),
+        )[1:],
+    ]
+    done = subprocess.run(
+        command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     written = json.loads((save / "results_wanda.json").read_text())
     assert written["ranks"] == 2
@@ -274,11 +356,14 @@ def test_torchrun_job_matches_the_single_process_api(tiny_job, tmp_path, monkeyp
     prune(loaded.model, calib, PruneSettings(prune_method="wanda"), batch_size=2, progress=False)
     source = resolve_source(str(corpus), "evaluation")
     windows = evaluation_windows(source, loaded.tokenizer, 32, 6)
-    assert written["perplexity"]["pruned"][source.name] == pytest.approx(perplexity(loaded.model, windows, batch_size=2,
-                                                                       progress=False), rel=1e-5)
+    assert written["perplexity"]["pruned"][source.name] == pytest.approx(
+        perplexity(loaded.model, windows, batch_size=2, progress=False), rel=1e-5
+    )
     reloaded = load_model(str(saved_model), device="cpu").model
-    assert torch.equal(torch.cat([p.flatten() for p in reloaded.parameters()]),
-                       torch.cat([p.flatten() for p in loaded.model.parameters()]))
+    assert torch.equal(
+        torch.cat([p.flatten() for p in reloaded.parameters()]),
+        torch.cat([p.flatten() for p in loaded.model.parameters()]),
+    )
 
 
 def test_other_commands_refuse_a_launcher(monkeypatch, tmp_path, capsys):
@@ -288,8 +373,9 @@ def test_other_commands_refuse_a_launcher(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["eval", "--model", str(tmp_path)], prog="wanda")
     assert exited.value.code == 2
-    assert capsys.readouterr().err.strip() == ("wanda eval: error: this command runs in one process; start it "
-                                               "without torchrun / accelerate launch")
+    assert capsys.readouterr().err.strip() == (
+        "wanda eval: error: this command runs in one process; start it without torchrun / accelerate launch"
+    )
 
 
 def test_dist_timeout_is_a_flag_of_the_pruning_job(capsys):
@@ -302,6 +388,7 @@ def test_dist_timeout_is_a_flag_of_the_pruning_job(capsys):
 
 
 # ---- mixtures of experts: an expert routed tokens on one rank only ------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def moe_two_ranks(tmp_path_factory) -> list[dict]:
@@ -322,8 +409,9 @@ def test_an_expert_fed_on_one_rank_only_is_pruned_as_in_one_process(moe_two_rank
     # the case under test happened: at some block the two ranks' tokens reached different experts
     assert any(mine != theirs for mine, theirs in zip(rank0["seen"], rank1["seen"])), rank0["seen"]
     model = copy.deepcopy(_original(arch))
-    report = prune(model, calib_ids(**MOE_CALIB), PruneSettings(prune_method=method), batch_size=MOE_BATCH,
-                   progress=False)
+    report = prune(
+        model, calib_ids(**MOE_CALIB), PruneSettings(prune_method=method), batch_size=MOE_BATCH, progress=False
+    )
     # each expert's token count is the sum over both ranks, as one process counts it (0 only if no rank fed it)
     assert rank0["tokens"] == rank1["tokens"] == {layer.name: layer.tokens for layer in report.layers}
     reference = model.state_dict()
@@ -339,10 +427,12 @@ def test_an_expert_fed_on_one_rank_only_is_pruned_as_in_one_process(moe_two_rank
 
 # ---- the streamed engine (--offload disk) under a launcher --------------------------------------------------
 
+
 def _streamed_job(folder: Path, corpus: Path, out: Path) -> list[str]:
     """``wanda --offload disk`` on the 4-block model, through the entry that can stall at a given save."""
-    return _cli_args(folder, corpus, out / "model", "--save", str(out / "results"), "--dist_timeout", "120",
-                     evaluate=True)
+    return _cli_args(
+        folder, corpus, out / "model", "--save", str(out / "results"), "--dist_timeout", "120", evaluate=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -350,13 +440,24 @@ def streamed_runs(tmp_path_factory) -> dict:
     """The streamed job once in one process and once over 2 ranks."""
     tmp = tmp_path_factory.mktemp("streamed")
     folder, corpus = _four_block_model(tmp), word_corpus(tmp / "corpus.txt", words=2000)
-    single = subprocess.run(_streamed_job(folder, corpus, tmp / "single"), capture_output=True, text=True,
-                            env=_cli_env(), timeout=LAUNCH_TIMEOUT)
+    single = subprocess.run(
+        _streamed_job(folder, corpus, tmp / "single"),
+        capture_output=True,
+        text=True,
+        env=_cli_env(),
+        timeout=LAUNCH_TIMEOUT,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     two = _launch([_streamed_job(folder, corpus, tmp / "two")] * 2, tmp)
     assert [r["code"] for r in two] == [0, 0], [r["stderr"][-3000:] for r in two]
-    return {"folder": folder, "corpus": corpus, "tmp": tmp, "single": tmp / "single", "two": tmp / "two",
-            "two_ranks": two}
+    return {
+        "folder": folder,
+        "corpus": corpus,
+        "tmp": tmp,
+        "single": tmp / "single",
+        "two": tmp / "two",
+        "two_ranks": two,
+    }
 
 
 def _saved(out: Path) -> dict[str, torch.Tensor]:
@@ -376,7 +477,9 @@ def test_streamed_job_over_two_ranks_equals_one_process(streamed_runs):
     for label in ("dense", "pruned"):  # the block-by-block evaluation split over the ranks
         for name, value in theirs["perplexity"][label].items():
             assert ours["perplexity"][label][name] == pytest.approx(value, rel=1e-5)
-    assert [layer["name"] for layer in ours["prune"]["layers"]] == [layer["name"] for layer in theirs["prune"]["layers"]]
+    assert [layer["name"] for layer in ours["prune"]["layers"]] == [
+        layer["name"] for layer in theirs["prune"]["layers"]
+    ]
     printed = [r["stdout"].count("actual sparsity") for r in streamed_runs["two_ranks"]]
     assert printed == [1, 0]  # one writer
     assert not (two / "model.work").exists()  # the work folder is removed once every rank is done with it
@@ -384,15 +487,19 @@ def test_streamed_job_over_two_ranks_equals_one_process(streamed_runs):
 
 def _start_and_kill_ranks(commands: list[list[str]], stalls: list[str], tmp: Path) -> None:
     """Start the ranks, each stalling at its own save (``WANDA_TEST_STALL``), then SIGKILL all of them."""
-    env = {**_cli_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": str(len(commands))}
+    env = {**_cli_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(len(commands))}
     procs, errs = [], []
     for rank, (command, stall) in enumerate(zip(commands, stalls)):
         errs.append(tmp / f"killed{rank}.err")
         with errs[-1].open("w") as fe:
-            procs.append(subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                                        "WANDA_TEST_STALL": stall},
-                                          stdout=subprocess.DEVNULL, stderr=fe))
+            procs.append(
+                subprocess.Popen(
+                    command,
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WANDA_TEST_STALL": stall},
+                    stdout=subprocess.DEVNULL,
+                    stderr=fe,
+                )
+            )
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
         while not all("stalled" in err.read_text() for err in errs):
@@ -413,9 +520,11 @@ def test_streamed_ranks_killed_at_different_blocks_resume_together(streamed_runs
     _start_and_kill_ranks([job, job], ["save_block:2", "save_hidden:3"], tmp_path)
     work = tmp_path / "model.work"
     assert (work / "block-00002.safetensors").is_file() and not (work / "block-00003.safetensors").exists()
-    assert {p.name for p in work.glob("hidden-*")} >= {"hidden-00002.rank-0-of-2.safetensors",
-                                                     "hidden-00002.rank-1-of-2.safetensors",
-                                                     "hidden-00003.rank-1-of-2.safetensors"}
+    assert {p.name for p in work.glob("hidden-*")} >= {
+        "hidden-00002.rank-0-of-2.safetensors",
+        "hidden-00002.rank-1-of-2.safetensors",
+        "hidden-00003.rank-1-of-2.safetensors",
+    }
     again = _launch([job, job], tmp_path)
     assert [r["code"] for r in again] == [0, 0], [r["stderr"][-3000:] for r in again]
     assert f"resuming from block 2 of 4 (work folder {work})" in again[0]["stderr"]
@@ -430,8 +539,11 @@ def test_a_restart_with_another_number_of_ranks_is_refused(streamed_runs, tmp_pa
     _start_and_kill_ranks([job, job], ["save_hidden:2", "save_hidden:2"], tmp_path)
     alone = subprocess.run(job, capture_output=True, text=True, env=_cli_env(), timeout=LAUNCH_TIMEOUT)
     assert alone.returncode == 2
-    assert alone.stderr.strip().splitlines()[-1].startswith(
-        f"wanda: error: work folder {tmp_path / 'model.work'} belongs to another run (differs in ranks)")
+    assert (
+        alone.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"wanda: error: work folder {tmp_path / 'model.work'} belongs to another run (differs in ranks)")
+    )
 
 
 def test_streamed_sparsegpt_over_two_ranks_agrees_with_one_process(streamed_runs, tmp_path):
@@ -448,7 +560,9 @@ def test_streamed_sparsegpt_over_two_ranks_agrees_with_one_process(streamed_runs
     assert agree / sum(reference[n].numel() for n in matrices) >= 0.9999
     for n in matrices:  # the updated weights too, not only the masks
         assert torch.allclose(mine[n], reference[n], rtol=1e-3, atol=1e-3 * float(reference[n].abs().max()))
-    ppl = [json.loads((tmp_path / n / "results" / "results_sparsegpt.json").read_text())["perplexity"]["pruned"]
-           for n in ("two", "one")]
+    ppl = [
+        json.loads((tmp_path / n / "results" / "results_sparsegpt.json").read_text())["perplexity"]["pruned"]
+        for n in ("two", "one")
+    ]
     for name, value in ppl[1].items():
         assert ppl[0][name] == pytest.approx(value, rel=1e-3)

@@ -8,9 +8,9 @@ import functools
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close, calib_ids, one_thread, tiny_model
 from torch import nn
 
-from conftest import assert_close, calib_ids, one_thread, tiny_model
 from wanda import METHODS, PruneSettings, WandaError, model_sparsity, prune
 from wanda.engine import LayerwiseEngine, capture_block_inputs
 from wanda.models import find_decoder_layout, find_linears
@@ -18,8 +18,12 @@ from wanda.stats import InputRecorder, SquaredNorm
 
 #: Where each architecture keeps its blocks and the norm applied after the last one.
 BLOCKS = {"llama": "model.layers", "mistral": "model.layers", "qwen2": "model.layers", "opt": "model.decoder.layers"}
-FINAL_NORM = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.norm",
-              "opt": "model.decoder.final_layer_norm"}
+FINAL_NORM = {
+    "llama": "model.norm",
+    "mistral": "model.norm",
+    "qwen2": "model.norm",
+    "opt": "model.decoder.final_layer_norm",
+}
 
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
@@ -37,16 +41,21 @@ def _fresh(arch: str, layers: int = 2) -> nn.Module:
 def _hooks(model: nn.Module) -> set[tuple[str, str, int]]:
     """Every forward hook on the model. transformers installs hooks of its own (to record hidden states),
     so tests compare this set before and after rather than expecting it to be empty."""
-    return {(name, kind, key) for name, module in model.named_modules()
-            for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks))
-            for key in hooks}
+    return {
+        (name, kind, key)
+        for name, module in model.named_modules()
+        for kind, hooks in (("pre", module._forward_pre_hooks), ("post", module._forward_hooks))
+        for key in hooks
+    }
 
 
 def _record_inputs(model: nn.Module, layers: dict[str, nn.Linear], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Our own plain hooks: every input of every layer during one full forward pass, (tokens, features)."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    handles = [layer.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].detach()))
-               for name, layer in layers.items()]
+    handles = [
+        layer.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(args[0].detach()))
+        for name, layer in layers.items()
+    ]
     try:
         with torch.no_grad():
             model(input_ids=ids)
@@ -67,6 +76,7 @@ def _wanda_reference(weight: torch.Tensor, inputs: torch.Tensor, ratio: float = 
 
 
 # (a) Wanda inside a full prune() equals an independent computation ---------------------------------------
+
 
 def test_wanda_in_prune_equals_independent_computation_one_block():
     original = _fresh("llama", layers=1)
@@ -103,6 +113,7 @@ def test_second_block_is_calibrated_on_the_pruned_first_block():
 
 
 # (b) walking the blocks reproduces the full forward pass ----------------------------------------------------
+
 
 def test_walk_reproduces_the_full_forward_pass(arch):
     model = _fresh(arch)
@@ -151,6 +162,7 @@ def test_capture_stops_before_the_blocks():
 
 # (c) the input recorder: shared accumulators, hooks always removed ----------------------------------------
 
+
 def _short(names) -> frozenset[str]:
     return frozenset(n.rsplit(".", 1)[-1] for n in names)
 
@@ -170,8 +182,12 @@ def test_recorder_shares_accumulators_for_the_same_input(arch):
     if arch == "opt":
         expected = {_short(["q_proj", "k_proj", "v_proj"]), _short(["out_proj"]), _short(["fc1"]), _short(["fc2"])}
     else:
-        expected = {_short(["q_proj", "k_proj", "v_proj"]), _short(["o_proj"]), _short(["gate_proj", "up_proj"]),
-                    _short(["down_proj"])}
+        expected = {
+            _short(["q_proj", "k_proj", "v_proj"]),
+            _short(["o_proj"]),
+            _short(["gate_proj", "up_proj"]),
+            _short(["down_proj"]),
+        }
     assert groups == expected
     assert len(recorder.stats) == 4  # one accumulator per distinct input
     for owner, members in recorder.groups.items():
@@ -216,11 +232,13 @@ def test_recorder_removes_hooks_when_the_forward_raises():
 
 # (d) prune() on every architecture -----------------------------------------------------------------------
 
+
 def _check_untouched(original: nn.Module, pruned: nn.Module) -> set[str]:
     """Everything except the weights of the blocks' linear layers is bit-identical; returns those weights' names."""
     layout = find_decoder_layout(pruned)
-    pruned_names = {f"{name}.weight" for i, block in enumerate(layout.blocks)
-                    for name in find_linears(block, layout.block_name(i))}
+    pruned_names = {
+        f"{name}.weight" for i, block in enumerate(layout.blocks) for name in find_linears(block, layout.block_name(i))
+    }
     before, after = original.state_dict(), pruned.state_dict()
     assert before.keys() == after.keys()
     for key in before:
@@ -273,6 +291,7 @@ def test_prune_needs_calibration_for_activation_methods():
 
 
 # (e) models without decoder blocks -------------------------------------------------------------------------
+
 
 def test_find_decoder_layout_rejects_a_model_without_blocks():
     plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))

@@ -12,10 +12,10 @@ import torch
 from conftest import SHARED_DATA, save_tiny, word_corpus
 
 from wanda.cli.main import main
-from wanda.pruning.prune_settings import PruneSettings
 from wanda.data import evaluation_windows, resolve_source
 from wanda.eval import perplexity
 from wanda.pruning.prune import prune
+from wanda.pruning.prune_settings import PruneSettings
 
 ZEROSHOT = SHARED_DATA / "zeroshot"
 needs_shared = pytest.mark.skipif(not ZEROSHOT.is_dir(), reason=f"local task files not found at {ZEROSHOT}")
@@ -44,8 +44,24 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_perplexity_of_a_saved_model(files, tmp_path, capsys):
     save = tmp_path / "out"
-    code, out, err = _run(["eval", "--model", str(files["pruned"]), "--eval_dataset", str(files["corpus"]),
-                           "--seqlen", "32", "--eval_windows", "4", "--device", "cpu", "--save", str(save)], capsys)
+    code, out, err = _run(
+        [
+            "eval",
+            "--model",
+            str(files["pruned"]),
+            "--eval_dataset",
+            str(files["corpus"]),
+            "--seqlen",
+            "32",
+            "--eval_windows",
+            "4",
+            "--device",
+            "cpu",
+            "--save",
+            str(save),
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((save / "results_eval.json").read_text())
     assert result["zero_shot"] is None and result["linear_sparsity"] == pytest.approx(0.5, abs=0.01)
@@ -53,20 +69,24 @@ def test_perplexity_of_a_saved_model(files, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(files["pruned"], dtype=torch.float32)
-    windows = evaluation_windows(resolve_source(str(files["corpus"]), "evaluation"),
-                                 AutoTokenizer.from_pretrained(files["pruned"]), 32, 4)
+    windows = evaluation_windows(
+        resolve_source(str(files["corpus"]), "evaluation"), AutoTokenizer.from_pretrained(files["pruned"]), 32, 4
+    )
     expected = perplexity(model, windows, batch_size=8, progress=False)
     assert math.isfinite(expected) and result["perplexity"]["corpus.txt"] == pytest.approx(expected, rel=1e-6)
     assert "| corpus.txt |" in out and "sparsity 0.5" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--eval_dataset", "none"], "nothing to evaluate"),
-    (["--tasks", "rte"], "add --eval_zero_shot"),
-    (["--eval_zero_shot", "--limit", "0"], "--limit must be at least 1"),
-    (["--eval_zero_shot", "--eval_batch_size", "many"], "--eval_batch_size"),
-    (["--eval_zero_shot", "--zero_shot_data", "/nonexistent/zeroshot"], "is not a folder"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--eval_dataset", "none"], "nothing to evaluate"),
+        (["--tasks", "rte"], "add --eval_zero_shot"),
+        (["--eval_zero_shot", "--limit", "0"], "--limit must be at least 1"),
+        (["--eval_zero_shot", "--eval_batch_size", "many"], "--eval_batch_size"),
+        (["--eval_zero_shot", "--zero_shot_data", "/nonexistent/zeroshot"], "is not a folder"),
+    ],
+)
 def test_bad_flags_are_one_line_errors(files, argv, message, capsys):
     code, _, err = _run(["eval", "--model", str(files["dense"]), *argv], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
@@ -74,17 +94,37 @@ def test_bad_flags_are_one_line_errors(files, argv, message, capsys):
 
 def test_existing_results_are_not_replaced(files, tmp_path, capsys):
     (tmp_path / "results_eval.json").write_text("{}")
-    code, _, err = _run(["eval", "--model", str(files["dense"]), "--eval_dataset", str(files["corpus"]),
-                         "--save", str(tmp_path)], capsys)
+    code, _, err = _run(
+        ["eval", "--model", str(files["dense"]), "--eval_dataset", str(files["corpus"]), "--save", str(tmp_path)],
+        capsys,
+    )
     assert code == 2 and "--overwrite" in err
 
 
 @needs_shared
 def test_zero_shot_of_a_saved_pruned_model(files, tmp_path, capsys):
     save = tmp_path / "out"
-    code, out, err = _run(["eval", "--model", str(files["pruned"]), "--eval_dataset", "none", "--eval_zero_shot",
-                           "--tasks", "rte,arc_easy", "--limit", "2", "--zero_shot_data", str(ZEROSHOT),
-                           "--device", "cpu", "--save", str(save)], capsys)
+    code, out, err = _run(
+        [
+            "eval",
+            "--model",
+            str(files["pruned"]),
+            "--eval_dataset",
+            "none",
+            "--eval_zero_shot",
+            "--tasks",
+            "rte,arc_easy",
+            "--limit",
+            "2",
+            "--zero_shot_data",
+            str(ZEROSHOT),
+            "--device",
+            "cpu",
+            "--save",
+            str(save),
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((save / "results_eval.json").read_text())
     zero_shot = result["zero_shot"]
@@ -98,10 +138,32 @@ def test_zero_shot_of_a_saved_pruned_model(files, tmp_path, capsys):
 @needs_shared
 def test_prune_job_evaluates_the_pruned_model_zero_shot(files, tmp_path, capsys):
     save = tmp_path / "out"
-    code, out, err = _run(["--model", str(files["dense"]), "--prune_method", "magnitude", "--device", "cpu",
-                           "--eval_dataset", str(files["corpus"]), "--seqlen", "32", "--eval_windows", "2",
-                           "--eval_zero_shot", "--tasks", "boolq,winogrande", "--limit", "2",
-                           "--zero_shot_data", str(ZEROSHOT), "--save", str(save)], capsys)
+    code, out, err = _run(
+        [
+            "--model",
+            str(files["dense"]),
+            "--prune_method",
+            "magnitude",
+            "--device",
+            "cpu",
+            "--eval_dataset",
+            str(files["corpus"]),
+            "--seqlen",
+            "32",
+            "--eval_windows",
+            "2",
+            "--eval_zero_shot",
+            "--tasks",
+            "boolq,winogrande",
+            "--limit",
+            "2",
+            "--zero_shot_data",
+            str(ZEROSHOT),
+            "--save",
+            str(save),
+        ],
+        capsys,
+    )
     assert code == 0, err
     result = json.loads((save / "results_magnitude.json").read_text())
     zero_shot = result["zero_shot"]

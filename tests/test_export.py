@@ -6,17 +6,24 @@ import json
 
 import pytest
 import torch
+from conftest import save_tiny, tiny_model
 from torch import nn
 
-from conftest import save_tiny, tiny_model
 from wanda import PruneSettings, prune
 from wanda.errors import WandaError
-from wanda.export import (SpeedupSettings, check_24, format_tables, load_compressed, measure, run_speedup,
-                          save_model, sparsify_linears)
-from wanda.models.compressed import (MANIFEST_NAME, WEIGHTS_NAME, decode_tensor, encode_tensor,
-                                     same_bits)
+from wanda.export import (
+    SpeedupSettings,
+    check_24,
+    format_tables,
+    load_compressed,
+    measure,
+    run_speedup,
+    save_model,
+    sparsify_linears,
+)
 from wanda.masks import check_nm
 from wanda.models import find_linears, load_model
+from wanda.models.compressed import MANIFEST_NAME, WEIGHTS_NAME, decode_tensor, encode_tensor, same_bits
 
 
 def _roundtrip(tensor: torch.Tensor) -> torch.Tensor:
@@ -38,8 +45,10 @@ def test_a_24_tensor_takes_the_bitmask_and_no_more_bytes_than_positions_would():
 
 def test_legacy_24_encoding_is_still_read():
     # group 1 keeps positions (1, 3), group 2 keeps (0, 3): four 2-bit indices in one byte, first in the low bits
-    parts = {"values": torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
-             "indices": torch.tensor([1 | 3 << 2 | 0 << 4 | 3 << 6], dtype=torch.uint8)}
+    parts = {
+        "values": torch.tensor([[1.0, 2.0, 3.0, 4.0]]),
+        "indices": torch.tensor([1 | 3 << 2 | 0 << 4 | 3 << 6], dtype=torch.uint8),
+    }
     expected = torch.tensor([[0.0, 1.0, 0.0, 2.0, 3.0, 0.0, 0.0, 4.0]])
     assert same_bits(decode_tensor("2:4", parts, (1, 8), torch.float32), expected)
 
@@ -93,15 +102,24 @@ def _pruned(pattern: str, dtype: torch.dtype = torch.float32, **overrides) -> nn
     return model.to(dtype)
 
 
-@pytest.mark.parametrize("pattern,dtype", [("unstructured", torch.float32), ("2:4", torch.float32),
-                                           ("4:8", torch.float32), ("2:4", torch.bfloat16),
-                                           ("unstructured", torch.float16)])
+@pytest.mark.parametrize(
+    "pattern,dtype",
+    [
+        ("unstructured", torch.float32),
+        ("2:4", torch.float32),
+        ("4:8", torch.float32),
+        ("2:4", torch.bfloat16),
+        ("unstructured", torch.float16),
+    ],
+)
 def test_compressed_roundtrip_is_bit_identical_and_smaller(tmp_path, pattern, dtype):
     model = _pruned(pattern, dtype, tie_word_embeddings=True)
     saved = save_model(model, None, tmp_path / "compressed", "compressed")
     save_model(model, None, tmp_path / "dense", "dense")
     manifest = json.loads((tmp_path / "compressed" / MANIFEST_NAME).read_text())
-    encodings = {k: v["encoding"] for k, v in manifest["tensors"].items() if ".layers." in k and k.endswith("proj.weight")}
+    encodings = {
+        k: v["encoding"] for k, v in manifest["tensors"].items() if ".layers." in k and k.endswith("proj.weight")
+    }
     assert set(encodings.values()) == {"bitmask"}
     assert manifest["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -128,7 +146,8 @@ def test_compressed_roundtrip_is_bit_identical_and_smaller(tmp_path, pattern, dt
     # the pruned matrices alone take (values + 1 bit per weight) / dense = 1/2 + 1/(8 * itemsize)
     pruned_keys = [k for k in encodings]
     ratio = sum(saved.compression.tensor_bytes[k] for k in pruned_keys) / sum(
-        saved.compression.dense_tensor_bytes[k] for k in pruned_keys)
+        saved.compression.dense_tensor_bytes[k] for k in pruned_keys
+    )
     assert ratio == pytest.approx(0.5 + 1 / (8 * dtype.itemsize), abs=1e-3)
 
 
@@ -166,8 +185,25 @@ def test_cli_save_format_compressed(tmp_path, monkeypatch):
     folder = save_tiny(tmp_path)
     out = tmp_path / "pruned"
     with pytest.raises(SystemExit) as exit_info:
-        main(["--model", str(folder), "--prune_method", "magnitude", "--sparsity_type", "2:4", "--device", "cpu",
-              "--eval_dataset", "none", "--save_model", str(out), "--save_format", "compressed"], "wanda")
+        main(
+            [
+                "--model",
+                str(folder),
+                "--prune_method",
+                "magnitude",
+                "--sparsity_type",
+                "2:4",
+                "--device",
+                "cpu",
+                "--eval_dataset",
+                "none",
+                "--save_model",
+                str(out),
+                "--save_format",
+                "compressed",
+            ],
+            "wanda",
+        )
     assert exit_info.value.code == 0
     assert (out / MANIFEST_NAME).is_file() and not (out / "model.safetensors").exists()
     model, tokenizer = load_compressed(out)
@@ -180,8 +216,7 @@ def test_cli_save_format_compressed(tmp_path, monkeypatch):
 
 
 def test_check_24_refuses_a_violation_naming_the_layer():
-    w = torch.tensor([[1.0, 0.0, 0.0, 2.0, 1.0, 0.0, 0.0, 0.0],
-                      [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
+    w = torch.tensor([[1.0, 0.0, 0.0, 2.0, 1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]])
     with pytest.raises(WandaError, match=r"layer blocks\.0\.q is not 2:4 sparse: 1 of 4 groups .* row 1, columns 4-7"):
         check_24(w, "blocks.0.q")
     check_24(w[:1], "ok")  # groups with more than 2 zeros are fine
@@ -228,8 +263,16 @@ def test_sparsify_skips_layers_the_kernels_cannot_take():
 
 def test_run_speedup_with_a_stand_in_backend():
     model = _pruned("2:4")
-    settings = SpeedupSettings(decode_tokens=(1, 2), prefill_tokens=(8,), model_tokens=(4, 1000), iters=2, warmup=1,
-                               model_iters=1, model_warmup=0, model_check_tokens=8)
+    settings = SpeedupSettings(
+        decode_tokens=(1, 2),
+        prefill_tokens=(8,),
+        model_tokens=(4, 1000),
+        iters=2,
+        warmup=1,
+        model_iters=1,
+        model_warmup=0,
+        model_check_tokens=8,
+    )
     result = run_speedup(model, _StandIn(), settings)
     shapes = {t.shape for t in result.layers}
     assert shapes == {(64, 64), (32, 64), (128, 64), (64, 128)}
@@ -264,8 +307,10 @@ def test_speedup_command_without_a_capable_gpu(monkeypatch, capsys):
     assert exit_info.value.code == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err == ("wanda speedup: error: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; "
-                   "no CUDA GPU is available\n")
+    assert err == (
+        "wanda speedup: error: 2:4 sparse kernels need a CUDA GPU of compute capability 8.0 or higher; "
+        "no CUDA GPU is available\n"
+    )
 
 
 def test_speedup_command_usage_errors_come_first(capsys):

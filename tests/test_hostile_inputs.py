@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import calib_ids, save_tiny, tiny_model, word_corpus
+
 from wanda import PruneSettings, WandaError, prune
 from wanda.data import calibration_windows, resolve_source
 from wanda.eval import perplexity
-from wanda.utils.io import atomic_write_json, check_writable
 from wanda.models import ModelSettings, check_seqlen, load_model
 from wanda.models.checks import check_finite_weights
+from wanda.utils.io import atomic_write_json, check_writable
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,16 @@ def _refused(match: str, folder: Path, **kwargs) -> str:
 
 # model folders ------------------------------------------------------------------------------------------------
 
+
 def test_truncated_safetensors_named_with_sizes(copy):
     weights = copy / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 1000])
-    _refused(rf"{weights} is truncated or corrupt: its header describes {len(data)} bytes, the file has "
-             rf"{len(data) - 1000}", copy)
+    _refused(
+        rf"{weights} is truncated or corrupt: its header describes {len(data)} bytes, the file has "
+        rf"{len(data) - 1000}",
+        copy,
+    )
     weights.write_bytes(data[:5])
     _refused(rf"{weights} is not a valid safetensors file", copy)
     header = b'["not", "a", "header"]'
@@ -87,8 +91,11 @@ def test_nan_and_inf_weights_named_by_layer_before_any_work(copy, tmp_path):
     state["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
     state["model.layers.0.self_attn.q_proj.weight"][0, :2] = float("inf")
     save_file(state, copy / "model.safetensors", metadata={"format": "pt"})
-    _refused(r"weights are not finite: model.layers.0.self_attn.q_proj.weight \(0 NaN, 2 Inf\), "
-             r"model.layers.1.mlp.down_proj.weight \(1 NaN, 0 Inf\)", copy)
+    _refused(
+        r"weights are not finite: model.layers.0.self_attn.q_proj.weight \(0 NaN, 2 Inf\), "
+        r"model.layers.1.mlp.down_proj.weight \(1 NaN, 0 Inf\)",
+        copy,
+    )
 
 
 def test_finite_check_reads_large_tensors_in_chunks(monkeypatch):
@@ -114,9 +121,11 @@ def _plant_remote_code(folder: Path, marker: Path, where: str = "config.json") -
     (folder / "modeling_evil.py").write_text(MARKER_CODE.format(marker=str(marker)))
     (folder / "configuration_evil.py").write_text(MARKER_CODE.format(marker=str(marker)))
     config = json.loads((folder / where).read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
-                          "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
-                          "AutoTokenizer": ["modeling_evil.EvilTokenizer", None]}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_evil.EvilConfig",
+        "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM",
+        "AutoTokenizer": ["modeling_evil.EvilTokenizer", None],
+    }
     (folder / where).write_text(json.dumps(config))
 
 
@@ -124,8 +133,11 @@ def _plant_remote_code(folder: Path, marker: Path, where: str = "config.json") -
 def test_remote_code_is_refused_and_never_run(copy, tmp_path, where):
     marker = tmp_path / "marker.txt"
     _plant_remote_code(copy, marker, where)
-    _refused(rf"{copy / where} asks to run code shipped with the model \(auto_map: .*nothing was run.*"
-             r"--trust_remote_code", copy)
+    _refused(
+        rf"{copy / where} asks to run code shipped with the model \(auto_map: .*nothing was run.*"
+        r"--trust_remote_code",
+        copy,
+    )
     with pytest.raises(WandaError, match="--trust_remote_code"):
         ModelSettings(model=str(copy), device="cpu").load()
     assert not marker.exists()
@@ -175,8 +187,9 @@ def test_pickled_weights_load_with_allow_pickle(tiny, tmp_path):
 
 
 def test_shard_index_cannot_point_outside_the_folder(copy):
-    (copy / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"model.embed_tokens.weight": "../../elsewhere/model.safetensors"}}))
+    (copy / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": "../../elsewhere/model.safetensors"}})
+    )
     _refused(r"model.safetensors.index.json names '../../elsewhere/model.safetensors', which is outside", copy)
     (copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]}))
     _refused(r"model.safetensors.index.json has no weight_map", copy)
@@ -199,19 +212,29 @@ def test_compressed_manifest_cannot_point_outside_the_folder(tiny, tmp_path):
 
 # calibration and evaluation files -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, content, match", [
-    ("empty.txt", b"", r"empty.txt is empty"),
-    ("blank.txt", b" \n\n \t\n", r"blank.txt is empty"),
-    ("binary.txt", bytes(range(256)) * 4, r"binary.txt is not a text file \(it holds NUL bytes"),
-    ("latin1.txt", "line one\nline two\ncaf\u00e9 three\n".encode("latin-1"),
-     r"latin1.txt is not UTF-8 text: byte 0xe9 on line 3"),
-    ("broken.jsonl", b'{"text": "a"}\n\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n',
-     r"broken.jsonl line 4 is not JSON"),
-    ("broken.json", b'[{"text": "a"},\n {"text": }]', r"broken.json is not valid JSON \(line 2, column 11"),
-    ("nofield.jsonl", b'{"text": "a"}\n{"body": "b"}\n', r"nofield.jsonl: line 2 has no field 'text'"),
-    ("empties.jsonl", b'{"text": ""}\n{"text": "  "}\n', r"empties.jsonl holds no text"),
-    ("bad.parquet", b"PAR1 this is not parquet", r"bad.parquet is not a readable parquet file"),
-])
+
+@pytest.mark.parametrize(
+    "name, content, match",
+    [
+        ("empty.txt", b"", r"empty.txt is empty"),
+        ("blank.txt", b" \n\n \t\n", r"blank.txt is empty"),
+        ("binary.txt", bytes(range(256)) * 4, r"binary.txt is not a text file \(it holds NUL bytes"),
+        (
+            "latin1.txt",
+            "line one\nline two\ncaf\u00e9 three\n".encode("latin-1"),
+            r"latin1.txt is not UTF-8 text: byte 0xe9 on line 3",
+        ),
+        (
+            "broken.jsonl",
+            b'{"text": "a"}\n\n{"text": "b"}\n{"text": "c"\n{"text": "d"}\n',
+            r"broken.jsonl line 4 is not JSON",
+        ),
+        ("broken.json", b'[{"text": "a"},\n {"text": }]', r"broken.json is not valid JSON \(line 2, column 11"),
+        ("nofield.jsonl", b'{"text": "a"}\n{"body": "b"}\n', r"nofield.jsonl: line 2 has no field 'text'"),
+        ("empties.jsonl", b'{"text": ""}\n{"text": "  "}\n', r"empties.jsonl holds no text"),
+        ("bad.parquet", b"PAR1 this is not parquet", r"bad.parquet is not a readable parquet file"),
+    ],
+)
 def test_bad_calibration_files(tmp_path, name, content, match):
     path = tmp_path / name
     path.write_bytes(content)
@@ -228,11 +251,15 @@ def test_empty_source_name_is_not_the_current_folder(tmp_path, monkeypatch):
 
 # lengths, outputs, numbers -------------------------------------------------------------------------------------
 
+
 def test_seqlen_beyond_the_context(tiny, tmp_path):
     model = tiny_model()  # max_position_embeddings=256
     check_seqlen(model, 256)
-    with pytest.raises(WandaError, match=r"--seqlen 257 is beyond the model's context of 256 tokens "
-                                         r"\(max_position_embeddings in its config\); use --seqlen 256 or less"):
+    with pytest.raises(
+        WandaError,
+        match=r"--seqlen 257 is beyond the model's context of 256 tokens "
+        r"\(max_position_embeddings in its config\); use --seqlen 256 or less",
+    ):
         check_seqlen(model, 257)
     with pytest.raises(WandaError, match=r"--seqlen 300 is beyond"):
         prune(model, calib_ids(2, 300), PruneSettings(), progress=False)
@@ -265,8 +292,11 @@ def test_fp16_overflow_stops_at_the_block_and_names_the_fix():
     model = _overflowing_fp16_model()
     check_finite_weights(model)  # every weight is a finite fp16 number: only the activations overflow
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(WandaError, match=r"the outputs of block model.layers.1 became NaN or Inf \(\d+ NaN, \d+ "
-                                         r"Inf in float16\).*--dtype bfloat16 or --dtype float32"):
+    with pytest.raises(
+        WandaError,
+        match=r"the outputs of block model.layers.1 became NaN or Inf \(\d+ NaN, \d+ "
+        r"Inf in float16\).*--dtype bfloat16 or --dtype float32",
+    ):
         prune(model, calib_ids(4, 32), PruneSettings(prune_method="wanda"), progress=False, batch_size=2)
     layer0 = [k for k in before if k.startswith("model.layers.0.") and k.endswith("proj.weight")]
     assert layer0 and all((model.state_dict()[k] == 0).any() for k in layer0)  # block 0 went through
@@ -294,6 +324,7 @@ def test_calibration_from_a_good_file_still_works(tiny, tmp_path):
 
 # the same through the command line (in-process) ---------------------------------------------------------------
 
+
 def _wanda(argv: list[str]) -> tuple[int, str]:
     import contextlib
     import io
@@ -314,6 +345,7 @@ def _wanda(argv: list[str]) -> tuple[int, str]:
 @pytest.fixture
 def never_loads(monkeypatch):
     """Fail the test if the job gets as far as loading the model (a check meant to come before any work)."""
+
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was refused")
 
@@ -325,8 +357,9 @@ def test_cli_refuses_remote_code_and_names_the_flag(copy, tmp_path):
     _plant_remote_code(copy, marker)
     code, error = _wanda(["eval", "--model", str(copy), "--eval_dataset", "wiki-summaries", "--device", "cpu"])
     assert code == 2 and error.startswith("wanda eval: error: ") and "--trust_remote_code" in error
-    code, error = _wanda(["--model", str(copy), "--device", "cpu", "--prune_method", "magnitude",
-                          "--eval_dataset", "none"])
+    code, error = _wanda(
+        ["--model", str(copy), "--device", "cpu", "--prune_method", "magnitude", "--eval_dataset", "none"]
+    )
     assert code == 2 and "asks to run code shipped with the model" in error
     assert not marker.exists()
 
@@ -349,8 +382,22 @@ def test_cli_refuses_an_unwritable_output_before_loading(tiny, tmp_path, never_l
 
 def test_cli_refuses_seqlen_beyond_the_context(tiny, tmp_path):
     corpus = word_corpus(tmp_path / "c.txt", 3000)
-    code, error = _wanda(["--model", str(tiny), "--device", "cpu", "--seqlen", "100000", "--calib_dataset",
-                          str(corpus), "--eval_dataset", str(corpus), "--nsamples", "1"])
+    code, error = _wanda(
+        [
+            "--model",
+            str(tiny),
+            "--device",
+            "cpu",
+            "--seqlen",
+            "100000",
+            "--calib_dataset",
+            str(corpus),
+            "--eval_dataset",
+            str(corpus),
+            "--nsamples",
+            "1",
+        ]
+    )
     assert code == 2 and "--seqlen 100000 is beyond the model's context of 256 tokens" in error
 
 
@@ -366,8 +413,25 @@ def test_cli_stops_at_an_overflowing_block(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(folder)
     corpus = word_corpus(tmp_path / "c.txt", 3000)
-    code, error = _wanda(["--model", str(folder), "--device", "cpu", "--dtype", "float16", "--seqlen", "32",
-                          "--nsamples", "4", "--calib_dataset", str(corpus), "--eval_dataset", "none",
-                          "--save_model", str(tmp_path / "pruned")])
+    code, error = _wanda(
+        [
+            "--model",
+            str(folder),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float16",
+            "--seqlen",
+            "32",
+            "--nsamples",
+            "4",
+            "--calib_dataset",
+            str(corpus),
+            "--eval_dataset",
+            "none",
+            "--save_model",
+            str(tmp_path / "pruned"),
+        ]
+    )
     assert code == 2 and "block model.layers.1 became NaN or Inf" in error and "--dtype bfloat16" in error
     assert not (tmp_path / "pruned").exists()

@@ -14,20 +14,16 @@ T, F = True, False
 
 
 def test_row_mask_prunes_lowest_scores_of_each_row():
-    scores = torch.tensor([[3.0, 1.0, 2.0, 4.0],
-                           [0.5, 0.1, 0.9, 0.3]])
-    assert row_mask(scores, 0.5).tolist() == [[F, T, T, F],
-                                              [F, T, F, T]]
+    scores = torch.tensor([[3.0, 1.0, 2.0, 4.0], [0.5, 0.1, 0.9, 0.3]])
+    assert row_mask(scores, 0.5).tolist() == [[F, T, T, F], [F, T, F, T]]
     # floor(0.3 * 4) = 1 and floor(0.74 * 4) = 2 per row
-    assert row_mask(scores, 0.3).tolist() == [[F, T, F, F],
-                                              [F, T, F, F]]
+    assert row_mask(scores, 0.3).tolist() == [[F, T, F, F], [F, T, F, F]]
     assert row_mask(scores, 0.74).sum(1).tolist() == [2, 2]
     assert not row_mask(scores, 0.0).any()
 
 
 def test_matrix_mask_uses_one_threshold_for_the_whole_matrix():
-    scores = torch.tensor([[4.0, 3.0],
-                           [1.0, 2.0]])
+    scores = torch.tensor([[4.0, 3.0], [1.0, 2.0]])
     # the two lowest of the matrix sit in row 1; per row it would be one from each row
     assert matrix_mask(scores, 0.5).tolist() == [[F, F], [T, T]]
     assert row_mask(scores, 0.5).tolist() == [[F, T], [T, F]]
@@ -35,15 +31,11 @@ def test_matrix_mask_uses_one_threshold_for_the_whole_matrix():
 
 
 def test_nm_mask_prunes_n_in_every_group_of_m():
-    scores = torch.tensor([[1.0, 5.0, 3.0, 2.0, 8.0, 7.0, 6.0, 9.0],
-                           [9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0, 4.0]])
-    assert nm_mask(scores, 2, 4).tolist() == [[T, F, F, T, F, T, T, F],
-                                              [F, F, T, T, T, T, F, F]]
-    assert nm_mask(scores, 1, 4).tolist() == [[T, F, F, F, F, F, T, F],
-                                              [F, F, F, T, T, F, F, F]]
+    scores = torch.tensor([[1.0, 5.0, 3.0, 2.0, 8.0, 7.0, 6.0, 9.0], [9.0, 8.0, 7.0, 6.0, 1.0, 2.0, 3.0, 4.0]])
+    assert nm_mask(scores, 2, 4).tolist() == [[T, F, F, T, F, T, T, F], [F, F, T, T, T, T, F, F]]
+    assert nm_mask(scores, 1, 4).tolist() == [[T, F, F, F, F, F, T, F], [F, F, F, T, T, F, F, F]]
     # 4:8: the four lowest of all eight
-    assert nm_mask(scores, 4, 8).tolist() == [[T, T, T, T, F, F, F, F],
-                                              [F, F, F, F, T, T, T, T]]
+    assert nm_mask(scores, 4, 8).tolist() == [[T, T, T, T, F, F, F, F], [F, F, F, F, T, T, T, T]]
 
 
 def test_ties_prune_the_lower_index_first():
@@ -146,14 +138,11 @@ def test_select_mask_dispatch():
 
 def test_variant_mask_hand_computed():
     # row sums are both 10; cumulative sums (sorted): [1, 3, 6, 10] and [1, 2, 4, 10]
-    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0],
-                           [2.0, 6.0, 1.0, 1.0]])
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0], [2.0, 6.0, 1.0, 1.0]])
     # 5 of 8 pruned: alpha in [0.4, 0.6) keeps cumsum <= 4..6: two from row 0, three from row 1
-    assert variant_mask(scores, 5 / 8).tolist() == [[F, T, F, T],
-                                                    [T, F, T, T]]
+    assert variant_mask(scores, 5 / 8).tolist() == [[F, T, F, T], [T, F, T, T]]
     # 4 of 8: alpha in [0.3, 0.4): two from each row
-    assert variant_mask(scores, 0.5).tolist() == [[F, T, F, T],
-                                                  [F, F, T, T]]
+    assert variant_mask(scores, 0.5).tolist() == [[F, T, F, T], [F, F, T, T]]
 
 
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.7])

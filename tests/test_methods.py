@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from conftest import assert_close, one_thread
 
 from wanda import PruneSettings, WandaError
@@ -110,34 +109,35 @@ def test_zeros_exactly_at_the_mask_and_counts_exact(method, pattern):
 def test_uneven_ratio_counts(ratio):
     weight, x = _data(1)
     per_row, per_matrix = math.floor(ratio * COLS), math.floor(ratio * ROWS * COLS)
-    wanda = get_method("wanda").prune(weight, _stat(SquaredNorm, x), _settings("wanda", "unstructured",
-                                                                                sparsity_ratio=ratio))
+    wanda = get_method("wanda").prune(
+        weight, _stat(SquaredNorm, x), _settings("wanda", "unstructured", sparsity_ratio=ratio)
+    )
     # the matrix loses floor(ratio * numel), every row floor(ratio * COLS) or one more
     assert wanda.mask.sum().item() == per_matrix and set(wanda.mask.sum(1).tolist()) <= {per_row, per_row + 1}
-    magnitude = get_method("magnitude").prune(weight, None, _settings("magnitude", "unstructured",
-                                                                       sparsity_ratio=ratio))
+    magnitude = get_method("magnitude").prune(
+        weight, None, _settings("magnitude", "unstructured", sparsity_ratio=ratio)
+    )
     assert magnitude.mask.sum().item() == per_matrix
     # the *_seq ablations fix the same masks up front
     gram = _stat(Gram, x)
-    seq = get_method("ablate_wanda_seq").prune(weight, gram, _settings("ablate_wanda_seq", "unstructured",
-                                                                        sparsity_ratio=ratio))
+    seq = get_method("ablate_wanda_seq").prune(
+        weight, gram, _settings("ablate_wanda_seq", "unstructured", sparsity_ratio=ratio)
+    )
     assert torch.equal(seq.mask, wanda.mask)
-    seq = get_method("ablate_mag_seq").prune(weight, gram, _settings("ablate_mag_seq", "unstructured",
-                                                                      sparsity_ratio=ratio))
+    seq = get_method("ablate_mag_seq").prune(
+        weight, gram, _settings("ablate_mag_seq", "unstructured", sparsity_ratio=ratio)
+    )
     assert torch.equal(seq.mask, magnitude.mask)
 
 
 def test_wanda_hand_computed():
-    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0],
-                           [4.0, -3.0, 2.0, 1.0]])
+    weight = torch.tensor([[1.0, 2.0, 3.0, 4.0], [4.0, -3.0, 2.0, 1.0]])
     stat = SquaredNorm(4, "cpu")
     stat.add(torch.tensor([[4.0, 1.0, 1.0, 1.0]]))  # ||X_j|| = 4, 1, 1, 1
     # scores: [4, 2, 3, 4] and [16, 3, 2, 1]
     result = get_method("wanda").prune(weight, stat, _settings("wanda", "unstructured"))
-    assert result.mask.tolist() == [[False, True, True, False],
-                                    [False, False, True, True]]
-    assert result.weight.tolist() == [[1.0, 0.0, 0.0, 4.0],
-                                      [4.0, -3.0, 0.0, 0.0]]
+    assert result.mask.tolist() == [[False, True, True, False], [False, False, True, True]]
+    assert result.weight.tolist() == [[1.0, 0.0, 0.0, 4.0], [4.0, -3.0, 0.0, 0.0]]
     # magnitude prunes the first row differently
     assert get_method("magnitude").prune(weight, None, _settings("magnitude", "2:4")).mask.tolist() == [
         [True, True, False, False],

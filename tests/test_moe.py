@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import VOCAB, calib_ids, one_thread, tiny_model
 from torch import nn
 
-from conftest import calib_ids, one_thread, tiny_model, VOCAB
 from wanda import PruneSettings, WandaError, model_sparsity, prune
 from wanda.models import StructureOverride, find_decoder_layout
 from wanda.pruning.prune import NO_TOKEN_RULE
@@ -34,13 +34,26 @@ _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 def moe_config(arch: str, top_k: int = TOP_K):
     from transformers import GptOssConfig, MixtralConfig, Qwen2MoeConfig
 
-    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=top_k)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_experts_per_tok=top_k,
+    )
     if arch == "mixtral":
         return MixtralConfig(intermediate_size=INTER, num_local_experts=EXPERTS, **common)
     if arch == "qwen2_moe":
-        return Qwen2MoeConfig(moe_intermediate_size=INTER, shared_expert_intermediate_size=48, num_experts=EXPERTS,
-                              intermediate_size=96, decoder_sparse_step=1, **common)
+        return Qwen2MoeConfig(
+            moe_intermediate_size=INTER,
+            shared_expert_intermediate_size=48,
+            num_experts=EXPERTS,
+            intermediate_size=96,
+            decoder_sparse_step=1,
+            **common,
+        )
     if arch == "gpt_oss":
         return GptOssConfig(intermediate_size=INTER, num_local_experts=EXPERTS, head_dim=16, **common)
     raise ValueError(arch)
@@ -126,8 +139,12 @@ def _row_mask(scores: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
 
 def _expert_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     layout = find_decoder_layout(model)
-    return {name: m.weight for i in range(len(layout.blocks)) for name, m in layout.matrices(i).prunable.items()
-            if m.expert is not None}
+    return {
+        name: m.weight
+        for i in range(len(layout.blocks))
+        for name, m in layout.matrices(i).prunable.items()
+        if m.expert is not None
+    }
 
 
 def _input_of(name: str) -> str:
@@ -136,14 +153,16 @@ def _input_of(name: str) -> str:
 
 # (1) every expert matrix at the exact ratio or N:M pattern; routers and norms untouched -------------------
 
+
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_every_matrix_pruned_exactly_and_routers_untouched(arch, method, pattern):
     original = _original(arch)
     model = _fresh(arch)
-    report = prune(model, calib_ids(8, 16), PruneSettings(prune_method=method, sparsity_type=pattern),
-                   progress=False, batch_size=4)
+    report = prune(
+        model, calib_ids(8, 16), PruneSettings(prune_method=method, sparsity_type=pattern), progress=False, batch_size=4
+    )
 
     experts = _expert_matrices(model)
     # 2 blocks x 4 experts x (gate, up, down)
@@ -167,11 +186,16 @@ def test_every_matrix_pruned_exactly_and_routers_untouched(arch, method, pattern
     assert reasons["input_layernorm.weight"] == "norm"
     if arch == "qwen2_moe":
         assert reasons["mlp.shared_expert_gate.weight"] == "router"
-        assert {"model.layers.0.mlp.shared_expert.gate_proj", "model.layers.0.mlp.shared_expert.down_proj"} <= pruned_names
+        assert {
+            "model.layers.0.mlp.shared_expert.gate_proj",
+            "model.layers.0.mlp.shared_expert.down_proj",
+        } <= pruned_names
     # every parameter of every block is either pruned or listed, and nothing twice
     block_params = sum(p.numel() for p in find_decoder_layout(model).blocks.parameters())
-    assert sum(l.shape[0] * l.shape[1] for l in report.layers) + sum(
-        int(np.prod(i.shape)) for i in report.not_pruned) == block_params
+    assert (
+        sum(l.shape[0] * l.shape[1] for l in report.layers) + sum(int(np.prod(i.shape)) for i in report.not_pruned)
+        == block_params
+    )
     # reported sparsity: zeros over exactly the pruned matrices, counted here from the model
     weights = model_sparsity_matrices(model)
     zeros = sum(int((w == 0).sum()) for w in weights.values())
@@ -187,6 +211,7 @@ def model_sparsity_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # (2) Wanda's per-expert mask from the tokens routed to that expert ----------------------------------------
+
 
 @pytest.mark.parametrize("arch", MOE_ARCHS)
 def test_wanda_expert_masks_come_from_the_tokens_routed_to_each_expert(arch):
@@ -227,6 +252,7 @@ def test_fused_experts_are_tapped_under_the_default_grouped_kernel_and_released(
 
 # (3) an expert that received no calibration token -------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_expert_without_tokens_is_reported_and_pruned_by_magnitude(arch, method, caplog):
@@ -234,11 +260,13 @@ def test_expert_without_tokens_is_reported_and_pruned_by_magnitude(arch, method,
     model = _fresh(arch, starved=True)
     ids = calib_ids(8, 16)
     with caplog.at_level(logging.INFO, logger="wanda"):
-        report = prune(model, ids, PruneSettings(prune_method=method, sparsity_ratio=0.5), progress=False,
-                       batch_size=4)
+        report = prune(model, ids, PruneSettings(prune_method=method, sparsity_ratio=0.5), progress=False, batch_size=4)
     starved = {l.name for l in report.layers if l.rule is not None}
-    expected = {f"model.layers.{i}.mlp.experts.{m}" for i in range(2)
-                for m in ("gate_up_proj[3].gate", "gate_up_proj[3].up", "down_proj[3]")}
+    expected = {
+        f"model.layers.{i}.mlp.experts.{m}"
+        for i in range(2)
+        for m in ("gate_up_proj[3].gate", "gate_up_proj[3].up", "down_proj[3]")
+    }
     assert starved == expected
     assert all(l.tokens == 0 and l.rule == NO_TOKEN_RULE for l in report.layers if l.name in starved)
     assert all(l.tokens > 0 for l in report.layers if l.name not in starved)
@@ -259,6 +287,7 @@ def test_expert_without_tokens_is_reported_and_pruned_by_magnitude(arch, method,
 
 
 # (4) nothing skipped silently: an unsupported layout in the report and the log ---------------------------
+
 
 def test_unsupported_layout_is_listed_in_report_and_log(caplog):
     from transformers.pytorch_utils import Conv1D
@@ -287,6 +316,7 @@ def test_unsupported_layout_is_listed_in_report_and_log(caplog):
 
 # (5) the override, and an architecture without findable blocks --------------------------------------------
 
+
 class _Flat(nn.Module):
     """Blocks behind a plain attribute list no generic rule can find (not a ModuleList)."""
 
@@ -303,29 +333,49 @@ def test_unfindable_blocks_name_the_model_class_and_the_override_fixes_it():
     with pytest.raises(WandaError, match=r"^_Flat is not supported: .*StructureOverride") as info:
         prune(model, None, PruneSettings(prune_method="magnitude"), progress=False)
     assert "\n" not in str(info.value)
-    report = prune(model, None, PruneSettings(prune_method="magnitude"), progress=False,
-                   structure=StructureOverride(blocks="stack", prune=("0",)))
+    report = prune(
+        model,
+        None,
+        PruneSettings(prune_method="magnitude"),
+        progress=False,
+        structure=StructureOverride(blocks="stack", prune=("0",)),
+    )
     assert [l.name for l in report.layers] == ["stack.0.0", "stack.1.0"]
     excluded = {i.name: i.reason for i in report.not_pruned}
     assert excluded["stack.0.2.weight"] == "excluded by the structure override"
     assert int((model.stack[0][0].weight == 0).sum()) == 64 and int((model.stack[0][2].weight == 0).sum()) == 0
     with pytest.raises(WandaError, match="structure override: _Flat has no module 'layers'"):
-        prune(model, None, PruneSettings(prune_method="magnitude"), progress=False,
-              structure=StructureOverride(blocks="layers"))
+        prune(
+            model,
+            None,
+            PruneSettings(prune_method="magnitude"),
+            progress=False,
+            structure=StructureOverride(blocks="layers"),
+        )
 
 
 def test_override_limits_pruning_to_matching_matrices_of_experts():
     model = _fresh("mixtral")
-    report = prune(model, calib_ids(4, 16), PruneSettings(prune_method="wanda"), progress=False, batch_size=4,
-                   structure=StructureOverride(prune=("mlp.experts.down_proj",)))
-    assert {l.name for l in report.layers} == {f"model.layers.{i}.mlp.experts.down_proj[{e}]"
-                                               for i in range(2) for e in range(EXPERTS)}
+    report = prune(
+        model,
+        calib_ids(4, 16),
+        PruneSettings(prune_method="wanda"),
+        progress=False,
+        batch_size=4,
+        structure=StructureOverride(prune=("mlp.experts.down_proj",)),
+    )
+    assert {l.name for l in report.layers} == {
+        f"model.layers.{i}.mlp.experts.down_proj[{e}]" for i in range(2) for e in range(EXPERTS)
+    }
     sparsity = model_sparsity(model, StructureOverride(prune=("mlp.experts.down_proj",)))
     assert set(sparsity.values()) == {0.5}
-    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, _original("mixtral").model.layers[0].self_attn.q_proj.weight)
+    assert torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, _original("mixtral").model.layers[0].self_attn.q_proj.weight
+    )
 
 
 # (6) a saved MoE model loads with plain from_pretrained and keeps its zeros -------------------------------
+
 
 @pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
 def test_saved_moe_model_keeps_its_zeros(arch, tmp_path):
@@ -334,8 +384,9 @@ def test_saved_moe_model_keeps_its_zeros(arch, tmp_path):
     from wanda.export import save_model
 
     model = _fresh(arch)
-    prune(model, calib_ids(4, 16), PruneSettings(prune_method="wanda", sparsity_type="2:4"), progress=False,
-          batch_size=4)
+    prune(
+        model, calib_ids(4, 16), PruneSettings(prune_method="wanda", sparsity_type="2:4"), progress=False, batch_size=4
+    )
     save_model(model, None, tmp_path / "pruned")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", dtype=torch.float32)
     for name, p in model.named_parameters():
@@ -354,6 +405,7 @@ def test_saved_moe_model_keeps_its_zeros(arch, tmp_path):
 
 # (7) experts as nn.Linear modules (remote-code style): pre-hooks see only the routed tokens ----------------
 
+
 class _LinearExpertsMoE(nn.Module):
     """Top-1 routing over experts that are ordinary gated MLPs; an expert without tokens is never called."""
 
@@ -361,8 +413,15 @@ class _LinearExpertsMoE(nn.Module):
         super().__init__()
         self.gate = nn.Linear(hidden, experts, bias=False)
         self.experts = nn.ModuleList(
-            nn.ModuleDict({"gate_proj": nn.Linear(hidden, inter, bias=False), "up_proj": nn.Linear(hidden, inter, bias=False),
-                           "down_proj": nn.Linear(inter, hidden, bias=False)}) for _ in range(experts))
+            nn.ModuleDict(
+                {
+                    "gate_proj": nn.Linear(hidden, inter, bias=False),
+                    "up_proj": nn.Linear(hidden, inter, bias=False),
+                    "down_proj": nn.Linear(inter, hidden, bias=False),
+                }
+            )
+            for _ in range(experts)
+        )
 
     def forward(self, x):
         flat = x.reshape(-1, x.shape[-1])
@@ -426,6 +485,7 @@ def test_finetune_masks_cover_fused_experts():
 
 # (8) the command line: the report in the results JSON and the log; blocks not found: exit 2, one line ---------
 
+
 def _save_with_tokenizer(model: nn.Module, folder) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -452,11 +512,29 @@ def test_cli_reports_what_was_not_pruned_and_exits_2_without_blocks(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
 
     def run(model: str, save: str) -> subprocess.CompletedProcess:
-        args = ["--model", str(tmp_path / model), "--calib_dataset", str(corpus), "--eval_dataset", str(corpus),
-                "--seqlen", "32", "--nsamples", "4", "--eval_windows", "1", "--device", "cpu",
-                "--prune_method", "wanda", "--save", str(tmp_path / save)]
-        return subprocess.run([sys.executable, "-m", "wanda.main"] + args, env=env, capture_output=True, text=True,
-                              timeout=300)
+        args = [
+            "--model",
+            str(tmp_path / model),
+            "--calib_dataset",
+            str(corpus),
+            "--eval_dataset",
+            str(corpus),
+            "--seqlen",
+            "32",
+            "--nsamples",
+            "4",
+            "--eval_windows",
+            "1",
+            "--device",
+            "cpu",
+            "--prune_method",
+            "wanda",
+            "--save",
+            str(tmp_path / save),
+        ]
+        return subprocess.run(
+            [sys.executable, "-m", "wanda.main"] + args, env=env, capture_output=True, text=True, timeout=300
+        )
 
     proc = run("mixtral", "out")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -465,7 +543,11 @@ def test_cli_reports_what_was_not_pruned_and_exits_2_without_blocks(tmp_path):
     assert reasons["model.layers.1.mlp.gate.weight"] == "router"
     assert len([l for l in results["layers"] if ".experts." in l["name"]]) == 2 * EXPERTS * 3
     assert results["actual_sparsity"] == 0.5 and results["sparsity_over"].startswith("the 32 pruned weight matrices")
-    lines = [line for line in proc.stderr.splitlines() if "not pruned: router: 2 (e.g. model.layers.0.mlp.gate.weight)" in line]
+    lines = [
+        line
+        for line in proc.stderr.splitlines()
+        if "not pruned: router: 2 (e.g. model.layers.0.mlp.gate.weight)" in line
+    ]
     assert len(lines) == 1
 
     proc = run("no-blocks", "out2")
@@ -508,8 +590,11 @@ def test_fused_experts_whose_inputs_cannot_be_seen_are_listed_not_pruned(caplog)
         report = prune(model, calib_ids(4, 16), PruneSettings(prune_method="wanda"), progress=False, batch_size=4)
     listed = {i.name: i.reason for i in report.not_pruned}
     assert [listed[f"model.layers.0.mlp.w[{e}]"] for e in range(EXPERTS)] == [
-        "unsupported layout: its per-expert inputs could not be observed"] * EXPERTS
+        "unsupported layout: its per-expert inputs could not be observed"
+    ] * EXPERTS
     assert torch.equal(model.model.layers[0].mlp.w, before)
     assert not any(l.name.startswith("model.layers.0.mlp.w") for l in report.layers)
-    assert any("its per-expert inputs could not be observed: 4 (e.g. model.layers.0.mlp.w[0])" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "its per-expert inputs could not be observed: 4 (e.g. model.layers.0.mlp.w[0])" in r.getMessage()
+        for r in caplog.records
+    )

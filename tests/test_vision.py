@@ -13,15 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 from PIL import Image
 from torch import nn
 
-from conftest import assert_close
-
 from wanda.errors import WandaError
 from wanda.masks import check_nm
-from wanda.vision import (ImageFolder, Preprocess, VisionPruneSettings, calibration_batches, find_layout,
-                          load_classifier, named_spec, prune_classifier, read_state_dict)
+from wanda.vision import (
+    ImageFolder,
+    Preprocess,
+    VisionPruneSettings,
+    calibration_batches,
+    find_layout,
+    load_classifier,
+    named_spec,
+    prune_classifier,
+    read_state_dict,
+)
 from wanda.vision.layout import matrix_view
 
 
@@ -37,8 +45,9 @@ def tiny_convnext(num_labels: int = 5, seed: int = 0):
     from transformers import ConvNextConfig, ConvNextForImageClassification
 
     torch.manual_seed(seed)
-    config = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[2, 1], num_stages=2, image_size=32,
-                            num_labels=num_labels)
+    config = ConvNextConfig(
+        num_channels=3, hidden_sizes=[8, 16], depths=[2, 1], num_stages=2, image_size=32, num_labels=num_labels
+    )
     return ConvNextForImageClassification(config).eval()
 
 
@@ -46,8 +55,15 @@ def tiny_vit(num_labels: int = 5, seed: int = 0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                       image_size=16, patch_size=4, num_labels=num_labels)
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=4,
+        num_labels=num_labels,
+    )
     return ViTForImageClassification(config).eval()
 
 
@@ -55,8 +71,15 @@ def tiny_deit_distilled(num_labels: int = 5):
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
     torch.manual_seed(0)
-    config = DeiTConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                        image_size=16, patch_size=4, num_labels=num_labels)
+    config = DeiTConfig(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=4,
+        num_labels=num_labels,
+    )
     return DeiTForImageClassificationWithTeacher(config).eval()
 
 
@@ -115,7 +138,9 @@ def test_convnext_layout_prunes_pointwise_linears_only():
     layout = find_layout(tiny_convnext())
     assert layout.blocks == ["convnext.encoder.stages"]
     assert list(layout.prunable) == [
-        f"convnext.encoder.stages.{s}.layers.{i}.{fc}" for s, n in ((0, 2), (1, 1)) for i in range(n)
+        f"convnext.encoder.stages.{s}.layers.{i}.{fc}"
+        for s, n in ((0, 2), (1, 1))
+        for i in range(n)
         for fc in ("pwconv1", "pwconv2")
     ]
     assert list(layout.head) == ["classifier"]
@@ -139,8 +164,17 @@ def test_head_is_found_by_structure_not_by_width():
     # a head as wide as the MLP's hidden layer, and an MLP as wide as the classes: neither changes the result
     from transformers import ViTConfig, ViTForImageClassification
 
-    model = ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                intermediate_size=32, image_size=16, patch_size=4, num_labels=32))
+    model = ViTForImageClassification(
+        ViTConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=16,
+            patch_size=4,
+            num_labels=32,
+        )
+    )
     layout = find_layout(model)
     assert list(layout.head) == ["classifier"] and "classifier" not in layout.prunable
 
@@ -176,8 +210,9 @@ def test_exact_sparsity_and_untouched_rest(case, metric, granularity):
     model = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ratio = 0.6
-    report = prune_classifier(model, batches(images(8, size)), settings(metric=metric, granularity=granularity,
-                                                                        sparsity=ratio), forward)
+    report = prune_classifier(
+        model, batches(images(8, size)), settings(metric=metric, granularity=granularity, sparsity=ratio), forward
+    )
     layout = find_layout(model)
     pruned_keys = {f"{name}.weight" for name in layout.prunable}
     for key, value in model.state_dict().items():
@@ -226,8 +261,10 @@ def test_magnitude_needs_no_calibration_and_matches_hand_computed_mask():
 def recorded_norms(model, layers: dict[str, nn.Module], forward, data: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """||X_j||_2 over every token / pixel, from inputs captured with plain forward hooks."""
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    handles = [layer.register_forward_hook(lambda m, inp, out, name=name: seen[name].append(inp[0].detach()))
-               for name, layer in layers.items()]
+    handles = [
+        layer.register_forward_hook(lambda m, inp, out, name=name: seen[name].append(inp[0].detach()))
+        for name, layer in layers.items()
+    ]
     with torch.no_grad():
         for batch in data:
             forward(model, batch)
@@ -282,13 +319,16 @@ def test_wanda_uses_the_activations():
 # --- settings ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(prune_metric="sparsegpt"), "--prune_metric"),
-    (dict(prune_granularity="column"), "--prune_granularity"),
-    (dict(sparsity=1.0), "--sparsity"),
-    (dict(sparsity=0.6, sparsity_type="2:4"), "prunes exactly 0.5"),
-    (dict(nsamples=0), "--nsamples"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(prune_metric="sparsegpt"), "--prune_metric"),
+        (dict(prune_granularity="column"), "--prune_granularity"),
+        (dict(sparsity=1.0), "--sparsity"),
+        (dict(sparsity=0.6, sparsity_type="2:4"), "prunes exactly 0.5"),
+        (dict(nsamples=0), "--nsamples"),
+    ],
+)
 def test_settings_are_validated(kw, match):
     with pytest.raises(WandaError, match=match):
         VisionPruneSettings(**kw)
@@ -306,8 +346,10 @@ def test_preprocess_matches_transformers_image_processors():
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8))
-    for processor in (ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875),
-                      ViTImageProcessorPil(size={"height": 24, "width": 24})):
+    for processor in (
+        ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875),
+        ViTImageProcessorPil(size={"height": 24, "width": 24}),
+    ):
         expected = processor(image, return_tensors="pt")["pixel_values"][0]
         mine = Preprocess.from_image_processor(processor.to_dict())
         assert_close(mine(image), expected)
@@ -319,8 +361,9 @@ def test_preprocess_by_hand():
     out = pre(Image.new("L", (40, 20), color=51))  # 51/255 = 0.2 everywhere, gray -> RGB
     assert out.shape == (3, 8, 8)
     assert_close(out, torch.full_like(out, (0.2 - 0.5) / 0.25))
-    deit = Preprocess.from_image_processor({"size": {"height": 256, "width": 256}, "do_center_crop": True,
-                                            "crop_size": {"height": 224, "width": 224}})
+    deit = Preprocess.from_image_processor(
+        {"size": {"height": 256, "width": 256}, "do_center_crop": True, "crop_size": {"height": 224, "width": 224}}
+    )
     assert deit.resize == (256, 256) and deit.crop == (224, 224)
     assert Preprocess.center_crop_pct(224, 0.875).resize == 256
 
@@ -400,10 +443,31 @@ def test_command_end_to_end(tmp_path, build, capsys):
     model = build(num_labels=5)
     model.save_pretrained(tmp_path / "dense")
     data = write_image_tree(tmp_path / "data")
-    argv = ["--model", "tiny", "--resume", str(tmp_path / "dense"), "--data_path", str(data), "--nsamples", "8",
-            "--batch_size", "4", "--workers", "0", "--prune_metric", "wanda", "--prune_granularity", "row",
-            "--sparsity", "0.5", "--save", str(tmp_path / "out"), "--save_model", str(tmp_path / "pruned"),
-            "--no_progress"]
+    argv = [
+        "--model",
+        "tiny",
+        "--resume",
+        str(tmp_path / "dense"),
+        "--data_path",
+        str(data),
+        "--nsamples",
+        "8",
+        "--batch_size",
+        "4",
+        "--workers",
+        "0",
+        "--prune_metric",
+        "wanda",
+        "--prune_granularity",
+        "row",
+        "--sparsity",
+        "0.5",
+        "--save",
+        str(tmp_path / "out"),
+        "--save_model",
+        str(tmp_path / "pruned"),
+        "--no_progress",
+    ]
     assert run(argv, "wanda vision") == 0
     printed = capsys.readouterr().out
     assert "| dense |" in printed and "| pruned |" in printed and "actual sparsity 0.5000" in printed
@@ -456,23 +520,43 @@ def random_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Ten
     out = {}
     for key, shape in shapes.items():
         value = torch.randn(shape, generator=g) * 0.3
-        out[key] = value + 1 if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".1.weight")) and \
-            len(shape) == 1 else value
+        out[key] = (
+            value + 1
+            if key.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".1.weight")) and len(shape) == 1
+            else value
+        )
     return out
 
 
 def timm_vit_state(depth=2, dim=16, mlp=32, patch=4, tokens=16, classes=5, distilled=False) -> dict:
-    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, tokens + 1 + distilled, dim),
-              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,),
-              "norm.weight": (dim,), "norm.bias": (dim,), "head.weight": (classes, dim), "head.bias": (classes,)}
+    shapes = {
+        "cls_token": (1, 1, dim),
+        "pos_embed": (1, tokens + 1 + distilled, dim),
+        "patch_embed.proj.weight": (dim, 3, patch, patch),
+        "patch_embed.proj.bias": (dim,),
+        "norm.weight": (dim,),
+        "norm.bias": (dim,),
+        "head.weight": (classes, dim),
+        "head.bias": (classes,),
+    }
     if distilled:
         shapes |= {"dist_token": (1, 1, dim), "head_dist.weight": (classes, dim), "head_dist.bias": (classes,)}
     for i in range(depth):
         p = f"blocks.{i}."
-        shapes |= {p + "norm1.weight": (dim,), p + "norm1.bias": (dim,), p + "attn.qkv.weight": (3 * dim, dim),
-                   p + "attn.qkv.bias": (3 * dim,), p + "attn.proj.weight": (dim, dim), p + "attn.proj.bias": (dim,),
-                   p + "norm2.weight": (dim,), p + "norm2.bias": (dim,), p + "mlp.fc1.weight": (mlp, dim),
-                   p + "mlp.fc1.bias": (mlp,), p + "mlp.fc2.weight": (dim, mlp), p + "mlp.fc2.bias": (dim,)}
+        shapes |= {
+            p + "norm1.weight": (dim,),
+            p + "norm1.bias": (dim,),
+            p + "attn.qkv.weight": (3 * dim, dim),
+            p + "attn.qkv.bias": (3 * dim,),
+            p + "attn.proj.weight": (dim, dim),
+            p + "attn.proj.bias": (dim,),
+            p + "norm2.weight": (dim,),
+            p + "norm2.bias": (dim,),
+            p + "mlp.fc1.weight": (mlp, dim),
+            p + "mlp.fc1.bias": (mlp,),
+            p + "mlp.fc2.weight": (dim, mlp),
+            p + "mlp.fc2.bias": (dim,),
+        }
     return random_state(shapes)
 
 
@@ -488,9 +572,12 @@ def timm_vit_reference(sd: dict, x: torch.Tensor, depth: int, heads: int, patch:
     for i in range(depth):
         p = f"blocks.{i}."
         h = F.layer_norm(t, (dim,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
-        q, k, v = F.linear(h, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"]).view(b, -1, 3, heads, hd).permute(
-            2, 0, 3, 1, 4)  # each (B, heads, N, hd)
-        a = ((q @ k.transpose(-2, -1)) * hd ** -0.5).softmax(-1) @ v
+        q, k, v = (
+            F.linear(h, sd[p + "attn.qkv.weight"], sd[p + "attn.qkv.bias"])
+            .view(b, -1, 3, heads, hd)
+            .permute(2, 0, 3, 1, 4)
+        )  # each (B, heads, N, hd)
+        a = ((q @ k.transpose(-2, -1)) * hd**-0.5).softmax(-1) @ v
         t = t + F.linear(a.transpose(1, 2).reshape(b, -1, dim), sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         h = F.layer_norm(t, (dim,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-6)
         h = F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
@@ -508,10 +595,21 @@ def test_timm_vit_checkpoint_converts_exactly(distilled):
 
     sd = timm_vit_state(distilled=distilled)
     assert checkpoint_format(sd) == "vit_timm"
-    kw = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=16,
-              patch_size=4, num_labels=5, **CONFIG_OVERRIDES)
-    model = (DeiTForImageClassificationWithTeacher(DeiTConfig(**kw)) if distilled else
-             ViTForImageClassification(ViTConfig(**kw))).eval()
+    kw = dict(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=16,
+        patch_size=4,
+        num_labels=5,
+        **CONFIG_OVERRIDES,
+    )
+    model = (
+        DeiTForImageClassificationWithTeacher(DeiTConfig(**kw))
+        if distilled
+        else ViTForImageClassification(ViTConfig(**kw))
+    ).eval()
     model.load_state_dict(to_transformers(sd, model))  # strict: every key is produced, none is left over
     x = images(2, 16)
     with torch.no_grad():
@@ -519,20 +617,38 @@ def test_timm_vit_checkpoint_converts_exactly(distilled):
 
 
 def official_convnext_state(depths=(1, 2), dims=(8, 16), classes=5) -> dict:
-    shapes = {"downsample_layers.0.0.weight": (dims[0], 3, 4, 4), "downsample_layers.0.0.bias": (dims[0],),
-              "downsample_layers.0.1.weight": (dims[0],), "downsample_layers.0.1.bias": (dims[0],),
-              "norm.weight": (dims[-1],), "norm.bias": (dims[-1],), "head.weight": (classes, dims[-1]),
-              "head.bias": (classes,)}
+    shapes = {
+        "downsample_layers.0.0.weight": (dims[0], 3, 4, 4),
+        "downsample_layers.0.0.bias": (dims[0],),
+        "downsample_layers.0.1.weight": (dims[0],),
+        "downsample_layers.0.1.bias": (dims[0],),
+        "norm.weight": (dims[-1],),
+        "norm.bias": (dims[-1],),
+        "head.weight": (classes, dims[-1]),
+        "head.bias": (classes,),
+    }
     for i, (depth, dim) in enumerate(zip(depths, dims)):
         if i:
             d = f"downsample_layers.{i}."
-            shapes |= {d + "0.weight": (dims[i - 1],), d + "0.bias": (dims[i - 1],),
-                       d + "1.weight": (dim, dims[i - 1], 2, 2), d + "1.bias": (dim,)}
+            shapes |= {
+                d + "0.weight": (dims[i - 1],),
+                d + "0.bias": (dims[i - 1],),
+                d + "1.weight": (dim, dims[i - 1], 2, 2),
+                d + "1.bias": (dim,),
+            }
         for j in range(depth):
             p = f"stages.{i}.{j}."
-            shapes |= {p + "gamma": (dim,), p + "dwconv.weight": (dim, 1, 7, 7), p + "dwconv.bias": (dim,),
-                       p + "norm.weight": (dim,), p + "norm.bias": (dim,), p + "pwconv1.weight": (4 * dim, dim),
-                       p + "pwconv1.bias": (4 * dim,), p + "pwconv2.weight": (dim, 4 * dim), p + "pwconv2.bias": (dim,)}
+            shapes |= {
+                p + "gamma": (dim,),
+                p + "dwconv.weight": (dim, 1, 7, 7),
+                p + "dwconv.bias": (dim,),
+                p + "norm.weight": (dim,),
+                p + "norm.bias": (dim,),
+                p + "pwconv1.weight": (4 * dim, dim),
+                p + "pwconv1.bias": (4 * dim,),
+                p + "pwconv2.weight": (dim, 4 * dim),
+                p + "pwconv2.bias": (dim,),
+            }
     return random_state(shapes)
 
 
@@ -541,8 +657,9 @@ def official_convnext_reference(sd: dict, x: torch.Tensor, depths) -> torch.Tens
     downsampling, blocks of dwconv 7x7 -> LN -> Linear 4x -> GELU -> Linear -> gamma, global pool, LN, head."""
 
     def norm_channels_first(t, prefix):  # LayerNorm over the channel dimension of (B, C, H, W)
-        return F.layer_norm(t.permute(0, 2, 3, 1), (t.shape[1],), sd[prefix + ".weight"], sd[prefix + ".bias"],
-                            1e-6).permute(0, 3, 1, 2)
+        return F.layer_norm(
+            t.permute(0, 2, 3, 1), (t.shape[1],), sd[prefix + ".weight"], sd[prefix + ".bias"], 1e-6
+        ).permute(0, 3, 1, 2)
 
     for i, depth in enumerate(depths):
         if i == 0:
@@ -567,8 +684,9 @@ def test_official_convnext_checkpoint_converts_exactly():
 
     sd = official_convnext_state()
     assert checkpoint_format(sd) == "convnext_official"
-    model = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 2], num_stages=2,
-                                                          num_labels=5, **CONFIG_OVERRIDES)).eval()
+    model = ConvNextForImageClassification(
+        ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, num_labels=5, **CONFIG_OVERRIDES)
+    ).eval()
     model.load_state_dict(to_transformers(sd, model))
     x = images(2, 32)
     with torch.no_grad():
@@ -601,8 +719,14 @@ def stub_timm(monkeypatch):
         def __init__(self, num_classes: int):
             super().__init__(classes=num_classes)
             self.num_classes = num_classes
-            self.pretrained_cfg = {"classifier": "head", "input_size": (3, 16, 16), "crop_pct": 0.8,
-                                   "interpolation": "bilinear", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+            self.pretrained_cfg = {
+                "classifier": "head",
+                "input_size": (3, 16, 16),
+                "crop_pct": 0.8,
+                "interpolation": "bilinear",
+                "mean": (0.5, 0.5, 0.5),
+                "std": (0.5, 0.5, 0.5),
+            }
 
     calls = []
 
@@ -629,9 +753,25 @@ def test_timm_path_loads_prunes_and_saves(stub_timm, tmp_path, capsys):
     assert loaded.preprocess == Preprocess(20, (16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bilinear")
 
     data = write_image_tree(tmp_path / "data")
-    argv = ["--model", "pointwise_net", "--resume", str(tmp_path / "seed.pth"), "--data_path", str(data),
-            "--nsamples", "6", "--workers", "0", "--sparsity_type", "2:4", "--save_model", str(tmp_path / "pruned"),
-            "--no_progress", "--library", "timm"]
+    argv = [
+        "--model",
+        "pointwise_net",
+        "--resume",
+        str(tmp_path / "seed.pth"),
+        "--data_path",
+        str(data),
+        "--nsamples",
+        "6",
+        "--workers",
+        "0",
+        "--sparsity_type",
+        "2:4",
+        "--save_model",
+        str(tmp_path / "pruned"),
+        "--no_progress",
+        "--library",
+        "timm",
+    ]
     assert run(argv, "wanda vision") == 0
     assert "[timm]" in capsys.readouterr().out
     again = load_classifier("pointwise_net", str(tmp_path / "pruned" / "checkpoint.pth"), "timm", num_classes=5)

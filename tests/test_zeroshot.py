@@ -21,7 +21,6 @@ from conftest import SHARED_DATA, save_tiny
 
 pytest.importorskip("lm_eval")
 
-from wanda.pruning.prune_settings import PruneSettings  # noqa: E402
 from wanda.errors import WandaError  # noqa: E402
 from wanda.eval.tasks import convert  # noqa: E402
 from wanda.eval.zeroshot import (  # noqa: E402
@@ -34,6 +33,7 @@ from wanda.eval.zeroshot import (  # noqa: E402
     run_zero_shot,
 )
 from wanda.pruning.prune import model_sparsity, prune  # noqa: E402
+from wanda.pruning.prune_settings import PruneSettings  # noqa: E402
 
 ZEROSHOT = SHARED_DATA / "zeroshot"
 needs_shared = pytest.mark.skipif(not ZEROSHOT.is_dir(), reason=f"local task files not found at {ZEROSHOT}")
@@ -42,88 +42,213 @@ needs_shared = pytest.mark.skipif(not ZEROSHOT.is_dir(), reason=f"local task fil
 # The same documents twice: as they sit in the local files (SOURCES.md) and as the hub serves them (the
 # harness's own datasets). Written by hand, not by the converters under test.
 ARC_LOCAL = [
-    {"id": "Q1", "question": {"stem": "Which gas do plants take in?", "choices": [
-        {"text": "oxygen", "label": "A"}, {"text": "carbon dioxide", "label": "B"},
-        {"text": "helium", "label": "C"}, {"text": "neon", "label": "D"}]}, "answerKey": "B"},
-    {"id": "Q2", "question": {"stem": "What melts ice fastest?", "choices": [
-        {"text": "salt", "label": "1"}, {"text": "sand", "label": "2"}, {"text": "sugar", "label": "3"}]},
-     "answerKey": "1"},
-    {"id": "Q3", "question": {"stem": "Pick the mammal.", "choices": [
-        {"text": "shark", "label": "A"}, {"text": "whale", "label": "B"}, {"text": "trout", "label": "C"},
-        {"text": "eel", "label": "D"}, {"text": "squid", "label": "E"}]}, "answerKey": "B"},
+    {
+        "id": "Q1",
+        "question": {
+            "stem": "Which gas do plants take in?",
+            "choices": [
+                {"text": "oxygen", "label": "A"},
+                {"text": "carbon dioxide", "label": "B"},
+                {"text": "helium", "label": "C"},
+                {"text": "neon", "label": "D"},
+            ],
+        },
+        "answerKey": "B",
+    },
+    {
+        "id": "Q2",
+        "question": {
+            "stem": "What melts ice fastest?",
+            "choices": [
+                {"text": "salt", "label": "1"},
+                {"text": "sand", "label": "2"},
+                {"text": "sugar", "label": "3"},
+            ],
+        },
+        "answerKey": "1",
+    },
+    {
+        "id": "Q3",
+        "question": {
+            "stem": "Pick the mammal.",
+            "choices": [
+                {"text": "shark", "label": "A"},
+                {"text": "whale", "label": "B"},
+                {"text": "trout", "label": "C"},
+                {"text": "eel", "label": "D"},
+                {"text": "squid", "label": "E"},
+            ],
+        },
+        "answerKey": "B",
+    },
 ]
 ARC_HUB = [
-    {"id": "Q1", "question": "Which gas do plants take in?",
-     "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]},
-     "answerKey": "B"},
-    {"id": "Q2", "question": "What melts ice fastest?",
-     "choices": {"text": ["salt", "sand", "sugar"], "label": ["1", "2", "3"]}, "answerKey": "1"},
-    {"id": "Q3", "question": "Pick the mammal.",
-     "choices": {"text": ["shark", "whale", "trout", "eel", "squid"], "label": ["A", "B", "C", "D", "E"]},
-     "answerKey": "B"},
+    {
+        "id": "Q1",
+        "question": "Which gas do plants take in?",
+        "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]},
+        "answerKey": "B",
+    },
+    {
+        "id": "Q2",
+        "question": "What melts ice fastest?",
+        "choices": {"text": ["salt", "sand", "sugar"], "label": ["1", "2", "3"]},
+        "answerKey": "1",
+    },
+    {
+        "id": "Q3",
+        "question": "Pick the mammal.",
+        "choices": {"text": ["shark", "whale", "trout", "eel", "squid"], "label": ["A", "B", "C", "D", "E"]},
+        "answerKey": "B",
+    },
 ]
 HELLASWAG_HUB = [
-    {"ind": 4, "activity_label": "Removing ice from car",
-     "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter "
-              "clothes smiles.", "ctx_b": "then",
-     "ctx": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes "
-            "smiles. then",
-     "endings": [", the man adds wax to the windshield and cuts it.", ", a person board a ski lift.",
-                 ", the man puts on a christmas coat.", ", the man continues removing the snow on his car."],
-     "source_id": "activitynet~v_-1IBHYS3L-Y", "split": "val", "split_type": "indomain", "label": "3"},
-    {"ind": 9, "activity_label": "Home and Garden",
-     "ctx_a": "[header] How to clean a glass stovetop [title] Wipe off loose debris. [step] Use a damp cloth.",
-     "ctx_b": "", "ctx": "[header] How to clean a glass stovetop [title] Wipe off loose debris. [step] Use a damp cloth.",
-     "endings": ["Let it dry. [substeps] Use a towel.", "Spray cleaner on it. [title] Scrub the top.",
-                 "Pour water. Then dry.", "Leave it."],
-     "source_id": "wikihow~1", "split": "val", "split_type": "zeroshot", "label": "0"},
+    {
+        "ind": 4,
+        "activity_label": "Removing ice from car",
+        "ctx_a": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter "
+        "clothes smiles.",
+        "ctx_b": "then",
+        "ctx": "Then, the man writes over the snow covering the window of a car, and a woman wearing winter clothes "
+        "smiles. then",
+        "endings": [
+            ", the man adds wax to the windshield and cuts it.",
+            ", a person board a ski lift.",
+            ", the man puts on a christmas coat.",
+            ", the man continues removing the snow on his car.",
+        ],
+        "source_id": "activitynet~v_-1IBHYS3L-Y",
+        "split": "val",
+        "split_type": "indomain",
+        "label": "3",
+    },
+    {
+        "ind": 9,
+        "activity_label": "Home and Garden",
+        "ctx_a": "[header] How to clean a glass stovetop [title] Wipe off loose debris. [step] Use a damp cloth.",
+        "ctx_b": "",
+        "ctx": "[header] How to clean a glass stovetop [title] Wipe off loose debris. [step] Use a damp cloth.",
+        "endings": [
+            "Let it dry. [substeps] Use a towel.",
+            "Spray cleaner on it. [title] Scrub the top.",
+            "Pour water. Then dry.",
+            "Leave it.",
+        ],
+        "source_id": "wikihow~1",
+        "split": "val",
+        "split_type": "zeroshot",
+        "label": "0",
+    },
 ]
 # llama.cpp's text format of the two items above (tags removed by its converter's rules, by hand)
 HELLASWAG_TEXT = [
     "Removing ice from car: Then, the man writes over the snow covering the window of a car, and a woman "
-    "wearing winter clothes smiles. then", "3", ", the man adds wax to the windshield and cuts it.",
-    ", a person board a ski lift.", ", the man puts on a christmas coat.",
+    "wearing winter clothes smiles. then",
+    "3",
+    ", the man adds wax to the windshield and cuts it.",
+    ", a person board a ski lift.",
+    ", the man puts on a christmas coat.",
     ", the man continues removing the snow on his car.",
-    "Home and Garden: How to clean a glass stovetop. Wipe off loose debris. Use a damp cloth.", "0",
-    "Let it dry. Use a towel.", "Spray cleaner on it.. Scrub the top.", "Pour water. Then dry.", "Leave it.",
+    "Home and Garden: How to clean a glass stovetop. Wipe off loose debris. Use a damp cloth.",
+    "0",
+    "Let it dry. Use a towel.",
+    "Spray cleaner on it.. Scrub the top.",
+    "Pour water. Then dry.",
+    "Leave it.",
 ]
 
 CASES = {
     # task: (harness folder, local relative path, local rows, hub split, hub rows)
-    "boolq": ("super_glue/boolq", "boolq/val.jsonl",
-              [{"question": "is the sky blue", "passage": "Sky -- The sky is blue by day.", "idx": 0, "label": "true"},
-               {"question": "do fish fly", "passage": "Fish -- Fish swim.", "idx": 1, "label": "false"}],
-              "validation",
-              [{"question": "is the sky blue", "passage": "Sky -- The sky is blue by day.", "idx": 0, "label": 1},
-               {"question": "do fish fly", "passage": "Fish -- Fish swim.", "idx": 1, "label": 0}]),
-    "rte": ("glue/rte", "rte/val.jsonl",
-            [{"premise": "A cat sat on the mat.", "hypothesis": "A cat sat.", "label": "entailment", "idx": 0},
-             {"premise": "It rained.", "hypothesis": "It was dry.", "label": "not_entailment", "idx": 1}],
-            "validation",
-            [{"sentence1": "A cat sat on the mat.", "sentence2": "A cat sat.", "label": 0, "idx": 0},
-             {"sentence1": "It rained.", "sentence2": "It was dry.", "label": 1, "idx": 1}]),
-    "winogrande": ("winogrande", "winogrande/dev.jsonl",
-                   [{"qID": "a-1", "sentence": "Sarah beat Maria so _ was happy.", "option1": "Sarah",
-                     "option2": "Maria", "answer": "1"},
-                    {"qID": "a-2", "sentence": "The cup fell off the shelf because the _ was round.",
-                     "option1": "cup", "option2": "shelf", "answer": "1"}],
-                   "validation",
-                   [{"sentence": "Sarah beat Maria so _ was happy.", "option1": "Sarah", "option2": "Maria",
-                     "answer": "1"},
-                    {"sentence": "The cup fell off the shelf because the _ was round.", "option1": "cup",
-                     "option2": "shelf", "answer": "1"}]),
+    "boolq": (
+        "super_glue/boolq",
+        "boolq/val.jsonl",
+        [
+            {"question": "is the sky blue", "passage": "Sky -- The sky is blue by day.", "idx": 0, "label": "true"},
+            {"question": "do fish fly", "passage": "Fish -- Fish swim.", "idx": 1, "label": "false"},
+        ],
+        "validation",
+        [
+            {"question": "is the sky blue", "passage": "Sky -- The sky is blue by day.", "idx": 0, "label": 1},
+            {"question": "do fish fly", "passage": "Fish -- Fish swim.", "idx": 1, "label": 0},
+        ],
+    ),
+    "rte": (
+        "glue/rte",
+        "rte/val.jsonl",
+        [
+            {"premise": "A cat sat on the mat.", "hypothesis": "A cat sat.", "label": "entailment", "idx": 0},
+            {"premise": "It rained.", "hypothesis": "It was dry.", "label": "not_entailment", "idx": 1},
+        ],
+        "validation",
+        [
+            {"sentence1": "A cat sat on the mat.", "sentence2": "A cat sat.", "label": 0, "idx": 0},
+            {"sentence1": "It rained.", "sentence2": "It was dry.", "label": 1, "idx": 1},
+        ],
+    ),
+    "winogrande": (
+        "winogrande",
+        "winogrande/dev.jsonl",
+        [
+            {
+                "qID": "a-1",
+                "sentence": "Sarah beat Maria so _ was happy.",
+                "option1": "Sarah",
+                "option2": "Maria",
+                "answer": "1",
+            },
+            {
+                "qID": "a-2",
+                "sentence": "The cup fell off the shelf because the _ was round.",
+                "option1": "cup",
+                "option2": "shelf",
+                "answer": "1",
+            },
+        ],
+        "validation",
+        [
+            {"sentence": "Sarah beat Maria so _ was happy.", "option1": "Sarah", "option2": "Maria", "answer": "1"},
+            {
+                "sentence": "The cup fell off the shelf because the _ was round.",
+                "option1": "cup",
+                "option2": "shelf",
+                "answer": "1",
+            },
+        ],
+    ),
     "arc_easy": ("arc", "arc_easy/ARC-Easy-Test.jsonl", ARC_LOCAL, "test", ARC_HUB),
     "arc_challenge": ("arc", "arc_challenge/ARC-Challenge-Test.jsonl", ARC_LOCAL, "test", ARC_HUB),
-    "openbookqa": ("openbookqa", "openbookqa/test.jsonl",
-                   [{"id": "7-1", "question": {"stem": "The sun is responsible for", "choices": [
-                       {"text": "puppies learning tricks", "label": "A"}, {"text": "plants sprouting", "label": "B"},
-                       {"text": "rocks", "label": "C"}, {"text": "stars", "label": "D"}]}, "answerKey": "B"}],
-                   "test",
-                   [{"id": "7-1", "question_stem": "The sun is responsible for",
-                     "choices": {"text": ["puppies learning tricks", "plants sprouting", "rocks", "stars"],
-                                 "label": ["A", "B", "C", "D"]}, "answerKey": "B"}]),
-    "hellaswag": ("hellaswag", "hellaswag/hellaswag_val_full.txt.bz2", HELLASWAG_TEXT, "validation",
-                  HELLASWAG_HUB),
+    "openbookqa": (
+        "openbookqa",
+        "openbookqa/test.jsonl",
+        [
+            {
+                "id": "7-1",
+                "question": {
+                    "stem": "The sun is responsible for",
+                    "choices": [
+                        {"text": "puppies learning tricks", "label": "A"},
+                        {"text": "plants sprouting", "label": "B"},
+                        {"text": "rocks", "label": "C"},
+                        {"text": "stars", "label": "D"},
+                    ],
+                },
+                "answerKey": "B",
+            }
+        ],
+        "test",
+        [
+            {
+                "id": "7-1",
+                "question_stem": "The sun is responsible for",
+                "choices": {
+                    "text": ["puppies learning tricks", "plants sprouting", "rocks", "stars"],
+                    "label": ["A", "B", "C", "D"],
+                },
+                "answerKey": "B",
+            }
+        ],
+    ),
+    "hellaswag": ("hellaswag", "hellaswag/hellaswag_val_full.txt.bz2", HELLASWAG_TEXT, "validation", HELLASWAG_HUB),
 }
 
 
@@ -164,8 +289,14 @@ def _builtin_config(task: str, hub_file: Path, split: str, cache: Path) -> dict:
     config = load_yaml(index[task].yaml_path, resolve_func=True)
     for key in ("training_split", "validation_split", "test_split"):
         config[key] = None
-    config.update({f"{'test' if split == 'test' else 'validation'}_split": split, "dataset_path": "json",
-                   "dataset_name": None, "dataset_kwargs": {"data_files": {split: str(hub_file)}, "cache_dir": str(cache)}})
+    config.update(
+        {
+            f"{'test' if split == 'test' else 'validation'}_split": split,
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(hub_file)}, "cache_dir": str(cache)},
+        }
+    )
     return config
 
 
@@ -182,8 +313,9 @@ def _requests(config: dict) -> list[tuple]:
 @pytest.mark.parametrize("task", list(CASES))
 def test_local_task_builds_the_harness_requests(task, local_data, tmp_path):
     _, _, _, split, hub_rows = CASES[task]
-    builtin = _builtin_config(task, _write_jsonl(tmp_path / "hub" / f"{task}.jsonl", hub_rows), split,
-                              tmp_path / "cache")
+    builtin = _builtin_config(
+        task, _write_jsonl(tmp_path / "hub" / f"{task}.jsonl", hub_rows), split, tmp_path / "cache"
+    )
     local = local_task_config(task, local_data)
     local["dataset_kwargs"]["cache_dir"] = str(tmp_path / "cache")
     expected, got = _requests(builtin), _requests(local)
@@ -204,8 +336,8 @@ def test_every_seed_task_has_a_local_definition():
 def test_hellaswag_ending_that_started_with_a_tag_differs_only_by_a_leading_space():
     # A known limit of the text format: "[substeps] Use ..." loses the space the harness keeps.
     hub = dict(HELLASWAG_HUB[1], endings=["[substeps] Use a towel.", "b.", "c.", "d."])
-    from lm_eval.tasks.hellaswag.utils import process_docs
     import datasets
+    from lm_eval.tasks.hellaswag.utils import process_docs
 
     harness = process_docs(datasets.Dataset.from_list([hub]))[0]
     local = convert.hellaswag_records([HELLASWAG_TEXT[6], "0", "Use a towel.", "b.", "c.", "d."])[0]
@@ -260,8 +392,10 @@ def test_rte_file():
 
 
 @needs_shared
-@pytest.mark.parametrize("name, count, numeric", [("arc_easy/ARC-Easy-Test.jsonl", 2376, 97),
-                                                  ("arc_challenge/ARC-Challenge-Test.jsonl", 1172, 22)])
+@pytest.mark.parametrize(
+    "name, count, numeric",
+    [("arc_easy/ARC-Easy-Test.jsonl", 2376, 97), ("arc_challenge/ARC-Challenge-Test.jsonl", 1172, 22)],
+)
 def test_arc_files(name, count, numeric):
     rows = [convert.arc_record(r) for r in _jsonl(ZEROSHOT / name)]
     assert len(rows) == count
@@ -303,14 +437,18 @@ def test_hellaswag_file_matches_the_harness_on_the_original_schema_subset():
         by_query.setdefault(doc["query"], []).append(doc)
     exact = spaced = 0
     for want in harness:
-        candidates = [d for d in by_query.get(want["query"], []) if d["label"] == want["label"]
-                      and [c.strip() for c in d["choices"]] == [c.strip() for c in want["choices"]]]
+        candidates = [
+            d
+            for d in by_query.get(want["query"], [])
+            if d["label"] == want["label"] and [c.strip() for c in d["choices"]] == [c.strip() for c in want["choices"]]
+        ]
         assert candidates, f"no local item for harness query {want['query'][:80]!r}"
         if candidates[0]["choices"] == want["choices"]:
             exact += 1
         else:
-            assert [" " + c if w.startswith(" ") else c for c, w in zip(candidates[0]["choices"], want["choices"])] \
-                == want["choices"]
+            assert [
+                " " + c if w.startswith(" ") else c for c, w in zip(candidates[0]["choices"], want["choices"])
+            ] == want["choices"]
             spaced += 1
     assert (exact, spaced) == (941, 59)
 
@@ -373,14 +511,19 @@ def test_zeros_that_move_are_reported(local_data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", meddle)
     with pytest.raises(WandaError, match="changed the zeros"):
-        evaluate_zero_shot(model, tokenizer, ZeroShotSettings(eval_zero_shot=True, tasks="rte", zero_shot_data=str(local_data)))
+        evaluate_zero_shot(
+            model, tokenizer, ZeroShotSettings(eval_zero_shot=True, tasks="rte", zero_shot_data=str(local_data))
+        )
 
 
 def test_auto_batch_size_is_refused_on_cpu(local_data, tmp_path):
     model, tokenizer = _pruned_tiny(tmp_path)
     with pytest.raises(WandaError, match="needs a GPU"):
-        evaluate_zero_shot(model, tokenizer, ZeroShotSettings(eval_zero_shot=True, tasks="rte", eval_batch_size="auto",
-                                                                zero_shot_data=str(local_data)))
+        evaluate_zero_shot(
+            model,
+            tokenizer,
+            ZeroShotSettings(eval_zero_shot=True, tasks="rte", eval_batch_size="auto", zero_shot_data=str(local_data)),
+        )
 
 
 @needs_shared

@@ -7,11 +7,11 @@ The Python API mirrors the command line::
     ppl = perplexity(model, eval_windows)
 """
 
-from .pruning.prune_settings import METHODS, PruneSettings, SparsityPattern
 from .errors import WandaError
 from .eval import perplexity
 from .models import StructureOverride
 from .pruning.prune import LayerReport, PruneReport, model_sparsity, prune
+from .pruning.prune_settings import METHODS, PruneSettings, SparsityPattern
 
 __all__ = [
     "METHODS",

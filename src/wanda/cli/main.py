@@ -13,8 +13,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, NoReturn, Union
 
-from ..parallel.ranks import SINGLE, init_ranks, launched
 from ..errors import WandaError
+from ..parallel.ranks import SINGLE, init_ranks, launched
 from .parsing import SettingsParser, guarded, setup_logging
 
 __all__ = ["COMMANDS", "Command", "main", "main_opt", "run"]
@@ -34,8 +34,12 @@ class Command:
 
     def parser(self, prog: str) -> SettingsParser:
         module = importlib.import_module(f"wanda.jobs.{self.module}")
-        return SettingsParser(getattr(module, self.settings), prog=prog, description=self.description,
-                              epilog=getattr(module, "EPILOG", None))
+        return SettingsParser(
+            getattr(module, self.settings),
+            prog=prog,
+            description=self.description,
+            epilog=getattr(module, "EPILOG", None),
+        )
 
     def run(self, argv: list[str], prog: str) -> int:
         try:
@@ -58,31 +62,61 @@ class Command:
             raise
 
 
-_EVAL = Command("evaluate", "EVAL_JOB", "run_eval_job", "Evaluate a saved (pruned or dense) model, optionally with "
-                "an unmerged LoRA --adapter: perplexity and/or zero-shot accuracy with lm-eval. Nothing is changed.")
+_EVAL = Command(
+    "evaluate",
+    "EVAL_JOB",
+    "run_eval_job",
+    "Evaluate a saved (pruned or dense) model, optionally with "
+    "an unmerged LoRA --adapter: perplexity and/or zero-shot accuracy with lm-eval. Nothing is changed.",
+)
 
 #: ``wanda``'s commands; the empty name is the pruning job, a nested table a command with sub-commands.
 COMMANDS: dict[str, Union[Command, dict[str, Command]]] = {
-    "": Command("prune", "PRUNE_JOB", "run_prune_job", "Prune a causal language model with a registered method "
-                "(magnitude, Wanda, SparseGPT, the OBS ablations, ...), then report its perplexity. With no --model, "
-                "prunes the bundled SmolLM2-135M offline. Under torchrun / accelerate launch, one job over all "
-                "ranks (see the README).", distributed=True),
+    "": Command(
+        "prune",
+        "PRUNE_JOB",
+        "run_prune_job",
+        "Prune a causal language model with a registered method "
+        "(magnitude, Wanda, SparseGPT, the OBS ablations, ...), then report its perplexity. With no --model, "
+        "prunes the bundled SmolLM2-135M offline. Under torchrun / accelerate launch, one job over all "
+        "ranks (see the README).",
+        distributed=True,
+    ),
     "eval": _EVAL,
     "finetune": {
-        "lora": Command("finetune", "LORA_JOB", "run_lora", "Train a LoRA adapter on the frozen pruned weights; "
-                        "every pruned weight stays exactly zero (checked)."),
-        "full": Command("finetune", "FULL_JOB", "run_full", "Train every weight with masked gradients; pruned weights "
-                        "stay exactly zero (checked)."),
-        "merge": Command("finetune", "MERGE_JOB", "run_merge", "Merge a saved adapter into the pruned model, keeping "
-                         "every zero."),
+        "lora": Command(
+            "finetune",
+            "LORA_JOB",
+            "run_lora",
+            "Train a LoRA adapter on the frozen pruned weights; every pruned weight stays exactly zero (checked).",
+        ),
+        "full": Command(
+            "finetune",
+            "FULL_JOB",
+            "run_full",
+            "Train every weight with masked gradients; pruned weights stay exactly zero (checked).",
+        ),
+        "merge": Command(
+            "finetune", "MERGE_JOB", "run_merge", "Merge a saved adapter into the pruned model, keeping every zero."
+        ),
         "eval": _EVAL,
     },
-    "vision": Command("vision", "VISION_JOB", "run_vision_job", "Prune the linear and 1x1 convolution layers of an "
-                      "image classifier's blocks (never its head) with magnitude or Wanda, then report top-1/top-5 "
-                      "accuracy on DATA_PATH/val."),
-    "speedup": Command("speedup", "SPEEDUP_JOB", "run_speedup_job", "Measure the inference speed-up of a 2:4-pruned "
-                       "model (prune it with --sparsity_type 2:4 --save_model DIR first): convert its linear layers "
-                       "to semi-structured sparse tensors, check the outputs against the dense model, and time both."),
+    "vision": Command(
+        "vision",
+        "VISION_JOB",
+        "run_vision_job",
+        "Prune the linear and 1x1 convolution layers of an "
+        "image classifier's blocks (never its head) with magnitude or Wanda, then report top-1/top-5 "
+        "accuracy on DATA_PATH/val.",
+    ),
+    "speedup": Command(
+        "speedup",
+        "SPEEDUP_JOB",
+        "run_speedup_job",
+        "Measure the inference speed-up of a 2:4-pruned "
+        "model (prune it with --sparsity_type 2:4 --save_model DIR first): convert its linear layers "
+        "to semi-structured sparse tensors, check the outputs against the dense model, and time both.",
+    ),
 }
 
 
@@ -125,4 +159,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> NoReturn:
 def main_opt() -> NoReturn:
     """``wanda-opt``: the same tool (the architecture is detected), kept for the original code's OPT commands."""
     main(prog="wanda-opt")
-

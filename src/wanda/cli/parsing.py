@@ -25,7 +25,13 @@ class _HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "(default" in text or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
+        if (
+            "(default" in text
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+            or not action.option_strings
+        ):
             return text
         if isinstance(default, (list, tuple)):
             default = " ".join(map(str, default))
@@ -50,8 +56,9 @@ class SettingsParser(HfArgumentParser):
         """The settings objects, in the order of the dataclasses; validation errors exit 2 like usage errors."""
         self._refuse_empty(self.parse_known_args(list(argv))[0])
         try:
-            *settings, rest = self.parse_args_into_dataclasses(list(argv), return_remaining_strings=True,
-                                                                 look_for_args_file=False)
+            *settings, rest = self.parse_args_into_dataclasses(
+                list(argv), return_remaining_strings=True, look_for_args_file=False
+            )
         except WandaError as exc:
             exc.prog = self.prog
             raise
@@ -66,15 +73,21 @@ class SettingsParser(HfArgumentParser):
         for action in self._actions:
             value = getattr(namespace, action.dest, None)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if action.option_strings and action.const != "" and any(isinstance(v, str) and not v.strip()
-                                                                    for v in values):
+            if (
+                action.option_strings
+                and action.const != ""
+                and any(isinstance(v, str) and not v.strip() for v in values)
+            ):
                 flag = max(action.option_strings, key=len)
                 self.exit(2, f"{self.prog}: error: {flag} is an empty string; give a value or leave the flag out\n")
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

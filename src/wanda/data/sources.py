@@ -57,8 +57,9 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise WandaError(f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} "
-                         "(convert it with iconv -t utf-8)") from exc
+        raise WandaError(
+            f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} (convert it with iconv -t utf-8)"
+        ) from exc
 
 
 def _read_json_texts(path: Path, field: str) -> list[str]:
@@ -103,7 +104,9 @@ def _read_file(path: Path, field: str) -> list[str]:
         except (pyarrow.ArrowException, OSError) as exc:
             raise WandaError(f"{path} is not a readable parquet file ({str(exc).splitlines()[0][:200]})") from exc
         if field not in table.column_names:
-            raise WandaError(f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); use --text_field")
+            raise WandaError(
+                f"{path}: no column {field!r} (columns: {', '.join(table.column_names)}); use --text_field"
+            )
         return [str(t) for t in table.column(field).to_pylist()]
     raise WandaError(f"{path}: unsupported file type; use one of {', '.join(_LOCAL_SUFFIXES)} or a folder of them")
 
@@ -126,8 +129,10 @@ def _hub(purpose: Purpose, *args, **kwargs):
 
     problem = hub_problem()
     if problem is not None:  # one quick check instead of the datasets library's retry loop
-        raise WandaError(f"{args[0]} is not available offline and the hub cannot be reached ({problem}); use a local "
-                         "copy (WANDA_DATA_DIR, or --calib_dataset/--eval_dataset PATH) or wiki-summaries")
+        raise WandaError(
+            f"{args[0]} is not available offline and the hub cannot be reached ({problem}); use a local "
+            "copy (WANDA_DATA_DIR, or --calib_dataset/--eval_dataset PATH) or wiki-summaries"
+        )
     try:
         return load_dataset(*args, **kwargs)
     except Exception as exc:  # datasets raises many types for offline/missing data
@@ -167,8 +172,12 @@ def _c4(purpose: Purpose) -> TextSource:
         if local:
             docs = [d for f in local for d in _read_json_texts(f, "text")]
         else:
-            rows = _hub(purpose, "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
-                        split="validation")
+            rows = _hub(
+                purpose,
+                "allenai/c4",
+                data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                split="validation",
+            )
             docs = rows["text"]
         # SparseGPT's protocol: the first 1100 validation documents joined by spaces
         return TextSource("c4", list(docs[:1100]), sampling="stream", separator=" ", max_eval_windows=256)
@@ -181,8 +190,12 @@ def _summaries(purpose: Purpose) -> TextSource:
 
 
 #: The named sources: the one registry their names come from (``--calib_dataset``, ``--eval_dataset``, help).
-SOURCES: dict[str, Callable[[Purpose], TextSource]] = {"c4": _c4, "wikitext2": _wikitext2, "ptb": _ptb,
-                                                       "wiki-summaries": _summaries}
+SOURCES: dict[str, Callable[[Purpose], TextSource]] = {
+    "c4": _c4,
+    "wikitext2": _wikitext2,
+    "ptb": _ptb,
+    "wiki-summaries": _summaries,
+}
 NAMED_SOURCES = tuple(SOURCES)
 
 

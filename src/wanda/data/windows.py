@@ -35,8 +35,9 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
             tokenizer.model_max_length = previous
 
 
-def tokenize_documents(tokenizer, documents: list[str], separator: str, chunk_chars: int = CHUNK_CHARS,
-                       max_tokens: int | None = None) -> torch.Tensor:
+def tokenize_documents(
+    tokenizer, documents: list[str], separator: str, chunk_chars: int = CHUNK_CHARS, max_tokens: int | None = None
+) -> torch.Tensor:
     """Token ids of ``separator.join(documents)``, tokenized in pieces of about ``chunk_chars`` characters.
 
     Each piece ends with the separator and the next starts at a document, so only the special tokens of the
@@ -83,8 +84,9 @@ def _from_stream(stream: torch.Tensor, nsamples: int, seqlen: int, rng: np.rando
     return torch.stack([stream[s : s + seqlen] for s in starts.tolist()])
 
 
-def _from_documents(source: TextSource, tokenizer, nsamples: int, seqlen: int, rng: np.random.Generator,
-                    max_tries_per_sample: int = 200) -> torch.Tensor:
+def _from_documents(
+    source: TextSource, tokenizer, nsamples: int, seqlen: int, rng: np.random.Generator, max_tries_per_sample: int = 200
+) -> torch.Tensor:
     """The paper's C4 protocol: a random window from each of ``nsamples`` random documents longer than it."""
     windows = []
     tries = 0

@@ -43,8 +43,9 @@ def to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int,
-                         device: torch.device) -> BlockInputs:
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, input_ids: torch.Tensor, batch_size: int, device: torch.device
+) -> BlockInputs:
     """Run the model on ``input_ids`` (n, seq) in batches, stopping at ``first_block``."""
     captured = BlockInputs()
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils.devices import default_batch_size
 from ..models import DecoderLayout, find_decoder_layout
+from ..utils.devices import default_batch_size
 from .capture import BlockInputs, capture_block_inputs
 from .numerics import check_finite_outputs
 
@@ -104,8 +104,15 @@ class ReadOnlyBlocks:
 
 
 class LayerwiseEngine:
-    def __init__(self, model: nn.Module, device: torch.device | str | None = None, batch_size: int | None = None,
-                 progress: bool = True, layout: DecoderLayout | None = None, source: BlockSource | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device | str | None = None,
+        batch_size: int | None = None,
+        progress: bool = True,
+        layout: DecoderLayout | None = None,
+        source: BlockSource | None = None,
+    ):
         self.model = model
         self.layout = layout or find_decoder_layout(model)
         if device is None:
@@ -139,8 +146,12 @@ class LayerwiseEngine:
         return store if hasattr(store, "write") else outputs
 
     @torch.no_grad()
-    def walk(self, input_ids: torch.Tensor | None, visit: Visitor | None = None,
-             after: Callable[[int, BlockInputs | None], None] | None = None) -> BlockInputs | None:
+    def walk(
+        self,
+        input_ids: torch.Tensor | None,
+        visit: Visitor | None = None,
+        after: Callable[[int, BlockInputs | None], None] | None = None,
+    ) -> BlockInputs | None:
         """Capture block 0's inputs for ``input_ids``, then for each block: visit it, re-run it to get the
         next block's inputs. ``after(index, outputs)`` sees each block's outputs while the block is still open
         (OWL scores the block's dense weights there).
@@ -154,8 +165,9 @@ class LayerwiseEngine:
             start, hidden = self.source.resume_point()
             inputs = None
             if input_ids is not None:
-                inputs = capture_block_inputs(self.model, self.layout.blocks[0], input_ids, self.batch_size,
-                                              self.device)
+                inputs = capture_block_inputs(
+                    self.model, self.layout.blocks[0], input_ids, self.batch_size, self.device
+                )
                 if hidden is not None:  # saved on the CPU by the run that was interrupted
                     inputs.hidden = [h.to(self.device) for h in hidden]
                 inputs.hidden = self.source.place(inputs.hidden)
@@ -178,5 +190,6 @@ class LayerwiseEngine:
 
 def read_only(engine: LayerwiseEngine) -> LayerwiseEngine:
     """An engine over the same blocks whose walk saves nothing and starts at block 0."""
-    return LayerwiseEngine(engine.model, engine.device, engine.batch_size, engine.progress, engine.layout,
-                           ReadOnlyBlocks(engine.source))
+    return LayerwiseEngine(
+        engine.model, engine.device, engine.batch_size, engine.progress, engine.layout, ReadOnlyBlocks(engine.source)
+    )

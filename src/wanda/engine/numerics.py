@@ -22,6 +22,8 @@ def check_finite_outputs(block_name: str, outputs: list[torch.Tensor]) -> None:
     nan = sum(int(torch.isnan(out).sum()) for out in bad)
     inf = sum(int(torch.isinf(out).sum()) for out in bad)
     dtype = str(bad[0].dtype).removeprefix("torch.")
-    raise WandaError(f"the outputs of block {block_name} became NaN or Inf ({nan} NaN, {inf} Inf in {dtype}), "
-                     "so pruning stopped there and nothing was written; the activations overflow this precision: "
-                     "rerun with --dtype bfloat16 or --dtype float32")
+    raise WandaError(
+        f"the outputs of block {block_name} became NaN or Inf ({nan} NaN, {inf} Inf in {dtype}), "
+        "so pruning stopped there and nothing was written; the activations overflow this precision: "
+        "rerun with --dtype bfloat16 or --dtype float32"
+    )

@@ -79,8 +79,16 @@ class WorkFolder:
     """``rank``/``world_size``: whose hidden states this process keeps; ``writes_blocks``: whether it writes the
     pruned blocks (every rank in one process; one per machine under torchrun)."""
 
-    def __init__(self, path: str | Path, fingerprint: dict[str, Any], num_blocks: int, needs_hidden: bool,
-                 rank: int = 0, world_size: int = 1, writes_blocks: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        fingerprint: dict[str, Any],
+        num_blocks: int,
+        needs_hidden: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        writes_blocks: bool = True,
+    ):
         self.path = Path(path)
         self.fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
         self.num_blocks = num_blocks
@@ -93,10 +101,14 @@ class WorkFolder:
             old = json.loads(stored.read_text())
             if old != self.fingerprint:
                 differ = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
-                raise WandaError(f"work folder {self.path} belongs to another run (differs in {', '.join(differ)}); "
-                                 "remove it or choose another --work_dir")
+                raise WandaError(
+                    f"work folder {self.path} belongs to another run (differs in {', '.join(differ)}); "
+                    "remove it or choose another --work_dir"
+                )
         elif self.path.exists() and any(self.path.iterdir()):
-            raise WandaError(f"work folder {self.path} exists and is not a wanda work folder; choose another --work_dir")
+            raise WandaError(
+                f"work folder {self.path} exists and is not a wanda work folder; choose another --work_dir"
+            )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".fingerprint.", suffix=".tmp", dir=self.path)

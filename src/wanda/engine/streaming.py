@@ -20,16 +20,23 @@ import torch
 from torch import nn
 
 from ..models.streaming import StreamedModel
-from ..utils.resources import trim_heap
 from ..utils.declare import SettingsMixin, require, setting
+from ..utils.resources import trim_heap
 from .activations import ActivationFile
 from .capture import BlockInputs
 from .resume import WorkFolder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OFFLOAD_CHOICES", "OffloadSettings", "StreamSettings", "StreamedBlocks", "choose_streaming", "available_memory",
-           "activation_bytes"]
+__all__ = [
+    "OFFLOAD_CHOICES",
+    "OffloadSettings",
+    "StreamSettings",
+    "StreamedBlocks",
+    "choose_streaming",
+    "available_memory",
+    "activation_bytes",
+]
 
 OFFLOAD_CHOICES = ("auto", "none", "disk")
 
@@ -41,18 +48,25 @@ class OffloadSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "streaming (models larger than memory)"
 
     offload: Literal["auto", "none", "disk"] = setting(
-        "auto", "auto: stream the decoder blocks from disk, one at a time, when the checkpoint would not fit in "
-        "--memory_fraction of the available memory (safetensors checkpoints); disk: always; none: load the whole model")
+        "auto",
+        "auto: stream the decoder blocks from disk, one at a time, when the checkpoint would not fit in "
+        "--memory_fraction of the available memory (safetensors checkpoints); disk: always; none: load the whole model",
+    )
     offload_activations: str | None = setting(
-        None, "folder for a memory-mapped file of the activations between blocks (default: RAM, or the work folder "
-        "when they would not fit)")
+        None,
+        "folder for a memory-mapped file of the activations between blocks (default: RAM, or the work folder "
+        "when they would not fit)",
+    )
     #: Headroom: the share of the available memory (RAM, or the GPU's free memory) a run may plan to fill.
-    memory_fraction: float = setting(0.7, "share of the available memory (psutil; a GPU's free memory) a run may "
-                                     "fill before --offload auto streams")
+    memory_fraction: float = setting(
+        0.7, "share of the available memory (psutil; a GPU's free memory) a run may fill before --offload auto streams"
+    )
 
     def __post_init__(self) -> None:
-        require(self.offload in OFFLOAD_CHOICES,
-                f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}; got {self.offload!r}")
+        require(
+            self.offload in OFFLOAD_CHOICES,
+            f"--offload must be one of {', '.join(OFFLOAD_CHOICES)}; got {self.offload!r}",
+        )
         require(0 < self.memory_fraction <= 1, f"--memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
 
@@ -61,8 +75,10 @@ class StreamSettings(OffloadSettings):
     """``OffloadSettings`` plus where a streamed pruning run keeps its progress."""
 
     work_dir: str | None = setting(
-        None, "folder keeping a streamed run's progress, so that the same command resumes it after a crash "
-        "(default: <save_model>.work beside the output, else wanda-work-<hash> here); removed on success")
+        None,
+        "folder keeping a streamed run's progress, so that the same command resumes it after a crash "
+        "(default: <save_model>.work beside the output, else wanda-work-<hash> here); removed on success",
+    )
 
 
 def available_memory(device: torch.device) -> int:
@@ -85,10 +101,15 @@ def choose_streaming(settings: OffloadSettings, checkpoint_bytes: int, device: t
         return settings.offload == "disk"
     budget = int(available_memory(device) * settings.memory_fraction)
     stream = checkpoint_bytes > budget
-    log.info("%s: the checkpoint needs %.2f GB, %.0f%% of the available memory on %s is %.2f GB (--offload %s "
-             "overrides)", "streaming the decoder blocks from disk" if stream else "loading the whole model",
-             checkpoint_bytes / 1e9, 100 * settings.memory_fraction, device, budget / 1e9,
-             "none" if stream else "disk")
+    log.info(
+        "%s: the checkpoint needs %.2f GB, %.0f%% of the available memory on %s is %.2f GB (--offload %s overrides)",
+        "streaming the decoder blocks from disk" if stream else "loading the whole model",
+        checkpoint_bytes / 1e9,
+        100 * settings.memory_fraction,
+        device,
+        budget / 1e9,
+        "none" if stream else "disk",
+    )
     return stream
 
 
@@ -100,8 +121,15 @@ class StreamedBlocks:
     the layer reports of a finished block, stored with it so that a resumed run reports every layer.
     """
 
-    def __init__(self, streamed: StreamedModel, device: torch.device, work: WorkFolder | None = None,
-                 activations: Path | None = None, report_rows=None, drop_outside: bool = False):
+    def __init__(
+        self,
+        streamed: StreamedModel,
+        device: torch.device,
+        work: WorkFolder | None = None,
+        activations: Path | None = None,
+        report_rows=None,
+        drop_outside: bool = False,
+    ):
         self.streamed, self.device, self.work = streamed, torch.device(device), work
         self.activations = activations
         self.report_rows = report_rows
@@ -157,8 +185,11 @@ class StreamedBlocks:
         if self.work is None:
             return
         prefix = self.streamed.layout.block_name(index) + "."
-        tensors = {prefix + name: tensor for name, tensor in block.state_dict().items()
-                   if prefix + name in self.streamed.checkpoint}
+        tensors = {
+            prefix + name: tensor
+            for name, tensor in block.state_dict().items()
+            if prefix + name in self.streamed.checkpoint
+        }
         rows = self.report_rows(index) if self.report_rows is not None else []
         self.work.save_block(index, tensors, rows)
         if inputs is not None and index + 1 < self.work.num_blocks:

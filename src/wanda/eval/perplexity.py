@@ -61,8 +61,14 @@ def model_logits(model: nn.Module, hidden: torch.Tensor, stub: _GivenHidden) -> 
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 128,
-               progress: bool = True, desc: str = "perplexity") -> float:
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    chunk_tokens: int = 128,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> float:
     """Perplexity of ``model`` on ``windows`` (n, seqlen) of token ids; ``inf`` or ``nan`` if the model's
     losses are (a broken model is never reported as a number)."""
     total_nll, total_tokens = negative_log_likelihood(model, windows, batch_size, chunk_tokens, progress, desc)
@@ -70,8 +76,14 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chu
 
 
 @torch.no_grad()
-def negative_log_likelihood(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, chunk_tokens: int = 128,
-                            progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
+def negative_log_likelihood(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 1,
+    chunk_tokens: int = 128,
+    progress: bool = True,
+    desc: str = "perplexity",
+) -> tuple[float, int]:
     """Summed next-token NLL over ``windows`` and the number of predicted tokens (sums, so that a distributed
     run can add those of its ranks; ``windows`` may be empty)."""
     if windows.shape[0] == 0:
@@ -114,13 +126,11 @@ def nll_to_perplexity(total_nll: float, total_tokens: int) -> float:
     return math.exp(mean) if math.isfinite(mean) else mean
 
 
-def ranked_perplexity(ranks: Ranks, model: nn.Module, windows: torch.Tensor, batch_size: int = 1,
-                      **kwargs) -> float:
+def ranked_perplexity(ranks: Ranks, model: nn.Module, windows: torch.Tensor, batch_size: int = 1, **kwargs) -> float:
     """``perplexity`` with the windows divided over the ranks (whole batches, as for calibration) and the losses
     summed in fp64: equal to the single-process value up to the order of that sum."""
     if not ranks.distributed:
         return perplexity(model, windows, batch_size=batch_size, **kwargs)
     share = ranks.eval_share(windows, batch_size)
-    nll, tokens = negative_log_likelihood(model, share, batch_size=batch_size,
-                                          **{"progress": ranks.is_main, **kwargs})
+    nll, tokens = negative_log_likelihood(model, share, batch_size=batch_size, **{"progress": ranks.is_main, **kwargs})
     return nll_to_perplexity(*ranks.sum_nll(nll, tokens))

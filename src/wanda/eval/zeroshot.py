@@ -30,9 +30,9 @@ from torch import nn
 
 from ..errors import WandaError
 from ..masks import zero_count
+from ..utils.declare import SettingsMixin, require, setting
 from ..utils.hub import hub_problem
 from ..utils.io import atomic_write_json
-from ..utils.declare import SettingsMixin, require, setting
 
 __all__ = [
     "SEED_TASKS",
@@ -67,35 +67,54 @@ class ZeroShotSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "zero-shot evaluation"
 
     eval_zero_shot: bool = setting(False, "run the zero-shot tasks (lm-eval) on the model in memory")
-    tasks: str | None = setting(None, f"comma-separated lm-eval tasks (default: the paper's seven: {','.join(SEED_TASKS)})")
+    tasks: str | None = setting(
+        None, f"comma-separated lm-eval tasks (default: the paper's seven: {','.join(SEED_TASKS)})"
+    )
     num_fewshot: int = setting(0, "examples in each prompt")
     limit: int | None = setting(None, "evaluate only the first N documents of each task, for quick runs (default: all)")
-    eval_batch_size: str = setting("8", "requests per forward pass, or 'auto' (GPU only: the harness searches for "
-                                   "the largest batch that fits)")
+    eval_batch_size: str = setting(
+        "8", "requests per forward pass, or 'auto' (GPU only: the harness searches for the largest batch that fits)"
+    )
     zero_shot_data: str | None = setting(
-        None, "folder with local copies of the task files (layout of shared/data/zeroshot), or 'hub' to download "
-        "them (default: $WANDA_DATA_DIR/zeroshot if it exists, else the hub)")
+        None,
+        "folder with local copies of the task files (layout of shared/data/zeroshot), or 'hub' to download "
+        "them (default: $WANDA_DATA_DIR/zeroshot if it exists, else the hub)",
+    )
 
     def __post_init__(self) -> None:
-        given = [flag for flag, value in (("--tasks", self.tasks), ("--limit", self.limit),
-                                          ("--zero_shot_data", self.zero_shot_data),
-                                          ("--num_fewshot", self.num_fewshot or None)) if value is not None]
-        require(self.eval_zero_shot or not given,
-                f"{', '.join(given)} only apply to zero-shot evaluation; add --eval_zero_shot")
+        given = [
+            flag
+            for flag, value in (
+                ("--tasks", self.tasks),
+                ("--limit", self.limit),
+                ("--zero_shot_data", self.zero_shot_data),
+                ("--num_fewshot", self.num_fewshot or None),
+            )
+            if value is not None
+        ]
+        require(
+            self.eval_zero_shot or not given,
+            f"{', '.join(given)} only apply to zero-shot evaluation; add --eval_zero_shot",
+        )
         names = self.task_names
         require(bool(names), "--tasks is empty; name at least one task (e.g. --tasks arc_easy,hellaswag)")
         require(len(set(names)) == len(names), f"--tasks names a task twice: {','.join(names)}")
         require(self.num_fewshot >= 0, f"--num_fewshot must be 0 or more, got {self.num_fewshot}")
-        require(self.limit is None or self.limit >= 1,
-                f"--limit must be at least 1 (documents per task), got {self.limit}")
+        require(
+            self.limit is None or self.limit >= 1, f"--limit must be at least 1 (documents per task), got {self.limit}"
+        )
         batch = str(self.eval_batch_size).strip().lower()
-        require(batch == "auto" or (batch.isdigit() and int(batch) >= 1),
-                f"--eval_batch_size must be a positive integer or 'auto', got {self.eval_batch_size!r}")
+        require(
+            batch == "auto" or (batch.isdigit() and int(batch) >= 1),
+            f"--eval_batch_size must be a positive integer or 'auto', got {self.eval_batch_size!r}",
+        )
         if self.eval_zero_shot and self.data_dir is not None:
-            require(self.data_dir.is_dir(),
-                    f"--zero_shot_data {self.data_dir} is not a folder (expected the layout of shared/data/zeroshot: "
-                    "boolq/val.jsonl, arc_easy/ARC-Easy-Test.jsonl, ...); pass --zero_shot_data hub to download the "
-                    "tasks instead")
+            require(
+                self.data_dir.is_dir(),
+                f"--zero_shot_data {self.data_dir} is not a folder (expected the layout of shared/data/zeroshot: "
+                "boolq/val.jsonl, arc_easy/ARC-Easy-Test.jsonl, ...); pass --zero_shot_data hub to download the "
+                "tasks instead",
+            )
             for name in names:
                 if name in local_task_names():
                     _local_files(name, self.data_dir)  # raises if a file is missing
@@ -165,8 +184,10 @@ def _function(loader, node):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as exc:
-        raise WandaError(f"task config function {qualified!r} could not be imported ({exc}); is lm-eval "
-                         "installed in a version that has it? (pip install 'wanda[zeroshot]')") from exc
+        raise WandaError(
+            f"task config function {qualified!r} could not be imported ({exc}); is lm-eval "
+            "installed in a version that has it? (pip install 'wanda[zeroshot]')"
+        ) from exc
 
 
 def _read_yaml(path: Path) -> dict:
@@ -186,8 +207,10 @@ def _local_files(name: str, data_dir: Path) -> dict[str, str]:
     for split, relative in raw["dataset_kwargs"]["data_files"].items():
         path = (data_dir / relative).resolve()
         if not path.is_file():
-            raise WandaError(f"task {name}: {path} is missing; --zero_shot_data must hold {relative} "
-                             "(see shared/data/SOURCES.md), or pass --zero_shot_data hub")
+            raise WandaError(
+                f"task {name}: {path} is missing; --zero_shot_data must hold {relative} "
+                "(see shared/data/SOURCES.md), or pass --zero_shot_data hub"
+            )
         files[split] = str(path)
     return files
 
@@ -203,9 +226,12 @@ def local_task_config(name: str, data_dir: str | Path, num_fewshot: int = 0) -> 
         # document being evaluated out of its own examples only when the few-shot split is the test split.
         split = config.get("test_split") or config.get("validation_split")
         config.update(test_split=split, validation_split=None, fewshot_split=split)
-        log.warning("%s: %d-shot examples come from the evaluation file itself (no training split offline; the "
-                    "document being evaluated is left out), so scores differ from the hub version's", name,
-                    num_fewshot)
+        log.warning(
+            "%s: %d-shot examples come from the evaluation file itself (no training split offline; the "
+            "document being evaluated is left out), so scores differ from the hub version's",
+            name,
+            num_fewshot,
+        )
     return config
 
 
@@ -241,12 +267,15 @@ def _task_specs(settings: ZeroShotSettings) -> tuple[list, dict[str, str]]:
             sources[name] = ", ".join(config["dataset_kwargs"]["data_files"].values())
         else:
             if settings.data_dir is not None:
-                log.info("%s has no local definition (local: %s); taking it from the hub", name,
-                         ", ".join(sorted(local)))
+                log.info(
+                    "%s has no local definition (local: %s); taking it from the hub", name, ", ".join(sorted(local))
+                )
             problem = hub_problem()
             if problem is not None:
-                raise WandaError(f"task {name} needs the hub, which cannot be reached ({problem}); point "
-                                 "--zero_shot_data at local copies of the task files")
+                raise WandaError(
+                    f"task {name} needs the hub, which cannot be reached ({problem}); point "
+                    "--zero_shot_data at local copies of the task files"
+                )
             specs.append(name)
             sources[name] = "hub"
     return specs, sources
@@ -289,26 +318,41 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
     model.eval()
     try:
         with torch.no_grad():
-            output = lm_eval.simple_evaluate(model=lm, tasks=specs, num_fewshot=settings.num_fewshot,
-                                             limit=settings.limit, task_manager=manager, log_samples=False)
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=specs,
+                num_fewshot=settings.num_fewshot,
+                limit=settings.limit,
+                task_manager=manager,
+                log_samples=False,
+            )
     except KeyError as exc:
         raise WandaError(f"lm-eval does not know a task of --tasks {','.join(settings.task_names)}: {exc}") from exc
     except (ValueError, FileNotFoundError, ConnectionError) as exc:  # datasets' offline/missing-data errors
-        hint = (" (offline, point --zero_shot_data at local copies of the task files)"
-                if "hub" in sources.values() else "")
-        raise WandaError(f"lm-eval could not run {','.join(settings.task_names)}: {type(exc).__name__}: "
-                         f"{(str(exc).splitlines() or [''])[0][:300]}{hint}") from exc
+        hint = (
+            " (offline, point --zero_shot_data at local copies of the task files)" if "hub" in sources.values() else ""
+        )
+        raise WandaError(
+            f"lm-eval could not run {','.join(settings.task_names)}: {type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:300]}{hint}"
+        ) from exc
     finally:
         model.train(was_training)
     after = linear_zero_counts(model)
     moved = [name for name in before if before[name] != after.get(name)]
     if moved:
-        raise WandaError(f"zero-shot evaluation changed the zeros of {len(moved)} layers (first: {moved[0]}: "
-                         f"{before[moved[0]][0]} -> {after[moved[0]][0]} zeros); this is a bug, please report it")
+        raise WandaError(
+            f"zero-shot evaluation changed the zeros of {len(moved)} layers (first: {moved[0]}: "
+            f"{before[moved[0]][0]} -> {after[moved[0]][0]} zeros); this is a bug, please report it"
+        )
 
-    result = ZeroShotResult(settings={**settings.to_dict(), "data_dir": str(settings.data_dir or "hub")},
-                            sources=sources, zero_fraction_before=_zero_fraction(before),
-                            zero_fraction_after=_zero_fraction(after), lm_eval_version=lm_eval.__version__)
+    result = ZeroShotResult(
+        settings={**settings.to_dict(), "data_dir": str(settings.data_dir or "hub")},
+        sources=sources,
+        zero_fraction_before=_zero_fraction(before),
+        zero_fraction_after=_zero_fraction(after),
+        lm_eval_version=lm_eval.__version__,
+    )
     for task, task_results in output["results"].items():
         values, errors = _split_metrics(task_results)
         if not values:
@@ -337,18 +381,30 @@ def format_table(result: ZeroShotResult) -> str:
     return "\n".join(lines)
 
 
-def run_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings, save: str | Path | None = None,
-                  overwrite: bool = False, verbose: bool = False) -> dict:
+def run_zero_shot(
+    model: nn.Module,
+    tokenizer,
+    settings: ZeroShotSettings,
+    save: str | Path | None = None,
+    overwrite: bool = False,
+    verbose: bool = False,
+) -> dict:
     """The jobs' zero-shot step: evaluate, print the table, and write ``zero_shot.json`` into ``save`` when set.
     Returns the result as a JSON-ready dict."""
     if not verbose:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task chatter; -v shows it
-    log.info("zero-shot: %s (%d-shot%s) from %s", ", ".join(settings.task_names), settings.num_fewshot,
-             f", first {settings.limit} documents per task" if settings.limit else "",
-             settings.data_dir or "the hub")
+    log.info(
+        "zero-shot: %s (%d-shot%s) from %s",
+        ", ".join(settings.task_names),
+        settings.num_fewshot,
+        f", first {settings.limit} documents per task" if settings.limit else "",
+        settings.data_dir or "the hub",
+    )
     result = evaluate_zero_shot(model, tokenizer, settings)
-    print(f"\nzero-shot ({settings.num_fewshot}-shot, lm-eval {result.lm_eval_version}, {result.seconds:.0f}s; "
-          f"linear-layer zeros {result.zero_fraction_after:.4f}, unchanged):")
+    print(
+        f"\nzero-shot ({settings.num_fewshot}-shot, lm-eval {result.lm_eval_version}, {result.seconds:.0f}s; "
+        f"linear-layer zeros {result.zero_fraction_after:.4f}, unchanged):"
+    )
     print(format_table(result), flush=True)
     payload = result.to_dict()
     if save:

@@ -5,8 +5,16 @@ Pruning hands on dense weights with zeros; everything here is a separate step on
 
 from ..models.compressed import CompressionReport, is_compressed_folder, load_compressed, save_compressed
 from .save import SAVE_FORMATS, SavedModel, save_model
-from .semi_structured import (BACKENDS, SemiStructuredBackend, SparsifyReport, available_backends, backend_problem,
-                              check_24, gpu_problem, sparsify_linears)
+from .semi_structured import (
+    BACKENDS,
+    SemiStructuredBackend,
+    SparsifyReport,
+    available_backends,
+    backend_problem,
+    check_24,
+    gpu_problem,
+    sparsify_linears,
+)
 from .speedup import SpeedupResult, SpeedupSettings, format_tables, run_speedup
 from .timing import Timing, measure
 

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..models.compressed import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, WEIGHTS_NAME, CompressionReport, dtype_name, encode_tensor
+from ..models.compressed import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    CompressionReport,
+    dtype_name,
+    encode_tensor,
+)
 from .shards import write_safetensors
 
 log = logging.getLogger(__name__)
@@ -25,8 +33,14 @@ log = logging.getLogger(__name__)
 __all__ = ["save_compressed_streamed"]
 
 
-def save_compressed_streamed(model: nn.Module, names: list[str], read: Callable[[str], torch.Tensor],
-                             aliases: dict[str, str], folder: str | Path, tokenizer=None) -> CompressionReport:
+def save_compressed_streamed(
+    model: nn.Module,
+    names: list[str],
+    read: Callable[[str], torch.Tensor],
+    aliases: dict[str, str],
+    folder: str | Path,
+    tokenizer=None,
+) -> CompressionReport:
     """Write the tensors ``names`` (each fetched by ``read``) compressed into the existing folder ``folder``;
     ``model`` gives the config and class (its weights may be on ``meta``); ``aliases``: tied name -> stored name."""
     folder = Path(folder)
@@ -49,9 +63,16 @@ def save_compressed_streamed(model: nn.Module, names: list[str], read: Callable[
 
     write_safetensors(folder / WEIGHTS_NAME, specs, parts(), {"wanda": FORMAT_NAME})
     report.file_bytes = (folder / WEIGHTS_NAME).stat().st_size
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
-                "model_class": type(model).__name__, "tensors": entries, "aliases": aliases,
-                "bytes": report.bytes, "dense_bytes": report.dense_bytes}
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "weights": WEIGHTS_NAME,
+        "model_class": type(model).__name__,
+        "tensors": entries,
+        "aliases": aliases,
+        "bytes": report.bytes,
+        "dense_bytes": report.dense_bytes,
+    }
     model.config.save_pretrained(folder)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)

@@ -10,8 +10,8 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import WandaError
-from ..utils.io import atomic_directory
 from ..models.compressed import CompressionReport, save_compressed
+from ..utils.io import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,9 @@ def folder_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def save_model(model: nn.Module, tokenizer, target: str | Path, save_format: str = "dense",
-               overwrite: bool = False) -> SavedModel:
+def save_model(
+    model: nn.Module, tokenizer, target: str | Path, save_format: str = "dense", overwrite: bool = False
+) -> SavedModel:
     """Write ``model`` and ``tokenizer`` to ``target`` atomically in ``save_format``."""
     if save_format not in SAVE_FORMATS:
         raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
@@ -57,9 +58,13 @@ def save_model(model: nn.Module, tokenizer, target: str | Path, save_format: str
             raise WandaError(f"could not write {target}: {reason}; nothing was written there") from exc
     saved = SavedModel(Path(target), save_format, folder_bytes(target), compression)
     if compression is not None:
-        log.info("compressed model written to %s: %.1f MB of weights versus %.1f MB dense (%.1f%%)", target,
-                 compression.file_bytes / 1e6, compression.dense_bytes / 1e6,
-                 100 * compression.file_bytes / max(compression.dense_bytes, 1))
+        log.info(
+            "compressed model written to %s: %.1f MB of weights versus %.1f MB dense (%.1f%%)",
+            target,
+            compression.file_bytes / 1e6,
+            compression.dense_bytes / 1e6,
+            100 * compression.file_bytes / max(compression.dense_bytes, 1),
+        )
     else:
         log.info("pruned model written to %s (%.1f MB)", target, saved.bytes / 1e6)
     return saved

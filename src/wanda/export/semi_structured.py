@@ -119,7 +119,9 @@ class SemiStructuredBackend:
         from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
         self.name = name
-        self.tensor_class = SparseSemiStructuredTensorCUTLASS if name == "cutlass" else SparseSemiStructuredTensorCUSPARSELT
+        self.tensor_class = (
+            SparseSemiStructuredTensorCUTLASS if name == "cutlass" else SparseSemiStructuredTensorCUSPARSELT
+        )
 
     @property
     def dtypes(self) -> tuple[torch.dtype, ...]:
@@ -133,8 +135,10 @@ class SemiStructuredBackend:
             return f"dtype {weight.dtype} is not supported by {self.name} ({', '.join(map(str, self.dtypes))})"
         rows, cols = weight.shape
         if rows % limits.sparse_min_rows or cols % limits.sparse_min_cols:
-            return (f"shape {rows}x{cols} is not a multiple of ({limits.sparse_min_rows}, {limits.sparse_min_cols}) "
-                    f"as {self.name} needs for {weight.dtype}")
+            return (
+                f"shape {rows}x{cols} is not a multiple of ({limits.sparse_min_rows}, {limits.sparse_min_cols}) "
+                f"as {self.name} needs for {weight.dtype}"
+            )
         return None
 
     def convert(self, weight: torch.Tensor) -> torch.Tensor:
@@ -165,8 +169,9 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def sparsify_linears(linears: dict[str, nn.Linear], backend: Converter, check_tokens: int = 64,
-                     seed: int = 0) -> SparsifyReport:
+def sparsify_linears(
+    linears: dict[str, nn.Linear], backend: Converter, check_tokens: int = 64, seed: int = 0
+) -> SparsifyReport:
     """Replace each layer's weight by its packed 2:4 form, in place.
 
     Every weight is checked for 2:4 first (all or nothing: a violation raises before any layer changes).
@@ -190,6 +195,10 @@ def sparsify_linears(linears: dict[str, nn.Linear], backend: Converter, check_to
             report.layer_errors[name] = relative_error(nn.functional.linear(x, sparse), nn.functional.linear(x, dense))
         layer.weight = nn.Parameter(sparse, requires_grad=False)
         report.converted.append(name)
-    log.info("converted %d linear layers to 2:4 (%s); %d left dense", len(report.converted), backend.name,
-             len(report.skipped))
+    log.info(
+        "converted %d linear layers to 2:4 (%s); %d left dense",
+        len(report.converted),
+        backend.name,
+        len(report.skipped),
+    )
     return report

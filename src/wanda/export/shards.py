@@ -71,8 +71,12 @@ def _plan(specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int)
     return shards
 
 
-def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
-                      tensors: Iterable[torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: Path,
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterable[torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """One safetensors file, written from ``tensors`` in the order of ``specs`` without copying them, fsynced."""
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
@@ -93,8 +97,12 @@ def write_safetensors(path: Path, specs: list[tuple[str, tuple[int, ...], torch.
         os.fsync(handle.fileno())
 
 
-def write_shards(folder: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
-                 load: Callable[[str], torch.Tensor], max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> list[Path]:
+def write_shards(
+    folder: Path,
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+    load: Callable[[str], torch.Tensor],
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+) -> list[Path]:
     """Write the tensors ``specs`` (name, shape, dtype), each fetched by ``load(name)`` when its turn comes."""
     plan = _plan(specs, parse_size(max_shard_size))
     if len(plan) == 1:

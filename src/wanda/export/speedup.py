@@ -19,15 +19,25 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..utils.declare import SettingsMixin, require, require_seed, setting
 from ..models import find_decoder_layout, find_linears
+from ..utils.declare import SettingsMixin, require, require_seed, setting
 from .semi_structured import Converter, SparsifyReport, check_24, relative_error, sparsify_linears
 from .timing import measure
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SpeedupSettings", "TokenCounts", "LayerTiming", "ModelTiming", "OutputCheck", "SpeedupResult", "time_linears",
-           "time_model", "run_speedup", "format_tables"]
+__all__ = [
+    "SpeedupSettings",
+    "TokenCounts",
+    "LayerTiming",
+    "ModelTiming",
+    "OutputCheck",
+    "SpeedupResult",
+    "time_linears",
+    "time_model",
+    "run_speedup",
+    "format_tables",
+]
 
 
 class TokenCounts(tuple):
@@ -38,7 +48,9 @@ class TokenCounts(tuple):
             try:
                 values = [int(v) for v in values.split(",") if v.strip()]
             except ValueError:
-                raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 1,4,16; got {values!r}") from None
+                raise argparse.ArgumentTypeError(
+                    f"expected comma-separated token counts such as 1,4,16; got {values!r}"
+                ) from None
             if not values:
                 raise argparse.ArgumentTypeError("expected comma-separated token counts such as 1,4,16; got nothing")
         return super().__new__(cls, (int(v) for v in values))
@@ -51,12 +63,17 @@ class TokenCounts(tuple):
 class SpeedupSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "measurement"
 
-    decode_tokens: TokenCounts = setting(TokenCounts((1, 2, 4, 8, 16)), "matmul token counts for decode (one new "
-                                         "token per sequence in a batch of 1-16)")
-    prefill_tokens: TokenCounts = setting(TokenCounts((512, 1024, 2048, 4096, 8192)), "matmul token counts for "
-                                          "prefill (a prompt of this length)")
-    model_tokens: TokenCounts = setting(TokenCounts((16, 512, 2048)), "sequence lengths of the whole-model forward "
-                                        "(batch 1, no KV cache); lengths beyond the model's context are dropped")
+    decode_tokens: TokenCounts = setting(
+        TokenCounts((1, 2, 4, 8, 16)), "matmul token counts for decode (one new token per sequence in a batch of 1-16)"
+    )
+    prefill_tokens: TokenCounts = setting(
+        TokenCounts((512, 1024, 2048, 4096, 8192)), "matmul token counts for prefill (a prompt of this length)"
+    )
+    model_tokens: TokenCounts = setting(
+        TokenCounts((16, 512, 2048)),
+        "sequence lengths of the whole-model forward "
+        "(batch 1, no KV cache); lengths beyond the model's context are dropped",
+    )
     warmup: int = setting(10, "untimed calls before each linear-layer measurement")
     iters: int = setting(50, "timed calls per matmul")
     model_warmup: int = setting(3, "untimed whole-model forwards before timing")
@@ -75,8 +92,10 @@ class SpeedupSettings(SettingsMixin):
             values = TokenCounts(getattr(self, name))
             self._set(name, values)
             require(bool(values) and min(values) >= 1, f"--{name} must be positive token counts, got {list(values)}")
-        require(self.iters >= 1 and self.model_iters >= 1 and self.warmup >= 0 and self.model_warmup >= 0,
-                "iteration counts must be at least 1 (warm-up counts at least 0)")
+        require(
+            self.iters >= 1 and self.model_iters >= 1 and self.warmup >= 0 and self.model_warmup >= 0,
+            "iteration counts must be at least 1 (warm-up counts at least 0)",
+        )
         require(self.layer_check_tokens >= 1 and self.model_check_tokens >= 1, "output checks need at least 1 token")
         require(self.layer_rtol > 0 and self.model_rtol > 0, "tolerances must be positive")
 
@@ -165,11 +184,16 @@ def time_linears(linears: dict[str, nn.Linear], backend: Converter, settings: Sp
         for phase, counts in (("decode", settings.decode_tokens), ("prefill", settings.prefill_tokens)):
             for tokens in counts:
                 x = torch.randn(tokens, shape[1], generator=generator).to(weight.device, weight.dtype)
-                dense = measure(lambda x=x: nn.functional.linear(x, weight), weight.device, settings.warmup, settings.iters)
-                fast = measure(lambda x=x, w=sparse: nn.functional.linear(x, w), weight.device, settings.warmup, settings.iters)
+                dense = measure(
+                    lambda x=x: nn.functional.linear(x, weight), weight.device, settings.warmup, settings.iters
+                )
+                fast = measure(
+                    lambda x=x, w=sparse: nn.functional.linear(x, w), weight.device, settings.warmup, settings.iters
+                )
                 out.append(LayerTiming(tokens, dense.median_ms, fast.median_ms, label, shape, phase))
-                log.debug("%s %s x %d: dense %.4f ms, sparse %.4f ms", label, shape, tokens, dense.median_ms,
-                          fast.median_ms)
+                log.debug(
+                    "%s %s x %d: dense %.4f ms, sparse %.4f ms", label, shape, tokens, dense.median_ms, fast.median_ms
+                )
         del sparse
     return out
 
@@ -187,8 +211,9 @@ def time_model(model: nn.Module, token_counts: tuple[int, ...], settings: Speedu
     out = {}
     for tokens in token_counts:
         ids = _random_ids(model, tokens, device, settings.seed)
-        out[tokens] = measure(lambda: model(input_ids=ids, use_cache=False), device, settings.model_warmup,
-                              settings.model_iters).median_ms
+        out[tokens] = measure(
+            lambda: model(input_ids=ids, use_cache=False), device, settings.model_warmup, settings.model_iters
+        ).median_ms
     return out
 
 
@@ -226,8 +251,14 @@ def run_speedup(model: nn.Module, backend: Converter, settings: SpeedupSettings 
     sparse_logits = model(input_ids=check_ids, use_cache=False).logits.float()
     worst, worst_error = report.max_layer_error
     agreement = float((sparse_logits.argmax(-1) == dense_logits.argmax(-1)).float().mean())
-    result.check = OutputCheck(worst, worst_error, settings.layer_rtol, relative_error(sparse_logits, dense_logits),
-                               settings.model_rtol, agreement)
+    result.check = OutputCheck(
+        worst,
+        worst_error,
+        settings.layer_rtol,
+        relative_error(sparse_logits, dense_logits),
+        settings.model_rtol,
+        agreement,
+    )
     del dense_logits, sparse_logits
     sparse_ms = time_model(model, model_tokens, settings)
     result.model = [ModelTiming(t, dense_ms[t], sparse_ms[t]) for t in model_tokens]
@@ -237,19 +268,30 @@ def run_speedup(model: nn.Module, backend: Converter, settings: SpeedupSettings 
 def format_tables(result: SpeedupResult, title: str = "") -> str:
     """Markdown: the output check, per-layer matmul times, and whole-model latency."""
     lines = [f"### {title}", ""] if title else []
-    lines.append(f"Backend {result.backend}, {result.dtype}, {result.device}"
-                 + (f" ({result.environment['gpu']})" if result.environment.get("gpu") else "")
-                 + f"; {result.converted_layers} linear layers converted, {len(result.skipped_layers)} left dense.")
+    lines.append(
+        f"Backend {result.backend}, {result.dtype}, {result.device}"
+        + (f" ({result.environment['gpu']})" if result.environment.get("gpu") else "")
+        + f"; {result.converted_layers} linear layers converted, {len(result.skipped_layers)} left dense."
+    )
     if result.check is not None:
         c = result.check
-        lines += ["", f"Output check {'passed' if c.passed else 'FAILED'}: worst layer {c.worst_layer} relative error "
-                  f"{c.worst_layer_error:.2e} (tolerance {c.layer_rtol:g}); logits relative error {c.logits_error:.2e} "
-                  f"(tolerance {c.model_rtol:g}); top-1 agreement {100 * c.top1_agreement:.1f}%."]
+        lines += [
+            "",
+            f"Output check {'passed' if c.passed else 'FAILED'}: worst layer {c.worst_layer} relative error "
+            f"{c.worst_layer_error:.2e} (tolerance {c.layer_rtol:g}); logits relative error {c.logits_error:.2e} "
+            f"(tolerance {c.model_rtol:g}); top-1 agreement {100 * c.top1_agreement:.1f}%.",
+        ]
     if result.layers:
-        lines += ["", "| layers | out x in | phase | tokens | dense ms | sparse ms | speed-up |", "|---|---|---|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| layers | out x in | phase | tokens | dense ms | sparse ms | speed-up |",
+            "|---|---|---|---:|---:|---:|---:|",
+        ]
         for t in result.layers:
-            lines.append(f"| {t.layers} | {t.shape[0]}x{t.shape[1]} | {t.phase} | {t.tokens} | {t.dense_ms:.4f} | "
-                         f"{t.sparse_ms:.4f} | {t.speedup:.2f}x |")
+            lines.append(
+                f"| {t.layers} | {t.shape[0]}x{t.shape[1]} | {t.phase} | {t.tokens} | {t.dense_ms:.4f} | "
+                f"{t.sparse_ms:.4f} | {t.speedup:.2f}x |"
+            )
     if result.model:
         lines += ["", "| whole model, tokens | dense ms | sparse ms | speed-up |", "|---:|---:|---:|---:|"]
         for t in result.model:

@@ -32,18 +32,29 @@ class LoraSettings(SettingsMixin):
     lora_alpha: float = setting(16.0, "scale alpha; the update is alpha/r * BA")
     lora_dropout: float = setting(0.05, "dropout on the adapter input")
     lora_target_modules: str | None = setting(
-        None, "comma-separated module names, e.g. q_proj,v_proj (the original code's); default: every linear layer in the "
-        "decoder blocks (attention and MLP projections)")
-    merge: str | None = setting(None, "also write the merged model, pruned weights kept at zero (default DIR: "
-                                "OUTPUT_DIR/merged)", nargs="?", const="", metavar="DIR")
+        None,
+        "comma-separated module names, e.g. q_proj,v_proj (the original code's); default: every linear layer in the "
+        "decoder blocks (attention and MLP projections)",
+    )
+    merge: str | None = setting(
+        None,
+        "also write the merged model, pruned weights kept at zero (default DIR: OUTPUT_DIR/merged)",
+        nargs="?",
+        const="",
+        metavar="DIR",
+    )
 
     def __post_init__(self) -> None:
         require(self.lora_r >= 1, f"--lora_r must be at least 1, got {self.lora_r}")
-        require(self.lora_alpha > 0 and not math.isinf(self.lora_alpha),
-                f"--lora_alpha must be a positive number, got {self.lora_alpha}")
+        require(
+            self.lora_alpha > 0 and not math.isinf(self.lora_alpha),
+            f"--lora_alpha must be a positive number, got {self.lora_alpha}",
+        )
         require(0.0 <= self.lora_dropout < 1.0, f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        require(self.lora_target_modules is None or bool(self.target_modules),
-                "--lora_target_modules is empty; name modules such as q_proj,v_proj or omit it")
+        require(
+            self.lora_target_modules is None or bool(self.target_modules),
+            "--lora_target_modules is empty; name modules such as q_proj,v_proj or omit it",
+        )
 
     @property
     def target_modules(self) -> tuple[str, ...] | None:
@@ -59,18 +70,23 @@ class TrainSettings(SettingsMixin):
 
     _argument_group_name: ClassVar[str] = "training (transformers.Trainer)"
 
-    block_size: int | None = setting(None, "tokens per training sequence and evaluation window (default: "
-                                     f"min(context, {BLOCK_SIZE_CAP}), the original code's cap)")
+    block_size: int | None = setting(
+        None,
+        "tokens per training sequence and evaluation window (default: "
+        f"min(context, {BLOCK_SIZE_CAP}), the original code's cap)",
+    )
     learning_rate: float = setting(1e-4, "peak learning rate")
     num_train_epochs: float = setting(1.0, "passes over the training blocks")
     max_steps: int = setting(-1, "optimizer steps; overrides --num_train_epochs if > 0")
     max_train_samples: int | None = setting(None, "use the first N training blocks (default: all)")
-    max_eval_samples: int | None = setting(None, "evaluate on at most N windows per set (default: all; the original code "
-                                           "used 128)")
+    max_eval_samples: int | None = setting(
+        None, "evaluate on at most N windows per set (default: all; the original code used 128)"
+    )
     per_device_train_batch_size: int = setting(1, "blocks per step per device")
     per_device_eval_batch_size: int = setting(8, "windows per forward pass")
-    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step (the original code forced 128 / batch "
-                                               "size)")
+    gradient_accumulation_steps: int = setting(
+        1, "micro-batches per optimizer step (the original code forced 128 / batch size)"
+    )
     warmup_steps: int = setting(5, "linear warm-up steps (the original code's)")
     weight_decay: float = setting(0.0, "decoupled (AdamW) weight decay; pruned weights stay zero whatever it is")
     lr_scheduler_type: str = setting("linear", "a transformers scheduler name")
@@ -78,28 +94,47 @@ class TrainSettings(SettingsMixin):
     max_grad_norm: float = setting(1.0, "gradient clipping norm, 0 = off")
     logging_steps: int = setting(10, "log the loss every N steps")
     save_steps: int = setting(50, "checkpoint every N steps")
-    save_total_limit: int = setting(3, "checkpoints kept (the original code kept 15; a full fine-tuning checkpoint holds the "
-                                    "optimizer state, three times the model)")
+    save_total_limit: int = setting(
+        3,
+        "checkpoints kept (the original code kept 15; a full fine-tuning checkpoint holds the "
+        "optimizer state, three times the model)",
+    )
     seed: int = setting(0, "seed of initialisation and data order")
     gradient_checkpointing: bool = setting(False, "recompute activations to save memory")
 
     def __post_init__(self) -> None:
         require_seed(self.seed)
-        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "save_steps", "save_total_limit")
+        positive = (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_steps",
+            "save_total_limit",
+        )
         for name in positive:
             require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
-        require(self.block_size is None or self.block_size >= 2, f"--block_size must be at least 2, got {self.block_size}")
+        require(
+            self.block_size is None or self.block_size >= 2, f"--block_size must be at least 2, got {self.block_size}"
+        )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             require(value is None or value >= 1, f"--{name} must be at least 1, got {value}")
-        require(self.learning_rate > 0 and not math.isinf(self.learning_rate),
-                f"--learning_rate must be a positive number, got {self.learning_rate}")
-        require(self.max_steps > 0 or self.num_train_epochs > 0,
-                f"--num_train_epochs must be positive (or set --max_steps), got {self.num_train_epochs}")
-        require(self.max_steps > 0 or self.max_steps == -1,
-                f"--max_steps must be a positive number of steps (or -1 to use epochs), got {self.max_steps}")
+        require(
+            self.learning_rate > 0 and not math.isinf(self.learning_rate),
+            f"--learning_rate must be a positive number, got {self.learning_rate}",
+        )
+        require(
+            self.max_steps > 0 or self.num_train_epochs > 0,
+            f"--num_train_epochs must be positive (or set --max_steps), got {self.num_train_epochs}",
+        )
+        require(
+            self.max_steps > 0 or self.max_steps == -1,
+            f"--max_steps must be a positive number of steps (or -1 to use epochs), got {self.max_steps}",
+        )
         require(self.warmup_steps >= 0, f"--warmup_steps must be at least 0, got {self.warmup_steps}")
         require(0.0 <= self.weight_decay < 1.0, f"--weight_decay must be in [0, 1), got {self.weight_decay}")
-        require(self.max_grad_norm >= 0,
-                f"--max_grad_norm must be at least 0 (0 disables clipping), got {self.max_grad_norm}")
+        require(
+            self.max_grad_norm >= 0,
+            f"--max_grad_norm must be at least 0 (0 disables clipping), got {self.max_grad_norm}",
+        )

@@ -23,14 +23,21 @@ from .masks import PrunedMasks, apply_masks
 
 log = logging.getLogger(__name__)
 
-__all__ = ["default_target_modules", "attach_lora", "masked_merge", "plain_merge_revivals", "load_adapter",
-           "load_with_adapter"]
+__all__ = [
+    "default_target_modules",
+    "attach_lora",
+    "masked_merge",
+    "plain_merge_revivals",
+    "load_adapter",
+    "load_with_adapter",
+]
 
 
 def _require_peft() -> None:
     if importlib.util.find_spec("peft") is None:
-        raise WandaError("LoRA needs the package peft; install it with: pip install 'wanda[finetune]' "
-                         "(or pip install peft)")
+        raise WandaError(
+            "LoRA needs the package peft; install it with: pip install 'wanda[finetune]' (or pip install peft)"
+        )
 
 
 def default_target_modules(model: nn.Module) -> tuple[str, ...]:
@@ -50,17 +57,32 @@ def attach_lora(model: nn.Module, settings: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
     targets = list(settings.target_modules or default_target_modules(model))
-    config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:
-        raise WandaError(f"could not attach LoRA to {targets}: {str(exc).splitlines()[0]}; "
-                         "check --lora_target_modules against the model's layer names") from exc
+        raise WandaError(
+            f"could not attach LoRA to {targets}: {str(exc).splitlines()[0]}; "
+            "check --lora_target_modules against the model's layer names"
+        ) from exc
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
-    log.info("LoRA r=%d alpha=%g dropout=%g on %s: %d trainable of %d parameters", settings.lora_r, settings.lora_alpha,
-             settings.lora_dropout, ",".join(targets), trainable, total)
+    log.info(
+        "LoRA r=%d alpha=%g dropout=%g on %s: %d trainable of %d parameters",
+        settings.lora_r,
+        settings.lora_alpha,
+        settings.lora_dropout,
+        ",".join(targets),
+        trainable,
+        total,
+    )
     return peft_model
 
 
@@ -103,25 +125,36 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
 
     adapter_dir = Path(adapter_dir).expanduser()
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise WandaError(f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json); pass the "
-                         "--output_dir of 'wanda finetune lora' or a checkpoint-N folder inside it")
+        raise WandaError(
+            f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json); pass the "
+            "--output_dir of 'wanda finetune lora' or a checkpoint-N folder inside it"
+        )
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise WandaError(f"could not load the adapter {adapter_dir} onto the model: "
-                         f"{str(exc).splitlines()[0][:300]}") from exc
+        raise WandaError(
+            f"could not load the adapter {adapter_dir} onto the model: {str(exc).splitlines()[0][:300]}"
+        ) from exc
 
 
-def load_with_adapter(model_dir: str, adapter_dir: str | Path, cache_dir: str | None = "llm_weights",
-                      dtype: str | None = "auto", device: str | None = "auto", *, trust_remote_code: bool = False,
-                      allow_pickle: bool = False) -> LoadedModel:
+def load_with_adapter(
+    model_dir: str,
+    adapter_dir: str | Path,
+    cache_dir: str | None = "llm_weights",
+    dtype: str | None = "auto",
+    device: str | None = "auto",
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
     """Load ``model_dir`` as ``load_model`` does and attach the adapter unmerged, for evaluation.
 
     The returned ``model`` is the causal LM itself (``PeftModel.get_base_model()``) with the LoRA layers
     active inside it, so ``perplexity`` and anything else that takes a transformers causal LM work unchanged.
     """
-    loaded = load_model(model_dir, cache_dir, dtype, device, trust_remote_code=trust_remote_code,
-                        allow_pickle=allow_pickle)
+    loaded = load_model(
+        model_dir, cache_dir, dtype, device, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle
+    )
     peft_model = load_adapter(loaded.model, adapter_dir)
     peft_model.eval()
     log.info("attached the LoRA adapter %s (unmerged)", adapter_dir)

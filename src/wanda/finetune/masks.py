@@ -57,8 +57,9 @@ def capture_masks(model: nn.Module) -> PrunedMasks:
     if pruned == 0:
         log.warning("the model has no zero weights in its decoder blocks: is it pruned? (nothing to keep)")
     else:
-        log.info("captured the zero pattern of %d matrices: %.4f of %d weights are pruned", len(masks),
-                 pruned / total, total)
+        log.info(
+            "captured the zero pattern of %d matrices: %.4f of %d weights are pruned", len(masks), pruned / total, total
+        )
     return masks
 
 

@@ -29,8 +29,14 @@ from .verify import SparsityReport, verify_sparsity
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FinetuneOutcome", "finetune", "resolve_checkpoint", "training_arguments", "evaluate_perplexity",
-           "trained_causal_lm"]
+__all__ = [
+    "FinetuneOutcome",
+    "finetune",
+    "resolve_checkpoint",
+    "training_arguments",
+    "evaluate_perplexity",
+    "trained_causal_lm",
+]
 
 
 @dataclass
@@ -84,8 +90,10 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
         log.info("resuming from %s; pass --overwrite_output_dir to train from scratch instead", last)
         return last
     if any(output_dir.iterdir()):
-        raise WandaError(f"--output_dir {output_dir} is not empty and holds no checkpoint to resume; "
-                         "choose another folder or pass --overwrite_output_dir")
+        raise WandaError(
+            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume; "
+            "choose another folder or pass --overwrite_output_dir"
+        )
     return None
 
 
@@ -102,22 +110,32 @@ def _precision(model: nn.Module, use_cpu: bool) -> dict:
     return {"bf16": True} if torch.cuda.is_bf16_supported() else {"fp16": True}
 
 
-def training_arguments(settings: TrainSettings, output_dir: str | Path, use_cpu: bool, precision: dict,
-                       report_to: str | list[str] = "none", progress: bool = True):
+def training_arguments(
+    settings: TrainSettings,
+    output_dir: str | Path,
+    use_cpu: bool,
+    precision: dict,
+    report_to: str | list[str] = "none",
+    progress: bool = True,
+):
     from transformers import TrainingArguments
 
     if settings.gradient_checkpointing:
         # passed only when wanted: transformers 5 renamed it (activation_checkpointing) and warns on the old name
-        precision = {**precision, "gradient_checkpointing": True,
-                     "gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        precision = {
+            **precision,
+            "gradient_checkpointing": True,
+            "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        }
     try:
         return _arguments(TrainingArguments, settings, output_dir, use_cpu, precision, report_to, progress)
     except ValueError as exc:  # an unknown --optim / --lr_scheduler_type / --report_to name, among others
         raise WandaError(f"invalid training setting: {str(exc).splitlines()[0][:300]}") from exc
 
 
-def _arguments(TrainingArguments, settings: TrainSettings, output_dir, use_cpu: bool, precision: dict, report_to,
-               progress: bool):
+def _arguments(
+    TrainingArguments, settings: TrainSettings, output_dir, use_cpu: bool, precision: dict, report_to, progress: bool
+):
     return TrainingArguments(
         output_dir=str(output_dir),
         learning_rate=settings.learning_rate,
@@ -148,10 +166,20 @@ def _arguments(TrainingArguments, settings: TrainSettings, output_dir, use_cpu: 
     )
 
 
-def finetune(model: nn.Module, tokenizer, train_blocks: torch.Tensor, settings: TrainSettings, output_dir: str | Path,
-             mode: str = "lora", lora: LoraSettings | None = None, resume_from_checkpoint: str | None = None,
-             report_to: str | list[str] = "none", progress: bool = True, callbacks: list | None = None,
-             strict: bool = True) -> FinetuneOutcome:
+def finetune(
+    model: nn.Module,
+    tokenizer,
+    train_blocks: torch.Tensor,
+    settings: TrainSettings,
+    output_dir: str | Path,
+    mode: str = "lora",
+    lora: LoraSettings | None = None,
+    resume_from_checkpoint: str | None = None,
+    report_to: str | list[str] = "none",
+    progress: bool = True,
+    callbacks: list | None = None,
+    strict: bool = True,
+) -> FinetuneOutcome:
     """Fine-tune the pruned ``model`` on ``train_blocks`` (n, block_size) token ids; checkpoints go to ``output_dir``.
 
     ``mode="lora"`` trains an adapter on the frozen weights; ``mode="full"`` trains every weight while the
@@ -167,8 +195,13 @@ def finetune(model: nn.Module, tokenizer, train_blocks: torch.Tensor, settings: 
     use_cpu = next(model.parameters()).device.type == "cpu"  # the Trainer trains where the model was loaded
     precision = _precision(model, use_cpu)
     args = training_arguments(settings, output_dir, use_cpu, precision, report_to, progress)
-    common = dict(args=args, train_dataset=BlockDataset(train_blocks), processing_class=tokenizer,
-                  data_collator=default_data_collator, callbacks=callbacks)
+    common = dict(
+        args=args,
+        train_dataset=BlockDataset(train_blocks),
+        processing_class=tokenizer,
+        data_collator=default_data_collator,
+        callbacks=callbacks,
+    )
     if mode == "lora":
         trained = attach_lora(model, lora or LoraSettings())
         trainer = Trainer(model=trained, **common)
@@ -186,16 +219,35 @@ def finetune(model: nn.Module, tokenizer, train_blocks: torch.Tensor, settings: 
     if strict:
         report.raise_if_revived("the fine-tuned model" if mode == "full" else "the frozen base model")
     loss = result.training_loss if result.training_loss is not None and math.isfinite(result.training_loss) else None
-    log.info("%s fine-tuning: %d steps, mean loss %s, %.1fs; sparsity %.4f, %d pruned weights non-zero", mode,
-             trainer.state.global_step, f"{loss:.4f}" if loss is not None else "-", seconds, report.sparsity,
-             report.revived)
-    return FinetuneOutcome(mode, trained, trainer, masks, report, trainer.state.global_step, loss, seconds,
-                           resume_from_checkpoint, list(trainer.state.log_history))
+    log.info(
+        "%s fine-tuning: %d steps, mean loss %s, %.1fs; sparsity %.4f, %d pruned weights non-zero",
+        mode,
+        trainer.state.global_step,
+        f"{loss:.4f}" if loss is not None else "-",
+        seconds,
+        report.sparsity,
+        report.revived,
+    )
+    return FinetuneOutcome(
+        mode,
+        trained,
+        trainer,
+        masks,
+        report,
+        trainer.state.global_step,
+        loss,
+        seconds,
+        resume_from_checkpoint,
+        list(trainer.state.log_history),
+    )
 
 
-def evaluate_perplexity(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int = 1,
-                        label: str = "", progress: bool = True) -> dict[str, float]:
+def evaluate_perplexity(
+    model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int = 1, label: str = "", progress: bool = True
+) -> dict[str, float]:
     """Perplexity of a causal LM (or a ``PeftModel``, adapter active) on each named set of windows."""
     lm = trained_causal_lm(model)
-    return {name: perplexity(lm, w, batch_size=batch_size, desc=f"{label} ppl {name}".strip(), progress=progress)
-            for name, w in windows.items()}
+    return {
+        name: perplexity(lm, w, batch_size=batch_size, desc=f"{label} ppl {name}".strip(), progress=progress)
+        for name, w in windows.items()
+    }

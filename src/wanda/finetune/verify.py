@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import math
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -65,13 +64,19 @@ class SparsityReport:
         lines = ["| matrix | shape | sparsity | pruned | revived |", "|---|---|---|---|---|"]
         for m in self.matrices:
             lines.append(f"| {m.name} | {'x'.join(map(str, m.shape))} | {m.sparsity:.4f} | {m.pruned} | {m.revived} |")
-        lines.append(f"| all {len(self.matrices)} | - | {self.sparsity:.4f} | "
-                     f"{sum(m.pruned for m in self.matrices)} | {self.revived} |")
+        lines.append(
+            f"| all {len(self.matrices)} | - | {self.sparsity:.4f} | "
+            f"{sum(m.pruned for m in self.matrices)} | {self.revived} |"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"sparsity": self.sparsity, "pruned_sparsity": self.pruned_sparsity, "revived": self.revived,
-                "matrices": [asdict(m) for m in self.matrices]}
+        return {
+            "sparsity": self.sparsity,
+            "pruned_sparsity": self.pruned_sparsity,
+            "revived": self.revived,
+            "matrices": [asdict(m) for m in self.matrices],
+        }
 
 
 @torch.no_grad()
@@ -84,6 +89,7 @@ def verify_sparsity(model: nn.Module, masks: PrunedMasks) -> SparsityReport:
             raise WandaError(f"mask of {name} has shape {tuple(mask.shape)} but the weight is {tuple(weight.shape)}")
         zeros = weight == 0
         revived = int((mask.to(weight.device) & ~zeros).sum())
-        report.matrices.append(MatrixSparsity(name, tuple(weight.shape), zero_fraction(weight),
-                                              int(mask.sum()), revived))
+        report.matrices.append(
+            MatrixSparsity(name, tuple(weight.shape), zero_fraction(weight), int(mask.sum()), revived)
+        )
     return report

@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from ..data import NAMED_SOURCES, evaluation_windows, resolve_source
-from ..utils.devices import AUTO_BATCH, default_batch_size
-from ..parallel.ranks import SINGLE, Ranks
 from ..errors import WandaError
 from ..eval.perplexity import ranked_perplexity
 from ..models import check_seqlen, default_seqlen
-from ..utils.io import atomic_write_json, atomic_write_text
+from ..parallel.ranks import SINGLE, Ranks
 from ..utils.declare import SettingsMixin, require, setting
+from ..utils.devices import AUTO_BATCH, default_batch_size
+from ..utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from ..pruning.prune import PruneReport
@@ -62,20 +62,27 @@ class EvalSettings(TextSettings):
     _argument_group_name: ClassVar[str] = "evaluation"
 
     eval_dataset: list[str] | None = setting(
-        None, f"perplexity sets: {SOURCE_HELP}; or 'none' (default: wikitext2; for the bundled model the held-out "
-        "wiki-summaries plus wikitext2 where available)")
+        None,
+        f"perplexity sets: {SOURCE_HELP}; or 'none' (default: wikitext2; for the bundled model the held-out "
+        "wiki-summaries plus wikitext2 where available)",
+    )
     eval_windows: int | None = setting(None, "evaluate on at most this many windows per set (default: all)")
-    seqlen: int | None = setting(None, "tokens per window (default: min(model context, 2048))",
-                                 aliases=["--ctx_length"])
+    seqlen: int | None = setting(
+        None, "tokens per window (default: min(model context, 2048))", aliases=["--ctx_length"]
+    )
     batch_size: int | None = setting(
-        None, "windows per forward pass (default: " + ", ".join(f"{n} on {k}" for k, n in AUTO_BATCH.items()) + ")")
+        None, "windows per forward pass (default: " + ", ".join(f"{n} on {k}" for k, n in AUTO_BATCH.items()) + ")"
+    )
 
     def __post_init__(self) -> None:
         require(self.seqlen is None or self.seqlen >= 2, f"--seqlen must be at least 2, got {self.seqlen}")
-        require(self.eval_windows is None or self.eval_windows >= 1,
-                f"--eval_windows must be at least 1, got {self.eval_windows}")
-        require(self.batch_size is None or self.batch_size >= 1,
-                f"--batch_size must be at least 1, got {self.batch_size}")
+        require(
+            self.eval_windows is None or self.eval_windows >= 1,
+            f"--eval_windows must be at least 1, got {self.eval_windows}",
+        )
+        require(
+            self.batch_size is None or self.batch_size >= 1, f"--batch_size must be at least 1, got {self.batch_size}"
+        )
 
     def specs(self, bundled: bool) -> list[str]:
         """The sets to evaluate; the bundled model's default adds WikiText-2 only where it is available."""
@@ -89,8 +96,10 @@ class EvalSettings(TextSettings):
             resolve_source("wikitext2", "evaluation")
             return ["wiki-summaries", "wikitext2"]
         except WandaError:
-            log.info("WikiText-2 is not available offline (set WANDA_DATA_DIR to a folder with wikitext-2-raw/); "
-                     "evaluating on the held-out summaries only")
+            log.info(
+                "WikiText-2 is not available offline (set WANDA_DATA_DIR to a folder with wikitext-2-raw/); "
+                "evaluating on the held-out summaries only"
+            )
             return ["wiki-summaries"]
 
     def seqlen_for(self, model: nn.Module) -> int:
@@ -109,11 +118,14 @@ class EvalSettings(TextSettings):
         return out
 
 
-def evaluate(model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int, label: str,
-             ranks: Ranks = SINGLE) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int, label: str, ranks: Ranks = SINGLE
+) -> dict[str, float]:
     """Perplexity on each set; under a launcher the windows are divided over the ranks and the losses summed."""
-    return {name: ranked_perplexity(ranks, model, w, batch_size=batch_size, desc=f"{label} ppl {name}")
-            for name, w in windows.items()}
+    return {
+        name: ranked_perplexity(ranks, model, w, batch_size=batch_size, desc=f"{label} ppl {name}")
+        for name, w in windows.items()
+    }
 
 
 def print_perplexities(columns: dict[str, dict[str, float]], seqlen: int) -> None:
@@ -124,17 +136,23 @@ def print_perplexities(columns: dict[str, dict[str, float]], seqlen: int) -> Non
     print(f"| eval set (seqlen {seqlen}) | " + " | ".join(f"{c} ppl" for c in columns) + " |")
     print("|---|" + "---|" * len(columns))
     for name in sets:
-        print(f"| {name} | " + " | ".join(f"{columns[c][name]:.3f}" if name in columns[c] else "-"
-                                         for c in columns) + " |")
+        print(
+            f"| {name} | "
+            + " | ".join(f"{columns[c][name]:.3f}" if name in columns[c] else "-" for c in columns)
+            + " |"
+        )
     sys.stdout.flush()
 
 
-def write_results(results: ResultsSettings, method: str, report: PruneReport, dense: dict, pruned: dict,
-                   extra: dict) -> None:
+def write_results(
+    results: ResultsSettings, method: str, report: PruneReport, dense: dict, pruned: dict, extra: dict
+) -> None:
     save = Path(results.save)
     names = list(pruned)
     header = ["method", "actual_sparsity", "ppl_test"] + [f"ppl_{n}" for n in names[1:]]
-    row = [method, f"{report.actual_sparsity:.4f}"] + [f"{pruned[n]:.4f}" for n in names] + (["nan"] if not names else [])
+    row = (
+        [method, f"{report.actual_sparsity:.4f}"] + [f"{pruned[n]:.4f}" for n in names] + (["nan"] if not names else [])
+    )
     atomic_write_text(save / f"log_{method}.txt", "\t".join(header) + "\n" + "\t".join(row) + "\n", results.overwrite)
     payload = {"prune": report.to_dict(), "perplexity": {"dense": dense, "pruned": pruned}, **extra}
     atomic_write_json(save / f"results_{method}.json", payload, results.overwrite)

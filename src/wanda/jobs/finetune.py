@@ -23,10 +23,10 @@ import torch
 from ..data import resolve_source
 from ..errors import WandaError
 from ..finetune.config import BLOCK_SIZE_CAP, LoraSettings, TrainSettings
-from ..utils.io import atomic_directory, atomic_write_json, ensure_free
 from ..models import ModelSettings, default_seqlen
-from ..utils.resources import peak_rss_mb
 from ..utils.declare import SettingsMixin, setting
+from ..utils.io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.resources import peak_rss_mb
 from .common import SOURCE_HELP, LogSettings, TextSettings, print_perplexities
 
 log = logging.getLogger("wanda")
@@ -36,19 +36,28 @@ RESULTS_FILE = "finetune_results.json"
 
 @dataclass(frozen=True)
 class PrunedModelSettings(ModelSettings):
-    model: str = setting(help="the pruned model: a from_pretrained folder (e.g. written by wanda --save_model), hub "
-                         "id, .gguf file or the bundled model's name", aliases=["--model_name_or_path"])
+    model: str = setting(
+        help="the pruned model: a from_pretrained folder (e.g. written by wanda --save_model), hub "
+        "id, .gguf file or the bundled model's name",
+        aliases=["--model_name_or_path"],
+    )
 
 
 @dataclass(frozen=True)
 class TrainingDataSettings(TextSettings):
     _argument_group_name: ClassVar[str] = "data"
 
-    dataset: str | None = setting(None, f"training text: {SOURCE_HELP}; its calibration/train part is used "
-                                  "(default: c4; wiki-summaries for the bundled model)", aliases=["--dataset_name"])
+    dataset: str | None = setting(
+        None,
+        f"training text: {SOURCE_HELP}; its calibration/train part is used "
+        "(default: c4; wiki-summaries for the bundled model)",
+        aliases=["--dataset_name"],
+    )
     eval_dataset: list[str] | None = setting(
-        None, "perplexity sets after training, as for --dataset, or 'none' (default: the evaluation part of "
-        "--dataset: C4 validation, WikiText-2 test, held-out summaries; a local file is used as is)")
+        None,
+        "perplexity sets after training, as for --dataset, or 'none' (default: the evaluation part of "
+        "--dataset: C4 validation, WikiText-2 test, held-out summaries; a local file is used as is)",
+    )
 
     def specs(self, train_spec: str) -> list[str]:
         if self.eval_dataset is None:
@@ -63,10 +72,12 @@ class TrainingOutputSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "output and resuming"
 
     output_dir: str = setting(help=f"checkpoints, the final adapter or model, and {RESULTS_FILE}")
-    overwrite_output_dir: bool = setting(False, "start afresh: delete old checkpoints in --output_dir instead of "
-                                         "resuming from the last")
-    resume_from_checkpoint: str | None = setting(None, "a checkpoint-N folder to resume from (default: the last one "
-                                                 "in --output_dir, if any)")
+    overwrite_output_dir: bool = setting(
+        False, "start afresh: delete old checkpoints in --output_dir instead of resuming from the last"
+    )
+    resume_from_checkpoint: str | None = setting(
+        None, "a checkpoint-N folder to resume from (default: the last one in --output_dir, if any)"
+    )
     do_train: bool = setting(False, "train (with neither --do_train nor --do_eval: both)")
     do_eval: bool = setting(False, "measure perplexity at the end; alone, evaluates what --output_dir already holds")
     report_to: str = setting("none", "transformers logging integrations")
@@ -97,22 +108,31 @@ def _training_dtype(model: ModelSettings, mode: str) -> str:
     if model.dtype == "auto":
         return "float32"
     if model.dtype in ("float16", "fp16"):
-        raise WandaError("full fine-tuning needs float32 or bfloat16 weights (float16 ones cannot be trained "
-                         "with gradient scaling); omit --dtype to train fp32 weights under autocast")
+        raise WandaError(
+            "full fine-tuning needs float32 or bfloat16 weights (float16 ones cannot be trained "
+            "with gradient scaling); omit --dtype to train fp32 weights under autocast"
+        )
     return model.dtype
 
 
-def _eval_windows(specs: list[str], tokenizer, text_field: str, seqlen: int, max_windows: int | None
-                  ) -> dict[str, torch.Tensor]:
+def _eval_windows(
+    specs: list[str], tokenizer, text_field: str, seqlen: int, max_windows: int | None
+) -> dict[str, torch.Tensor]:
     from ..data import evaluation_windows
 
-    return {(source := resolve_source(spec, "evaluation", text_field)).name:
-            evaluation_windows(source, tokenizer, seqlen, max_windows) for spec in specs}
+    return {
+        (source := resolve_source(spec, "evaluation", text_field)).name: evaluation_windows(
+            source, tokenizer, seqlen, max_windows
+        )
+        for spec in specs
+    }
 
 
 def _print_sparsity(title: str, report) -> None:
-    print(f"\n{title}: sparsity {report.sparsity:.4f} over {len(report.matrices)} pruned matrices, "
-          f"{report.revived} pruned weights non-zero")
+    print(
+        f"\n{title}: sparsity {report.sparsity:.4f} over {len(report.matrices)} pruned matrices, "
+        f"{report.revived} pruned weights non-zero"
+    )
     print(report.table())
     sys.stdout.flush()
 
@@ -139,27 +159,46 @@ def _masked_merge_step(peft_model, masks, tokenizer, target: Path, overwrite: bo
     return merged, report, plain
 
 
-def _evaluate_saved(model: ModelSettings, data: TrainingDataSettings, train: TrainSettings,
-                    out: TrainingOutputSettings, mode: str, eval_specs: list[str]) -> int:
+def _evaluate_saved(
+    model: ModelSettings,
+    data: TrainingDataSettings,
+    train: TrainSettings,
+    out: TrainingOutputSettings,
+    mode: str,
+    eval_specs: list[str],
+) -> int:
     """``--do_eval`` alone: perplexity of what an earlier run left in ``--output_dir``."""
     from ..finetune import evaluate_perplexity, load_with_adapter
 
     output_dir = Path(out.output_dir)
     if mode == "lora":
-        loaded = load_with_adapter(model.model, output_dir, model.cache_dir, model.dtype, model.device,
-                                   trust_remote_code=model.trust_remote_code, allow_pickle=model.allow_pickle)
+        loaded = load_with_adapter(
+            model.model,
+            output_dir,
+            model.cache_dir,
+            model.dtype,
+            model.device,
+            trust_remote_code=model.trust_remote_code,
+            allow_pickle=model.allow_pickle,
+        )
     else:
         loaded = model.replace(model=str(output_dir)).load(_training_dtype(model, mode))
     block_size = train.block_size or default_seqlen(loaded.model, BLOCK_SIZE_CAP)
     windows = _eval_windows(eval_specs, loaded.tokenizer, data.text_field, block_size, train.max_eval_samples)
     label = "adapter" if mode == "lora" else "fine-tuned"
-    print_perplexities({label: evaluate_perplexity(loaded.model, windows, train.per_device_eval_batch_size, label)},
-                       block_size)
+    print_perplexities(
+        {label: evaluate_perplexity(loaded.model, windows, train.per_device_eval_batch_size, label)}, block_size
+    )
     return 0
 
 
-def run_training(model: ModelSettings, data: TrainingDataSettings, train: TrainSettings, out: TrainingOutputSettings,
-                 lora: LoraSettings | None = None) -> int:
+def run_training(
+    model: ModelSettings,
+    data: TrainingDataSettings,
+    train: TrainSettings,
+    out: TrainingOutputSettings,
+    lora: LoraSettings | None = None,
+) -> int:
     from ..finetune import evaluate_perplexity, finetune, resolve_checkpoint, training_blocks
     from ..finetune.train import training_arguments
 
@@ -175,8 +214,10 @@ def run_training(model: ModelSettings, data: TrainingDataSettings, train: TrainS
     eval_specs = data.specs(train_spec)
     if not do_train:
         if merge_dir is not None:
-            raise WandaError("--merge merges a freshly trained adapter; to merge a saved one use: "
-                             "wanda finetune merge --model MODEL --adapter OUTPUT_DIR --output DIR")
+            raise WandaError(
+                "--merge merges a freshly trained adapter; to merge a saved one use: "
+                "wanda finetune merge --model MODEL --adapter OUTPUT_DIR --output DIR"
+            )
         return _evaluate_saved(model, data, train, out, mode, eval_specs)
     training_arguments(train, output_dir, True, {}, out.report_to)  # a bad --optim etc. fails before loading
     checkpoint = resolve_checkpoint(output_dir, out.resume_from_checkpoint, out.overwrite_output_dir)
@@ -194,11 +235,22 @@ def run_training(model: ModelSettings, data: TrainingDataSettings, train: TrainS
     tokenizer = loaded.tokenizer
     block_size = train.block_size or default_seqlen(loaded.model, BLOCK_SIZE_CAP)
     blocks = training_blocks(source, tokenizer, block_size, train.max_train_samples)
-    windows = _eval_windows(eval_specs, tokenizer, data.text_field, block_size, train.max_eval_samples) \
-        if do_eval else {}
+    windows = (
+        _eval_windows(eval_specs, tokenizer, data.text_field, block_size, train.max_eval_samples) if do_eval else {}
+    )
 
-    outcome = finetune(loaded.model, tokenizer, blocks, train, output_dir, mode=mode, lora=lora,
-                       resume_from_checkpoint=checkpoint, report_to=out.report_to, strict=False)
+    outcome = finetune(
+        loaded.model,
+        tokenizer,
+        blocks,
+        train,
+        output_dir,
+        mode=mode,
+        lora=lora,
+        resume_from_checkpoint=checkpoint,
+        report_to=out.report_to,
+        strict=False,
+    )
     what = "frozen base weights" if mode == "lora" else "fine-tuned model"
     _print_sparsity(f"after training ({what})", outcome.sparsity)
     outcome.sparsity.raise_if_revived(f"the {what}")
@@ -208,15 +260,25 @@ def run_training(model: ModelSettings, data: TrainingDataSettings, train: TrainS
     label = "adapter" if mode == "lora" else "fine-tuned"
     batch = train.per_device_eval_batch_size
     ppl = {label: evaluate_perplexity(outcome.model, windows, batch, label)} if windows else {}
-    results = {"mode": mode, "model": model.model, "dataset": train_spec, "block_size": block_size,
-               "train_blocks": int(blocks.shape[0]), "settings": train.to_dict(),
-               "lora": lora.to_dict() if lora else None, "global_step": outcome.global_step,
-               "train_loss": outcome.train_loss, "train_seconds": outcome.train_seconds,
-               "resumed_from": outcome.resumed_from,
-               "loss_log": [e for e in outcome.log_history if "loss" in e], "sparsity": outcome.sparsity.to_dict()}
+    results = {
+        "mode": mode,
+        "model": model.model,
+        "dataset": train_spec,
+        "block_size": block_size,
+        "train_blocks": int(blocks.shape[0]),
+        "settings": train.to_dict(),
+        "lora": lora.to_dict() if lora else None,
+        "global_step": outcome.global_step,
+        "train_loss": outcome.train_loss,
+        "train_seconds": outcome.train_seconds,
+        "resumed_from": outcome.resumed_from,
+        "loss_log": [e for e in outcome.log_history if "loss" in e],
+        "sparsity": outcome.sparsity.to_dict(),
+    }
     if merge_dir is not None:
-        merged, report, plain = _masked_merge_step(outcome.model, outcome.masks, tokenizer, merge_dir,
-                                                   out.overwrite_output_dir)
+        merged, report, plain = _masked_merge_step(
+            outcome.model, outcome.masks, tokenizer, merge_dir, out.overwrite_output_dir
+        )
         if windows:
             ppl["merged"] = evaluate_perplexity(merged, windows, batch, "merged")
         results["merged"] = {"path": str(merge_dir), "sparsity": report.to_dict(), "plain_merge_revived": plain}

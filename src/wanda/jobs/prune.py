@@ -10,18 +10,17 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..pruning.prune_settings import PruneSettings
-from ..engine.streaming import StreamSettings
 from ..data import calibration_windows, resolve_source
-from ..parallel.ranks import DistributedSettings, init_ranks
+from ..engine.streaming import StreamSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
-from ..utils.io import ensure_free
 from ..models import ModelSettings
+from ..parallel.ranks import DistributedSettings, init_ranks
 from ..pruning.prune import needs_calibration, prune
-from ..utils.resources import run_peak_rss_mb
+from ..pruning.prune_settings import PruneSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
-from .common import (SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities,
-                     write_results)
+from ..utils.io import ensure_free
+from ..utils.resources import run_peak_rss_mb
+from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities, write_results
 
 log = logging.getLogger("wanda")
 
@@ -37,11 +36,13 @@ BUNDLED_DEFAULTS = {"nsamples": 32, "seqlen": 1024, "eval_windows": 20}
 class CalibrationSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "calibration"
 
-    nsamples: int | None = setting(None, f"calibration windows (default: {DEFAULT_NSAMPLES}; "
-                                   f"{BUNDLED_DEFAULTS['nsamples']} for the bundled model)")
+    nsamples: int | None = setting(
+        None, f"calibration windows (default: {DEFAULT_NSAMPLES}; {BUNDLED_DEFAULTS['nsamples']} for the bundled model)"
+    )
     seed: int = setting(0, "seed of the calibration sampling")
-    calib_dataset: str | None = setting(None, f"calibration text: {SOURCE_HELP} (default: c4; wiki-summaries for "
-                                        "the bundled model)")
+    calib_dataset: str | None = setting(
+        None, f"calibration text: {SOURCE_HELP} (default: c4; wiki-summaries for the bundled model)"
+    )
 
     def __post_init__(self) -> None:
         require_seed(self.seed)
@@ -55,36 +56,59 @@ class PruneOutputSettings(SettingsMixin):
     eval_dense: bool = setting(False, "also evaluate the model before pruning (always for the bundled model)")
     save_model: str | None = setting(None, "folder to write the pruned model and tokenizer to")
     save_format: Literal["dense", "compressed"] = setting(
-        "dense", "--save_model as a from_pretrained folder (dense) or as non-zero values plus a bitmask "
-        "(compressed; every wanda command and wanda.export.load_compressed read it)")
+        "dense",
+        "--save_model as a from_pretrained folder (dense) or as non-zero values plus a bitmask "
+        "(compressed; every wanda command and wanda.export.load_compressed read it)",
+    )
 
 
 #: The settings of ``wanda [flags]``, in the order their groups appear in ``--help``.
-PRUNE_JOB = (ModelSettings, PruneSettings, CalibrationSettings, EvalSettings, PruneOutputSettings, ResultsSettings,
-             ZeroShotSettings, StreamSettings, DistributedSettings, LogSettings)
+PRUNE_JOB = (
+    ModelSettings,
+    PruneSettings,
+    CalibrationSettings,
+    EvalSettings,
+    PruneOutputSettings,
+    ResultsSettings,
+    ZeroShotSettings,
+    StreamSettings,
+    DistributedSettings,
+    LogSettings,
+)
 
 
 def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, evaluation: EvalSettings):
     if not model.bundled:
         return calib.replace(nsamples=calib.nsamples or DEFAULT_NSAMPLES), evaluation
     calib = calib.replace(nsamples=calib.nsamples or BUNDLED_DEFAULTS["nsamples"])
-    evaluation = evaluation.replace(seqlen=evaluation.seqlen or BUNDLED_DEFAULTS["seqlen"],
-                                    eval_windows=evaluation.eval_windows or BUNDLED_DEFAULTS["eval_windows"])
+    evaluation = evaluation.replace(
+        seqlen=evaluation.seqlen or BUNDLED_DEFAULTS["seqlen"],
+        eval_windows=evaluation.eval_windows or BUNDLED_DEFAULTS["eval_windows"],
+    )
     return calib, evaluation
 
 
-def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_settings: CalibrationSettings,
-                  eval_settings: EvalSettings, outputs: PruneOutputSettings, results: ResultsSettings,
-                  zero_shot: ZeroShotSettings, stream: StreamSettings, dist_settings: DistributedSettings,
-                  logging_settings: LogSettings) -> int:
+def run_prune_job(
+    model_settings: ModelSettings,
+    settings: PruneSettings,
+    calib_settings: CalibrationSettings,
+    eval_settings: EvalSettings,
+    outputs: PruneOutputSettings,
+    results: ResultsSettings,
+    zero_shot: ZeroShotSettings,
+    stream: StreamSettings,
+    dist_settings: DistributedSettings,
+    logging_settings: LogSettings,
+) -> int:
     # under torchrun: the ranks joined before the flags were read (``SINGLE``, all no-ops, without a launcher);
     # every step that can fail on one rank only runs inside ``ranks.agreed``, so that all of them stop together
     ranks = init_ranks(dist_settings)
     method = settings.prune_method
     with ranks.agreed("checking the outputs and the device"):
         if ranks.is_main:
-            results.claim(f"log_{method}.txt", f"results_{method}.json",
-                          *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
+            results.claim(
+                f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else [])
+            )
             if outputs.save_model:
                 ensure_free(outputs.save_model, results.overwrite, "model folder")
         if ranks.distributed:  # one process per GPU: this rank's is GPU LOCAL_RANK (or the CPU with --device cpu)
@@ -100,18 +124,34 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
     # the free memory differs between machines: when one rank must stream, all of them do
     if folder is None and any(ranks.gather(folder is not None, "choosing whether to stream the model")):
         with ranks.agreed("choosing whether to stream the model"):
-            folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings),
-                                      stream.replace(offload="disk"))
+            folder = streaming_folder(
+                model_settings.model,
+                model_settings.cache_dir,
+                *placement(model_settings),
+                stream.replace(offload="disk"),
+            )
             require(folder is not None, f"{model_settings.model} cannot be streamed here, but another rank streams it")
     if folder is not None:
         from .streamed import streamed_prune_job
 
         with ranks.agreed("checking the flags"):
-            require(not zero_shot.eval_zero_shot,
-                    "--eval_zero_shot needs the whole model in memory: pass --offload none")
-        return streamed_prune_job(folder, *placement(model_settings), model_settings.name, model_settings.bundled,
-                                  settings, calib_settings, eval_settings, outputs, results, stream,
-                                  outputs.eval_dense or model_settings.bundled, ranks)
+            require(
+                not zero_shot.eval_zero_shot, "--eval_zero_shot needs the whole model in memory: pass --offload none"
+            )
+        return streamed_prune_job(
+            folder,
+            *placement(model_settings),
+            model_settings.name,
+            model_settings.bundled,
+            settings,
+            calib_settings,
+            eval_settings,
+            outputs,
+            results,
+            stream,
+            outputs.eval_dense or model_settings.bundled,
+            ranks,
+        )
 
     with ranks.agreed("loading the model and the data"):
         loaded = model_settings.load()
@@ -138,16 +178,26 @@ def run_prune_job(model_settings: ModelSettings, settings: PruneSettings, calib_
         # printing, writing) with no collective left, so a long zero-shot run never meets --dist_timeout
         return 0
 
-    extra = {"model": model_settings.name, "seqlen": seqlen, "nsamples": calib_settings.nsamples,
-             "seed": calib_settings.seed, "calib_dataset": calib_settings.calib_dataset,
-             "eval_dataset": list(eval_windows), "total_wall_seconds": time.perf_counter() - start,
-             "peak_rss_mb": run_peak_rss_mb(), "ranks": ranks.world_size}
+    extra = {
+        "model": model_settings.name,
+        "seqlen": seqlen,
+        "nsamples": calib_settings.nsamples,
+        "seed": calib_settings.seed,
+        "calib_dataset": calib_settings.calib_dataset,
+        "eval_dataset": list(eval_windows),
+        "total_wall_seconds": time.perf_counter() - start,
+        "peak_rss_mb": run_peak_rss_mb(),
+        "ranks": ranks.world_size,
+    }
     if zero_shot.eval_zero_shot:
-        extra["zero_shot"] = run_zero_shot(model, tokenizer, zero_shot, results.save, results.overwrite,
-                                           logging_settings.verbose)
-    print(f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_settings.name}: actual "
-          f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
-          f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else ""))
+        extra["zero_shot"] = run_zero_shot(
+            model, tokenizer, zero_shot, results.save, results.overwrite, logging_settings.verbose
+        )
+    print(
+        f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_settings.name}: actual "
+        f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
+        f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else "")
+    )
     print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
     sys.stdout.flush()
     if results.save:

@@ -18,21 +18,29 @@ from typing import Literal
 import torch
 
 from ..errors import WandaError
-from ..export.semi_structured import BACKENDS, MIN_CAPABILITY, SemiStructuredBackend, available_backends, backend_problem
-from ..export.semi_structured import gpu_problem
+from ..export.semi_structured import (
+    BACKENDS,
+    MIN_CAPABILITY,
+    SemiStructuredBackend,
+    available_backends,
+    backend_problem,
+    gpu_problem,
+)
 from ..export.speedup import SpeedupSettings, format_tables, run_speedup
-from ..utils.io import atomic_write_json, ensure_free
 from ..models.loading import TrustSettings
 from ..utils.declare import setting
+from ..utils.io import atomic_write_json, ensure_free
 from .common import LogSettings
 
 log = logging.getLogger("wanda")
 
 EXIT_NO_GPU = 3
 EXIT_CHECK_FAILED = 4
-EPILOG = (f"exit codes: 0 ok; 2 usage or input error; {EXIT_NO_GPU} no CUDA GPU of compute capability "
-          f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or higher; {EXIT_CHECK_FAILED} outputs differ beyond the tolerance "
-          "(results still written)")
+EPILOG = (
+    f"exit codes: 0 ok; 2 usage or input error; {EXIT_NO_GPU} no CUDA GPU of compute capability "
+    f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or higher; {EXIT_CHECK_FAILED} outputs differ beyond the tolerance "
+    "(results still written)"
+)
 
 
 class NoSparseGpu(WandaError):
@@ -42,10 +50,12 @@ class NoSparseGpu(WandaError):
 @dataclass(frozen=True)
 class SpeedupJobSettings(TrustSettings):
     model: str = setting(help="a 2:4-pruned model: from_pretrained folder, compressed folder, hub id, or smollm2-135m")
-    backend: str = setting("auto", "sparse kernels (auto: cutlass on compute capability 8.x, else cusparselt)",
-                           choices=("auto", *BACKENDS))
-    dtype: Literal["float16", "bfloat16", "float32"] = setting("float16", "weights and activations (cuSPARSELt has "
-                                                               "no float32)")
+    backend: str = setting(
+        "auto", "sparse kernels (auto: cutlass on compute capability 8.x, else cusparselt)", choices=("auto", *BACKENDS)
+    )
+    dtype: Literal["float16", "bfloat16", "float32"] = setting(
+        "float16", "weights and activations (cuSPARSELt has no float32)"
+    )
     device: str = setting("cuda", "CUDA device (cuda: the current one)")
     cache_dir: str = setting("llm_weights", "where hub weights are downloaded")
     output: str | None = setting(None, "JSON file for the results (default: speedup_<gpu>_<backend>.json)")
@@ -69,9 +79,14 @@ def gpu_slug(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
-    return {"gpu": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "cusparselt": torch.backends.cusparselt.is_available()}
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "capability": list(torch.cuda.get_device_capability(device)),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cusparselt": torch.backends.cusparselt.is_available(),
+    }
 
 
 def run_speedup_job(job: SpeedupJobSettings, settings: SpeedupSettings, logging_settings: LogSettings) -> int:
@@ -79,8 +94,10 @@ def run_speedup_job(job: SpeedupJobSettings, settings: SpeedupSettings, logging_
 
     problem = gpu_problem(job.device)
     if problem is not None:
-        raise NoSparseGpu(f"2:4 sparse kernels need a CUDA GPU of compute capability "
-                          f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or higher; {problem}")
+        raise NoSparseGpu(
+            f"2:4 sparse kernels need a CUDA GPU of compute capability "
+            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or higher; {problem}"
+        )
     device = torch.device(job.device)
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -93,8 +110,14 @@ def run_speedup_job(job: SpeedupJobSettings, settings: SpeedupSettings, logging_
     backend = SemiStructuredBackend(name, device)
     output = Path(job.output or f"speedup_{gpu_slug(device)}_{name}.json")
     ensure_free(output, job.overwrite, "result")
-    loaded = load_model(job.model, job.cache_dir, job.dtype, str(device), trust_remote_code=job.trust_remote_code,
-                        allow_pickle=job.allow_pickle)
+    loaded = load_model(
+        job.model,
+        job.cache_dir,
+        job.dtype,
+        str(device),
+        trust_remote_code=job.trust_remote_code,
+        allow_pickle=job.allow_pickle,
+    )
     warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*prototype.*")
     result = run_speedup(loaded.model, backend, settings)
     result.environment = {**environment(device), "model": job.model}

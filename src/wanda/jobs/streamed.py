@@ -15,18 +15,18 @@ from types import SimpleNamespace
 
 import torch
 
-from ..pruning.prune_settings import PruneSettings
-from ..parallel.ranks import SINGLE, Ranks
 from ..data import calibration_windows, resolve_source
 from ..engine.streaming import OffloadSettings, StreamSettings
 from ..errors import WandaError
 from ..eval.streamed import streamed_perplexity
-from ..utils.io import atomic_write_json
 from ..models import default_seqlen
 from ..models.streaming import build_skeleton
+from ..parallel.ranks import SINGLE, Ranks
 from ..pruning.prune import needs_calibration
-from ..utils.resources import peak_rss_mb, run_peak_rss_mb
+from ..pruning.prune_settings import PruneSettings
 from ..pruning.streamed import open_pruned, prune_streamed, streamed_linear_sparsity
+from ..utils.io import atomic_write_json
+from ..utils.resources import peak_rss_mb, run_peak_rss_mb
 from .common import EvalSettings, print_perplexities, write_results
 
 log = logging.getLogger("wanda")
@@ -45,19 +45,40 @@ def _tokenizer_and_seqlen(folder: Path, eval_settings: EvalSettings):
     return tokenizer, seqlen
 
 
-def _evaluate(folder_or_model, windows: dict[str, torch.Tensor], dtype, device, batch_size: int,
-              offload: OffloadSettings, ranks: Ranks = SINGLE) -> dict[str, float]:
+def _evaluate(
+    folder_or_model,
+    windows: dict[str, torch.Tensor],
+    dtype,
+    device,
+    batch_size: int,
+    offload: OffloadSettings,
+    ranks: Ranks = SINGLE,
+) -> dict[str, float]:
     activations = Path(offload.offload_activations) if offload.offload_activations else None
     out = {}
     for name, w in windows.items():
-        streamed = build_skeleton(folder_or_model, dtype, device) if isinstance(folder_or_model, Path) else folder_or_model
+        streamed = (
+            build_skeleton(folder_or_model, dtype, device) if isinstance(folder_or_model, Path) else folder_or_model
+        )
         out[name] = streamed_perplexity(streamed, w, device, batch_size, activations=activations, ranks=ranks)
     return out
 
 
-def streamed_prune_job(folder: Path, device: torch.device, dtype: torch.dtype, model_name: str, bundled: bool,
-                       settings: PruneSettings, calib_settings, eval_settings: EvalSettings, outputs, results,
-                       stream: StreamSettings, eval_dense: bool, ranks: Ranks = SINGLE) -> int:
+def streamed_prune_job(
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    model_name: str,
+    bundled: bool,
+    settings: PruneSettings,
+    calib_settings,
+    eval_settings: EvalSettings,
+    outputs,
+    results,
+    stream: StreamSettings,
+    eval_dense: bool,
+    ranks: Ranks = SINGLE,
+) -> int:
     """``wanda`` with the model streamed: calibrate, prune block by block (resumable), save, evaluate. Under
     torchrun every rank streams every block with its share of the windows; the main rank alone prints and
     writes."""
@@ -76,22 +97,50 @@ def streamed_prune_job(folder: Path, device: torch.device, dtype: torch.dtype, m
             log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
 
     dense = _evaluate(folder, eval_windows, dtype, device, batch_size, stream, ranks) if eval_dense else {}
-    run = prune_streamed(folder, calib, settings, stream, outputs.save_model, device, dtype, batch_size,
-                         overwrite=results.overwrite, seed=calib_settings.seed, tokenizer=tokenizer, cleanup=False,
-                         save_format=outputs.save_format, ranks=ranks, progress=ranks.is_main)
-    pruned = _evaluate(open_pruned(run, device), eval_windows, dtype, device, batch_size, stream, ranks) \
-        if eval_windows else {}
+    run = prune_streamed(
+        folder,
+        calib,
+        settings,
+        stream,
+        outputs.save_model,
+        device,
+        dtype,
+        batch_size,
+        overwrite=results.overwrite,
+        seed=calib_settings.seed,
+        tokenizer=tokenizer,
+        cleanup=False,
+        save_format=outputs.save_format,
+        ranks=ranks,
+        progress=ranks.is_main,
+    )
+    pruned = (
+        _evaluate(open_pruned(run, device), eval_windows, dtype, device, batch_size, stream, ranks)
+        if eval_windows
+        else {}
+    )
     run.cleanup()  # after the evaluation: a crash there resumes at the end of the walk
     if not ranks.is_main:
         return 0
     report = run.report
-    extra = {"model": model_name, "seqlen": seqlen, "nsamples": calib_settings.nsamples, "seed": calib_settings.seed,
-             "calib_dataset": calib_settings.calib_dataset, "eval_dataset": list(eval_windows), "streamed": True,
-             "resumed_from_block": run.resumed_from, "total_wall_seconds": time.perf_counter() - start,
-             "peak_rss_mb": run_peak_rss_mb(), "ranks": ranks.world_size}
-    print(f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_name} (streamed): actual "
-          f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
-          f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else ""))
+    extra = {
+        "model": model_name,
+        "seqlen": seqlen,
+        "nsamples": calib_settings.nsamples,
+        "seed": calib_settings.seed,
+        "calib_dataset": calib_settings.calib_dataset,
+        "eval_dataset": list(eval_windows),
+        "streamed": True,
+        "resumed_from_block": run.resumed_from,
+        "total_wall_seconds": time.perf_counter() - start,
+        "peak_rss_mb": run_peak_rss_mb(),
+        "ranks": ranks.world_size,
+    }
+    print(
+        f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_name} (streamed): actual "
+        f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
+        f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else "")
+    )
     print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
     sys.stdout.flush()
     if results.save:
@@ -100,8 +149,17 @@ def streamed_prune_job(folder: Path, device: torch.device, dtype: torch.dtype, m
     return 0
 
 
-def streamed_eval_job(folder: Path, device: torch.device, dtype: torch.dtype, model_name: str, bundled: bool,
-                      eval_settings: EvalSettings, results, offload: OffloadSettings, results_file: str) -> int:
+def streamed_eval_job(
+    folder: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    model_name: str,
+    bundled: bool,
+    eval_settings: EvalSettings,
+    results,
+    offload: OffloadSettings,
+    results_file: str,
+) -> int:
     """``wanda eval`` with the model streamed: linear-layer sparsity and perplexity, one block resident at a time."""
     start = time.perf_counter()
     tokenizer, seqlen = _tokenizer_and_seqlen(folder, eval_settings)
@@ -111,9 +169,17 @@ def streamed_eval_job(folder: Path, device: torch.device, dtype: torch.dtype, mo
     print(f"\n{model_name} (streamed): linear-layer sparsity {sparsity:.4f}")
     print_perplexities({"model": ppl}, seqlen)
     if results.save:
-        payload = {"model": model_name, "adapter": None, "linear_sparsity": sparsity, "seqlen": seqlen,
-                   "perplexity": ppl, "zero_shot": None, "streamed": True,
-                   "total_wall_seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+        payload = {
+            "model": model_name,
+            "adapter": None,
+            "linear_sparsity": sparsity,
+            "seqlen": seqlen,
+            "perplexity": ppl,
+            "zero_shot": None,
+            "streamed": True,
+            "total_wall_seconds": time.perf_counter() - start,
+            "peak_rss_mb": peak_rss_mb(),
+        }
         atomic_write_json(Path(results.save) / results_file, payload, results.overwrite)
         log.info("results written to %s", results.save)
     return 0

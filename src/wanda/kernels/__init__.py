@@ -14,5 +14,4 @@ from wanda.kernels.sparse_linear import (
     sparsify_linears,
 )
 
-__all__ = ["KERNEL_PATHS", "SparseLinear", "available_paths", "get_kernel_path", "set_kernel_path",
-           "sparsify_linears"]
+__all__ = ["KERNEL_PATHS", "SparseLinear", "available_paths", "get_kernel_path", "set_kernel_path", "sparsify_linears"]

@@ -51,12 +51,22 @@ def _load_extension() -> ModuleType | None:
         digest = hashlib.sha256(src.read_bytes()).hexdigest()[:12]
         build = _cache_dir() / f"sparse_{digest}"
         build.mkdir(parents=True, exist_ok=True)
-        _ext = load(name=f"wanda_sparse_{digest}", sources=[str(src)], build_directory=str(build),
-                    extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        _ext = load(
+            name=f"wanda_sparse_{digest}",
+            sources=[str(src)],
+            build_directory=str(build),
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except Exception as exc:  # noqa: BLE001 - compiler missing, build error, ...: the reference path still works
         _ext_failed = True
-        warnings.warn(f"wanda sparse kernels could not be built ({type(exc).__name__}: {exc}); "
-                      "using the pure-PyTorch reference path", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"wanda sparse kernels could not be built ({type(exc).__name__}: {exc}); "
+            "using the pure-PyTorch reference path",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return _ext
 
 
@@ -131,8 +141,15 @@ class SparseLinear(nn.Module):
     each row in ``values``) and optional ``bias``. forward accumulates in fp32 and returns the input dtype.
     """
 
-    def __init__(self, values: torch.Tensor, mask: torch.Tensor, offsets: torch.Tensor, in_features: int,
-                 out_features: int, bias: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        values: torch.Tensor,
+        mask: torch.Tensor,
+        offsets: torch.Tensor,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if values.dtype not in (torch.float32, torch.bfloat16):
             raise TypeError(f"SparseLinear values must be fp32 or bf16, got {values.dtype}")
@@ -144,8 +161,12 @@ class SparseLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
 
     @classmethod
-    def from_dense(cls, linear_or_weight: nn.Linear | torch.Tensor, bias: torch.Tensor | None = None,
-                   dtype: torch.dtype | None = None) -> SparseLinear:
+    def from_dense(
+        cls,
+        linear_or_weight: nn.Linear | torch.Tensor,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> SparseLinear:
         """Compress an nn.Linear (its bias included) or an (out, in) weight; dtype defaults to the weight's
         own when that is fp32/bf16, else fp32."""
         if isinstance(linear_or_weight, nn.Linear):
@@ -173,7 +194,7 @@ class SparseLinear(nn.Module):
         bits = ((self.mask[r0:r1, :, None] >> shifts) & 1).reshape(r1 - r0, -1)[:, : self.in_features].bool()
         tile = out if out is not None else torch.empty(r1 - r0, self.in_features, dtype=torch.float32)
         tile.zero_()
-        tile[bits] = self.values[int(self.offsets[r0]):int(self.offsets[r1])].to(torch.float32)
+        tile[bits] = self.values[int(self.offsets[r0]) : int(self.offsets[r1])].to(torch.float32)
         return tile
 
     def to_dense(self) -> torch.Tensor:
@@ -208,8 +229,10 @@ class SparseLinear(nn.Module):
 
     def extra_repr(self) -> str:
         total = self.in_features * self.out_features
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"density={self.nnz / max(total, 1):.3f}, dtype={self.values.dtype}, bias={self.bias is not None}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"density={self.nnz / max(total, 1):.3f}, dtype={self.values.dtype}, bias={self.bias is not None}"
+        )
 
 
 def _tied_weights(model: nn.Module) -> set[int]:
@@ -220,9 +243,12 @@ def _tied_weights(model: nn.Module) -> set[int]:
     return ids
 
 
-def sparsify_linears(model: nn.Module, min_sparsity: float = 0.3,
-                     skip_names: tuple[str, ...] = ("lm_head",), dtype: torch.dtype | None = None
-                     ) -> tuple[int, int]:
+def sparsify_linears(
+    model: nn.Module,
+    min_sparsity: float = 0.3,
+    skip_names: tuple[str, ...] = ("lm_head",),
+    dtype: torch.dtype | None = None,
+) -> tuple[int, int]:
     """Replace each nn.Linear with at least ``min_sparsity`` zeros by a SparseLinear, in place.
 
     Skipped: modules whose own name is in ``skip_names`` and any whose weight is tied to an nn.Embedding
@@ -246,5 +272,3 @@ def sparsify_linears(model: nn.Module, min_sparsity: float = 0.3,
             kept += 1
     log.info("%d matrices sparse, %d stayed dense", converted, kept)
     return converted, kept
-
-

@@ -12,8 +12,8 @@ from typing import Literal
 
 import torch
 
-from .pattern import SparsityPattern
 from ..errors import WandaError
+from .pattern import SparsityPattern
 
 Scope = Literal["row", "matrix"]
 

@@ -73,12 +73,14 @@ def _normalised(stat: Gram, s: PruneSettings, device: torch.device) -> tuple[tor
 
 def _check_nm(weight: torch.Tensor, s: PruneSettings) -> None:
     if s.pattern.is_nm and weight.shape[1] % s.pattern.m:
-        raise WandaError(f"N:M sparsity {s.pattern} needs in_features divisible by {s.pattern.m}, but a layer has "
-                         f"{weight.shape[1]}")
+        raise WandaError(
+            f"N:M sparsity {s.pattern} needs in_features divisible by {s.pattern.m}, but a layer has {weight.shape[1]}"
+        )
 
 
-def support_least_squares(start: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,
-                          iterations: int) -> torch.Tensor:
+def support_least_squares(
+    start: torch.Tensor, target: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor, iterations: int
+) -> torch.Tensor:
     """Preconditioned conjugate gradients, row by row, on H_SS w_S = b_S with S each row's kept entries
     (``~mask``), b = ``target`` (W0 H for the least-squares reconstruction of W0), starting from ``start`` and
     with the diagonal of H as preconditioner; the result is exactly zero at ``mask``. Each row converges to the
@@ -104,8 +106,14 @@ def support_least_squares(start: torch.Tensor, target: torch.Tensor, hessian: to
     return x.masked_fill(mask, 0.0)
 
 
-def _finish(unit_weight: torch.Tensor, target: torch.Tensor, unit: torch.Tensor, scale: torch.Tensor,
-            mask: torch.Tensor, s: PruneSettings):
+def _finish(
+    unit_weight: torch.Tensor,
+    target: torch.Tensor,
+    unit: torch.Tensor,
+    scale: torch.Tensor,
+    mask: torch.Tensor,
+    s: PruneSettings,
+):
     new = support_least_squares(unit_weight, target, unit, mask, s.support_cg_iterations) / scale
     return LayerResult(new.masked_fill(mask, 0.0), mask)
 

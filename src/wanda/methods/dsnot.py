@@ -67,8 +67,12 @@ def dsnot(
     var = variance.to(W.device).float().clamp_min(torch.finfo(torch.float32).tiny)
     grow_key = grow_gain / var.pow(var_power)
     # regrow candidates: the pruned weights, most negative first (for e < 0) and most positive first (for e > 0)
-    grow_lists = torch.stack([grow_key.masked_fill(~mask, inf).sort(dim=1, stable=True).indices,
-                              grow_key.masked_fill(~mask, -inf).sort(dim=1, descending=True, stable=True).indices])
+    grow_lists = torch.stack(
+        [
+            grow_key.masked_fill(~mask, inf).sort(dim=1, stable=True).indices,
+            grow_key.masked_fill(~mask, -inf).sort(dim=1, descending=True, stable=True).indices,
+        ]
+    )
     grow_count = mask.sum(dim=1)
     grow_ptr = torch.zeros(2, rows, dtype=torch.long, device=W.device)
 
@@ -77,8 +81,12 @@ def dsnot(
     if nm is None:
         effect = W_hat * mu  # pruning kept j raises e by W^_ij mu_j
         lowers, raises = ~mask & (effect < 0), ~mask & (effect > 0)
-        prune_lists = torch.stack([wanda.masked_fill(~lowers, inf).sort(dim=1, stable=True).indices,
-                                   wanda.masked_fill(~raises, inf).sort(dim=1, stable=True).indices])
+        prune_lists = torch.stack(
+            [
+                wanda.masked_fill(~lowers, inf).sort(dim=1, stable=True).indices,
+                wanda.masked_fill(~raises, inf).sort(dim=1, stable=True).indices,
+            ]
+        )
         prune_count = torch.stack([lowers.sum(dim=1), raises.sum(dim=1)])
         prune_ptr = torch.zeros(2, rows, dtype=torch.long, device=W.device)
     else:

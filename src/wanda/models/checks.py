@@ -19,8 +19,15 @@ from torch import nn
 
 from ..errors import WandaError
 
-__all__ = ["PICKLE_SUFFIXES", "inside", "read_json", "check_model_folder", "check_remote_code",
-           "check_safetensors", "check_finite_weights"]
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "inside",
+    "read_json",
+    "check_model_folder",
+    "check_remote_code",
+    "check_safetensors",
+    "check_finite_weights",
+]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "spiece.model")
@@ -57,8 +64,10 @@ def check_remote_code(config: dict, where: str, trust_remote_code: bool) -> None
     auto_map = config.get("auto_map")
     if auto_map and not trust_remote_code:
         first = next(iter(auto_map.items())) if isinstance(auto_map, dict) else auto_map
-        raise WandaError(f"{where} asks to run code shipped with the model (auto_map: {first}); nothing was run. "
-                         "Pass --trust_remote_code only if you trust its author")
+        raise WandaError(
+            f"{where} asks to run code shipped with the model (auto_map: {first}); nothing was run. "
+            "Pass --trust_remote_code only if you trust its author"
+        )
 
 
 def _check_auto_map_files(folder: Path, auto_map, trust_remote_code: bool) -> None:
@@ -85,16 +94,22 @@ def check_safetensors(path: Path) -> None:
             header = json.loads(handle.read(header_bytes))
         ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
     except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise WandaError(f"{path} is not a valid safetensors file ({exc}); it may be truncated: copy it again") \
-            from exc
+        raise WandaError(f"{path} is not a valid safetensors file ({exc}); it may be truncated: copy it again") from exc
     expected = 8 + header_bytes + max(ends, default=0)
     if size != expected:
-        raise WandaError(f"{path} is truncated or corrupt: its header describes {expected} bytes, the file has "
-                         f"{size}; copy or download it again")
+        raise WandaError(
+            f"{path} is truncated or corrupt: its header describes {expected} bytes, the file has "
+            f"{size}; copy or download it again"
+        )
 
 
-def check_model_folder(folder: Path, trust_remote_code: bool = False, allow_pickle: bool = False,
-                       need_weights: bool = True, need_tokenizer: bool = True) -> dict:
+def check_model_folder(
+    folder: Path,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    need_weights: bool = True,
+    need_tokenizer: bool = True,
+) -> dict:
     """Check a ``from_pretrained`` folder before ``transformers`` reads it; returns its config."""
     from transformers import CONFIG_MAPPING
 
@@ -113,13 +128,17 @@ def check_model_folder(folder: Path, trust_remote_code: bool = False, allow_pick
     if model_type not in CONFIG_MAPPING and not trust_remote_code:
         import transformers
 
-        raise WandaError(f"{config_path}: model_type {model_type!r} is not an architecture transformers "
-                         f"{transformers.__version__} knows; upgrade transformers or correct the config")
+        raise WandaError(
+            f"{config_path}: model_type {model_type!r} is not an architecture transformers "
+            f"{transformers.__version__} knows; upgrade transformers or correct the config"
+        )
     if need_weights:
         _check_weights(folder, allow_pickle)
     if need_tokenizer and not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        raise WandaError(f"model folder {folder} has no tokenizer ({', '.join(_TOKENIZER_FILES[:3])}); save the "
-                         "tokenizer beside the weights (tokenizer.save_pretrained)")
+        raise WandaError(
+            f"model folder {folder} has no tokenizer ({', '.join(_TOKENIZER_FILES[:3])}); save the "
+            "tokenizer beside the weights (tokenizer.save_pretrained)"
+        )
     return config
 
 
@@ -143,9 +162,11 @@ def _check_weights(folder: Path, allow_pickle: bool) -> None:
     if not pickled:
         raise WandaError(f"model folder {folder} holds no weights (*.safetensors)")
     if not allow_pickle:
-        raise WandaError(f"model folder {folder} holds only pickled weights ({', '.join(pickled[:3])}), which can "
-                         "run code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
-                         "their source")
+        raise WandaError(
+            f"model folder {folder} holds only pickled weights ({', '.join(pickled[:3])}), which can "
+            "run code when loaded; convert them to safetensors, or pass --allow_pickle if you trust "
+            "their source"
+        )
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -163,5 +184,7 @@ def check_finite_weights(model: nn.Module) -> None:
         bad.append(f"{name} ({nan} NaN, {inf} Inf)")
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-        raise WandaError(f"the model's weights are not finite: {', '.join(bad[:3])}{more}; the checkpoint is "
-                         "corrupt or was saved after a numeric overflow")
+        raise WandaError(
+            f"the model's weights are not finite: {', '.join(bad[:3])}{more}; the checkpoint is "
+            "corrupt or was saved after a numeric overflow"
+        )

@@ -109,8 +109,14 @@ class CompressionReport:
         return out
 
     def to_dict(self) -> dict:
-        return {"bytes": self.bytes, "dense_bytes": self.dense_bytes, "ratio": self.ratio,
-                "file_bytes": self.file_bytes, "encodings": self.counts(), **asdict(self)}
+        return {
+            "bytes": self.bytes,
+            "dense_bytes": self.dense_bytes,
+            "ratio": self.ratio,
+            "file_bytes": self.file_bytes,
+            "encodings": self.counts(),
+            **asdict(self),
+        }
 
 
 def _nonzero(tensor: torch.Tensor) -> torch.Tensor:
@@ -179,16 +185,20 @@ def _expected_parts(encoding: str, shape: tuple[int, ...]) -> dict[str, tuple[in
     raise WandaError(f"unknown tensor encoding {encoding!r} in a compressed checkpoint; upgrade wanda")
 
 
-def decode_tensor(encoding: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...],
-                  dtype: torch.dtype) -> torch.Tensor:
+def decode_tensor(
+    encoding: str, parts: dict[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
     expected = _expected_parts(encoding, shape)
     if set(parts) != set(expected):
-        raise WandaError(f"corrupt compressed checkpoint: {encoding} tensor with parts {sorted(parts)}, "
-                         f"expected {sorted(expected)}")
+        raise WandaError(
+            f"corrupt compressed checkpoint: {encoding} tensor with parts {sorted(parts)}, expected {sorted(expected)}"
+        )
     for part, part_shape in expected.items():
         if part_shape is not None and tuple(parts[part].shape) != part_shape:
-            raise WandaError(f"corrupt compressed checkpoint: {encoding} part {part} has shape "
-                             f"{tuple(parts[part].shape)}, expected {part_shape} for a tensor of shape {shape}")
+            raise WandaError(
+                f"corrupt compressed checkpoint: {encoding} part {part} has shape "
+                f"{tuple(parts[part].shape)}, expected {part_shape} for a tensor of shape {shape}"
+            )
     for part in ("data", "values"):
         if part in parts and parts[part].dtype != dtype:
             raise WandaError(f"corrupt compressed checkpoint: {part} stored as {parts[part].dtype}, expected {dtype}")
@@ -230,8 +240,13 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
     for key, tensor in model.state_dict().items():
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                 tuple(tensor.stride()), tensor.dtype)
+        ident = (
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+            tensor.dtype,
+        )
         if tensor.numel() and ident in seen:
             aliases[key] = seen[ident]
         else:
@@ -269,9 +284,16 @@ def save_compressed(model: nn.Module, folder: str | Path, tokenizer=None) -> Com
         report.dense_tensor_bytes[key] = encoded.dense_nbytes
     save_file(payload, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "wanda": FORMAT_NAME})
     report.file_bytes = (folder / WEIGHTS_NAME).stat().st_size
-    manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "weights": WEIGHTS_NAME,
-                "model_class": type(model).__name__, "tensors": entries, "aliases": aliases,
-                "bytes": report.bytes, "dense_bytes": report.dense_bytes}
+    manifest = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "weights": WEIGHTS_NAME,
+        "model_class": type(model).__name__,
+        "tensors": entries,
+        "aliases": aliases,
+        "bytes": report.bytes,
+        "dense_bytes": report.dense_bytes,
+    }
     model.config.save_pretrained(folder)
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
@@ -280,8 +302,14 @@ def save_compressed(model: nn.Module, folder: str | Path, tokenizer=None) -> Com
         tokenizer.save_pretrained(folder)
     # The manifest last: its presence marks a complete folder.
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    log.info("compressed %d tensors (%s): %.1f MB versus %.1f MB dense (%.1f%%)", len(entries), report.counts(),
-             report.bytes / 1e6, report.dense_bytes / 1e6, 100 * report.ratio)
+    log.info(
+        "compressed %d tensors (%s): %.1f MB versus %.1f MB dense (%.1f%%)",
+        len(entries),
+        report.counts(),
+        report.bytes / 1e6,
+        report.dense_bytes / 1e6,
+        100 * report.ratio,
+    )
     return report
 
 
@@ -295,8 +323,9 @@ def _read_manifest(folder: Path) -> dict:
     if manifest.get("format") != FORMAT_NAME:
         raise WandaError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT_NAME!r}")
     if manifest.get("version", 0) > FORMAT_VERSION:
-        raise WandaError(f"{path}: format version {manifest['version']} is newer than this wanda "
-                         f"({FORMAT_VERSION}); upgrade wanda")
+        raise WandaError(
+            f"{path}: format version {manifest['version']} is newer than this wanda ({FORMAT_VERSION}); upgrade wanda"
+        )
     return manifest
 
 
@@ -324,8 +353,9 @@ def load_compressed_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tens
     state = {}
     for key, entry in manifest["tensors"].items():
         try:
-            state[key] = decode_tensor(entry["encoding"], grouped.pop(key), tuple(entry["shape"]),
-                                       _parse_dtype(entry["dtype"]))
+            state[key] = decode_tensor(
+                entry["encoding"], grouped.pop(key), tuple(entry["shape"]), _parse_dtype(entry["dtype"])
+            )
         except WandaError as exc:
             raise WandaError(f"{folder}: {key}: {exc}") from exc
     for alias, key in manifest["aliases"].items():
@@ -333,8 +363,9 @@ def load_compressed_state_dict(folder: str | Path) -> tuple[dict[str, torch.Tens
     return state, manifest
 
 
-def load_compressed(folder: str | Path, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> tuple[nn.Module, object | None]:
+def load_compressed(
+    folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> tuple[nn.Module, object | None]:
     """Rebuild ``(model, tokenizer)`` from a compressed folder; the tokenizer is ``None`` if none was saved.
 
     With ``dtype=None`` every tensor comes back bit for bit as it was saved; a ``dtype`` casts floating
@@ -356,8 +387,10 @@ def load_compressed(folder: str | Path, dtype: torch.dtype | None = None,
     loaded = model.state_dict()
     if set(loaded) != set(state):
         missing, extra = sorted(set(loaded) - set(state)), sorted(set(state) - set(loaded))
-        raise WandaError(f"{folder}: checkpoint does not match {manifest['model_class']} "
-                         f"(not in checkpoint: {missing[:3]}, not in model: {extra[:3]})")
+        raise WandaError(
+            f"{folder}: checkpoint does not match {manifest['model_class']} "
+            f"(not in checkpoint: {missing[:3]}, not in model: {extra[:3]})"
+        )
     for key, tensor in state.items():
         if not same_bits(loaded[key], tensor):
             raise WandaError(f"{folder}: {key} changed while loading ({tensor.dtype} -> {loaded[key].dtype})")

@@ -67,8 +67,10 @@ def _overridden_blocks(model: nn.Module, path: str) -> nn.ModuleList:
     except AttributeError as exc:
         raise WandaError(f"structure override: {type(model).__name__} has no module {path!r}") from exc
     if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-        raise WandaError(f"structure override: {path!r} in {type(model).__name__} is a {type(blocks).__name__}, "
-                         "not a non-empty nn.ModuleList of blocks")
+        raise WandaError(
+            f"structure override: {path!r} in {type(model).__name__} is a {type(blocks).__name__}, "
+            "not a non-empty nn.ModuleList of blocks"
+        )
     return blocks
 
 

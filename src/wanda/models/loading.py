@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..utils.devices import resolve_device, resolve_dtype
 from ..errors import WandaError
-from ..utils.resources import release_memory
 from ..utils.declare import SettingsMixin, setting
+from ..utils.devices import resolve_device, resolve_dtype
+from ..utils.resources import release_memory
 from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
 from .checks import check_finite_weights, check_model_folder, check_remote_code
 
@@ -25,23 +25,35 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
 class TrustSettings(SettingsMixin):
     """What loading a model may do beyond reading data; every command that loads a model has these flags."""
 
-    trust_remote_code: bool = setting(False, "run Python code shipped with the model (its config's auto_map); "
-                                      "without it such a model is refused and nothing from it runs")
-    allow_pickle: bool = setting(False, "load pickled weights (.bin, .pt), which can run code when unpickled; "
-                                 "without it only safetensors are read")
+    trust_remote_code: bool = setting(
+        False,
+        "run Python code shipped with the model (its config's auto_map); "
+        "without it such a model is refused and nothing from it runs",
+    )
+    allow_pickle: bool = setting(
+        False,
+        "load pickled weights (.bin, .pt), which can run code when unpickled; without it only safetensors are read",
+    )
 
 
 @dataclass(frozen=True)
 class ModelSettings(TrustSettings):
     """Which model to load, where it runs, and (``TrustSettings``) what loading it may do beyond reading data."""
 
-    model: str | None = setting(None, "hub id, local from_pretrained folder, .gguf file, or a named model that "
-                                f"installs offline: {', '.join(NAMED_MODELS)} (default: {BUNDLED_NAME})")
+    model: str | None = setting(
+        None,
+        "hub id, local from_pretrained folder, .gguf file, or a named model that "
+        f"installs offline: {', '.join(NAMED_MODELS)} (default: {BUNDLED_NAME})",
+    )
     cache_dir: str = setting("llm_weights", "where hub weights are downloaded")
-    device: str = setting("auto", "cpu, cuda, cuda:N (auto: cuda if available); each block is moved there while "
-                          "it is processed")
-    dtype: str = setting("auto", "auto (fp32 on CPU, bf16/fp16 on GPU; full fine-tuning trains fp32 weights under "
-                         "autocast), float32, float16, bfloat16")
+    device: str = setting(
+        "auto", "cpu, cuda, cuda:N (auto: cuda if available); each block is moved there while it is processed"
+    )
+    dtype: str = setting(
+        "auto",
+        "auto (fp32 on CPU, bf16/fp16 on GPU; full fine-tuning trains fp32 weights under "
+        "autocast), float32, float16, bfloat16",
+    )
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype, torch.device("cpu"))  # a bad name fails here, before anything loads
@@ -57,8 +69,14 @@ class ModelSettings(TrustSettings):
         return self.name in NAMED_MODELS
 
     def load(self, dtype: str | None = None) -> "LoadedModel":
-        return load_model(self.model, self.cache_dir, dtype or self.dtype, self.device,
-                          trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
+        return load_model(
+            self.model,
+            self.cache_dir,
+            dtype or self.dtype,
+            self.device,
+            trust_remote_code=self.trust_remote_code,
+            allow_pickle=self.allow_pickle,
+        )
 
 
 @dataclass
@@ -88,17 +106,25 @@ def check_seqlen(model: nn.Module, seqlen: int) -> None:
     """Refuse windows longer than the model's context (positions past it are untrained or out of range)."""
     context = context_length(model)
     if context is not None and seqlen > context[0]:
-        raise WandaError(f"--seqlen {seqlen} is beyond the model's context of {context[0]} tokens "
-                         f"({context[1]} in its config); use --seqlen {context[0]} or less")
+        raise WandaError(
+            f"--seqlen {seqlen} is beyond the model's context of {context[0]} tokens "
+            f"({context[1]} in its config); use --seqlen {context[0]} or less"
+        )
 
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists()
 
 
-def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: str | None = "auto",
-               device: str | None = "auto", *, trust_remote_code: bool = False,
-               allow_pickle: bool = False) -> LoadedModel:
+def load_model(
+    name: str | None,
+    cache_dir: str | None = "llm_weights",
+    dtype: str | None = "auto",
+    device: str | None = "auto",
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
     """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on
     CPU, or across GPUs on CUDA.
 
@@ -109,8 +135,9 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if name is not None and not name.strip():  # "" is not "no --model": never load the bundled model for it
-        raise WandaError("--model is empty; give a hub id, a folder or a .gguf file (or leave it out for "
-                         f"{BUNDLED_NAME})")
+        raise WandaError(
+            f"--model is empty; give a hub id, a folder or a .gguf file (or leave it out for {BUNDLED_NAME})"
+        )
     name = name or BUNDLED_NAME
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
@@ -136,8 +163,9 @@ def load_model(name: str | None, cache_dir: str | None = "llm_weights", dtype: s
         elif not path.is_dir():
             raise WandaError(f"model path {path} is a file; give a save_pretrained folder or a .gguf file")
         else:
-            check_model_folder(path, trust_remote_code, allow_pickle, need_weights=not compressed,
-                               need_tokenizer=not compressed)
+            check_model_folder(
+                path, trust_remote_code, allow_pickle, need_weights=not compressed, need_tokenizer=not compressed
+            )
             location = str(path)
     else:
         location = name

@@ -93,8 +93,9 @@ def _expert_count(module: nn.Module) -> int | None:
     return count if isinstance(count, int) and count > 0 else None
 
 
-def _expert_matrices(module_name: str, module: nn.Module, parameter: str, param: nn.Parameter,
-                     prefix: str) -> list[PrunableMatrix]:
+def _expert_matrices(
+    module_name: str, module: nn.Module, parameter: str, param: nn.Parameter, prefix: str
+) -> list[PrunableMatrix]:
     """A fused (experts, out, in) parameter (or (experts, in, out) when transposed) as per-expert matrices."""
     transposed = bool(getattr(module, "is_transposed", False))
     out_features = param.shape[2] if transposed else param.shape[1]
@@ -109,8 +110,15 @@ def _expert_matrices(module_name: str, module: nn.Module, parameter: str, param:
         parts = {"": None}
     base = _qualify(prefix, _qualify(module_name, parameter))
     return [
-        PrunableMatrix(f"{base}[{e}]" + (f".{part}" if part else ""), module, parameter, e, transposed, rows,
-                       input_key=f"{base}[{e}]")
+        PrunableMatrix(
+            f"{base}[{e}]" + (f".{part}" if part else ""),
+            module,
+            parameter,
+            e,
+            transposed,
+            rows,
+            input_key=f"{base}[{e}]",
+        )
         for e in range(param.shape[0])
         for part, rows in parts.items()
     ]
@@ -162,5 +170,6 @@ def find_prunable(block: nn.Module, prefix: str = "", include: tuple[str, ...] |
 def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
     """The ``nn.Linear`` layers among ``find_prunable``'s matrices (routers excluded), by qualified name: for
     code that needs the modules themselves (sparse-kernel export, LoRA targets)."""
-    return {name: m.module for name, m in find_prunable(module, prefix).prunable.items()
-            if isinstance(m.module, nn.Linear)}
+    return {
+        name: m.module for name, m in find_prunable(module, prefix).prunable.items() if isinstance(m.module, nn.Linear)
+    }

@@ -58,8 +58,9 @@ def _name_mapping(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
 class StreamedModel:
     """The skeleton, its checkpoint (names as the model's) and the decoder layout."""
 
-    def __init__(self, model: nn.Module, checkpoint: Checkpoint, layout: DecoderLayout, dtype: torch.dtype,
-                 source: str):
+    def __init__(
+        self, model: nn.Module, checkpoint: Checkpoint, layout: DecoderLayout, dtype: torch.dtype, source: str
+    ):
         self.model, self.checkpoint, self.layout, self.dtype, self.source = model, checkpoint, layout, dtype, source
 
     def dtype_of(self, name: str) -> torch.dtype:
@@ -97,8 +98,9 @@ class StreamedModel:
             assign_tensor(self.model, name, tensor.to(device))
         for local, param in block.named_parameters():
             if param.device.type == "meta":
-                raise WandaError(f"the checkpoint has no tensor {prefix}{local}; it cannot be streamed "
-                                 "(use --offload none)")
+                raise WandaError(
+                    f"the checkpoint has no tensor {prefix}{local}; it cannot be streamed (use --offload none)"
+                )
         for module in block.modules():  # buffers built with the skeleton (not in the checkpoint) follow the block
             for key, buffer in module._buffers.items():
                 if buffer is not None and buffer.device != device:
@@ -126,8 +128,9 @@ def _to_meta(modules) -> None:
                 module._parameters[key] = replaced[id(param)]
 
 
-def build_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu",
-                   with_head: bool = True) -> StreamedModel:
+def build_skeleton(
+    folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", with_head: bool = True
+) -> StreamedModel:
     """The model of ``folder`` with only its non-block tensors loaded, on ``device`` (the LM head too when
     ``with_head``: pruning never runs it, so it is left on ``meta`` then unless it is tied to the embeddings)."""
     from accelerate import init_empty_weights
@@ -144,8 +147,10 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device 
     model.eval()
     model.config.use_cache = False
     layout = find_decoder_layout(model)
-    checkpoint = Checkpoint(checkpoint.folder, {
-        model_name: checkpoint.entries[key] for key, model_name in _name_mapping(model, checkpoint).items()})
+    checkpoint = Checkpoint(
+        checkpoint.folder,
+        {model_name: checkpoint.entries[key] for key, model_name in _name_mapping(model, checkpoint).items()},
+    )
     streamed = StreamedModel(model, checkpoint, layout, dtype, str(folder))
     head = model.get_output_embeddings()
     head_names = set()
@@ -162,9 +167,13 @@ def build_skeleton(folder: str | Path, dtype: torch.dtype, device: torch.device 
     for name, buffer in list(model.named_buffers()):  # rotary frequencies and the like, built on the CPU
         if not name.startswith(block_prefix) and buffer.device.type != "meta" and buffer.device != device:
             assign_tensor(model, name, buffer.to(device))
-    missing = [name for name, p in model.named_parameters()
-               if p.device.type == "meta" and not name.startswith(block_prefix) and name not in head_names]
+    missing = [
+        name
+        for name, p in model.named_parameters()
+        if p.device.type == "meta" and not name.startswith(block_prefix) and name not in head_names
+    ]
     if missing:
-        raise WandaError(f"the checkpoint in {folder} lacks {', '.join(missing[:4])}; it cannot be streamed "
-                         "(use --offload none)")
+        raise WandaError(
+            f"the checkpoint in {folder} lacks {', '.join(missing[:4])}; it cannot be streamed (use --offload none)"
+        )
     return streamed

@@ -61,8 +61,11 @@ class DistributedSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "several processes (torchrun, accelerate launch)"
 
     #: Longer than the longest stretch between two collectives (a block's forwards plus its largest solve).
-    dist_timeout: float = setting(1800.0, "seconds a rank waits for the others at a collective before the job "
-                                  "ends with an error (under torchrun or accelerate launch)")
+    dist_timeout: float = setting(
+        1800.0,
+        "seconds a rank waits for the others at a collective before the job "
+        "ends with an error (under torchrun or accelerate launch)",
+    )
 
     def __post_init__(self) -> None:
         require(self.dist_timeout > 0, f"--dist_timeout must be positive, got {self.dist_timeout}")
@@ -73,8 +76,10 @@ def launched() -> bool:
     try:
         return int(os.environ.get("WORLD_SIZE", "1")) > 1
     except ValueError:
-        raise WandaError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; start the job with torchrun "
-                         "or accelerate launch, which set it") from None
+        raise WandaError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; start the job with torchrun "
+            "or accelerate launch, which set it"
+        ) from None
 
 
 def window_share(count: int, batch_size: int, rank: int, world_size: int) -> slice:
@@ -114,8 +119,14 @@ class Ranks:
     """This process's place in the job and the collectives the block walk needs. ``SINGLE`` (one process) makes
     every method a no-op, so the single-process run goes through the same code with nothing added."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device: torch.device | None = None,
-                 timeout: float = DistributedSettings.dist_timeout):
+    def __init__(
+        self,
+        rank: int = 0,
+        world_size: int = 1,
+        local_rank: int = 0,
+        device: torch.device | None = None,
+        timeout: float = DistributedSettings.dist_timeout,
+    ):
         self.rank = rank
         self.world_size = world_size
         self.local_rank = local_rank
@@ -154,8 +165,10 @@ class Ranks:
         wants_cuda = (requested in (None, "auto") and torch.cuda.is_available()) or str(requested).startswith("cuda")
         if wants_cuda:
             if self.local_rank >= torch.cuda.device_count():
-                raise WandaError(f"LOCAL_RANK {self.local_rank} but {torch.cuda.device_count()} GPUs are visible: "
-                                 "start at most one process per GPU (torchrun --nproc_per_node)")
+                raise WandaError(
+                    f"LOCAL_RANK {self.local_rank} but {torch.cuda.device_count()} GPUs are visible: "
+                    "start at most one process per GPU (torchrun --nproc_per_node)"
+                )
             self.device = torch.device("cuda", self.local_rank)
             torch.cuda.set_device(self.device)
         elif requested in (None, "auto", "cpu"):
@@ -172,16 +185,24 @@ class Ranks:
         if not self.distributed:
             return ids
         if ids.shape[0] < self.world_size:
-            raise WandaError(f"{ids.shape[0]} calibration windows cannot be split over {self.world_size} ranks; "
-                             f"use --nsamples {self.world_size} or more")
+            raise WandaError(
+                f"{ids.shape[0]} calibration windows cannot be split over {self.world_size} ranks; "
+                f"use --nsamples {self.world_size} or more"
+            )
         if -(-ids.shape[0] // batch_size) < self.world_size:
-            log.warning("%d calibration windows in batches of %d are fewer batches than the %d ranks: windows are "
-                        "split one by one, so results match one process up to float rounding only; lower "
-                        "--batch_size for bit-identical masks", ids.shape[0], batch_size, self.world_size)
+            log.warning(
+                "%d calibration windows in batches of %d are fewer batches than the %d ranks: windows are "
+                "split one by one, so results match one process up to float rounding only; lower "
+                "--batch_size for bit-identical masks",
+                ids.shape[0],
+                batch_size,
+                self.world_size,
+            )
         return ids[window_share(ids.shape[0], batch_size, self.rank, self.world_size)]
 
-    def reduce(self, stats: dict[str, InputStatistic],
-               factory: Callable[[int, torch.device], InputStatistic] | None = None) -> None:
+    def reduce(
+        self, stats: dict[str, InputStatistic], factory: Callable[[int, torch.device], InputStatistic] | None = None
+    ) -> None:
         """Sum each statistic (its ``summands()`` and ``tokens``) over the ranks, in place. Called after a
         block's calibration forwards and before its masks are chosen.
 
@@ -221,8 +242,9 @@ class Ranks:
             return {name: self.rank for name in linears}
         return deal_layers({name: tuple(layer.weight.shape) for name, layer in linears.items()}, self.world_size)
 
-    def share(self, linears: Mapping[str, nn.Linear], owners: Mapping[str, int],
-              notes: dict[str, Any]) -> dict[str, Any]:
+    def share(
+        self, linears: Mapping[str, nn.Linear], owners: Mapping[str, int], notes: dict[str, Any]
+    ) -> dict[str, Any]:
         """Broadcast each layer's new weight from the rank that solved it; ``notes`` (name -> a picklable
         record of the solve, held by its solver) are merged so that every rank has all of them."""
         if not self.distributed or all(owner == self.rank for owner in owners.values()):
@@ -232,8 +254,9 @@ class Ranks:
         # and received through a contiguous copy, then written back in place
         buffers = {name: view if view.is_contiguous() else view.contiguous() for name, view in views.items()}
         with self._collective("sending the solved weights"):
-            works = [dist.broadcast(buffers[name], src=owners[name], group=self.group, async_op=True)
-                     for name in linears]
+            works = [
+                dist.broadcast(buffers[name], src=owners[name], group=self.group, async_op=True) for name in linears
+            ]
             for work in works:
                 work.wait()
         for name, view in views.items():
@@ -317,8 +340,10 @@ class Ranks:
             yield
         except RuntimeError as exc:  # gloo: a peer's socket closed; NCCL: DistBackendError after the timeout
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise WandaError(f"rank {self.rank} lost the other ranks while {step} ({first}): another rank died or "
-                             f"waited longer than --dist_timeout ({self.timeout:g} s); its output says why") from exc
+            raise WandaError(
+                f"rank {self.rank} lost the other ranks while {step} ({first}): another rank died or "
+                f"waited longer than --dist_timeout ({self.timeout:g} s); its output says why"
+            ) from exc
         finally:
             self.collective_seconds += time.perf_counter() - start
 
@@ -366,16 +391,19 @@ def init_ranks(settings: DistributedSettings | None = None, device: str | None =
     settings = settings or DistributedSettings()
     missing = [name for name in LAUNCH_VARIABLES if name not in os.environ]
     if missing:
-        raise WandaError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start the job with torchrun or "
-                         "accelerate launch, which set all of them")
+        raise WandaError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not: start the job with torchrun or "
+            "accelerate launch, which set all of them"
+        )
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     # both backends when there is a GPU (NCCL for tensors on it, gloo for CPU tensors and pickled objects), so
     # that --device can still choose where a rank works after the group exists
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if not dist.is_initialized():  # accelerate may have joined already
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=settings.dist_timeout))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=settings.dist_timeout)
+        )
     ranks = Ranks(rank, world_size, local_rank, None, settings.dist_timeout)
     ranks.select_device(device)
     _JOINED = ranks

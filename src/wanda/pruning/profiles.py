@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from ..parallel.ranks import SINGLE, Ranks
 from ..engine import BlockInputs, LayerwiseEngine
 from ..methods.owl import outlier_ratio, owl_ratios
 from ..methods.scores import wanda_scores
 from ..models import DecoderLayout
+from ..parallel.ranks import SINGLE, Ranks
 from ..stats import InputRecorder, SquaredNorm
 
 if TYPE_CHECKING:
@@ -38,13 +38,20 @@ class Profile:
     doc: str
 
 
-def _uniform(model: nn.Module, layout: DecoderLayout, calibration_ids, settings: PruneSettings,
-             engine: LayerwiseEngine | None, ranks: Ranks = SINGLE) -> dict[str, float]:
+def _uniform(
+    model: nn.Module,
+    layout: DecoderLayout,
+    calibration_ids,
+    settings: PruneSettings,
+    engine: LayerwiseEngine | None,
+    ranks: Ranks = SINGLE,
+) -> dict[str, float]:
     return {}
 
 
-def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m: float,
-                       ranks: Ranks = SINGLE) -> list[float]:
+def owl_outlier_ratios(
+    engine: LayerwiseEngine, calibration_ids: torch.Tensor, m: float, ranks: Ranks = SINGLE
+) -> list[float]:
     """Each block's OWL outlier ratio on the dense model: its layers' input norms are recorded while the walk
     runs the block anyway (one block forward per block, no extra one), then scored with the dense weights.
     Under torchrun each rank walks its share of the windows and the norms are summed (exact fp64 sums, so the
@@ -62,8 +69,11 @@ def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m
         recorder.remove()
         ranks.reduce(recorder.stats, SquaredNorm)
         # matrices that read no token (an expert never routed to) say nothing about outliers
-        scores = [wanda_scores(matrix.weight, stat.squared_norm()) for name, matrix in recorder.layers.items()
-                  if (stat := recorder.stat(name)) is not None and stat.tokens > 0]
+        scores = [
+            wanda_scores(matrix.weight, stat.squared_norm())
+            for name, matrix in recorder.layers.items()
+            if (stat := recorder.stat(name)) is not None and stat.tokens > 0
+        ]
         ratios.append(outlier_ratio(scores, m))
 
     try:
@@ -74,11 +84,19 @@ def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m
     return ratios
 
 
-def _owl(model: nn.Module, layout: DecoderLayout, calibration_ids: torch.Tensor, settings: PruneSettings,
-         engine: LayerwiseEngine, ranks: Ranks = SINGLE) -> dict[str, float]:
+def _owl(
+    model: nn.Module,
+    layout: DecoderLayout,
+    calibration_ids: torch.Tensor,
+    settings: PruneSettings,
+    engine: LayerwiseEngine,
+    ranks: Ranks = SINGLE,
+) -> dict[str, float]:
     outliers = owl_outlier_ratios(engine, calibration_ids, settings.owl_m, ranks)
     block_ratios = owl_ratios(outliers, settings.sparsity_ratio, settings.owl_lambda)
-    return {name: block_ratios[index] for index in range(len(layout.blocks)) for name in layout.matrices(index).prunable}
+    return {
+        name: block_ratios[index] for index in range(len(layout.blocks)) for name in layout.matrices(index).prunable
+    }
 
 
 PROFILES: dict[str, Profile] = {
@@ -90,7 +108,13 @@ PROFILES: dict[str, Profile] = {
 }
 
 
-def layer_ratios(model: nn.Module, layout: DecoderLayout, calibration_ids: torch.Tensor | None,
-                 settings: PruneSettings, engine: LayerwiseEngine | None, ranks: Ranks = SINGLE) -> dict[str, float]:
+def layer_ratios(
+    model: nn.Module,
+    layout: DecoderLayout,
+    calibration_ids: torch.Tensor | None,
+    settings: PruneSettings,
+    engine: LayerwiseEngine | None,
+    ranks: Ranks = SINGLE,
+) -> dict[str, float]:
     """{layer name: ratio} for the layers the profile sets; the others are pruned at ``settings.sparsity_ratio``."""
     return PROFILES[settings.sparsity_profile].ratios(model, layout, calibration_ids, settings, engine, ranks)

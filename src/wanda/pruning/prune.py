@@ -16,18 +16,25 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .prune_settings import PruneSettings
-from ..parallel.ranks import SINGLE, Ranks
 from ..engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
 from ..errors import WandaError
 from ..masks import overall_sparsity, zero_fraction
 from ..methods import MethodSpec, get_method, prune_layer, statistics_for
-from ..models import (BlockMatrices, DecoderLayout, NotPruned, PrunableMatrix, StructureOverride, check_seqlen,
-                     find_decoder_layout)
+from ..models import (
+    BlockMatrices,
+    DecoderLayout,
+    NotPruned,
+    PrunableMatrix,
+    StructureOverride,
+    check_seqlen,
+    find_decoder_layout,
+)
 from ..models.matrices import UNOBSERVED
-from .profiles import PROFILES, layer_ratios
-from ..utils.resources import peak_rss_mb, release_memory, reset_peak_rss
+from ..parallel.ranks import SINGLE, Ranks
 from ..stats import InputRecorder, statistic_factory
+from ..utils.resources import peak_rss_mb, release_memory, reset_peak_rss
+from .profiles import PROFILES, layer_ratios
+from .prune_settings import PruneSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +91,11 @@ class PruneReport:
         """What ``actual_sparsity`` is computed over, in words."""
         pruned = sum(l.shape[0] * l.shape[1] for l in self.layers)
         left = sum(math.prod(n.shape) for n in self.not_pruned)
-        return (f"the {len(self.layers)} pruned weight matrices inside the decoder blocks ({pruned} weights); "
-                f"not counted: the {len(self.not_pruned)} block parameters listed in not_pruned ({left} values), "
-                "the embeddings and the LM head")
+        return (
+            f"the {len(self.layers)} pruned weight matrices inside the decoder blocks ({pruned} weights); "
+            f"not counted: the {len(self.not_pruned)} block parameters listed in not_pruned ({left} values), "
+            "the embeddings and the LM head"
+        )
 
     def not_pruned_summary(self) -> str:
         """One line: the not-pruned parameters grouped by reason, with a count and the first name of each."""
@@ -128,8 +137,14 @@ def _statistic(name: str, weight: torch.Tensor, spec: MethodSpec, recorder: Inpu
     return neutral, 0, NO_TOKEN_RULE
 
 
-def _prune_linears(linears: dict[str, PrunableMatrix], settings: PruneSettings, ratios: dict[str, float],
-                   recorder: InputRecorder | None, report: PruneReport, ranks: Ranks = SINGLE) -> None:
+def _prune_linears(
+    linears: dict[str, PrunableMatrix],
+    settings: PruneSettings,
+    ratios: dict[str, float],
+    recorder: InputRecorder | None,
+    report: PruneReport,
+    ranks: Ranks = SINGLE,
+) -> None:
     spec = get_method(settings.method)
     # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
     owners = ranks.assign(linears, spec)
@@ -143,16 +158,28 @@ def _prune_linears(linears: dict[str, PrunableMatrix], settings: PruneSettings, 
             stat, tokens, rule = _statistic(name, weight, spec, recorder)
             ratio = ratios.get(name, settings.sparsity_ratio)
             # the profile is spent once it gave this layer its ratio (its checks bound the request, not the layer)
-            layer_settings = (settings if ratio == settings.sparsity_ratio
-                              else settings.replace(sparsity_ratio=ratio, sparsity_profile="uniform"))
+            layer_settings = (
+                settings
+                if ratio == settings.sparsity_ratio
+                else settings.replace(sparsity_ratio=ratio, sparsity_profile="uniform")
+            )
             _sync(weight.device)
             start = time.perf_counter()
             result = prune_layer(weight, stat, layer_settings, name)
             view.copy_(result.weight.to(view.dtype))
             _sync(weight.device)
             seconds = time.perf_counter() - start
-            done[name] = LayerReport(name, tuple(view.shape), zero_fraction(view), seconds, result.obs_loss, ratio,
-                                     tokens, rule, result.damping)
+            done[name] = LayerReport(
+                name,
+                tuple(view.shape),
+                zero_fraction(view),
+                seconds,
+                result.obs_loss,
+                ratio,
+                tokens,
+                rule,
+                result.damping,
+            )
     # distributed hook: weights solved on another rank arrive here, with their reports
     done = ranks.share(linears, owners, done)
     report.layers.extend(done[name] for name in linears)
@@ -173,10 +200,17 @@ def _unobserved(found: BlockMatrices, recorder: InputRecorder) -> dict[str, Prun
     return found.prunable
 
 
-def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: PruneSettings,
-          device: torch.device | str | None = None, progress: bool = True, batch_size: int | None = None,
-          source: BlockSource | None = None, ranks: Ranks = SINGLE,
-          structure: StructureOverride | None = None) -> PruneReport:
+def prune(
+    model: nn.Module,
+    calibration_ids: torch.Tensor | None,
+    settings: PruneSettings,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    batch_size: int | None = None,
+    source: BlockSource | None = None,
+    ranks: Ranks = SINGLE,
+    structure: StructureOverride | None = None,
+) -> PruneReport:
     """Prune every weight matrix inside ``model``'s decoder blocks in place (see ``find_prunable``).
 
     ``calibration_ids``: (nsamples, seqlen) token ids; not needed for magnitude pruning.
@@ -200,13 +234,14 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     calibrated = needs_calibration(settings)
     if calibrated:
         if calibration_ids is None or calibration_ids.numel() == 0:
-            raise WandaError(f"--prune_method {settings.method} with --sparsity_profile {settings.sparsity_profile}"
-                             f"{' --dsnot' if settings.dsnot else ''} needs calibration samples")
+            raise WandaError(
+                f"--prune_method {settings.method} with --sparsity_profile {settings.sparsity_profile}"
+                f"{' --dsnot' if settings.dsnot else ''} needs calibration samples"
+            )
         check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
     engine = LayerwiseEngine(model, device, batch_size, progress, layout, source)
-    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None,
-                          ranks)
+    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None, ranks)
     report.profile_seconds = time.perf_counter() - start
     if not statistics:
 
@@ -238,8 +273,15 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
     report.wall_seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     release_memory()  # the calibration activations
-    log.info("pruned %d matrices with %s: sparsity %.4f over %s; %.1fs pruning, %.1fs wall", len(report.layers),
-             settings.method, report.actual_sparsity, report.sparsity_over, report.prune_seconds, report.wall_seconds)
+    log.info(
+        "pruned %d matrices with %s: sparsity %.4f over %s; %.1fs pruning, %.1fs wall",
+        len(report.layers),
+        settings.method,
+        report.actual_sparsity,
+        report.sparsity_over,
+        report.prune_seconds,
+        report.wall_seconds,
+    )
     log.info("not pruned: %s", report.not_pruned_summary())
     without = [l.name for l in report.layers if l.rule is not None]
     if without:
@@ -250,5 +292,8 @@ def prune(model: nn.Module, calibration_ids: torch.Tensor | None, settings: Prun
 def model_sparsity(model: nn.Module, structure: StructureOverride | None = None) -> dict[str, float]:
     """Fraction of exact zeros of every prunable matrix inside the decoder blocks (``find_prunable``'s)."""
     layout: DecoderLayout = find_decoder_layout(model, structure)
-    return {name: zero_fraction(matrix.weight)
-            for index in range(len(layout.blocks)) for name, matrix in layout.matrices(index).prunable.items()}
+    return {
+        name: zero_fraction(matrix.weight)
+        for index in range(len(layout.blocks))
+        for name, matrix in layout.matrices(index).prunable.items()
+    }

@@ -16,25 +16,40 @@ from pathlib import Path
 
 import torch
 
-from .prune_settings import PruneSettings
-from ..utils.devices import default_batch_size
-from ..parallel.ranks import SINGLE, Ranks
 from ..engine.resume import WorkFolder, agree_resume_point, tensor_digest
-from ..engine.streaming import OffloadSettings, StreamedBlocks, StreamSettings, activation_bytes, available_memory, choose_streaming
+from ..engine.streaming import (
+    OffloadSettings,
+    StreamedBlocks,
+    StreamSettings,
+    activation_bytes,
+    available_memory,
+    choose_streaming,
+)
 from ..errors import WandaError
 from ..export.compressed_stream import save_compressed_streamed
 from ..export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from ..export.shards import DEFAULT_SHARD_SIZE, write_shards
-from ..utils.io import atomic_directory, ensure_free
 from ..methods import statistics_for
 from ..models.checkpoint import Checkpoint, file_entries, is_streamable
 from ..models.streaming import StreamedModel, build_skeleton
+from ..parallel.ranks import SINGLE, Ranks
+from ..utils.devices import default_batch_size
+from ..utils.io import atomic_directory, ensure_free
 from .prune import LayerReport, PruneReport, needs_calibration, prune
+from .prune_settings import PruneSettings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamedRun", "placement", "streaming_folder", "prune_streamed", "save_streamed", "open_pruned", "default_work_dir",
-           "streamed_linear_sparsity"]
+__all__ = [
+    "StreamedRun",
+    "placement",
+    "streaming_folder",
+    "prune_streamed",
+    "save_streamed",
+    "open_pruned",
+    "default_work_dir",
+    "streamed_linear_sparsity",
+]
 
 #: What a hub snapshot needs for streaming: config, safetensors shards and index, tokenizer files.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -66,8 +81,9 @@ def _checkpoint_folder(name: str | None, cache_dir: str | None) -> Path | None:
         return None
 
 
-def streaming_folder(name: str | None, cache_dir: str | None, device: torch.device, dtype: torch.dtype,
-                     stream: OffloadSettings) -> Path | None:
+def streaming_folder(
+    name: str | None, cache_dir: str | None, device: torch.device, dtype: torch.dtype, stream: OffloadSettings
+) -> Path | None:
     """The safetensors folder to stream ``name`` from, or None to load the whole model: ``--offload none``, a
     checkpoint that fits (``--offload auto``), or weights that cannot be streamed (pickled ``.bin``, GGUF), which
     keep the in-memory path with a line saying how to convert them once."""
@@ -76,9 +92,12 @@ def streaming_folder(name: str | None, cache_dir: str | None, device: torch.devi
     folder = _checkpoint_folder(name, cache_dir)
     if folder is None or not is_streamable(folder):
         # said when streaming was asked for; under auto only in the debug log (most such models are small)
-        log.log(logging.INFO if stream.offload == "disk" else logging.DEBUG,
-                "%s is not a folder of safetensors weights (GGUF, pickled .bin, or not found), so it is loaded "
-                "whole; to stream it, convert it once with save_pretrained(folder) and pass that folder", name)
+        log.log(
+            logging.INFO if stream.offload == "disk" else logging.DEBUG,
+            "%s is not a folder of safetensors weights (GGUF, pickled .bin, or not found), so it is loaded "
+            "whole; to stream it, convert it once with save_pretrained(folder) and pass that folder",
+            name,
+        )
         return None
     checkpoint = Checkpoint.open(folder)
     return folder if choose_streaming(stream, checkpoint.nbytes(dtype), device) else None
@@ -112,8 +131,13 @@ def default_work_dir(save_model: str | Path | None, fingerprint: dict) -> Path:
     return Path.cwd() / f"wanda-work-{digest}"
 
 
-def _activations_folder(stream: StreamSettings, work: WorkFolder, streamed: StreamedModel,
-                        calibration_ids: torch.Tensor | None, device: torch.device) -> Path | None:
+def _activations_folder(
+    stream: StreamSettings,
+    work: WorkFolder,
+    streamed: StreamedModel,
+    calibration_ids: torch.Tensor | None,
+    device: torch.device,
+) -> Path | None:
     """RAM unless asked for a folder, or unless the activations would not fit beside one block."""
     if calibration_ids is None:
         return None
@@ -121,21 +145,36 @@ def _activations_folder(stream: StreamSettings, work: WorkFolder, streamed: Stre
         return Path(stream.offload_activations)
     hidden = getattr(streamed.model.config, "hidden_size")
     need = activation_bytes(*calibration_ids.shape, hidden, streamed.dtype)
-    block = sum(streamed.checkpoint.entries[n].numel for n in streamed.block_names(0)) * \
-        torch.empty((), dtype=streamed.dtype).element_size()
+    block = (
+        sum(streamed.checkpoint.entries[n].numel for n in streamed.block_names(0))
+        * torch.empty((), dtype=streamed.dtype).element_size()
+    )
     budget = available_memory(device) * stream.memory_fraction - 2 * block
     if need > budget:
-        log.info("calibration activations (%.2f GB) would not fit in memory: memory-mapped in %s", need / 1e9, work.path)
+        log.info(
+            "calibration activations (%.2f GB) would not fit in memory: memory-mapped in %s", need / 1e9, work.path
+        )
         return work.path
     return None
 
 
-def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None, settings: PruneSettings,
-                   stream: StreamSettings = StreamSettings(), save_model: str | Path | None = None,
-                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                   batch_size: int | None = None, progress: bool = True, overwrite: bool = False,
-                   seed: int | None = None, tokenizer=None, cleanup: bool = True,
-                   save_format: str = "dense", ranks: Ranks = SINGLE) -> StreamedRun:
+def prune_streamed(
+    model_path: str | Path,
+    calibration_ids: torch.Tensor | None,
+    settings: PruneSettings,
+    stream: StreamSettings = StreamSettings(),
+    save_model: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+    seed: int | None = None,
+    tokenizer=None,
+    cleanup: bool = True,
+    save_format: str = "dense",
+    ranks: Ranks = SINGLE,
+) -> StreamedRun:
     """Prune the safetensors checkpoint in ``model_path`` one block at a time; write it to ``save_model``.
 
     Restarted with the same arguments after a crash, it resumes from the last finished block and gives the
@@ -157,9 +196,15 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     calibrated = needs_calibration(settings)
     calibration_ids = calibration_ids if calibrated else None
     fingerprint = {
-        "model": str(Path(model_path).resolve()), "checkpoint": streamed.checkpoint.signature(),
-        "settings": settings.to_dict(), "seed": seed, "dtype": str(dtype), "device": device.type,
-        "batch_size": batch_size, "calibration": tensor_digest(calibration_ids), "ranks": ranks.world_size,
+        "model": str(Path(model_path).resolve()),
+        "checkpoint": streamed.checkpoint.signature(),
+        "settings": settings.to_dict(),
+        "seed": seed,
+        "dtype": str(dtype),
+        "device": device.type,
+        "batch_size": batch_size,
+        "calibration": tensor_digest(calibration_ids),
+        "ranks": ranks.world_size,
     }
     work_dir = Path(stream.work_dir) if stream.work_dir else default_work_dir(save_model, fingerprint)
     num_blocks = len(streamed.layout.blocks)
@@ -178,8 +223,16 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     source = StreamedBlocks(streamed, device, work, activations, rows, drop_outside=True)
     try:
         done = len(report.layers)
-        result = prune(streamed.model, calibration_ids, settings, device=device, progress=progress,
-                       batch_size=batch_size, source=source, ranks=ranks)
+        result = prune(
+            streamed.model,
+            calibration_ids,
+            settings,
+            device=device,
+            progress=progress,
+            batch_size=batch_size,
+            source=source,
+            ranks=ranks,
+        )
     finally:
         source.close()
     report.layers = report.layers[:done] + result.layers
@@ -200,8 +253,7 @@ def prune_streamed(model_path: str | Path, calibration_ids: torch.Tensor | None,
     return run
 
 
-def _open_work_folder(path: Path, fingerprint: dict, num_blocks: int, needs_hidden: bool,
-                      ranks: Ranks) -> WorkFolder:
+def _open_work_folder(path: Path, fingerprint: dict, num_blocks: int, needs_hidden: bool, ranks: Ranks) -> WorkFolder:
     """The work folder, and the block every rank resumes from. The main rank creates (or checks) the folder
     first, then the other machines' block writers (a folder on each machine's disk), then the remaining
     ranks, so that no rank finds a half-made folder."""
@@ -210,8 +262,9 @@ def _open_work_folder(path: Path, fingerprint: dict, num_blocks: int, needs_hidd
     for turn in range(3 if ranks.distributed else 1):
         with ranks.agreed("opening the work folder"):
             if phase == turn:
-                work = WorkFolder(path, fingerprint, num_blocks, needs_hidden, ranks.rank, ranks.world_size,
-                                  ranks.node_writer)
+                work = WorkFolder(
+                    path, fingerprint, num_blocks, needs_hidden, ranks.rank, ranks.world_size, ranks.node_writer
+                )
     assert work is not None
     if ranks.distributed:
         states = ranks.gather(work.local_state(), "agreeing where to resume")
@@ -235,13 +288,22 @@ def _aliases(model: torch.nn.Module, stored: list[str]) -> dict[str, str]:
     for name, param in model.named_parameters(remove_duplicate=False):
         if name in stored:
             owner.setdefault(id(param), name)
-    return {name: owner[id(param)] for name, param in model.named_parameters(remove_duplicate=False)
-            if name not in stored and id(param) in owner}
+    return {
+        name: owner[id(param)]
+        for name, param in model.named_parameters(remove_duplicate=False)
+        if name not in stored and id(param) in owner
+    }
 
 
-def save_streamed(streamed: StreamedModel, checkpoint: Checkpoint, target: str | Path, tokenizer=None,
-                  save_format: str = "dense", overwrite: bool = False,
-                  max_shard_size: int | str = DEFAULT_SHARD_SIZE) -> SavedModel:
+def save_streamed(
+    streamed: StreamedModel,
+    checkpoint: Checkpoint,
+    target: str | Path,
+    tokenizer=None,
+    save_format: str = "dense",
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+) -> SavedModel:
     """Write ``checkpoint`` as a ``from_pretrained`` folder (``dense``) or in the compressed format, one tensor
     in memory at a time; the folder appears atomically."""
     if save_format not in SAVE_FORMATS:
@@ -263,7 +325,9 @@ def save_streamed(streamed: StreamedModel, checkpoint: Checkpoint, target: str |
             specs = []
             for name in order:
                 info = checkpoint.entries[name]
-                specs.append((name, info.shape, streamed.dtype_of(name) if info.dtype.is_floating_point else info.dtype))
+                specs.append(
+                    (name, info.shape, streamed.dtype_of(name) if info.dtype.is_floating_point else info.dtype)
+                )
             write_shards(tmp, specs, read, max_shard_size)
             model.config.save_pretrained(tmp)
             if model.can_generate() and getattr(model, "generation_config", None) is not None:

@@ -6,14 +6,14 @@ from .grid import BITS, Q4_0, Q8_0, GGUFGrid, Grid, GroupParams, QuantGrid
 from .settings import QuantSettings
 
 __all__ = [
-           "BITS",
-           "Q4_0",
-           "Q8_0",
-           "GGUFGrid",
-           "Grid",
-           "GroupParams",
-           "QuantGrid",
-           "QuantSettings",
-           "gptq_quantize",
-           "rtn_quantize",
+    "BITS",
+    "Q4_0",
+    "Q8_0",
+    "GGUFGrid",
+    "Grid",
+    "GroupParams",
+    "QuantGrid",
+    "QuantSettings",
+    "gptq_quantize",
+    "rtn_quantize",
 ]

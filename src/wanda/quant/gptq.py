@@ -85,8 +85,14 @@ def gptq_quantize(
             group = grid.fit(block.T)
             params.append(group)
             column = GroupParams(*(None if t is None else t[:, 0] for t in (group.scale, group.zero, group.inverse)))
-        errors = _quantize_block(WT[start:stop], None if maskT is None else maskT[start:stop],
-                                 Hinv[start:stop, start:stop], grid, column, lazy)
+        errors = _quantize_block(
+            WT[start:stop],
+            None if maskT is None else maskT[start:stop],
+            Hinv[start:stop, start:stop],
+            grid,
+            column,
+            lazy,
+        )
         loss += errors.square().sum() / 2
         if stop < cols:
             WT[stop:].addmm_(Hinv[start:stop, stop:].T, errors, alpha=-1)
@@ -96,8 +102,9 @@ def gptq_quantize(
     return (result, loss.item(), params) if return_params else (result, loss.item())
 
 
-def _quantize_block(WT: torch.Tensor, maskT: torch.Tensor | None, U: torch.Tensor, grid: Grid,
-                    column: GroupParams, lazy: int) -> torch.Tensor:
+def _quantize_block(
+    WT: torch.Tensor, maskT: torch.Tensor | None, U: torch.Tensor, grid: Grid, column: GroupParams, lazy: int
+) -> torch.Tensor:
     """Quantize the columns of one block in place (``WT``, ``maskT``: transposed views); return their errors."""
     width = WT.shape[0]
     d = U.diagonal()

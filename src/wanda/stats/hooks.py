@@ -34,8 +34,9 @@ class InputRecorder(AbstractContextManager):
 
     def __init__(self, layers: dict[str, nn.Module | PrunableMatrix], factory: StatFactory):
         """``layers``: modules (``nn.Linear``) or ``find_prunable``'s matrices, by name."""
-        self.layers = {n: m.module if isinstance(m, PrunableMatrix) and m.expert is None else m
-                       for n, m in layers.items()}
+        self.layers = {
+            n: m.module if isinstance(m, PrunableMatrix) and m.expert is None else m for n, m in layers.items()
+        }
         self.factory = factory
         self.stats: dict[str, InputStatistic] = {}
         self._owner: dict[str, str] = {}  # layer name -> name of the layer whose accumulator it uses

@@ -16,8 +16,9 @@ from ..errors import WandaError
 __all__ = ["setting", "SettingsMixin", "require", "require_seed", "MAX_SEED"]
 
 
-def setting(default: Any = MISSING, help: str = "", *, factory: Any = MISSING, aliases: list[str] | None = None,
-            **argparse: Any) -> Field:
+def setting(
+    default: Any = MISSING, help: str = "", *, factory: Any = MISSING, aliases: list[str] | None = None, **argparse: Any
+) -> Field:
     """A dataclass field with its help text (and optional argparse extras such as ``metavar`` or ``aliases``)."""
     metadata: dict[str, Any] = {"help": help, **argparse}
     if aliases:

@@ -8,8 +8,14 @@ from ..errors import WandaError
 
 __all__ = ["AUTO_BATCH", "resolve_device", "resolve_dtype", "default_batch_size"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -27,8 +27,15 @@ from ..errors import WandaError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ensure_free", "check_writable", "claim", "atomic_directory", "atomic_write_text", "atomic_write_json",
-           "fsync_tree"]
+__all__ = [
+    "ensure_free",
+    "check_writable",
+    "claim",
+    "atomic_directory",
+    "atomic_write_text",
+    "atomic_write_json",
+    "fsync_tree",
+]
 
 
 def _occupied(path: Path) -> bool:
@@ -80,8 +87,11 @@ def _fsync_published(path: Path) -> None:
     try:
         _fsync_path(path.parent)
     except OSError as exc:
-        log.warning("%s is complete, but syncing its folder failed (%s): a power cut now may lose the rename",
-                    path, exc.strerror or exc)
+        log.warning(
+            "%s is complete, but syncing its folder failed (%s): a power cut now may lose the rename",
+            path,
+            exc.strerror or exc,
+        )
 
 
 def fsync_tree(root: str | Path) -> None:
@@ -145,8 +155,9 @@ def _lock(lock: Path, target: Path, wait: bool) -> int:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise WandaError(f"another run is writing {target} (it holds {lock}); wait for it to finish or "
-                             "choose another path") from None
+            raise WandaError(
+                f"another run is writing {target} (it holds {lock}); wait for it to finish or choose another path"
+            ) from None
         try:
             if os.fstat(fd).st_ino == os.stat(lock).st_ino:
                 return fd

@@ -29,12 +29,19 @@ class VisionPruneSettings(PatternField, SettingsMixin):
     _argument_group_name: ClassVar[str] = "pruning (the original code's flags)"
 
     prune_metric: str = setting("wanda", "score of a weight", choices=VISION_METRICS)
-    prune_granularity: str = setting("row", "layer (one threshold per matrix) or row (the same fraction of every "
-                                     "output row)", choices=tuple(GRANULARITIES))
-    sparsity: float | None = setting(None, "fraction of weights to prune (default: 0.5 for unstructured, N/M for "
-                                     "N:M, which it must equal)")
-    sparsity_type: str = setting("unstructured", "'unstructured' or N:M such as 2:4, 4:8 (compared within groups of "
-                                 "M consecutive inputs whatever the granularity)")
+    prune_granularity: str = setting(
+        "row",
+        "layer (one threshold per matrix) or row (the same fraction of every output row)",
+        choices=tuple(GRANULARITIES),
+    )
+    sparsity: float | None = setting(
+        None, "fraction of weights to prune (default: 0.5 for unstructured, N/M for N:M, which it must equal)"
+    )
+    sparsity_type: str = setting(
+        "unstructured",
+        "'unstructured' or N:M such as 2:4, 4:8 (compared within groups of "
+        "M consecutive inputs whatever the granularity)",
+    )
     #: The original code's default is 4096; its paper reports that a few hundred already suffice for Wanda.
     nsamples: int = setting(4096, "calibration images from train/")
     batch_size: int = setting(64, "images per forward pass, for calibration and evaluation alike")
@@ -42,10 +49,14 @@ class VisionPruneSettings(PatternField, SettingsMixin):
 
     def __post_init__(self) -> None:
         require_seed(self.seed)
-        require(self.prune_metric in VISION_METRICS,
-                f"--prune_metric must be one of {', '.join(VISION_METRICS)}; got {self.prune_metric!r}")
-        require(self.prune_granularity in GRANULARITIES,
-                f"--prune_granularity must be one of {', '.join(GRANULARITIES)}; got {self.prune_granularity!r}")
+        require(
+            self.prune_metric in VISION_METRICS,
+            f"--prune_metric must be one of {', '.join(VISION_METRICS)}; got {self.prune_metric!r}",
+        )
+        require(
+            self.prune_granularity in GRANULARITIES,
+            f"--prune_granularity must be one of {', '.join(GRANULARITIES)}; got {self.prune_granularity!r}",
+        )
         self._set("sparsity", self.pattern.resolve_ratio(self.sparsity, "--sparsity"))
         for name in ("nsamples", "batch_size"):
             require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")

@@ -36,16 +36,30 @@ def checkpoint_format(state: dict[str, torch.Tensor]) -> str:
 
 
 def _convnext(state: dict[str, torch.Tensor], official: bool) -> dict[str, torch.Tensor]:
-    layer = {"dwconv": "dwconv", "conv_dw": "dwconv", "norm": "layernorm", "pwconv1": "pwconv1",
-             "pwconv2": "pwconv2", "mlp.fc1": "pwconv1", "mlp.fc2": "pwconv2", "gamma": "layer_scale_parameter"}
+    layer = {
+        "dwconv": "dwconv",
+        "conv_dw": "dwconv",
+        "norm": "layernorm",
+        "pwconv1": "pwconv1",
+        "pwconv2": "pwconv2",
+        "mlp.fc1": "pwconv1",
+        "mlp.fc2": "pwconv2",
+        "gamma": "layer_scale_parameter",
+    }
     patterns = [
-        (r"downsample_layers\.0\.0\.(.+)" if official else r"stem\.0\.(.+)",
-         "convnext.embeddings.patch_embeddings.{0}"),
+        (
+            r"downsample_layers\.0\.0\.(.+)" if official else r"stem\.0\.(.+)",
+            "convnext.embeddings.patch_embeddings.{0}",
+        ),
         (r"downsample_layers\.0\.1\.(.+)" if official else r"stem\.1\.(.+)", "convnext.embeddings.layernorm.{0}"),
-        (r"downsample_layers\.(\d+)\.(\d)\.(.+)" if official else r"stages\.(\d+)\.downsample\.(\d)\.(.+)",
-         "convnext.encoder.stages.{0}.downsampling_layer.{1}.{2}"),
-        (r"stages\.(\d+)\.(\d+)\.(.+)" if official else r"stages\.(\d+)\.blocks\.(\d+)\.(.+)",
-         "convnext.encoder.stages.{0}.layers.{1}.{2}"),
+        (
+            r"downsample_layers\.(\d+)\.(\d)\.(.+)" if official else r"stages\.(\d+)\.downsample\.(\d)\.(.+)",
+            "convnext.encoder.stages.{0}.downsampling_layer.{1}.{2}",
+        ),
+        (
+            r"stages\.(\d+)\.(\d+)\.(.+)" if official else r"stages\.(\d+)\.blocks\.(\d+)\.(.+)",
+            "convnext.encoder.stages.{0}.layers.{1}.{2}",
+        ),
         (r"norm\.(.+)" if official else r"head\.norm\.(.+)", "convnext.layernorm.{0}"),
         (r"head\.(.+)" if official else r"head\.fc\.(.+)", "classifier.{0}"),
     ]
@@ -72,10 +86,18 @@ def _vit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Te
     base = model.base_model_prefix  # "vit" or "deit"
     distilled = hasattr(model, "distillation_classifier")
     heads = {"head": "cls_classifier", "head_dist": "distillation_classifier"} if distilled else {"head": "classifier"}
-    fixed = {"cls_token": f"{base}.embeddings.cls_token", "dist_token": f"{base}.embeddings.distillation_token",
-             "pos_embed": f"{base}.embeddings.position_embeddings"}
-    block = {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
-             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    fixed = {
+        "cls_token": f"{base}.embeddings.cls_token",
+        "dist_token": f"{base}.embeddings.distillation_token",
+        "pos_embed": f"{base}.embeddings.position_embeddings",
+    }
+    block = {
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "attn.proj": "attention.o_proj",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     out = {}
     for key, value in state.items():
         if key in fixed:
@@ -93,8 +115,10 @@ def _vit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Te
         elif (match := re.fullmatch(r"(head|head_dist)\.(weight|bias)", key)) and match[1] in heads:
             out[f"{heads[match[1]]}.{match[2]}"] = value
         else:
-            raise WandaError(f"unexpected key {key!r} in a timm ViT/DeiT checkpoint (e.g. a pre-logits layer or "
-                             "a distillation head for a non-distilled --model); cannot convert it to transformers")
+            raise WandaError(
+                f"unexpected key {key!r} in a timm ViT/DeiT checkpoint (e.g. a pre-logits layer or "
+                "a distillation head for a non-distilled --model); cannot convert it to transformers"
+            )
     return out
 
 

@@ -19,14 +19,25 @@ from PIL import Image
 
 from ..errors import WandaError
 
-__all__ = ["Preprocess", "ImageFolder", "IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "calibration_batches",
-           "loader"]
+__all__ = [
+    "Preprocess",
+    "ImageFolder",
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "calibration_batches",
+    "loader",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_RESAMPLE = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 @dataclass(frozen=True)
@@ -61,14 +72,15 @@ class Preprocess:
         if "shortest_edge" in size:
             edge = size["shortest_edge"]
             if cfg.get("crop_pct") is not None:  # transformers' ConvNeXt: below 384 resize to edge/crop_pct, crop
-                resize, crop = ((int(edge / cfg["crop_pct"]), (edge, edge)) if edge < 384 else ((edge, edge), None))
+                resize, crop = (int(edge / cfg["crop_pct"]), (edge, edge)) if edge < 384 else ((edge, edge), None)
             else:
                 resize = edge
         elif "height" in size and "width" in size:
             resize = (size["height"], size["width"])
         else:
-            raise WandaError(f"preprocessor config has an unsupported size {size}; expected shortest_edge or "
-                             "height and width")
+            raise WandaError(
+                f"preprocessor config has an unsupported size {size}; expected shortest_edge or height and width"
+            )
         normalise = cfg.get("do_normalize", True)
         mean = tuple(cfg.get("image_mean", IMAGENET_MEAN)) if normalise else (0.0, 0.0, 0.0)
         std = tuple(cfg.get("image_std", IMAGENET_STD)) if normalise else (1.0, 1.0, 1.0)
@@ -78,9 +90,15 @@ class Preprocess:
 
     def to_image_processor(self) -> dict:
         """The inverse of ``from_image_processor`` (saved beside a pruned transformers checkpoint)."""
-        out = {"do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-               "image_mean": list(self.mean), "image_std": list(self.std),
-               "resample": int(_RESAMPLE[self.interpolation])}
+        out = {
+            "do_resize": True,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "resample": int(_RESAMPLE[self.interpolation]),
+        }
         if isinstance(self.resize, int):
             out["size"] = {"shortest_edge": self.resize}
         else:
@@ -125,17 +143,24 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, transform: Preprocess, classes: list[str] | None = None):
         root = Path(root)
         if not root.is_dir():
-            raise WandaError(f"image folder {root} does not exist; --data_path must hold train/ and val/ folders "
-                             "with one sub-folder of images per class (the ImageNet layout)")
+            raise WandaError(
+                f"image folder {root} does not exist; --data_path must hold train/ and val/ folders "
+                "with one sub-folder of images per class (the ImageNet layout)"
+            )
         found = sorted(p.name for p in root.iterdir() if p.is_dir())
         self.classes = list(classes) if classes is not None else found
         index = {name: i for i, name in enumerate(self.classes)}
         unknown = [name for name in found if name not in index]
         if unknown:
-            raise WandaError(f"{root} has class folders {unknown[:5]} that train/ lacks; both must use the same "
-                             "class folder names")
-        self.samples = [(path, index[name]) for name in found for path in sorted((root / name).rglob("*"))
-                        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()]
+            raise WandaError(
+                f"{root} has class folders {unknown[:5]} that train/ lacks; both must use the same class folder names"
+            )
+        self.samples = [
+            (path, index[name])
+            for name in found
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        ]
         if not self.samples:
             raise WandaError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}/CLASS/")
         self.root, self.transform = root, transform

@@ -12,9 +12,14 @@ __all__ = ["topk_accuracy"]
 
 
 @torch.no_grad()
-def topk_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                  forward: Callable[[nn.Module, torch.Tensor], torch.Tensor], topk: tuple[int, ...] = (1, 5),
-                  desc: str = "eval", progress: bool = True) -> dict[str, float]:
+def topk_accuracy(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor],
+    topk: tuple[int, ...] = (1, 5),
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict[str, float]:
     """``{"top1": %, "top5": %, "loss": mean cross-entropy in nats, "images": n}``; a k above the number of
     classes is left out. The loss separates models whose accuracies tie on a small evaluation set."""
     device = next(model.parameters()).device

@@ -116,10 +116,7 @@ def find_layout(model: nn.Module) -> ClassifierLayout:
             "classifier head; supported are ConvNeXt, DeiT and ViT image classifiers from transformers or timm"
         )
     prunable = {
-        f"{path}.{name}": layer
-        for path, stack in stacks
-        for name, layer in stack.named_modules()
-        if is_prunable(layer)
+        f"{path}.{name}": layer for path, stack in stacks for name, layer in stack.named_modules() if is_prunable(layer)
     }
     clash = [name for name, layer in prunable.items() if any(layer is h for h in head.values())]
     if clash:  # only a model that reuses its head inside a block could get here

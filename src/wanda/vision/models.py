@@ -29,8 +29,15 @@ from ..errors import WandaError
 from .convert import CONFIG_OVERRIDES, checkpoint_format, to_transformers
 from .data import Preprocess
 
-__all__ = ["ModelSpec", "named_spec", "LoadedClassifier", "load_classifier", "read_state_dict", "timm_available",
-           "LIBRARIES"]
+__all__ = [
+    "ModelSpec",
+    "named_spec",
+    "LoadedClassifier",
+    "load_classifier",
+    "read_state_dict",
+    "timm_available",
+    "LIBRARIES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +51,21 @@ _DEIT_PRE = dict(crop_pct=0.875, interpolation="bicubic")
 _VIT_PRE = dict(crop_pct=0.9, interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 # name -> (depths, widths); ConvNeXt (Liu et al. 2022, Table 9)
-_CONVNEXT = {"tiny": ((3, 3, 9, 3), (96, 192, 384, 768)), "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
-             "base": ((3, 3, 27, 3), (128, 256, 512, 1024)), "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
-             "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048))}
+_CONVNEXT = {
+    "tiny": ((3, 3, 9, 3), (96, 192, 384, 768)),
+    "small": ((3, 3, 27, 3), (96, 192, 384, 768)),
+    "base": ((3, 3, 27, 3), (128, 256, 512, 1024)),
+    "large": ((3, 3, 27, 3), (192, 384, 768, 1536)),
+    "xlarge": ((3, 3, 27, 3), (256, 512, 1024, 2048)),
+}
 # name -> (width, depth, heads); ViT (Dosovitskiy et al. 2021, Table 1) and DeiT's tiny/small
-_VIT = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16),
-        "huge": (1280, 32, 16)}
+_VIT = {
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+    "huge": (1280, 32, 16),
+}
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,14 @@ class ModelSpec:
 
 def named_spec(name: str) -> ModelSpec:
     """The registry: ``convnext_{size}``, ``deit_{size}[_distilled]_patch16_{res}``, ``vit_{size}_patch{p}_{res}``."""
-    from transformers import (ConvNextConfig, ConvNextForImageClassification, DeiTConfig,
-                              DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification)
+    from transformers import (
+        ConvNextConfig,
+        ConvNextForImageClassification,
+        DeiTConfig,
+        DeiTForImageClassificationWithTeacher,
+        ViTConfig,
+        ViTForImageClassification,
+    )
 
     if match := re.fullmatch(r"convnext_(tiny|small|base|large|xlarge)(?:_(\d+))?", name):
         size, res = match[1], int(match[2] or 224)
@@ -73,27 +95,40 @@ def named_spec(name: str) -> ModelSpec:
         config = dict(depths=list(depths), hidden_sizes=list(widths), image_size=res)
         hub = f"facebook/convnext-{size}-{res}" + ("-22k-1k" if size == "xlarge" else "")
         pre = Preprocess.center_crop_pct(res, **_CONVNEXT_PRE)
-        return ModelSpec(name, lambda n, **kw: ConvNextForImageClassification(
-            ConvNextConfig(num_labels=n, **config, **kw)), hub, pre)
+        return ModelSpec(
+            name, lambda n, **kw: ConvNextForImageClassification(ConvNextConfig(num_labels=n, **config, **kw)), hub, pre
+        )
     if match := re.fullmatch(r"(deit|vit)_(tiny|small|base|large|huge)(_distilled)?_patch(\d+)_(\d+)", name):
         family, size, distilled, patch, res = match[1], match[2], bool(match[3]), int(match[4]), int(match[5])
         if family == "vit" and distilled:
             raise WandaError(f"unknown model {name!r}: only DeiT has distilled variants")
         width, depth, heads = _VIT[size]
-        config = dict(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-                      intermediate_size=4 * width, patch_size=patch, image_size=res)
+        config = dict(
+            hidden_size=width,
+            num_hidden_layers=depth,
+            num_attention_heads=heads,
+            intermediate_size=4 * width,
+            patch_size=patch,
+            image_size=res,
+        )
         pre = Preprocess.center_crop_pct(res, **(_DEIT_PRE if family == "deit" else _VIT_PRE))
         if family == "deit":
             hub = f"facebook/deit-{size}{'-distilled' if distilled else ''}-patch{patch}-{res}"
             if distilled:  # two heads (class and distillation token), averaged at inference
-                return ModelSpec(name, lambda n, **kw: DeiTForImageClassificationWithTeacher(
-                    DeiTConfig(num_labels=n, **config, **kw)), hub, pre)
+                return ModelSpec(
+                    name,
+                    lambda n, **kw: DeiTForImageClassificationWithTeacher(DeiTConfig(num_labels=n, **config, **kw)),
+                    hub,
+                    pre,
+                )
             # DeiT without distillation is a ViT with another training recipe (its hub checkpoints are ViTs)
-            return ModelSpec(name, lambda n, **kw: ViTForImageClassification(ViTConfig(num_labels=n, **config, **kw)),
-                             hub, pre)
+            return ModelSpec(
+                name, lambda n, **kw: ViTForImageClassification(ViTConfig(num_labels=n, **config, **kw)), hub, pre
+            )
         hub = f"google/vit-{size}-patch{patch}-{res}"
-        return ModelSpec(name, lambda n, **kw: ViTForImageClassification(ViTConfig(num_labels=n, **config, **kw)),
-                         hub, pre)
+        return ModelSpec(
+            name, lambda n, **kw: ViTForImageClassification(ViTConfig(num_labels=n, **config, **kw)), hub, pre
+        )
     raise WandaError(
         f"unknown model {name!r}: use convnext_{{tiny,small,base,large,xlarge}}, deit_{{tiny,small,base}}_patch16_224 "
         "(optionally _distilled_), vit_{tiny,small,base,large,huge}_patch{16,32}_224 (or _384), or pass "
@@ -127,9 +162,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # weights_only refuses arbitrary objects, which could run code
-        raise WandaError(f"{path} holds more than tensors (e.g. an optimizer or args); if you trust it, save its "
-                         "state dict alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
-                         ) from exc
+        raise WandaError(
+            f"{path} holds more than tensors (e.g. an optimizer or args); if you trust it, save its "
+            "state dict alone: torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')"
+        ) from exc
     for key in ("model", "state_dict", "model_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -183,7 +219,8 @@ def _load_transformers_folder(folder: Path, name: str) -> LoadedClassifier:
         preprocess = Preprocess.from_image_processor(processor)
     else:  # the family's published transform at the model's own input size
         family = {"convnext": _CONVNEXT_PRE, "convnextv2": _CONVNEXT_PRE, "deit": _DEIT_PRE, "vit": _VIT_PRE}.get(
-            model.config.model_type, _CONVNEXT_PRE)
+            model.config.model_type, _CONVNEXT_PRE
+        )
         preprocess = Preprocess.center_crop_pct(int(getattr(model.config, "image_size", 224)), **family)
         log.warning("%s has no %s; using %s", folder, PREPROCESSOR_FILE, preprocess)
     return LoadedClassifier(model, "transformers", name, preprocess, processor)
@@ -200,8 +237,10 @@ def _load_transformers_named(name: str, resume: str | None, num_classes: int | N
 
             processor_file = cached_file(spec.hub_id, PREPROCESSOR_FILE, _raise_exceptions_for_missing_entries=False)
         except OSError as exc:
-            raise WandaError(f"cannot load {spec.hub_id} (the transformers checkpoint for {name}); without network "
-                             "access pass --resume a local checkpoint or from_pretrained folder") from exc
+            raise WandaError(
+                f"cannot load {spec.hub_id} (the transformers checkpoint for {name}); without network "
+                "access pass --resume a local checkpoint or from_pretrained folder"
+            ) from exc
         if processor_file is None:
             return LoadedClassifier(model, "transformers", name, spec.preprocess)
         processor = json.loads(Path(processor_file).read_text())
@@ -218,10 +257,12 @@ def _load_transformers_named(name: str, resume: str | None, num_classes: int | N
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
         hint = "check --model (its size and patch) and the number of class folders in train/"
-        raise WandaError(f"--resume {resume} does not fit transformers' {type(model).__name__} for {name}: "
-                         f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:3]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]}); "
-                         f"{hint}")
+        raise WandaError(
+            f"--resume {resume} does not fit transformers' {type(model).__name__} for {name}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}), {len(mismatched)} of another shape (e.g. {mismatched[:3]}); "
+            f"{hint}"
+        )
     model.load_state_dict(state)
     return LoadedClassifier(model.float(), "transformers", name, spec.preprocess)
 
@@ -235,13 +276,19 @@ def _load_timm(name: str, resume: str | None, num_classes: int | None) -> Loaded
         model.load_state_dict(read_state_dict(resume))
     cfg = model.pretrained_cfg
     size = cfg["input_size"][-1]
-    preprocess = Preprocess.center_crop_pct(size, cfg.get("crop_pct", 0.875), mean=tuple(cfg["mean"]),
-                                            std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bicubic"))
+    preprocess = Preprocess.center_crop_pct(
+        size,
+        cfg.get("crop_pct", 0.875),
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        interpolation=cfg.get("interpolation", "bicubic"),
+    )
     return LoadedClassifier(model.float(), "timm", name, preprocess)
 
 
-def load_classifier(name: str, resume: str | None = None, library: str = "auto",
-                    num_classes: int | None = None) -> LoadedClassifier:
+def load_classifier(
+    name: str, resume: str | None = None, library: str = "auto", num_classes: int | None = None
+) -> LoadedClassifier:
     """Load ``name`` (see the module docstring) on the CPU in fp32, in eval mode.
 
     ``num_classes``: the number of classes of a model built from its name (default: 1000).
@@ -251,15 +298,19 @@ def load_classifier(name: str, resume: str | None = None, library: str = "auto",
     folder = Path(resume) if resume is not None else None
     if folder is not None and folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise WandaError(f"--resume {folder} is a folder without config.json; give a transformers "
-                             "from_pretrained folder or a checkpoint file")
+            raise WandaError(
+                f"--resume {folder} is a folder without config.json; give a transformers "
+                "from_pretrained folder or a checkpoint file"
+            )
         if library == "timm":
             raise WandaError("--library timm takes a checkpoint file in --resume, not a transformers folder")
         loaded = _load_transformers_folder(folder, name)
     elif library == "timm" or (library == "auto" and timm_available()):
         if library == "timm" and not timm_available():
-            raise WandaError("--library timm needs timm, which needs a torchvision matching torch; install both "
-                             "(pip install 'wanda[vision]' timm) or use --library transformers")
+            raise WandaError(
+                "--library timm needs timm, which needs a torchvision matching torch; install both "
+                "(pip install 'wanda[vision]' timm) or use --library transformers"
+            )
         loaded = _load_timm(name, resume, num_classes)
     else:
         loaded = _load_transformers_named(name, resume, num_classes)

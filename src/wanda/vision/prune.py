@@ -24,8 +24,15 @@ from .config import VisionPruneSettings
 from .layout import ClassifierLayout, find_layout, matrix_view
 from .recorder import ClassifierInputRecorder
 
-__all__ = ["Metric", "METRICS", "layer_mask", "record_statistics", "prune_classifier", "VisionPruneReport",
-           "VisionLayerReport"]
+__all__ = [
+    "Metric",
+    "METRICS",
+    "layer_mask",
+    "record_statistics",
+    "prune_classifier",
+    "VisionPruneReport",
+    "VisionLayerReport",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +84,15 @@ class VisionPruneReport:
         return overall_sparsity((l.shape, l.sparsity) for l in self.layers)
 
     def to_dict(self) -> dict:
-        return {"settings": self.settings, "actual_sparsity": self.actual_sparsity, "head": self.head,
-                "calibration_images": self.calibration_images, "calibration_seconds": self.calibration_seconds,
-                "prune_seconds": self.prune_seconds, "layers": [asdict(layer) for layer in self.layers]}
+        return {
+            "settings": self.settings,
+            "actual_sparsity": self.actual_sparsity,
+            "head": self.head,
+            "calibration_images": self.calibration_images,
+            "calibration_seconds": self.calibration_seconds,
+            "prune_seconds": self.prune_seconds,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -87,8 +100,13 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def record_statistics(model: nn.Module, layers: dict[str, nn.Module], batches: Iterable[torch.Tensor],
-                      statistic: type[InputStatistic], forward: Forward) -> tuple[ClassifierInputRecorder, int]:
+def record_statistics(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    batches: Iterable[torch.Tensor],
+    statistic: type[InputStatistic],
+    forward: Forward,
+) -> tuple[ClassifierInputRecorder, int]:
     """Run every calibration batch (images, 3, H, W) through ``model`` once; return the recorder and the count."""
     device, images = _device_of(model), 0
     with ClassifierInputRecorder(layers, statistic) as recorder:
@@ -102,8 +120,13 @@ def record_statistics(model: nn.Module, layers: dict[str, nn.Module], batches: I
 
 
 @torch.no_grad()
-def prune_classifier(model: nn.Module, calibration: Iterable[torch.Tensor] | None, settings: VisionPruneSettings,
-                     forward: Forward, layout: ClassifierLayout | None = None) -> VisionPruneReport:
+def prune_classifier(
+    model: nn.Module,
+    calibration: Iterable[torch.Tensor] | None,
+    settings: VisionPruneSettings,
+    forward: Forward,
+    layout: ClassifierLayout | None = None,
+) -> VisionPruneReport:
     """Prune ``model``'s block layers in place (see the module docstring); the head is never touched.
 
     ``calibration``: batches of preprocessed images (only used by metrics that need statistics).
@@ -117,8 +140,9 @@ def prune_classifier(model: nn.Module, calibration: Iterable[torch.Tensor] | Non
         if calibration is None:
             raise WandaError(f"--prune_metric {settings.metric} needs calibration images")
         start = time.perf_counter()
-        recorder, report.calibration_images = record_statistics(model, layout.prunable, calibration,
-                                                                metric.statistic, forward)
+        recorder, report.calibration_images = record_statistics(
+            model, layout.prunable, calibration, metric.statistic, forward
+        )
         report.calibration_seconds = time.perf_counter() - start
     start = time.perf_counter()
     for name, layer in layout.prunable.items():
@@ -127,7 +151,11 @@ def prune_classifier(model: nn.Module, calibration: Iterable[torch.Tensor] | Non
         weight.masked_fill_(mask.to(weight.device), 0)
         report.layers.append(VisionLayerReport(name, tuple(weight.shape), zero_fraction(weight)))
     report.prune_seconds = time.perf_counter() - start
-    log.info("pruned %d layers with %s per %s: sparsity %.4f", len(report.layers), settings.metric,
-             settings.granularity if not settings.pattern.is_nm else f"{settings.pattern} group",
-             report.actual_sparsity)
+    log.info(
+        "pruned %d layers with %s per %s: sparsity %.4f",
+        len(report.layers),
+        settings.metric,
+        settings.granularity if not settings.pattern.is_nm else f"{settings.pattern} group",
+        report.actual_sparsity,
+    )
     return report

@@ -53,8 +53,12 @@ def rte_record(record: dict) -> dict:
     label = record["label"]
     if isinstance(label, str):
         label = _lookup(_RTE_LABELS, label.strip(), "label", record)
-    return {"sentence1": record["premise"], "sentence2": record["hypothesis"], "label": int(label),
-            "idx": record["idx"]}
+    return {
+        "sentence1": record["premise"],
+        "sentence2": record["hypothesis"],
+        "label": int(label),
+        "idx": record["idx"],
+    }
 
 
 def _choices(record: dict) -> dict:
@@ -67,14 +71,22 @@ def arc_record(record: dict) -> dict:
     ``allenai/ai2_arc`` row (``question`` string, ``choices`` {text: [...], label: [...]}).
 
     Labels are copied as they are (A-D, or 1-4 on some items; 3 to 5 choices), as on the hub."""
-    return {"id": record["id"], "question": record["question"]["stem"], "choices": _choices(record),
-            "answerKey": record["answerKey"]}
+    return {
+        "id": record["id"],
+        "question": record["question"]["stem"],
+        "choices": _choices(record),
+        "answerKey": record["answerKey"],
+    }
 
 
 def openbookqa_record(record: dict) -> dict:
     """OpenBookQA ``Main/test.jsonl`` row -> hub ``allenai/openbookqa`` (main) row (``question_stem``)."""
-    return {"id": record["id"], "question_stem": record["question"]["stem"], "choices": _choices(record),
-            "answerKey": record["answerKey"]}
+    return {
+        "id": record["id"],
+        "question_stem": record["question"]["stem"],
+        "choices": _choices(record),
+        "answerKey": record["answerKey"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- HellaSwag
@@ -110,8 +122,10 @@ def hellaswag_records(lines: list[str], first_index: int = 0) -> list[dict]:
     (``" Sanitize the lids..."``) that the text file dropped; those choices are scored without it.
     """
     if len(lines) % HELLASWAG_LINES_PER_ITEM:
-        raise ValueError(f"HellaSwag text has {len(lines)} lines, not a multiple of {HELLASWAG_LINES_PER_ITEM}: "
-                         "is this llama.cpp's hellaswag_val_full.txt format?")
+        raise ValueError(
+            f"HellaSwag text has {len(lines)} lines, not a multiple of {HELLASWAG_LINES_PER_ITEM}: "
+            "is this llama.cpp's hellaswag_val_full.txt format?"
+        )
     preprocess = _harness_preprocess()
     docs = []
     for start in range(0, len(lines), HELLASWAG_LINES_PER_ITEM):
@@ -120,16 +134,18 @@ def hellaswag_records(lines: list[str], first_index: int = 0) -> list[dict]:
             line = first_index * HELLASWAG_LINES_PER_ITEM + start + 2
             raise ValueError(f"HellaSwag line {line}: gold label {gold!r} is not 0..{len(endings) - 1}")
         activity_label, _, ctx = context.partition(": ")
-        docs.append({
-            "ind": first_index + start // HELLASWAG_LINES_PER_ITEM,
-            "activity_label": activity_label,
-            "ctx": ctx,
-            "endings": endings,
-            "label": gold.strip(),  # a string, as on the hub (Rowan/hellaswag)
-            "query": preprocess(_capitalize_last_sentence(context)),
-            "choices": [preprocess(ending) for ending in endings],
-            "gold": int(gold),
-        })
+        docs.append(
+            {
+                "ind": first_index + start // HELLASWAG_LINES_PER_ITEM,
+                "activity_label": activity_label,
+                "ctx": ctx,
+                "endings": endings,
+                "label": gold.strip(),  # a string, as on the hub (Rowan/hellaswag)
+                "query": preprocess(_capitalize_last_sentence(context)),
+                "choices": [preprocess(ending) for ending in endings],
+                "gold": int(gold),
+            }
+        )
     return docs
 
 
@@ -157,12 +173,15 @@ def hellaswag_docs(dataset):
     (the harness asks for the documents several times)."""
     lines = HELLASWAG_LINES_PER_ITEM
     if dataset.num_rows % lines:
-        raise ValueError(f"HellaSwag text has {dataset.num_rows} lines, not a multiple of {lines}: "
-                         "is this llama.cpp's hellaswag_val_full.txt format?")
+        raise ValueError(
+            f"HellaSwag text has {dataset.num_rows} lines, not a multiple of {lines}: "
+            "is this llama.cpp's hellaswag_val_full.txt format?"
+        )
 
     def group(batch: dict, indices: list[int]) -> dict:
         docs = hellaswag_records(batch["text"], first_index=indices[0] // lines)
         return {key: [doc[key] for doc in docs] for key in docs[0]}
 
-    return dataset.map(group, batched=True, batch_size=lines * 1000, with_indices=True,
-                       remove_columns=dataset.column_names)
+    return dataset.map(
+        group, batched=True, batch_size=lines * 1000, with_indices=True, remove_columns=dataset.column_names
+    )
