@@ -38,6 +38,10 @@ log = logging.getLogger("wanda.vision")
 RESULTS_FILE = "results_vision.json"
 
 
+#: Crop sizes accepted by --input_size (pixels).
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 32, 4096
+
+
 @dataclass(frozen=True)
 class ClassifierSettings(SettingsMixin):
     _argument_group_name: ClassVar[str] = "model and data"
@@ -74,6 +78,12 @@ class ClassifierSettings(SettingsMixin):
             self.eval_limit is None or self.eval_limit >= 1, f"--eval_limit must be at least 1, got {self.eval_limit}"
         )
         require(self.workers >= 0, f"--workers must be at least 0, got {self.workers}")
+        # below 32 pixels a ViT/DeiT patch (16 or 32) or a ConvNeXt stem no longer fits; above 4096 the resize
+        # itself overflows PIL
+        require(
+            self.input_size is None or MIN_INPUT_SIZE <= self.input_size <= MAX_INPUT_SIZE,
+            f"--input_size must be in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}], got {self.input_size}",
+        )
         for split in ("train", "val"):
             require(
                 (Path(self.data_path) / split).is_dir(),

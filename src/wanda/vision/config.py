@@ -21,6 +21,10 @@ VISION_METRICS = ("magnitude", "wanda")
 GRANULARITIES = {"layer": "matrix", "row": "row"}
 
 
+#: The largest --nsamples / --batch_size (a count the data loader can still slice by).
+MAX_COUNT = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class VisionPruneSettings(PatternField, SettingsMixin):
     """What to prune and how. ``sparsity=None`` means N/M for N:M patterns and 0.5 for unstructured; after
@@ -59,7 +63,8 @@ class VisionPruneSettings(PatternField, SettingsMixin):
         )
         self._set("sparsity", self.pattern.resolve_ratio(self.sparsity, "--sparsity"))
         for name in ("nsamples", "batch_size"):
-            require(getattr(self, name) >= 1, f"--{name} must be at least 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            require(1 <= value <= MAX_COUNT, f"--{name} must be in [1, {MAX_COUNT}], got {value}")
 
     @property
     def metric(self) -> str:
