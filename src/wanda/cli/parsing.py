@@ -15,6 +15,7 @@ from typing import Any, Callable, NoReturn, Sequence
 from transformers import HfArgumentParser
 
 from ..errors import WandaError
+from .recipe import CONFIG_FLAG, expand_config
 
 __all__ = ["SettingsParser", "guarded", "setup_logging"]
 
@@ -44,6 +45,13 @@ class SettingsParser(HfArgumentParser):
     def __init__(self, dataclass_types: Sequence[type], **kwargs: Any):
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(list(dataclass_types), **kwargs)
+        self.add_argument(
+            CONFIG_FLAG,
+            metavar="FILE",
+            default=argparse.SUPPRESS,
+            help="read settings from a .json or .yaml mapping of setting names to values; flags given on the "
+            "command line override the file",
+        )
 
     def error(self, message: str) -> NoReturn:
         # raised, not printed and exited, so that under torchrun a bad flag on one rank reaches every rank
@@ -54,6 +62,11 @@ class SettingsParser(HfArgumentParser):
 
     def parse_settings(self, argv: Sequence[str]) -> tuple:
         """The settings objects, in the order of the dataclasses; validation errors exit 2 like usage errors."""
+        try:
+            argv = expand_config(self, argv)
+        except WandaError as exc:
+            exc.prog = self.prog
+            raise
         self._refuse_empty(self.parse_known_args(list(argv))[0])
         try:
             *settings, rest = self.parse_args_into_dataclasses(

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import WandaError
-from .matrices import BlockMatrices, find_prunable
+from .matrices import NOT_TARGETED, BlockMatrices, NotPruned, find_prunable
+from .targets import MatrixTargets
 
 
 @dataclass(frozen=True)
@@ -38,13 +39,22 @@ class DecoderLayout:
     blocks: nn.ModuleList
     #: glob patterns limiting what is pruned inside a block (``StructureOverride.prune``); None: everything found
     include: tuple[str, ...] | None = None
+    #: the run's ``--targets`` / ``--ignore`` / ``--target_ratios`` (``wanda.models.targets``)
+    targets: MatrixTargets = MatrixTargets()
 
     def block_name(self, index: int) -> str:
         return f"{self.path}.{index}"
 
     def matrices(self, index: int, block: nn.Module | None = None) -> BlockMatrices:
-        """``find_prunable`` for block ``index`` (or ``block``, when the caller holds a moved copy)."""
-        return find_prunable(self.blocks[index] if block is None else block, self.block_name(index), self.include)
+        """``find_prunable`` for block ``index`` (or ``block``, when the caller holds a moved copy), less the
+        matrices the run's targets leave out, which are listed as not pruned with that reason."""
+        found = find_prunable(self.blocks[index] if block is None else block, self.block_name(index), self.include)
+        if self.targets.restricts:
+            for name, matrix in list(found.prunable.items()):
+                if not self.targets.selects(name):
+                    found.not_pruned.append(NotPruned(name, matrix.shape, NOT_TARGETED))
+                    del found.prunable[name]
+        return found
 
 
 def _holds_matrices(module: nn.Module) -> bool:
@@ -74,10 +84,13 @@ def _overridden_blocks(model: nn.Module, path: str) -> nn.ModuleList:
     return blocks
 
 
-def find_decoder_layout(model: nn.Module, override: StructureOverride | None = None) -> DecoderLayout:
+def find_decoder_layout(
+    model: nn.Module, override: StructureOverride | None = None, targets: MatrixTargets | None = None
+) -> DecoderLayout:
     include = override.prune if override is not None else None
+    targets = targets or MatrixTargets()
     if override is not None and override.blocks is not None:
-        return DecoderLayout(override.blocks, _overridden_blocks(model, override.blocks), include)
+        return DecoderLayout(override.blocks, _overridden_blocks(model, override.blocks), include, targets)
     candidates = [(name, m) for name, m in model.named_modules() if _is_block_list(m)]
     if not candidates:
         raise WandaError(
@@ -88,4 +101,4 @@ def find_decoder_layout(model: nn.Module, override: StructureOverride | None = N
     expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     exact = [c for c in candidates if len(c[1]) == expected]
     path, blocks = max(exact or candidates, key=lambda c: len(c[1]))
-    return DecoderLayout(path, blocks, include)
+    return DecoderLayout(path, blocks, include, targets)

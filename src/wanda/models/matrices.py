@@ -28,6 +28,7 @@ NORM = "norm"
 VECTOR = "bias or other vector"
 UNSUPPORTED = "unsupported layout"
 EXCLUDED = "excluded by the structure override"
+NOT_TARGETED = "left out by --targets / --ignore"
 UNOBSERVED = "unsupported layout: its per-expert inputs could not be observed"
 
 _ROUTER_NAME = re.compile(r"(^|_)(gate|router)$")

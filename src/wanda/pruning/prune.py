@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,6 +29,7 @@ from ..models import (
     StructureOverride,
     check_seqlen,
     find_decoder_layout,
+    find_prunable,
 )
 from ..models.matrices import UNOBSERVED
 from ..parallel.ranks import SINGLE, Ranks
@@ -144,6 +146,7 @@ def _prune_linears(
     recorder: InputRecorder | None,
     report: PruneReport,
     ranks: Ranks = SINGLE,
+    layout: DecoderLayout | None = None,
 ) -> None:
     spec = get_method(settings.method)
     # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
@@ -157,6 +160,8 @@ def _prune_linears(
             weight = view if view.is_contiguous() else view.contiguous()
             stat, tokens, rule = _statistic(name, weight, spec, recorder)
             ratio = ratios.get(name, settings.sparsity_ratio)
+            if layout is not None:  # --target_ratios over the profile's ratio
+                ratio = layout.targets.ratio(name, ratio)
             # the profile is spent once it gave this layer its ratio (its checks bound the request, not the layer)
             layer_settings = (
                 settings
@@ -200,6 +205,28 @@ def _unobserved(found: BlockMatrices, recorder: InputRecorder) -> dict[str, Prun
     return found.prunable
 
 
+def _check_targets(layout: DecoderLayout) -> None:
+    """``--targets`` / ``--ignore`` that leave nothing to prune are a mistake, said before any work; a ratio
+    pattern that matches no matrix is said in the log."""
+    targets = layout.targets
+    if not targets.restricts and not targets.ratios:
+        return
+    names = [name for i in range(len(layout.blocks)) for name in layout.matrices(i).prunable]
+    if targets.restricts and not names:
+        raise WandaError(
+            f"--targets {' '.join(targets.targets or ['(all)'])} --ignore {' '.join(targets.ignore) or '(none)'} "
+            f"leave no matrix to prune in {layout.path} (names look like {_first_name(layout)})"
+        )
+    for regex, ratio in targets.ratios:
+        if not any(re.search(regex, name) for name in names):
+            log.warning("--target_ratios %s=%g matches no pruned matrix", regex, ratio)
+
+
+def _first_name(layout: DecoderLayout) -> str:
+    """Block 0's first prunable matrix before any target filter: what a user's regular expressions see."""
+    return next(iter(find_prunable(layout.blocks[0], layout.block_name(0), layout.include).prunable), "?")
+
+
 def prune(
     model: nn.Module,
     calibration_ids: torch.Tensor | None,
@@ -226,7 +253,8 @@ def prune(
     get_method(settings.method)
     statistics = statistics_for(settings)
     progress = progress and ranks.is_main
-    layout = find_decoder_layout(model, structure)
+    layout = find_decoder_layout(model, structure, settings.matrix_targets)
+    _check_targets(layout)
     report = PruneReport(settings=settings.to_dict())
     release_memory()
     reset_peak_rss()
@@ -248,7 +276,7 @@ def prune(
         def visit_without_statistics(index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
             found = layout.matrices(index, block)
             report.not_pruned.extend(found.not_pruned)
-            _prune_linears(found.prunable, settings, ratios, None, report, ranks)
+            _prune_linears(found.prunable, settings, ratios, None, report, ranks, layout)
 
         engine.walk(None, visit_without_statistics)
     else:
@@ -265,7 +293,7 @@ def prune(
             ranks.reduce(recorder.stats, recorder.factory)
             linears = _unobserved(found, recorder)
             report.not_pruned.extend(found.not_pruned)
-            _prune_linears(linears, settings, ratios, recorder, report, ranks)
+            _prune_linears(linears, settings, ratios, recorder, report, ranks, layout)
             del recorder
 
         # distributed hook: each rank captures, and walks the blocks with, its own share of the windows

@@ -10,6 +10,7 @@ from ..methods.dsnot import DEFAULT_MAX_CYCLES, DEFAULT_THRESHOLD, DEFAULT_VAR_P
 from ..methods.owl import DEFAULT_LAMBDA, DEFAULT_M
 from ..methods.registry import DSNOT_BASES, METHOD_SPECS
 from ..methods.ria import DEFAULT_A
+from ..models.targets import MatrixTargets, parse_ratio_pairs
 from ..utils.declare import SettingsMixin, require, setting
 from .profiles import PROFILES
 
@@ -106,6 +107,22 @@ class PruneSettings(PatternField, SettingsMixin):
         choices=("none", "mlp", "self_attn"),
     )
 
+    targets: list[str] | None = setting(
+        None,
+        "prune only the matrices whose full name (model.layers.3.mlp.down_proj) matches one of these regular "
+        "expressions (re.search); the others are reported as not pruned",
+        metavar="REGEX",
+    )
+    ignore: list[str] | None = setting(
+        None, "never prune the matrices whose full name matches one of these regular expressions", metavar="REGEX"
+    )
+    target_ratios: list[str] | None = setting(
+        None,
+        "REGEX=RATIO pairs: the matrices whose name matches REGEX are pruned to RATIO instead of the profile's "
+        "ratio (first match wins; unstructured only); in a --config file, a mapping of REGEX to RATIO",
+        metavar="REGEX=RATIO",
+    )
+
     def __post_init__(self) -> None:
         require(
             self.prune_method in METHOD_SPECS,
@@ -161,6 +178,13 @@ class PruneSettings(PatternField, SettingsMixin):
                 f"--dsnot follows --prune_method {', '.join(DSNOT_BASES)} (not the variant); got "
                 f"{self.prune_method}{' --use_variant' if self.use_variant else ''}",
             )
+        self._set("target_ratios", [f"{r}={v}" for r, v in parse_ratio_pairs(self.target_ratios)] or None)
+        require(
+            not (self.target_ratios and pattern.is_nm),
+            f"--target_ratios applies to unstructured sparsity (every layer of --sparsity_type {pattern} prunes "
+            f"exactly {pattern.n} of {pattern.m}); use --targets / --ignore to leave matrices out",
+        )
+        self.matrix_targets  # compiles the regular expressions: a bad one is refused before any work
         require(self.dsnot_max_cycles >= 1, f"--dsnot_max_cycles must be at least 1, got {self.dsnot_max_cycles}")
         require(
             0 <= self.dsnot_threshold < math.inf,
@@ -173,6 +197,15 @@ class PruneSettings(PatternField, SettingsMixin):
         require(
             self.dsnot_skip in ("none", "mlp", "self_attn"),
             f"--dsnot_skip must be none, mlp or self_attn; got {self.dsnot_skip!r}",
+        )
+
+    @property
+    def matrix_targets(self) -> MatrixTargets:
+        """Which matrices are pruned and the per-pattern ratios (``wanda.models.targets``)."""
+        return MatrixTargets(
+            None if self.targets is None else tuple(self.targets),
+            tuple(self.ignore or ()),
+            parse_ratio_pairs(self.target_ratios),
         )
 
     @property
