@@ -598,3 +598,31 @@ def test_fused_experts_whose_inputs_cannot_be_seen_are_listed_not_pruned(caplog)
         "its per-expert inputs could not be observed: 4 (e.g. model.layers.0.mlp.w[0])" in r.getMessage()
         for r in caplog.records
     )
+
+
+@pytest.mark.parametrize("arch", MOE_ARCHS)
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_a_checkpoint_in_the_per_expert_layout_streams_as_it_loads(tmp_path, arch, method):
+    """``save_pretrained`` writes some families per expert (Mixtral's w1/w2/w3) and ``from_pretrained`` fuses them
+    with transformers' conversion mapping; streamed pruning reads the same checkpoint block by block through that
+    mapping, and ends with the weights of the in-memory run, bit for bit."""
+    from conftest import save_tiny
+
+    from wanda.engine.streaming import StreamSettings
+    from wanda.models import load_model
+    from wanda.pruning.streamed import prune_streamed
+
+    folder = save_tiny(tmp_path, "llama")  # the word tokenizer, then the mixture's config and weights
+    for old in folder.glob("model*.safetensors"):
+        old.unlink()
+    _original(arch).save_pretrained(folder)
+    settings, ids = PruneSettings(prune_method=method), calib_ids(4, 16)
+    memory = load_model(str(folder), device="cpu").model
+    prune(memory, ids, settings, batch_size=2, progress=False)
+    out = tmp_path / "streamed"
+    prune_streamed(folder, ids, settings, StreamSettings(offload="disk"), save_model=out, batch_size=2, progress=False)
+    streamed = load_model(str(out), device="cpu").model.state_dict()
+    expected = memory.state_dict()
+    assert set(streamed) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(streamed[name], tensor), name

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Callable, NoReturn, Union
 
 from ..errors import WandaError
-from ..parallel.ranks import SINGLE, init_ranks, launched
+from ..parallel.launch import launched
+from ..parallel.ranks import SINGLE, init_ranks
 from .parsing import SettingsParser, guarded, setup_logging
 
 __all__ = ["COMMANDS", "Command", "main", "main_opt", "run"]

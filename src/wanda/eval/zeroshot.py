@@ -17,9 +17,7 @@ Tasks named that have no local config are taken from the hub even when ``data_di
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from ..masks import zero_count
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.hub import hub_problem
 from ..utils.io import atomic_write_json
+from .local_tasks import TASKS_DIR, local_task_config, local_task_files, local_task_names, resolve_data_dir
 
 __all__ = [
     "SEED_TASKS",
@@ -52,10 +51,6 @@ log = logging.getLogger(__name__)
 
 #: The seven tasks of the Wanda paper's zero-shot table (the original code's defaults).
 SEED_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-#: Local task configs shipped with wanda (package data), one ``<task>.yaml`` each.
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-#: Values of ``data_dir`` / ``--zero_shot_data`` that mean "use the hub even if $WANDA_DATA_DIR is set".
-HUB = ("hub", "none")
 #: Written into ``--save`` beside the job's own results.
 ZERO_SHOT_FILE = "zero_shot.json"
 
@@ -117,7 +112,7 @@ class ZeroShotSettings(SettingsMixin):
             )
             for name in names:
                 if name in local_task_names():
-                    _local_files(name, self.data_dir)  # raises if a file is missing
+                    local_task_files(name, self.data_dir)  # raises if a file is missing
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -133,19 +128,6 @@ class ZeroShotSettings(SettingsMixin):
     @property
     def data_dir(self) -> Path | None:
         return resolve_data_dir(self.zero_shot_data)
-
-
-def resolve_data_dir(value: str | Path | None) -> Path | None:
-    """``--zero_shot_data``: a folder; 'hub'/'none' for the hub; unset: ``$WANDA_DATA_DIR/zeroshot`` if that
-    folder exists, else the hub."""
-    if value is None:
-        env = os.environ.get("WANDA_DATA_DIR")
-        if env and (Path(env) / "zeroshot").is_dir():
-            return Path(env) / "zeroshot"
-        return None
-    if str(value).lower() in HUB:
-        return None
-    return Path(value).expanduser()
 
 
 @dataclass
@@ -167,72 +149,6 @@ class ZeroShotResult:
         out = asdict(self)
         out["samples"] = {t: {"evaluated": n, "total": total} for t, (n, total) in self.samples.items()}
         return out
-
-
-# ------------------------------------------------------------------------------------------- local tasks
-def local_task_names() -> tuple[str, ...]:
-    return tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
-
-
-def _function(loader, node):
-    """``!function module.name``: ``convert.x`` is wanda's converter module; other dotted paths are imported
-    (e.g. the harness's own winogrande prompt functions)."""
-    qualified = loader.construct_scalar(node)
-    module, _, name = qualified.rpartition(".")
-    if module == "convert":
-        module = f"{__package__}.tasks.convert"
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise WandaError(
-            f"task config function {qualified!r} could not be imported ({exc}); is lm-eval "
-            "installed in a version that has it? (pip install 'wanda[zeroshot]')"
-        ) from exc
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_constructor("!function", _function)
-    with open(path, encoding="utf-8") as handle:
-        return yaml.load(handle, Loader=Loader)  # noqa: S506 - SafeLoader plus one constructor
-
-
-def _local_files(name: str, data_dir: Path) -> dict[str, str]:
-    raw = _read_yaml(TASKS_DIR / f"{name}.yaml")
-    files = {}
-    for split, relative in raw["dataset_kwargs"]["data_files"].items():
-        path = (data_dir / relative).resolve()
-        if not path.is_file():
-            raise WandaError(
-                f"task {name}: {path} is missing; --zero_shot_data must hold {relative} "
-                "(see shared/data/SOURCES.md), or pass --zero_shot_data hub"
-            )
-        files[split] = str(path)
-    return files
-
-
-def local_task_config(name: str, data_dir: str | Path, num_fewshot: int = 0) -> dict:
-    """The harness task config (a dict for ``TaskManager.load``) of local task ``name`` over ``data_dir``."""
-    if name not in local_task_names():
-        raise WandaError(f"no local definition of task {name!r}; local tasks: {', '.join(local_task_names())}")
-    config = _read_yaml(TASKS_DIR / f"{name}.yaml")
-    config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": _local_files(name, Path(data_dir))}
-    if num_fewshot > 0:
-        # The local copies hold only the evaluation split, so examples are drawn from it. The harness leaves the
-        # document being evaluated out of its own examples only when the few-shot split is the test split.
-        split = config.get("test_split") or config.get("validation_split")
-        config.update(test_split=split, validation_split=None, fewshot_split=split)
-        log.warning(
-            "%s: %d-shot examples come from the evaluation file itself (no training split offline; the "
-            "document being evaluated is left out), so scores differ from the hub version's",
-            name,
-            num_fewshot,
-        )
-    return config
 
 
 # ----------------------------------------------------------------------------------------- evaluation
@@ -295,21 +211,12 @@ def _split_metrics(task_results: dict) -> tuple[dict[str, float], dict[str, floa
     return values, {m: errors.get(m) for m in values}
 
 
-def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) -> ZeroShotResult:
-    """Run the harness on ``model`` (in memory, where it is) and ``tokenizer``; raise if any zero moved."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError as exc:
-        raise WandaError("zero-shot evaluation needs lm-eval: pip install 'wanda[zeroshot]'") from exc
-    if settings.batch_size == "auto" and next(model.parameters()).device.type == "cpu":
-        # the harness probes batch sizes at the model's full context (8k tokens x 64 for SmolLM2): on CPU that
-        # exhausts memory instead of raising an out-of-memory error it could catch
-        raise WandaError("--eval_batch_size auto needs a GPU; on CPU give a number (e.g. 8)")
-    start = time.perf_counter()
-    before = linear_zero_counts(model)
-    specs, sources = _task_specs(settings)
+def _run_harness(model: nn.Module, tokenizer, settings: ZeroShotSettings, specs: list, sources: dict) -> dict:
+    """``lm_eval.simple_evaluate`` on the model as it is, in eval mode; the harness's errors as one line."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
     # The harness sets a pad token on the tokenizer it is given; keep the caller's (it may be saved later).
     lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=settings.batch_size)
     # Indexing the harness's thousands of built-in configs takes a while; only do it when a task needs it.
@@ -318,7 +225,7 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
     model.eval()
     try:
         with torch.no_grad():
-            output = lm_eval.simple_evaluate(
+            return lm_eval.simple_evaluate(
                 model=lm,
                 tasks=specs,
                 num_fewshot=settings.num_fewshot,
@@ -338,6 +245,22 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) 
         ) from exc
     finally:
         model.train(was_training)
+
+
+def evaluate_zero_shot(model: nn.Module, tokenizer, settings: ZeroShotSettings) -> ZeroShotResult:
+    """Run the harness on ``model`` (in memory, where it is) and ``tokenizer``; raise if any zero moved."""
+    try:
+        import lm_eval
+    except ImportError as exc:
+        raise WandaError("zero-shot evaluation needs lm-eval: pip install 'wanda[zeroshot]'") from exc
+    if settings.batch_size == "auto" and next(model.parameters()).device.type == "cpu":
+        # the harness probes batch sizes at the model's full context (8k tokens x 64 for SmolLM2): on CPU that
+        # exhausts memory instead of raising an out-of-memory error it could catch
+        raise WandaError("--eval_batch_size auto needs a GPU; on CPU give a number (e.g. 8)")
+    start = time.perf_counter()
+    before = linear_zero_counts(model)
+    specs, sources = _task_specs(settings)
+    output = _run_harness(model, tokenizer, settings, specs, sources)
     after = linear_zero_counts(model)
     moved = [name for name in before if before[name] != after.get(name)]
     if moved:

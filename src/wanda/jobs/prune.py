@@ -14,7 +14,8 @@ from ..data import calibration_windows, resolve_source
 from ..engine.streaming import StreamSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..models import ModelSettings
-from ..parallel.ranks import DistributedSettings, init_ranks
+from ..parallel.launch import DistributedSettings
+from ..parallel.ranks import init_ranks
 from ..pruning.prune import needs_calibration, prune
 from ..pruning.prune_settings import PruneSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting

@@ -122,7 +122,8 @@ class Checkpoint:
         digest = hashlib.sha256()
         for name in sorted(self.entries):
             info = self.entries[name]
-            digest.update(f"{name}:{info.shape}:{info.dtype}:{info.file.name}:{info.file.stat().st_size};".encode())
+            for part in getattr(info, "sources", (info,)):  # a merged parameter: each of its sources
+                digest.update(f"{name}:{part.shape}:{part.dtype}:{part.file.name}:{part.file.stat().st_size};".encode())
         return digest.hexdigest()
 
     def rename(self, mapping: dict[str, str]) -> "Checkpoint":
@@ -139,21 +140,29 @@ class Checkpoint:
         """
         out = {}
         handles: dict[Path, object] = {}
+
+        def read_one(info: TensorInfo, name: str) -> torch.Tensor:
+            if info.file not in handles:
+                handles[info.file] = open(info.file, "rb", buffering=0)
+            handle = handles[info.file]
+            tensor = torch.empty(info.shape, dtype=info.dtype)
+            raw = tensor.reshape(-1).view(torch.uint8).numpy()
+            handle.seek(info.offset)
+            got = 0
+            while got < raw.nbytes:  # readinto may return short counts on large reads
+                n = handle.readinto(memoryview(raw)[got:])
+                if not n:
+                    raise WandaError(f"{info.file} is truncated: {name} needs {raw.nbytes} bytes")
+                got += n
+            return tensor
+
         try:
             for name in names:
                 info = self.entries[name]
-                if info.file not in handles:
-                    handles[info.file] = open(info.file, "rb", buffering=0)
-                handle = handles[info.file]
-                tensor = torch.empty(info.shape, dtype=info.dtype)
-                raw = tensor.reshape(-1).view(torch.uint8).numpy()
-                handle.seek(info.offset)
-                got = 0
-                while got < raw.nbytes:  # readinto may return short counts on large reads
-                    n = handle.readinto(memoryview(raw)[got:])
-                    if not n:
-                        raise WandaError(f"{info.file} is truncated: {name} needs {raw.nbytes} bytes")
-                    got += n
+                if isinstance(info, TensorInfo):
+                    tensor = read_one(info, name)
+                else:  # merged from several tensors (wanda.models.conversion)
+                    tensor = info.load(lambda source: read_one(source, source.key))
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
                 out[name] = tensor

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import WandaError
 from .checkpoint import Checkpoint
+from .conversion import ConvertedInfo, conversion_targets
 from .discovery import DecoderLayout, find_decoder_layout
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,41 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise KeyError(name)
 
 
-def _name_mapping(model: nn.Module, checkpoint: Checkpoint) -> dict[str, str]:
-    """Checkpoint name -> model name, adding or removing the ``base_model_prefix`` where that is the difference."""
-    wanted = set(model.state_dict().keys())
+def _name_mapping(model: nn.Module, checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint under the model's names: a name as it is, with or without the ``base_model_prefix``, or as
+    transformers' conversion mapping renames it; parameters the mapping merges from several tensors (per-expert
+    matrices into a fused one) become ``ConvertedInfo`` entries read through the library's converter."""
+    state = model.state_dict()
+    wanted = set(state.keys())
     prefix = getattr(model, "base_model_prefix", "") or ""
-    mapping, unknown = {}, []
+    entries: dict = {}
+    rest = []
     for key in checkpoint.names():
         candidates = [key, f"{prefix}.{key}"]
         if prefix and key.startswith(prefix + "."):
             candidates.append(key[len(prefix) + 1 :])
         found = next((c for c in candidates if c in wanted), None)
         if found is None:
-            unknown.append(key)
+            rest.append(key)
         else:
-            mapping[key] = found
+            entries[found] = checkpoint.entries[key]
+    renamed, merged, converters = conversion_targets(model, rest, wanted - set(entries)) if rest else ({}, {}, {})
+    for key, name in renamed.items():
+        entries[name] = checkpoint.entries[key]
+    for name, sources in merged.items():
+        infos = tuple(checkpoint.entries[key] for key, _ in sources)
+        entries[name] = ConvertedInfo(
+            name,
+            tuple(state[name].shape),
+            infos[0].dtype,
+            infos,
+            tuple(pattern for _, pattern in sources),
+            converters[sources[0][1]],
+        )
+    unknown = [key for key in rest if key not in renamed and not any(key == k for s in merged.values() for k, _ in s)]
     if unknown:
         log.debug("checkpoint tensors the model does not use: %s", unknown[:8])
-    return mapping
+    return Checkpoint(checkpoint.folder, entries)
 
 
 class StreamedModel:
@@ -147,10 +166,7 @@ def build_skeleton(
     model.eval()
     model.config.use_cache = False
     layout = find_decoder_layout(model)
-    checkpoint = Checkpoint(
-        checkpoint.folder,
-        {model_name: checkpoint.entries[key] for key, model_name in _name_mapping(model, checkpoint).items()},
-    )
+    checkpoint = _name_mapping(model, checkpoint)
     streamed = StreamedModel(model, checkpoint, layout, dtype, str(folder))
     head = model.get_output_embeddings()
     head_names = set()

@@ -31,16 +31,16 @@ import logging
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import WandaError
-from ..utils.declare import SettingsMixin, require, setting
+from .launch import LAUNCH_VARIABLES, DistributedSettings, launched
+from .shares import deal_layers, window_share
 
 if TYPE_CHECKING:
     from ..methods import MethodSpec
@@ -49,70 +49,6 @@ if TYPE_CHECKING:
 __all__ = ["DistributedSettings", "Ranks", "SINGLE", "init_ranks", "launched", "window_share", "deal_layers"]
 
 log = logging.getLogger(__name__)
-
-#: What the launchers set for every process; ``WORLD_SIZE`` > 1 is what turns the distributed run on.
-LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@dataclass(frozen=True)
-class DistributedSettings(SettingsMixin):
-    """Settings of a run under ``torchrun`` / ``accelerate launch``; ignored without a launcher."""
-
-    _argument_group_name: ClassVar[str] = "several processes (torchrun, accelerate launch)"
-
-    #: Longer than the longest stretch between two collectives (a block's forwards plus its largest solve).
-    dist_timeout: float = setting(
-        1800.0,
-        "seconds a rank waits for the others at a collective before the job "
-        "ends with an error (under torchrun or accelerate launch)",
-    )
-
-    def __post_init__(self) -> None:
-        require(self.dist_timeout > 0, f"--dist_timeout must be positive, got {self.dist_timeout}")
-
-
-def launched() -> bool:
-    """True when a launcher started this process as one of several ranks."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1")) > 1
-    except ValueError:
-        raise WandaError(
-            f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; start the job with torchrun "
-            "or accelerate launch, which set it"
-        ) from None
-
-
-def window_share(count: int, batch_size: int, rank: int, world_size: int) -> slice:
-    """The windows of ``rank``: a contiguous run of whole batches of the single-process run (batch b holds
-    windows b*batch_size .. (b+1)*batch_size - 1), so each forward pass and each batch sum is the one a single
-    process computes. With fewer batches than ranks, windows are split one by one instead (results then match a
-    single process up to float rounding); a rank may get none."""
-    batches = -(-count // batch_size)
-    if batches >= world_size:
-        first, last = batches * rank // world_size, batches * (rank + 1) // world_size
-        return slice(first * batch_size, min(last * batch_size, count))
-    return slice(count * rank // world_size, count * (rank + 1) // world_size)
-
-
-def solve_cost(shape: tuple[int, int]) -> float:
-    """Multiply-adds of one OBS solve of a (rows, cols) weight: the factor of H^-1 (cols^3 / 3 for the Cholesky
-    and as much for the triangular inverse) and the lazy column updates (rows * cols^2 / 2)."""
-    rows, cols = shape
-    return 2 * cols**3 / 3 + rows * cols**2 / 2
-
-
-def deal_layers(shapes: Mapping[str, tuple[int, int]], world_size: int) -> dict[str, int]:
-    """Layer name -> the rank that solves it: the costliest layer first, each to the least-loaded rank (lowest
-    rank on ties), so every rank computes the same assignment. A LLaMA block has 7 layers, the down projection
-    ~40% of the work: with 8 ranks a block's solve time is bounded by that one layer."""
-    load = [0.0] * world_size
-    owners: dict[str, int] = {}
-    order = sorted(shapes, key=lambda name: (-solve_cost(shapes[name]), list(shapes).index(name)))
-    for name in order:
-        rank = min(range(world_size), key=lambda r: (load[r], r))
-        owners[name] = rank
-        load[rank] += solve_cost(shapes[name])
-    return {name: owners[name] for name in shapes}
 
 
 class Ranks:

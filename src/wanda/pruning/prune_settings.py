@@ -134,6 +134,15 @@ class PruneSettings(PatternField, SettingsMixin):
             not self.use_variant or (self.prune_method == "wanda" and not pattern.is_nm),
             "--use_variant applies to --prune_method wanda with unstructured sparsity only",
         )
+        require(0 < self.variant_tolerance < 1, f"--variant_tolerance must be in (0, 1), got {self.variant_tolerance}")
+        require(0 <= self.ria_a < math.inf, f"--ria_a must be a non-negative number, got {self.ria_a}")
+        self._check_solvers(pattern)
+        self._check_profile(pattern)
+        self._check_dsnot()
+        self._check_targets(pattern)
+
+    def _check_solvers(self, pattern: SparsityPattern) -> None:
+        """The OBS methods' (SparseGPT, the ablations) and ADMM-Grad's and ALPS's own settings."""
         require(self.blocksize >= 1, f"--blocksize must be at least 1, got {self.blocksize}")
         require(
             not pattern.is_nm or self.blocksize % pattern.m == 0,
@@ -152,7 +161,8 @@ class PruneSettings(PatternField, SettingsMixin):
             self.support_cg_iterations >= 0,
             f"--support_cg_iterations must be non-negative, got {self.support_cg_iterations}",
         )
-        require(0 < self.variant_tolerance < 1, f"--variant_tolerance must be in (0, 1), got {self.variant_tolerance}")
+
+    def _check_profile(self, pattern: SparsityPattern) -> None:
         require(
             self.sparsity_profile in PROFILES,
             f"--sparsity_profile must be one of {', '.join(PROFILES)}; got {self.sparsity_profile!r}",
@@ -171,20 +181,14 @@ class PruneSettings(PatternField, SettingsMixin):
                 f"--owl_lambda must be positive and keep every block's ratio in [0, 1): --sparsity_ratio "
                 f"{self.sparsity_ratio:g} +- {self.owl_lambda:g}",
             )
-        require(0 <= self.ria_a < math.inf, f"--ria_a must be a non-negative number, got {self.ria_a}")
+
+    def _check_dsnot(self) -> None:
         if self.dsnot:
             require(
                 self.prune_method in DSNOT_BASES and not self.use_variant,
                 f"--dsnot follows --prune_method {', '.join(DSNOT_BASES)} (not the variant); got "
                 f"{self.prune_method}{' --use_variant' if self.use_variant else ''}",
             )
-        self._set("target_ratios", [f"{r}={v}" for r, v in parse_ratio_pairs(self.target_ratios)] or None)
-        require(
-            not (self.target_ratios and pattern.is_nm),
-            f"--target_ratios applies to unstructured sparsity (every layer of --sparsity_type {pattern} prunes "
-            f"exactly {pattern.n} of {pattern.m}); use --targets / --ignore to leave matrices out",
-        )
-        self.matrix_targets  # compiles the regular expressions: a bad one is refused before any work
         require(self.dsnot_max_cycles >= 1, f"--dsnot_max_cycles must be at least 1, got {self.dsnot_max_cycles}")
         require(
             0 <= self.dsnot_threshold < math.inf,
@@ -198,6 +202,15 @@ class PruneSettings(PatternField, SettingsMixin):
             self.dsnot_skip in ("none", "mlp", "self_attn"),
             f"--dsnot_skip must be none, mlp or self_attn; got {self.dsnot_skip!r}",
         )
+
+    def _check_targets(self, pattern: SparsityPattern) -> None:
+        self._set("target_ratios", [f"{r}={v}" for r, v in parse_ratio_pairs(self.target_ratios)] or None)
+        require(
+            not (self.target_ratios and pattern.is_nm),
+            f"--target_ratios applies to unstructured sparsity (every layer of --sparsity_type {pattern} prunes "
+            f"exactly {pattern.n} of {pattern.m}); use --targets / --ignore to leave matrices out",
+        )
+        self.matrix_targets  # compiles the regular expressions: a bad one is refused before any work
 
     @property
     def matrix_targets(self) -> MatrixTargets:
