@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
-from wanda.data.sources import TextSource, _wikitext_rows
+from wanda.data.sources import TextSource, wikitext_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -17,7 +17,7 @@ WIKITEXT_TEST = Path(
     os.environ.get("WANDA_WIKITEXT_TEST", ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw")
 )
 
-#: The default protocol (issue 3): fp32 on CPU, 1024-token windows, 32 calibration windows from the
+#: The default protocol: fp32 on CPU, 1024-token windows, 32 calibration windows from the
 #: wiki-summaries calibration part with seed 0, 40 evaluation windows per set.
 PROTOCOL = {"seqlen": 1024, "nsamples": 32, "seed": 0, "eval_windows": 40, "batch_size": 2, "dtype": "float32"}
 
@@ -33,7 +33,7 @@ def protocol_data(tokenizer, protocol: dict = PROTOCOL) -> tuple[torch.Tensor, d
     )
     evals = {}
     if WIKITEXT_TEST.is_file():
-        source = TextSource("wikitext2", _wikitext_rows(WIKITEXT_TEST.read_text("utf-8")))
+        source = TextSource("wikitext2", wikitext_rows(WIKITEXT_TEST.read_text("utf-8")))
         evals["wikitext2"] = evaluation_windows(source, tokenizer, protocol["seqlen"], protocol["eval_windows"])
     evals["wiki-summaries"] = evaluation_windows(
         resolve_source("wiki-summaries", "evaluation"), tokenizer, protocol["seqlen"], protocol["eval_windows"]

@@ -57,7 +57,7 @@ def parse_args() -> argparse.Namespace:
         "--learning_rate",
         type=float,
         default=1e-3,
-        help="higher than the seed's 1e-4 because the budget is under a hundred steps (default: 1e-3)",
+        help="higher than the original code's 1e-4 because the budget is under a hundred steps (default: 1e-3)",
     )
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=float, default=16.0)

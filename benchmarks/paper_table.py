@@ -1,4 +1,4 @@
-"""Reproduce the paper's comparison (Table 2 / the seed's LLaMA-2 table) on a named model (default: the bundled
+"""Reproduce the paper's comparison (Table 2 / the original code's LLaMA-2 table) on a named model (default: the bundled
 SmolLM2-135M; ``--model gemma3-270m`` for Gemma 3 270M).
 
 Runs dense, then magnitude / Wanda / SparseGPT at 50% unstructured, 4:8 and 2:4, plus the Wanda variant and

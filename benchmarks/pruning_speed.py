@@ -1,4 +1,4 @@
-"""The seed's pruning-speed table, measured on whatever hardware runs this script.
+"""The original code's pruning-speed table, measured on whatever hardware runs this script.
 
 Pruning speed is the mask-and-update time of every linear layer summed over the model, without the forward
 passes that collect the calibration statistics (``PruneReport.prune_seconds``; the GPU is synchronised around

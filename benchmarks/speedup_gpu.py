@@ -1,4 +1,4 @@
-"""2:4 inference speed-up on a GPU: the seed's "Speedup Evaluation" with PyTorch's semi-structured kernels.
+"""2:4 inference speed-up on a GPU: the original code's "Speedup Evaluation" with PyTorch's semi-structured kernels.
 
 Two models, each pruned to 2:4 and measured dense versus sparse with ``wanda.export.run_speedup`` for every
 available backend (CUTLASS, and cuSPARSELt where the PyTorch build has it):

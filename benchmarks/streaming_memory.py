@@ -1,4 +1,4 @@
-"""Memory of streamed pruning (issue 13): a model 3x larger than the memory used, and SmolLM2 against in-memory.
+"""Memory of streamed pruning: a model 3x larger than the memory used, and SmolLM2 against in-memory.
 
 (a) ``large``: builds a random LLaMA-shaped model on disk (hidden 2048, intermediate 5632, 22 layers, 32 heads, 4
     KV heads, vocabulary 32000: 1.1 B parameters, 4.4 GB of fp32 safetensors in 2 GB shards), one tensor in memory

@@ -10,7 +10,7 @@ are used, the same documents for every model; the table says which.
         owl+sparsegpt@0.5 wanda@0.6 owl+sparsegpt@0.6 wanda@0.7 owl+sparsegpt@0.7 \
         --out benchmarks/results/zeroshot_beyond --resume
 
-The second is issue 14's table, with 60% added (25-30 minutes per run on 2 cores at batch 32). Its "best new
+The second is the beyond-the-paper table, with 60% added (25-30 minutes per run on 2 cores at batch 32). Its "best new
 method" at each sparsity is the row of benchmarks/results/beyond_paper.json that uses OWL, RIA or DSnoT with the lowest
 perplexity on the held-out summaries (never on WikiText-2, which the targets are measured on).
 
@@ -37,7 +37,7 @@ from common import PROTOCOL, RESULTS
 
 from wanda import PruneSettings, prune
 from wanda.data import calibration_windows, resolve_source
-from wanda.eval.zeroshot import SEED_TASKS, ZeroShotSettings, evaluate_zero_shot
+from wanda.eval.zeroshot import PAPER_TASKS, ZeroShotSettings, evaluate_zero_shot
 from wanda.models import load_model
 from wanda.utils.io import atomic_write_text
 from wanda.utils.resources import peak_rss_mb
@@ -290,7 +290,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=int, default=20, help="documents per task; 0 for the full splits")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="local task files (default: %(default)s)")
-    parser.add_argument("--tasks", default=",".join(SEED_TASKS))
+    parser.add_argument("--tasks", default=",".join(PAPER_TASKS))
     parser.add_argument(
         "--batch_size",
         type=int,
@@ -304,7 +304,7 @@ def main() -> None:
         nargs="+",
         default=list(RUNS),
         help="configurations, as benchmarks/beyond_paper.py names them (default: %(default)s); "
-        "issue 14's: dense@- wanda@0.5 sparsegpt@0.5 <best new>@0.5 wanda@0.7 <best new>@0.7 "
+        "the beyond-the-paper table: dense@- wanda@0.5 sparsegpt@0.5 <best new>@0.5 wanda@0.7 <best new>@0.7 "
         "(and the same at 0.6)",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the protocol's fp32 either way)")
@@ -322,7 +322,7 @@ def main() -> None:
     if args.part == "hellaswag-format":
         hellaswag_format_check(Path(args.data), args.out, args.batch_size)
         return
-    tasks = "arc_easy,hellaswag" if args.part == "chance" and args.tasks == ",".join(SEED_TASKS) else args.tasks
+    tasks = "arc_easy,hellaswag" if args.part == "chance" and args.tasks == ",".join(PAPER_TASKS) else args.tasks
     settings = ZeroShotSettings(
         eval_zero_shot=True,
         tasks=tasks,

@@ -17,7 +17,7 @@ from wanda import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-SEED_FLAGS = [
+ORIGINAL_FLAGS = [
     "--model",
     "--cache_dir",
     "--seed",
@@ -182,10 +182,10 @@ def test_main_py_from_the_repository_root_with_overwrite(files, env, tmp_path):
     assert sorted(p.name for p in save.iterdir()) == ["log_magnitude.txt", "results_magnitude.json"]
 
 
-def test_help_mentions_every_seed_flag(env, tmp_path):
+def test_help_mentions_every_original_flag(env, tmp_path):
     proc = _run("wanda", ["--help"], env, tmp_path)
     _ok(proc)
-    for flag in SEED_FLAGS:
+    for flag in ORIGINAL_FLAGS:
         assert flag in proc.stdout, flag
     for method in METHODS:
         assert method in proc.stdout, method

@@ -506,7 +506,7 @@ def test_command_reports_bad_flags_in_one_line(tmp_path, capsys):
     assert "has no train/ folder" in capsys.readouterr().err
 
 
-# --- the seed's checkpoints (official ConvNeXt, timm ViT / DeiT) without timm ------------------------------------
+# --- the original code's checkpoints (official ConvNeXt, timm ViT / DeiT) without timm ------------------------------------
 # The references below are independent re-implementations of the original forward passes, written from the
 # papers' definitions on the original key names; the converted transformers model must give the same logits.
 
@@ -693,8 +693,8 @@ def test_official_convnext_checkpoint_converts_exactly():
         assert_close(model(pixel_values=x).logits, official_convnext_reference(sd, x, (1, 2)), rtol=1e-4)
 
 
-def test_seed_checkpoint_loads_by_name_without_timm(tmp_path):
-    # vit_tiny_patch16_224's real shapes: 12 blocks of width 192, 196 patches, in the seed's {"model": ...} wrapper
+def test_original_checkpoint_loads_by_name_without_timm(tmp_path):
+    # vit_tiny_patch16_224's real shapes: 12 blocks of width 192, 196 patches, in the original code's {"model": ...} wrapper
     sd = timm_vit_state(depth=12, dim=192, mlp=768, patch=16, tokens=196, classes=5)
     torch.save({"model": sd}, tmp_path / "seed.pth")
     loaded = load_classifier("vit_tiny_patch16_224", str(tmp_path / "seed.pth"), "transformers", num_classes=5)

@@ -24,7 +24,7 @@ pytest.importorskip("lm_eval")
 from wanda.errors import WandaError  # noqa: E402
 from wanda.eval.tasks import convert  # noqa: E402
 from wanda.eval.zeroshot import (  # noqa: E402
-    SEED_TASKS,
+    PAPER_TASKS,
     ZeroShotSettings,
     evaluate_zero_shot,
     linear_zero_counts,
@@ -328,9 +328,9 @@ def test_local_task_builds_the_harness_requests(task, local_data, tmp_path):
             assert local.get(key) == builtin.get(key), key
 
 
-def test_every_seed_task_has_a_local_definition():
-    assert set(SEED_TASKS) <= set(local_task_names())
-    assert set(CASES) == set(SEED_TASKS)
+def test_every_paper_task_has_a_local_definition():
+    assert set(PAPER_TASKS) <= set(local_task_names())
+    assert set(CASES) == set(PAPER_TASKS)
 
 
 def test_hellaswag_ending_that_started_with_a_tag_differs_only_by_a_leading_space():
@@ -474,7 +474,7 @@ def test_settings_from_flags(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDA_DATA_DIR", raising=False)
     s = ZeroShotSettings(eval_zero_shot=True, tasks="rte, boolq", limit=4, eval_batch_size="auto")
     assert s.task_names == ("rte", "boolq") and s.limit == 4 and s.batch_size == "auto" and s.data_dir is None
-    assert ZeroShotSettings().task_names == SEED_TASKS and ZeroShotSettings().batch_size == 8
+    assert ZeroShotSettings().task_names == PAPER_TASKS and ZeroShotSettings().batch_size == 8
     (tmp_path / "zeroshot").mkdir()
     monkeypatch.setenv("WANDA_DATA_DIR", str(tmp_path))
     assert ZeroShotSettings().data_dir == tmp_path / "zeroshot"
@@ -536,8 +536,8 @@ def test_seven_local_tasks_on_a_pruned_tiny_model(tmp_path, capsys):
     settings = ZeroShotSettings(eval_zero_shot=True, limit=limit, eval_batch_size="4", zero_shot_data=str(ZEROSHOT))
     result = run_zero_shot(model, tokenizer, settings, save=tmp_path / "out")
 
-    assert set(result["metrics"]) == set(SEED_TASKS)
-    for task in SEED_TASKS:
+    assert set(result["metrics"]) == set(PAPER_TASKS)
+    for task in PAPER_TASKS:
         assert result["samples"][task]["evaluated"] == limit
         assert "acc" in result["metrics"][task]
         for value in result["metrics"][task].values():

@@ -142,7 +142,7 @@ def _hub(purpose: Purpose, *args, **kwargs):
         ) from exc
 
 
-def _wikitext_rows(raw: str) -> list[str]:
+def wikitext_rows(raw: str) -> list[str]:
     """The hub's rows from a raw file: each line with its newline, blank lines as empty strings."""
     return [line if line.strip() else "" for line in raw.splitlines(keepends=True)]
 
@@ -154,7 +154,7 @@ def _wikitext2(purpose: Purpose) -> TextSource:
     data_dir = _data_dir()
     local = data_dir / "wikitext-2-raw" / f"wiki.{split}.raw" if data_dir else None
     if local is not None and local.is_file():
-        return TextSource("wikitext2", _wikitext_rows(local.read_text("utf-8")), separator=separator)
+        return TextSource("wikitext2", wikitext_rows(local.read_text("utf-8")), separator=separator)
     rows = _hub(purpose, "wikitext", "wikitext-2-raw-v1", split=split)
     return TextSource("wikitext2", list(rows["text"]), separator=separator)
 

@@ -34,7 +34,7 @@ from ..utils.io import atomic_write_json
 from .local_tasks import TASKS_DIR, local_task_config, local_task_files, local_task_names, resolve_data_dir
 
 __all__ = [
-    "SEED_TASKS",
+    "PAPER_TASKS",
     "TASKS_DIR",
     "ZeroShotSettings",
     "ZeroShotResult",
@@ -50,7 +50,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: The seven tasks of the Wanda paper's zero-shot table (the original code's defaults).
-SEED_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+PAPER_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 #: Written into ``--save`` beside the job's own results.
 ZERO_SHOT_FILE = "zero_shot.json"
 
@@ -63,7 +63,7 @@ class ZeroShotSettings(SettingsMixin):
 
     eval_zero_shot: bool = setting(False, "run the zero-shot tasks (lm-eval) on the model in memory")
     tasks: str | None = setting(
-        None, f"comma-separated lm-eval tasks (default: the paper's seven: {','.join(SEED_TASKS)})"
+        None, f"comma-separated lm-eval tasks (default: the paper's seven: {','.join(PAPER_TASKS)})"
     )
     num_fewshot: int = setting(0, "examples in each prompt")
     limit: int | None = setting(None, "evaluate only the first N documents of each task, for quick runs (default: all)")
@@ -117,7 +117,7 @@ class ZeroShotSettings(SettingsMixin):
     @property
     def task_names(self) -> tuple[str, ...]:
         if self.tasks is None:
-            return SEED_TASKS
+            return PAPER_TASKS
         return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
 
     @property
