@@ -16,7 +16,7 @@ from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, linear_zero_counts
 from ..masks import overall_sparsity
 from ..models import ModelSettings
 from ..utils.declare import SettingsMixin, require, setting
-from ..utils.io import atomic_write_json
+from ..utils.io import atomic_write_json, check_disjoint
 from ..utils.resources import peak_rss_mb
 from .common import EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
 
@@ -75,6 +75,10 @@ def run_eval_job(
     specs = eval_settings.specs(model_settings.bundled)
     require(
         bool(specs) or zero_shot.eval_zero_shot, "nothing to evaluate: --eval_dataset none without --eval_zero_shot"
+    )
+    check_disjoint(
+        {"--model": model_settings.model, "--adapter": adapter.adapter, "--eval_dataset": specs},
+        {"--save": results.save, "--offload_activations": offload.offload_activations},
     )
     results.claim(RESULTS_FILE, *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
     start = time.perf_counter()

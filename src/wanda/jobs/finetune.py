@@ -25,7 +25,7 @@ from ..errors import WandaError
 from ..finetune.config import BLOCK_SIZE_CAP, LoraSettings, TrainSettings
 from ..models import ModelSettings, default_seqlen
 from ..utils.declare import SettingsMixin, setting
-from ..utils.io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.io import atomic_directory, atomic_write_json, check_disjoint, ensure_free
 from ..utils.resources import peak_rss_mb
 from .common import SOURCE_HELP, LogSettings, TextSettings, print_perplexities
 
@@ -212,6 +212,10 @@ def run_training(
         ensure_free(merge_dir, out.overwrite_output_dir, "merged model folder")
     train_spec = data.dataset or ("wiki-summaries" if model.bundled else "c4")
     eval_specs = data.specs(train_spec)
+    inputs = {"--model": model.model, "--dataset": train_spec, "--eval_dataset": eval_specs}
+    check_disjoint(inputs, {"--output_dir": output_dir})
+    if lora is not None and lora.merge:  # the default, OUTPUT_DIR/merged, is inside --output_dir by design
+        check_disjoint(inputs, {"--merge": merge_dir})
     if not do_train:
         if merge_dir is not None:
             raise WandaError(
@@ -303,6 +307,7 @@ def run_merge(model: ModelSettings, merge: MergeSettings, logging_settings: LogS
     from ..finetune import capture_masks, load_adapter
 
     target = Path(merge.output)
+    check_disjoint({"--model": model.model, "--adapter": merge.adapter}, {"--output": target})
     ensure_free(target, merge.overwrite, "merged model folder")
     loaded = model.load()
     masks = capture_masks(loaded.model)

@@ -19,7 +19,7 @@ from ..parallel.ranks import init_ranks
 from ..pruning.prune import needs_calibration, prune
 from ..pruning.prune_settings import PruneSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
-from ..utils.io import ensure_free
+from ..utils.io import check_disjoint, ensure_free
 from ..utils.resources import run_peak_rss_mb
 from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities, write_results
 
@@ -106,6 +106,19 @@ def run_prune_job(
     ranks = init_ranks(dist_settings)
     method = settings.prune_method
     with ranks.agreed("checking the outputs and the device"):
+        check_disjoint(
+            {
+                "--model": model_settings.model,
+                "--calib_dataset": calib_settings.calib_dataset,
+                "--eval_dataset": eval_settings.eval_dataset,
+            },
+            {
+                "--save": results.save,
+                "--save_model": outputs.save_model,
+                "--work_dir": stream.work_dir,
+                "--offload_activations": stream.offload_activations,
+            },
+        )
         if ranks.is_main:
             results.claim(
                 f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else [])

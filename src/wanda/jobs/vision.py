@@ -18,7 +18,7 @@ import torch
 from ..errors import WandaError
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.devices import resolve_device
-from ..utils.io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.io import atomic_directory, atomic_write_json, check_disjoint, ensure_free
 from ..utils.resources import peak_rss_mb
 from ..vision import (
     METRICS,
@@ -122,6 +122,10 @@ def _fmt(acc: dict, key: str) -> str:
 def run_vision_job(
     job: ClassifierSettings, settings: VisionPruneSettings, results: ResultsSettings, logging_settings: LogSettings
 ) -> int:
+    check_disjoint(
+        {"--data_path": job.data_path, "--model": job.model, "--resume": job.resume},
+        {"--save": results.save, "--save_model": job.save_model},
+    )
     results.claim(RESULTS_FILE)
     if job.save_model:
         ensure_free(job.save_model, results.overwrite, "model folder")

@@ -1,0 +1,183 @@
+"""Outputs never touch inputs: every output path is checked against every input after resolving symlinks,
+before anything loads, with --overwrite too, in memory and streamed; outputs may not overlap each other."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import save_tiny, word_corpus
+
+from wanda.cli.main import main
+from wanda.errors import WandaError
+from wanda.utils.io import check_disjoint
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("disjoint-model"), "llama")
+
+
+@pytest.fixture
+def work(tiny, tmp_path) -> dict[str, Path]:
+    """A fresh model folder (under out/inner/model, so that outputs can hold it) and a corpus."""
+    model = Path(shutil.copytree(tiny, tmp_path / "out" / "inner" / "model"))
+    text = word_corpus(tmp_path / "w.txt", words=4000)
+    return {"root": tmp_path, "model": model, "text": text}
+
+
+def tree_hash(root: Path) -> str:
+    """Names, sizes and bytes of every file below ``root``: any change to an input changes it."""
+    digest = hashlib.blake2b()
+    for path in sorted(root.rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv, "wanda")
+    _, err = capsys.readouterr()
+    return info.value.code, err
+
+
+def _refused(argv: list[str], capsys, match: str, *inputs: Path) -> None:
+    before = [tree_hash(p) if p.is_dir() else p.read_bytes() for p in inputs]
+    code, err = _run(argv, capsys)
+    errors = [line for line in err.splitlines() if re.match(r"wanda( [a-z]+)*: error: ", line)]
+    assert code == 2, err
+    assert len(errors) == 1 and "Traceback" not in err, err
+    assert match in errors[0], errors[0]
+    assert [tree_hash(p) if p.is_dir() else p.read_bytes() for p in inputs] == before
+
+
+def _prune_argv(work, *extra: str) -> list[str]:
+    return [
+        "--model",
+        str(work["model"]),
+        "--prune_method",
+        "magnitude",
+        "--sparsity_ratio",
+        "0.5",
+        "--calib_dataset",
+        str(work["text"]),
+        "--eval_dataset",
+        str(work["text"]),
+        "--eval_windows",
+        "1",
+        "--seqlen",
+        "16",
+        "--device",
+        "cpu",
+        "--overwrite",
+        *extra,
+    ]
+
+
+OFFLOADS = ["none", "disk"]
+
+
+@pytest.mark.parametrize("offload", OFFLOADS)
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        lambda w: str(w["model"]),
+        lambda w: str(w["model"]) + "/",
+        lambda w: os.path.relpath(w["model"]),
+        lambda w: str(w["model"] / "sub" / ".."),
+    ],
+    ids=["same", "trailing-slash", "relative", "dotdot"],
+)
+def test_save_model_equal_to_model_is_refused(work, offload, spelling, capsys):
+    _refused(
+        _prune_argv(work, "--offload", offload, "--save_model", spelling(work)),
+        capsys,
+        "is --model",
+        work["model"],
+    )
+
+
+@pytest.mark.parametrize("offload", OFFLOADS)
+def test_save_model_through_a_symlink_is_refused(work, offload, capsys):
+    link = work["root"] / "link"
+    link.symlink_to(work["model"], target_is_directory=True)
+    _refused(_prune_argv(work, "--offload", offload, "--save_model", str(link)), capsys, "is --model", work["model"])
+
+
+@pytest.mark.parametrize("offload", OFFLOADS)
+def test_save_model_inside_the_model_is_refused(work, offload, capsys):
+    inner = str(work["model"] / "pruned")
+    _refused(_prune_argv(work, "--offload", offload, "--save_model", inner), capsys, "is inside --model", work["model"])
+
+
+@pytest.mark.parametrize("offload", OFFLOADS)
+def test_save_model_holding_the_model_is_refused(work, offload, capsys):
+    out = str(work["root"] / "out")
+    _refused(_prune_argv(work, "--offload", offload, "--save_model", out), capsys, "holds --model", work["model"])
+
+
+@pytest.mark.parametrize("offload", OFFLOADS)
+@pytest.mark.parametrize("flag", ["--save", "--work_dir", "--offload_activations"])
+def test_other_outputs_on_the_model_are_refused(work, offload, flag, capsys):
+    _refused(_prune_argv(work, "--offload", offload, flag, str(work["model"])), capsys, "is --model", work["model"])
+
+
+@pytest.mark.parametrize("offload", OFFLOADS)
+def test_output_on_the_calibration_file_is_refused(work, offload, capsys):
+    _refused(
+        _prune_argv(work, "--offload", offload, "--save", str(work["text"])),
+        capsys,
+        "--calib_dataset",
+        work["text"],
+        work["model"],
+    )
+
+
+@pytest.mark.parametrize("offload", OFFLOADS)
+@pytest.mark.parametrize("other", ["--save", "--work_dir"])
+def test_outputs_that_overlap_are_refused_before_the_run(work, offload, other, capsys):
+    out = str(work["root"] / "x")
+    _refused(
+        _prune_argv(work, "--offload", offload, other, out, "--save_model", out),
+        capsys,
+        "give the outputs separate places",
+        work["model"],
+    )
+    assert not (work["root"] / "x").exists() and not (work["root"] / "x.work").exists()
+
+
+def test_eval_save_inside_the_model_is_refused(work, capsys):
+    argv = ["eval", "--model", str(work["model"]), "--eval_dataset", str(work["text"]), "--device", "cpu"]
+    _refused([*argv, "--save", str(work["model"])], capsys, "is --model", work["model"])
+
+
+def test_merge_output_on_the_adapter_is_refused(work, capsys):
+    adapter = work["root"] / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    argv = ["finetune", "merge", "--model", str(work["model"]), "--adapter", str(adapter), "--overwrite"]
+    _refused([*argv, "--output", str(adapter)], capsys, "is --adapter", adapter, work["model"])
+    _refused([*argv, "--output", str(work["model"])], capsys, "is --model", adapter, work["model"])
+
+
+def test_finetune_output_dir_holding_the_model_is_refused(work, capsys):
+    argv = ["finetune", "lora", "--model", str(work["model"]), "--dataset", str(work["text"])]
+    _refused([*argv, "--output_dir", str(work["root"] / "out")], capsys, "holds --model", work["model"])
+
+
+def test_names_past_the_file_system_limit_are_refused(tmp_path):
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    with pytest.raises(WandaError, match="temporary names would pass"):
+        check_disjoint({}, {"--save_model": tmp_path / ("m" * (limit - 5))})
+    check_disjoint({}, {"--save_model": tmp_path / ("m" * (limit - 16))})
+
+
+def test_hub_ids_and_named_sources_are_not_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    check_disjoint({"--model": "gpt2", "--calib_dataset": "c4"}, {"--save_model": "gpt2-pruned", "--save": "c4"})
