@@ -35,6 +35,10 @@ METHODS = {
     "owl+wanda": {"prune_method": "wanda", "sparsity_profile": "owl"},
     "owl+sparsegpt": {"prune_method": "sparsegpt", "sparsity_profile": "owl"},
     "owl+ria+dsnot": {"prune_method": "ria", "dsnot": True, "sparsity_profile": "owl"},
+    "admm": {"prune_method": "admm"},
+    "alps": {"prune_method": "alps"},
+    "owl+alps": {"prune_method": "alps", "sparsity_profile": "owl"},
+    "atp+alps": {"prune_method": "alps", "sparsity_profile": "atp"},
 }
 #: OWL's lambda swept as its paper does (it searches lambda in {0.02, 0.05, 0.08, 0.1, 0.2} per model): run with
 #: --only, outside the grid. The value is chosen on the held-out summaries, never on WikiText-2, whose perplexity
@@ -76,14 +80,25 @@ PRIORITY = [
     "owl+wanda@0.6",
     "ria@0.6",
     "owl+wanda@0.5",
+    # ADMM-Grad and ALPS against SparseGPT (each at its targets first), then the profiles with ALPS
+    "alps@0.7",
+    "alps@2:4",
+    "alps@0.6",
+    "alps@0.5",
+    "admm@0.7",
+    "admm@2:4",
+    "sparsegpt@4:8",
+    "alps@4:8",
+    "owl+alps@0.7",
+    "atp+alps@0.7",
 ]
 #: Runs that also measure the two-forward-pass floor (it does not depend on the method).
 FLOOR_RUNS = {"wanda@0.5"}
 
 
 def defined(method: str, level: str) -> bool:
-    """OWL is defined for unstructured sparsity only (wanda.methods.owl)."""
-    return not (method.startswith("owl") and ":" in level)
+    """OWL and ATP are defined for unstructured sparsity only (wanda.methods.owl, wanda.pruning.profiles)."""
+    return not (method.startswith(("owl", "atp")) and ":" in level)
 
 
 def all_runs() -> list[str]:
