@@ -35,6 +35,10 @@ METHODS = {
     "owl+wanda": {"prune_method": "wanda", "sparsity_profile": "owl"},
     "owl+sparsegpt": {"prune_method": "sparsegpt", "sparsity_profile": "owl"},
     "owl+ria+dsnot": {"prune_method": "ria", "dsnot": True, "sparsity_profile": "owl"},
+    "admm": {"prune_method": "admm"},
+    "alps": {"prune_method": "alps"},
+    "owl+alps": {"prune_method": "alps", "sparsity_profile": "owl"},
+    "atp+alps": {"prune_method": "alps", "sparsity_profile": "atp"},
 }
 #: OWL's lambda swept as its paper does (it searches lambda in {0.02, 0.05, 0.08, 0.1, 0.2} per model): run with
 #: --only, outside the grid. The value is chosen on the held-out summaries, never on WikiText-2, whose perplexity
@@ -76,14 +80,25 @@ PRIORITY = [
     "owl+wanda@0.6",
     "ria@0.6",
     "owl+wanda@0.5",
+    # ADMM-Grad and ALPS against SparseGPT (each at its targets first), then the profiles with ALPS
+    "alps@0.7",
+    "alps@2:4",
+    "alps@0.6",
+    "alps@0.5",
+    "admm@0.7",
+    "admm@2:4",
+    "sparsegpt@4:8",
+    "alps@4:8",
+    "owl+alps@0.7",
+    "atp+alps@0.7",
 ]
 #: Runs that also measure the two-forward-pass floor (it does not depend on the method).
 FLOOR_RUNS = {"wanda@0.5"}
 
 
 def defined(method: str, level: str) -> bool:
-    """OWL is defined for unstructured sparsity only (wanda.methods.owl)."""
-    return not (method.startswith("owl") and ":" in level)
+    """OWL and ATP are defined for unstructured sparsity only (wanda.methods.owl, wanda.pruning.profiles)."""
+    return not (method.startswith(("owl", "atp")) and ":" in level)
 
 
 def all_runs() -> list[str]:
@@ -373,6 +388,38 @@ def targets(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
+#: The ADMM/ALPS targets: WikiText-2 perplexity at most this fraction of SparseGPT's at the same level, at most
+#: ``RECONSTRUCTION_COST`` times SparseGPT's prune wall time.
+RECONSTRUCTION_TARGETS = {"2:4": 0.85, "0.7": 0.70, "0.6": 0.90, "0.5": 0.97}
+RECONSTRUCTION_COST = 2.5
+
+
+def reconstruction_targets(rows: dict[str, dict]) -> list[str]:
+    """ADMM-Grad, ALPS and the profiles with ALPS against SparseGPT at the same level, each met or missed."""
+    lines = []
+    for level, bound in RECONSTRUCTION_TARGETS.items():
+        base = rows.get(f"sparsegpt@{level}")
+        for method in ("alps", "admm", "owl+alps", "atp+alps"):
+            row = rows.get(f"{method}@{level}")
+            if not defined(method, level):
+                continue
+            head = f"- {method} at {level}: perplexity at most {bound}x SparseGPT's, wall time at most {RECONSTRUCTION_COST}x"
+            if row is None or base is None:
+                lines.append(f"{head}: not measured yet")
+                continue
+            ratio = _ppl(rows, row["key"]) / _ppl(rows, base["key"])
+            wall = row["prune_wall_seconds"] / base["prune_wall_seconds"]
+            cpu = row.get("prune_cpu_seconds", float("nan")) / base.get("prune_cpu_seconds", float("nan"))
+            verdict = "**met**" if ratio <= bound else "**missed**"
+            cost = "**met**" if wall <= RECONSTRUCTION_COST else "**missed**"
+            origin = "" if base["source"] == "this benchmark" else " (SparseGPT's row from paper_table.json)"
+            lines.append(
+                f"{head}: perplexity {verdict}, {_ppl(rows, row['key']):.2f} against {_ppl(rows, base['key']):.2f} "
+                f"({ratio:.2f}x); wall time {cost}, {wall:.2f}x ({_number(cpu, '.2f')}x CPU time){origin}"
+            )
+    return lines
+
+
 def write_outputs(rows: dict[str, dict], out: str) -> None:
     payload = {
         "model": "smollm2-135m (SmolLM2-135M-Instruct, Q4_1 GGUF dequantised to fp32)",
@@ -383,7 +430,12 @@ def write_outputs(rows: dict[str, dict], out: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out + ".json"), json.dumps(payload, indent=2) + "\n", overwrite=True)
     text = (
-        markdown(rows) + "\nTargets (WikiText-2 perplexity, from the rows above):\n\n" + "\n".join(targets(rows)) + "\n"
+        markdown(rows)
+        + "\nTargets (WikiText-2 perplexity, from the rows above):\n\n"
+        + "\n".join(targets(rows))
+        + "\n\nADMM-Grad and ALPS against SparseGPT at the same level (WikiText-2 perplexity; prune wall time):\n\n"
+        + "\n".join(reconstruction_targets(rows))
+        + "\n"
     )
     atomic_write_text(Path(out + ".md"), text, overwrite=True)
     plot(rows, Path(out + ".png"))

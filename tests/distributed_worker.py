@@ -1,7 +1,7 @@
 """One rank of the 2-process tests in ``test_distributed.py``, started with the variables torchrun sets.
 
-``python distributed_worker.py OUT MODE``. MODE ``prune``: tiny LLaMA and OPT, each pruned with Wanda, magnitude
-and SparseGPT through ``prune(..., ranks=...)``, plus dense and pruned perplexity through ``ranks.perplexity``; the
+``python distributed_worker.py OUT MODE``. MODE ``prune``: tiny LLaMA and OPT, each pruned with Wanda, magnitude,
+SparseGPT, ADMM-Grad and ALPS through ``prune(..., ranks=...)``, plus dense and pruned perplexity through ``ranks.perplexity``; the
 main rank saves the pruned weights and perplexities to OUT. MODE ``die``: rank 1 exits abruptly at its first
 statistics reduction, to see how rank 0 ends. MODE ``moe``: the tiny mixtures of experts of ``test_moe``, each rank
 with one short window, so that some expert is routed tokens on one rank only; every rank saves its weights and
@@ -28,7 +28,7 @@ from wanda.models import find_decoder_layout, find_linears  # noqa: E402
 from wanda.parallel.ranks import DistributedSettings, Ranks, init_ranks  # noqa: E402
 
 ARCHS = ("llama", "opt")
-METHODS = ("wanda", "magnitude", "sparsegpt", "owl_wanda_dsnot")
+METHODS = ("wanda", "magnitude", "sparsegpt", "owl_wanda_dsnot", "admm", "alps")
 #: what each key of METHODS prunes with (a plain method name otherwise)
 SETTINGS = {"owl_wanda_dsnot": dict(prune_method="wanda", sparsity_profile="owl", dsnot=True)}
 

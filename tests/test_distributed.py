@@ -238,12 +238,26 @@ def test_wanda_and_magnitude_are_bit_identical_to_one_process(two_ranks, one_ran
     assert two_ranks[(arch, method)]["ppl"] == pytest.approx(one_rank[(arch, method)]["ppl"], rel=1e-5)
 
 
+#: SparseGPT decides each weight once; ADMM-Grad re-chooses its mask from 15 iterates and ALPS its support from
+#: every iterate, so a rounding-level change of X^T X flips more near-ties: on these tiny random models 2 ranks
+#: measured mask agreement 0.99878 (ADMM-Grad, OPT) and 0.99921 (ALPS, LLaMA), weights within 6.5e-2 relative.
+#: Not bit-identical to one process, as SparseGPT is not: making them so needs an order-exact Gram reduction.
+MASK_AGREEMENT = {"sparsegpt": 0.9999, "admm": 0.998, "alps": 0.998}
+WEIGHT_DRIFT = {"sparsegpt": 1e-1, "admm": 1e-1, "alps": 1e-1}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_sparsegpt_agrees_with_one_process(two_ranks, one_rank, arch):
-    ours, reference = two_ranks[(arch, "sparsegpt")], one_rank[(arch, "sparsegpt")]
+@pytest.mark.parametrize("method", ["sparsegpt", "admm", "alps"])
+def test_gram_methods_agree_with_one_process(two_ranks, one_rank, arch, method):
+    """The Gram matrices are summed over ranks in fp32 (``Gram.summands``), so the solves see X^T X up to float
+    rounding: masks agree but for near-ties, kept weights to float precision."""
+    ours, reference = two_ranks[(arch, method)], one_rank[(arch, method)]
     agree = sum(int(((ours["weights"][n] == 0) == (w == 0)).sum()) for n, w in reference["weights"].items())
     total = sum(w.numel() for w in reference["weights"].values())
-    assert agree / total >= 0.9999
+    drift = max((ours["weights"][n] - w).norm() / w.norm() for n, w in reference["weights"].items())
+    print(f"{method} {arch}: masks agree {agree / total:.6f}, largest relative weight change {drift:.2e}")
+    assert agree / total >= MASK_AGREEMENT[method], f"{agree / total:.6f}"
+    assert drift <= WEIGHT_DRIFT[method]
     assert ours["ppl"] == pytest.approx(reference["ppl"], rel=1e-3)
     # every layer was solved by one of the two ranks and reported by both, in the single-process order
     assert ours["layers"] == list(reference["weights"])

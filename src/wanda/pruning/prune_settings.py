@@ -77,13 +77,20 @@ class PruneSettings(PatternField, SettingsMixin):
         "uniform",
         "per-layer sparsity: 'uniform' (every layer at --sparsity_ratio) "
         "or 'owl' (OWL: blocks with more activation outliers pruned less, "
-        "averaging --sparsity_ratio; unstructured only)",
+        "averaging --sparsity_ratio; unstructured only) or 'atp' (ATP: the "
+        "ratio rising linearly with depth, exact overall; unstructured only)",
         choices=tuple(PROFILES),
     )
     #: OWL's M: a score above M times its block's mean is an outlier (the paper's LLaMA setting).
     owl_m: float = setting(DEFAULT_M, "OWL: a Wanda score above M times its block's mean counts as an outlier")
     #: OWL's lambda: block ratios stay within +-lambda of the target.
     owl_lambda: float = setting(DEFAULT_LAMBDA, "OWL: block ratios stay within +-lambda of --sparsity_ratio")
+    #: ATP's spread: the last block's ratio minus the first's (``wanda.pruning.profiles.atp_ratios``).
+    atp_span: float = setting(
+        0.16,
+        "ATP: the last block's ratio minus the first's, the ratio rising linearly "
+        "with depth around --sparsity_ratio (0.16: OWL's default spread, 2 x 0.08)",
+    )
     #: RIA's exponent a of the activation norm.
     ria_a: float = setting(DEFAULT_A, "RIA: exponent a of the activation norm ||X_j||^a")
     dsnot: bool = setting(
@@ -180,6 +187,19 @@ class PruneSettings(PatternField, SettingsMixin):
                 and self.sparsity_ratio + self.owl_lambda < 1,
                 f"--owl_lambda must be positive and keep every block's ratio in [0, 1): --sparsity_ratio "
                 f"{self.sparsity_ratio:g} +- {self.owl_lambda:g}",
+            )
+        if self.sparsity_profile == "atp":
+            require(
+                not pattern.is_nm,
+                f"--sparsity_profile atp is defined for unstructured sparsity only (every "
+                f"layer of --sparsity_type {pattern} prunes exactly {pattern.n} of {pattern.m}); use uniform",
+            )
+            require(
+                0 < self.atp_span
+                and self.atp_span / 2 <= self.sparsity_ratio
+                and self.sparsity_ratio + self.atp_span / 2 < 1,
+                f"--atp_span must be positive and keep every block's ratio in [0, 1): --sparsity_ratio "
+                f"{self.sparsity_ratio:g} +- {self.atp_span / 2:g}",
             )
 
     def _check_dsnot(self) -> None:
