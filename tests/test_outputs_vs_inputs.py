@@ -181,3 +181,13 @@ def test_names_past_the_file_system_limit_are_refused(tmp_path):
 def test_hub_ids_and_named_sources_are_not_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     check_disjoint({"--model": "gpt2", "--calib_dataset": "c4"}, {"--save_model": "gpt2-pruned", "--save": "c4"})
+
+
+def test_a_results_folder_may_hold_the_model_but_a_model_folder_holds_nothing(tmp_path):
+    """``--save`` receives files one by one, so the model may be written inside it (``--save out --save_model
+    out/model``); ``--save_model`` is replaced as a whole, so nothing else may live inside it."""
+    check_disjoint({}, {"--save": tmp_path / "out", "--save_model": tmp_path / "out" / "model"})
+    with pytest.raises(WandaError, match="give the outputs separate places"):
+        check_disjoint({}, {"--save_model": tmp_path / "m", "--work_dir": tmp_path / "m" / "work"})
+    with pytest.raises(WandaError, match="give the outputs separate places"):
+        check_disjoint({}, {"--save": tmp_path / "out", "--save_model": tmp_path / "out"})

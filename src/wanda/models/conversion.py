@@ -13,6 +13,7 @@ written here, so a family transformers learns to convert streams as it loads.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,10 +38,7 @@ class ConvertedInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     def load(self, read: Callable[[TensorInfo], torch.Tensor]) -> torch.Tensor:
         converter = copy.deepcopy(self.converter)

@@ -277,6 +277,11 @@ def _resolved(path: str | Path) -> Path:
     return Path(path).expanduser().resolve()
 
 
+#: Output flags whose folder receives named files one by one and is never replaced as a whole: another output
+#: may live inside it (``--save out --save_model out/model``), though not be it.
+FILE_FOLDERS = frozenset({"--save"})
+
+
 def check_disjoint(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
     """Refuse, before anything loads, any output that could touch an input, and outputs that overlap.
 
@@ -285,7 +290,7 @@ def check_disjoint(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
     count as the same place): an output equal to an input, inside one or holding one is refused, whatever
     ``--overwrite`` says, since writing it (or replacing it atomically) would destroy the input. Inputs that
     do not exist on disk (hub ids, named corpora) cannot be destroyed and are skipped. Two outputs may not be
-    the same place or nest either way. An output whose name the temporary names (``.NAME.XXXXXXXX.tmp``,
+    the same place or nest either way, except inside a folder of result files (``FILE_FOLDERS``). An output whose name the temporary names (``.NAME.XXXXXXXX.tmp``,
     ``.NAME.old-PID``) would push past the file system's name limit is refused too.
     """
 
@@ -323,6 +328,8 @@ def check_disjoint(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
     for i, (flag_a, raw_a, path_a) in enumerate(targets):
         for flag_b, raw_b, path_b in targets[i + 1 :]:
             how = overlap(path_a, path_b)
+            if (how == "is inside" and flag_b in FILE_FOLDERS) or (how == "holds" and flag_a in FILE_FOLDERS):
+                continue
             if how:
                 raise WandaError(f"{flag_a} {raw_a} {how} {flag_b} {raw_b}; give the outputs separate places")
 
