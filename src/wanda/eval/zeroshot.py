@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
+from ..kernels import SparseLinear
 from ..masks import zero_count
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.hub import hub_problem
@@ -165,6 +166,9 @@ def linear_zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
         if isinstance(module, nn.Linear) and module is not head and not adapter_part:
             weight = module.weight
             counts[name] = (zero_count(weight), weight.numel())
+        elif isinstance(module, SparseLinear) and not adapter_part:  # packed: its zeros are the unset mask bits
+            size = module.in_features * module.out_features
+            counts[name] = (size - module.nnz, size)
     return counts
 
 

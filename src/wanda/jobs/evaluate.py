@@ -14,7 +14,7 @@ from pathlib import Path
 from ..engine.streaming import OffloadSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, linear_zero_counts, run_zero_shot
 from ..masks import overall_sparsity
-from ..models import ModelSettings
+from ..models import ModelSettings, SparseKernelSettings
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.io import atomic_write_json, check_disjoint
 from ..utils.resources import peak_rss_mb
@@ -44,6 +44,7 @@ class AdapterSettings(SettingsMixin):
 #: The settings of ``wanda eval``.
 EVAL_JOB = (
     ModelSettings,
+    SparseKernelSettings,
     AdapterSettings,
     EvalSettings,
     ZeroShotSettings,
@@ -53,9 +54,46 @@ EVAL_JOB = (
 )
 
 
+def densify_adapter_targets(model, adapter: str) -> int:
+    """Turn back into ``nn.Linear`` the ``SparseLinear`` layers the adapter wraps; returns how many.
+
+    peft wraps only the layer types it knows, so the layers a LoRA adapter targets are made dense (their
+    weight is the packed one, bit for bit); every other pruned layer keeps the sparse kernel.
+    """
+    import json
+    import re
+
+    from torch import nn
+
+    from ..kernels import SparseLinear
+
+    config = json.loads((Path(adapter).expanduser() / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = config.get("target_modules") or []
+    count = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, SparseLinear):
+            continue
+        leaf = name.rpartition(".")[2]
+        hit = re.fullmatch(targets, name) if isinstance(targets, str) else (leaf in targets or name in targets)
+        if not hit:
+            continue
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        dense.weight = nn.Parameter(module.to_dense(), requires_grad=False)
+        if module.bias is not None:
+            dense.bias = nn.Parameter(module.bias.to(module.values.dtype), requires_grad=False)
+        parent_name = name.rpartition(".")[0]
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, dense)
+        count += 1
+    return count
+
+
 def _attach_adapter(model, adapter: str):
     """The causal LM with the adapter's LoRA layers active inside it, so evaluation code needs no peft case."""
     from ..finetune import load_adapter
+
+    densified = densify_adapter_targets(model, adapter)
+    if densified:
+        log.info("%d sparse-kernel layers targeted by the adapter made dense for peft", densified)
 
     peft_model = load_adapter(model, adapter)
     peft_model.eval()
@@ -65,6 +103,7 @@ def _attach_adapter(model, adapter: str):
 
 def run_eval_job(
     model_settings: ModelSettings,
+    sparse: SparseKernelSettings,
     adapter: AdapterSettings,
     eval_settings: EvalSettings,
     zero_shot: ZeroShotSettings,
@@ -89,7 +128,7 @@ def run_eval_job(
 
     from ..pruning.streamed import placement, streaming_folder  # --offload: evaluated block by block from disk
 
-    streamable = adapter.adapter is None and not zero_shot.eval_zero_shot
+    streamable = adapter.adapter is None and not zero_shot.eval_zero_shot and not sparse.sparse_kernel
     require(
         streamable or offload.offload != "disk",
         "--offload disk evaluates perplexity only: not with --adapter or --eval_zero_shot",
@@ -113,7 +152,7 @@ def run_eval_job(
             RESULTS_FILE,
         )
 
-    loaded = model_settings.load()
+    loaded = model_settings.load(sparse_kernel=sparse.sparse_kernel)
     model, tokenizer = loaded.model, loaded.tokenizer
     seqlen = eval_settings.seqlen_for(model)
     counts = linear_zero_counts(model)  # of the base weights, before an adapter adds its own matrices

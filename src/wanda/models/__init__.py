@@ -1,7 +1,16 @@
 """Finding the prunable structure of a model, and loading models (hub id, folder, GGUF, named models)."""
 
 from .discovery import DecoderLayout, StructureOverride, find_decoder_layout
-from .loading import LoadedModel, ModelSettings, check_seqlen, context_length, default_seqlen, load_model, resolve_dtype
+from .loading import (
+    LoadedModel,
+    ModelSettings,
+    SparseKernelSettings,
+    check_seqlen,
+    context_length,
+    default_seqlen,
+    load_model,
+    resolve_dtype,
+)
 from .matrices import BlockMatrices, NotPruned, PrunableMatrix, find_linears, find_prunable
 
 __all__ = [
@@ -15,6 +24,7 @@ __all__ = [
     "find_prunable",
     "LoadedModel",
     "ModelSettings",
+    "SparseKernelSettings",
     "check_seqlen",
     "context_length",
     "default_seqlen",

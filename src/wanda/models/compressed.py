@@ -234,12 +234,36 @@ def _parse_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict as the dense model has it: a packed sparse linear (``wanda.kernels.SparseLinear``, found
+    by its ``to_dense``) contributes ``weight`` (and ``bias``) in its values' dtype instead of its buffers, so a
+    sparse-kernel model saves to the same checkpoint as the dense-with-zeros model (state_dict order kept)."""
+    packed = {
+        name: mod
+        for name, mod in model.named_modules()
+        if callable(getattr(mod, "to_dense", None)) and isinstance(getattr(mod, "values", None), torch.Tensor)
+    }
+    if not packed:
+        return model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        owner = key.rpartition(".")[0]
+        mod = packed.get(owner)
+        if mod is None:
+            out[key] = tensor
+        elif key.endswith(".values"):
+            out[f"{owner}.weight"] = mod.to_dense()
+            if mod.bias is not None:
+                out[f"{owner}.bias"] = mod.bias.to(mod.values.dtype)
+    return out
+
+
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The state dict without repeated storage: (tensors to write, alias -> key it shares storage with)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in _dense_state(model).items():
         ident = (
             tensor.untyped_storage().data_ptr(),
             tensor.storage_offset(),

@@ -37,6 +37,17 @@ class TrustSettings(SettingsMixin):
 
 
 @dataclass(frozen=True)
+class SparseKernelSettings(SettingsMixin):
+    """Whether a command that runs a model runs its pruned linears on the sparse CPU kernel."""
+
+    sparse_kernel: bool = setting(
+        False,
+        "build the model with SparseLinear layers (non-zeros + bitmask, wanda.kernels) straight from a "
+        "compressed or dense-with-zeros folder, tensor by tensor; matrices with under 30 percent zeros stay dense (CPU only)",
+    )
+
+
+@dataclass(frozen=True)
 class ModelSettings(TrustSettings):
     """Which model to load, where it runs, and (``TrustSettings``) what loading it may do beyond reading data."""
 
@@ -68,7 +79,7 @@ class ModelSettings(TrustSettings):
         """A named offline model (its defaults: offline calibration and evaluation text)."""
         return self.name in NAMED_MODELS
 
-    def load(self, dtype: str | None = None) -> "LoadedModel":
+    def load(self, dtype: str | None = None, sparse_kernel: bool = False) -> "LoadedModel":
         return load_model(
             self.model,
             self.cache_dir,
@@ -76,6 +87,7 @@ class ModelSettings(TrustSettings):
             self.device,
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
+            sparse_kernel=sparse_kernel,
         )
 
 
@@ -124,6 +136,8 @@ def load_model(
     *,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    sparse_kernel: bool = False,
+    min_sparsity: float = 0.3,
 ) -> LoadedModel:
     """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on
     CPU, or across GPUs on CUDA.
@@ -131,6 +145,10 @@ def load_model(
     A local folder is checked before ``transformers`` reads it (``wanda.models.checks``): code it ships runs
     only with ``trust_remote_code``, pickled weights load only with ``allow_pickle``, and truncated weights,
     a broken config or a missing tokenizer are refused with one line. Every loaded weight must be finite.
+
+    ``sparse_kernel``: build the model on the CPU with ``SparseLinear`` layers straight from the folder, one
+    tensor at a time (``wanda.models.sparse_load``), so no dense copy of the model exists; linears with fewer
+    than ``min_sparsity`` zeros stay dense.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -170,8 +188,19 @@ def load_model(
     else:
         location = name
         kwargs["cache_dir"] = tok_kwargs["cache_dir"] = cache_dir
+    if sparse_kernel:
+        if target.type != "cpu":
+            raise WandaError("--sparse_kernel runs on the CPU; use --device cpu")
+        if "gguf_file" in kwargs or not Path(location).is_dir():
+            raise WandaError(f"--sparse_kernel needs a local safetensors or compressed folder, not {name!r}")
     try:
-        if compressed:
+        if sparse_kernel:
+            from .sparse_load import load_sparse_model
+
+            model, report = load_sparse_model(location, torch_dtype, min_sparsity)
+            tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
+            log.info("sparse kernel: %s", report.line())
+        elif compressed:
             from .compressed import load_compressed
 
             model, tokenizer = load_compressed(location, dtype=torch_dtype, device=target)

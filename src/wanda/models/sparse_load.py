@@ -1,0 +1,150 @@
+"""Building a model whose pruned linear layers are ``SparseLinear`` straight from disk, one tensor at a time.
+
+Why: the point of the sparse kernel is a model that is smaller in memory, so loading it must never hold the
+dense model. The skeleton is built on the ``meta`` device (accelerate's ``init_empty_weights``); then each
+tensor is read from the checkpoint on its own (a ``--save_format compressed`` folder, decoded from its
+bitmask, or a dense safetensors folder whose pruned weights are zeros) and each linear weight is packed into a
+``SparseLinear`` before the next is read, so at most one dense matrix exists at any moment. Matrices with
+fewer than ``min_sparsity`` zeros, the embeddings and a head tied to them stay dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import WandaError
+from ..kernels import SparseLinear
+from .checkpoint import Checkpoint, file_entries
+from .compressed import MANIFEST_NAME, WEIGHTS_NAME, _parse_dtype, _read_manifest, decode_tensor
+from .streaming import _name_mapping, assign_tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SparseLoadReport", "load_sparse_model"]
+
+
+@dataclass
+class SparseLoadReport:
+    converted: int
+    kept_dense: int
+
+    def line(self) -> str:
+        return f"{self.converted} linear matrices sparse, {self.kept_dense} stayed dense"
+
+
+def _compressed_reader(folder: Path) -> tuple[Callable[[str], torch.Tensor], list[str], str]:
+    """(read one tensor by name, its names, the model class) for a compressed folder."""
+    from .checks import check_safetensors, inside
+
+    manifest = _read_manifest(folder)
+    weights = inside(folder, str(manifest.get("weights", WEIGHTS_NAME)), str(folder / MANIFEST_NAME))
+    if not weights.is_file():
+        raise WandaError(f"{folder}: the weights file {weights.name} named by {MANIFEST_NAME} is missing")
+    check_safetensors(weights)
+    parts = Checkpoint(folder, file_entries(weights))
+    aliases: dict[str, str] = dict(manifest.get("aliases", {}))
+    tensors: dict[str, dict] = manifest["tensors"]
+
+    def read(name: str) -> torch.Tensor:
+        key = aliases.get(name, name)
+        entry = tensors[key]
+        names = [n for n in parts.names() if n.rpartition("::")[0] == key]
+        stored = {n.rpartition("::")[2]: t for n, t in parts.read(names).items()}
+        try:
+            return decode_tensor(entry["encoding"], stored, tuple(entry["shape"]), _parse_dtype(entry["dtype"]))
+        except WandaError as exc:
+            raise WandaError(f"{folder}: {key}: {exc}") from exc
+
+    return read, [*tensors, *aliases], str(manifest.get("model_class"))
+
+
+def load_sparse_model(
+    folder: str | Path, dtype: torch.dtype, min_sparsity: float = 0.3
+) -> tuple[nn.Module, SparseLoadReport]:
+    """The model of ``folder`` on the CPU in ``dtype`` (fp32 or bf16), pruned linears as ``SparseLinear``."""
+    import transformers
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise WandaError(f"--sparse_kernel runs fp32 or bf16 models, not {dtype}; use --dtype float32 or bfloat16")
+    folder = Path(folder)
+    compressed = (folder / MANIFEST_NAME).is_file()
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            if compressed:
+                _, _, class_name = _compressed_reader(folder)
+                model_class = getattr(transformers, class_name, None)
+                if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+                    raise WandaError(f"{folder}: model class {class_name} is not in this transformers version")
+                model = model_class._from_config(config, dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (OSError, ValueError, ImportError) as exc:
+        raise WandaError(f"could not build model {folder}: {exc}".splitlines()[0]) from exc
+    model.eval()
+    if compressed:
+        read, names, _ = _compressed_reader(folder)
+        available = set(names)
+    else:
+        checkpoint = Checkpoint.open(folder)
+        mapping = _name_mapping(model, checkpoint)
+        checkpoint = Checkpoint(checkpoint.folder, {mapping[k]: checkpoint.entries[k] for k in mapping})
+        available = set(checkpoint.names())
+
+        def read(name: str) -> torch.Tensor:
+            return checkpoint.read([name])[name]
+
+    tie = bool(getattr(model.config, "tie_word_embeddings", False))
+    embeddings = {id(m) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.get_output_embeddings()
+    linears = {
+        name: mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear) and id(mod) not in embeddings and mod is not head
+    }
+
+    def fetch(name: str) -> torch.Tensor:
+        if name not in available:
+            raise WandaError(f"the checkpoint in {folder} lacks {name}")
+        tensor = read(name)
+        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+    report = SparseLoadReport(0, 0)
+    done: set[str] = set()
+    for name, lin in linears.items():
+        weight = fetch(f"{name}.weight")
+        bias = fetch(f"{name}.bias") if lin.bias is not None else None
+        done.update({f"{name}.weight", f"{name}.bias"})
+        if float((weight == 0).sum()) >= min_sparsity * weight.numel():
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, leaf, SparseLinear.from_dense(weight, bias, dtype=dtype))
+            report.converted += 1
+        else:
+            assign_tensor(model, f"{name}.weight", weight)
+            if bias is not None:
+                assign_tensor(model, f"{name}.bias", bias)
+            report.kept_dense += 1
+        del weight, bias
+    head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
+    for name, param in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in done or param.device.type != "meta":
+            continue
+        if tie and head_name is not None and name == f"{head_name}.weight" and name not in available:
+            continue  # tied to the embeddings below
+        assign_tensor(model, name, fetch(name))
+    if tie:
+        model.tie_weights()
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.device.type == "meta"]
+    if left:
+        raise WandaError(f"the checkpoint in {folder} lacks {', '.join(left[:4])}")
+    model.config.use_cache = False
+    return model, report
