@@ -167,3 +167,17 @@ def test_streamed_equals_in_memory_with_wbits(tmp_path):
     assert memory.keys() == streamed.keys()
     for name, tensor in memory.items():
         assert torch.equal(tensor, streamed[name]), name
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--wbits", "5"], "argument --wbits: invalid choice"),
+        (["--wbits", "4", "--groupsize", "0"], "--groupsize must be -1"),
+    ],
+)
+def test_bad_quantization_flags_exit_2(flags, message, env):  # noqa: F811
+    proc = subprocess.run([sys.executable, "-m", "wanda", *flags], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("wanda: error: ") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
