@@ -3,6 +3,7 @@ kept weights on the grid, and reconstructs each layer at least as well as round-
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -117,7 +118,8 @@ def _state(folder) -> dict[str, torch.Tensor]:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
 
 
-def test_cli_wbits_saves_weights_on_the_grid(tmp_path, env):  # noqa: F811
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_cli_wbits_saves_weights_on_the_grid(tmp_path, env, offload):  # noqa: F811
     folder = save_tiny(tmp_path, "llama")
     corpus = word_corpus(tmp_path / "corpus.txt", words=2000)
     out = tmp_path / "pruned"
@@ -125,10 +127,14 @@ def test_cli_wbits_saves_weights_on_the_grid(tmp_path, env):  # noqa: F811
         *("--model", str(folder), "--calib_dataset", str(corpus), "--eval_dataset", str(corpus)),
         *("--seqlen", "32", "--nsamples", "8", "--eval_windows", "2", "--device", "cpu"),
         *("--prune_method", "wanda", "--sparsity_ratio", "0.5", "--wbits", "4", "--groupsize", "32"),
-        *("--save_model", str(out), "--offload", "none"),
+        *("--save_model", str(out), "--offload", offload, "--save", str(tmp_path / "results")),
     ]
     proc = subprocess.run([sys.executable, "-m", "wanda", *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "results_wanda.json").read_text())
+    assert results["prune"]["settings"]["quant"] == {"wbits": 4, "groupsize": 32, "sym": False}
+    assert results.get("streamed", False) == (offload == "disk")
+    assert all(layer["quant_loss"] is not None for layer in results["prune"]["layers"])
     state = _state(out)
     checked = 0
     for name, weight in state.items():
