@@ -15,7 +15,7 @@ import wanda.pruning.prune as prune_module
 from wanda.engine.streaming import StreamSettings
 from wanda.pruning.prune import needs_calibration, prune, statistics_needed
 from wanda.pruning.prune_settings import PruneSettings
-from wanda.quant.gptq import rtn_quantize
+from wanda.quant.gptq import gptq_quantize, rtn_quantize
 from wanda.quant.settings import QuantSettings
 from wanda.stats import Gram, SquaredNorm, part
 
@@ -25,7 +25,7 @@ METHODS = ["magnitude", "wanda", "sparsegpt", "alps"]
 PATTERNS = ["unstructured", "2:4"]
 
 
-def _recorded_prune(monkeypatch, method: str, pattern: str, wbits: int, groupsize: int = 32):
+def _recorded_prune(monkeypatch, method: str, pattern: str, wbits: int, groupsize: int = 32, ratio: float = 0.5):
     """Prune the tiny llama with quantization; return (model, report, one record per quantized matrix in the
     order they were pruned: (weight before quantization, raw H = 2/n X^T X, quantized weight, group params))."""
     records: list[dict] = []
@@ -43,7 +43,7 @@ def _recorded_prune(monkeypatch, method: str, pattern: str, wbits: int, groupsiz
     monkeypatch.setattr(prune_module, "_quantize", quantize)
     monkeypatch.setattr(prune_module, "gptq_quantize", gptq)
     model = tiny_model("llama")
-    settings = PruneSettings(prune_method=method, sparsity_type=pattern, sparsity_ratio=0.5)
+    settings = PruneSettings(prune_method=method, sparsity_type=pattern, sparsity_ratio=ratio)
     quant = QuantSettings(wbits=wbits, groupsize=groupsize)
     report = prune(model, calib_ids(), settings, progress=False, batch_size=4, quant=quant)
     return model, report, records
@@ -86,6 +86,17 @@ def test_zeros_kept_values_on_grid_and_gptq_beats_rtn(monkeypatch, method, patte
         (p.detach() == 0).sum().item() for n, p in params.items() if ".layers." in n and n.endswith("proj.weight")
     )
     assert sparsity / sum(l.shape[0] * l.shape[1] for l in report.layers) >= 0.5
+
+
+def test_ratio_zero_is_plain_gptq(monkeypatch):
+    """``--prune_method magnitude --sparsity_ratio 0 --wbits 4`` quantizes the dense weights: plain GPTQ."""
+    dense = {n: p.detach().clone() for n, p in tiny_model("llama").named_parameters()}
+    model, report, records = _recorded_prune(monkeypatch, "magnitude", "unstructured", 4, ratio=0.0)
+    for layer, rec in zip(report.layers, records):
+        if layer.name.startswith("model.layers.0."):  # block 0 reads the dense model's inputs
+            assert torch.equal(rec["weight"], dense[layer.name + ".weight"]), layer.name
+        expected, _ = gptq_quantize(rec["weight"], rec["hessian"], rec["grid"])
+        assert torch.equal(rec["out"], expected), layer.name
 
 
 def test_quantizing_adds_the_gram_and_calibration():
