@@ -18,6 +18,7 @@ from ..parallel.launch import DistributedSettings
 from ..parallel.ranks import init_ranks
 from ..pruning.prune import needs_calibration, prune
 from ..pruning.prune_settings import PruneSettings
+from ..quant.settings import QuantSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
 from ..utils.io import check_disjoint, ensure_free
 from ..utils.resources import run_peak_rss_mb
@@ -67,6 +68,7 @@ class PruneOutputSettings(SettingsMixin):
 PRUNE_JOB = (
     ModelSettings,
     PruneSettings,
+    QuantSettings,
     CalibrationSettings,
     EvalSettings,
     PruneOutputSettings,
@@ -92,6 +94,7 @@ def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, eva
 def run_prune_job(
     model_settings: ModelSettings,
     settings: PruneSettings,
+    quant: QuantSettings,
     calib_settings: CalibrationSettings,
     eval_settings: EvalSettings,
     outputs: PruneOutputSettings,
@@ -165,6 +168,7 @@ def run_prune_job(
             stream,
             outputs.eval_dense or model_settings.bundled,
             ranks,
+            quant=quant,
         )
 
     with ranks.agreed("loading the model and the data"):
@@ -177,7 +181,7 @@ def run_prune_job(
         eval_windows = eval_settings.windows(eval_settings.specs(model_settings.bundled), tokenizer, seqlen)
 
         calib = None
-        if needs_calibration(settings):  # the method's statistics, DSnoT's or the sparsity profile's walk
+        if needs_calibration(settings, quant):  # the method's statistics, DSnoT's or the sparsity profile's walk
             spec = calib_settings.calib_dataset or ("wiki-summaries" if model_settings.bundled else "c4")
             source = resolve_source(spec, "calibration", eval_settings.text_field)
             calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
@@ -185,7 +189,7 @@ def run_prune_job(
 
     evaluate_dense = outputs.eval_dense or model_settings.bundled
     dense = evaluate(model, eval_windows, batch_size, "dense", ranks) if evaluate_dense else {}
-    report = prune(model, calib, settings, device=device, batch_size=batch_size, ranks=ranks)
+    report = prune(model, calib, settings, device=device, batch_size=batch_size, ranks=ranks, quant=quant)
     pruned = evaluate(model, eval_windows, batch_size, "pruned", ranks)
     if not ranks.is_main:
         # one writer: every rank holds the same pruned weights; the main rank alone goes on (zero-shot tasks,

@@ -25,6 +25,7 @@ from ..parallel.ranks import SINGLE, Ranks
 from ..pruning.prune import needs_calibration
 from ..pruning.prune_settings import PruneSettings
 from ..pruning.streamed import open_pruned, prune_streamed, streamed_linear_sparsity
+from ..quant.settings import QuantSettings
 from ..utils.io import atomic_write_json
 from ..utils.resources import peak_rss_mb, run_peak_rss_mb
 from .common import EvalSettings, print_perplexities, write_results
@@ -78,6 +79,7 @@ def streamed_prune_job(
     stream: StreamSettings,
     eval_dense: bool,
     ranks: Ranks = SINGLE,
+    quant: QuantSettings | None = None,
 ) -> int:
     """``wanda`` with the model streamed: calibrate, prune block by block (resumable), save, evaluate. Under
     torchrun every rank streams every block with its share of the windows; the main rank alone prints and
@@ -90,7 +92,7 @@ def streamed_prune_job(
         batch_size = eval_settings.batch_for(device)
         eval_windows = eval_settings.windows(eval_settings.specs(bundled), tokenizer, seqlen)
         calib = None
-        if needs_calibration(settings):  # the method's statistics, DSnoT's or the sparsity profile's walk
+        if needs_calibration(settings, quant):  # the method's statistics, DSnoT's or the sparsity profile's walk
             spec = calib_settings.calib_dataset or ("wiki-summaries" if bundled else "c4")
             source = resolve_source(spec, "calibration", eval_settings.text_field)
             calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
@@ -113,6 +115,7 @@ def streamed_prune_job(
         save_format=outputs.save_format,
         ranks=ranks,
         progress=ranks.is_main,
+        quant=quant,
     )
     pruned = (
         _evaluate(open_pruned(run, device), eval_windows, dtype, device, batch_size, stream, ranks)

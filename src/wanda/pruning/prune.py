@@ -21,6 +21,7 @@ from ..engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
 from ..errors import WandaError
 from ..masks import overall_sparsity, zero_fraction
 from ..methods import MethodSpec, get_method, prune_layer, statistics_for
+from ..methods.obs import inverse_hessian_factor_dampened
 from ..models import (
     BlockMatrices,
     DecoderLayout,
@@ -33,7 +34,10 @@ from ..models import (
 )
 from ..models.matrices import UNOBSERVED
 from ..parallel.ranks import SINGLE, Ranks
-from ..stats import InputRecorder, statistic_factory
+from ..quant.gptq import gptq_quantize
+from ..quant.grid import Grid
+from ..quant.settings import QuantSettings
+from ..stats import Gram, InputRecorder, InputStatistic, part, statistic_factory
 from ..utils.resources import peak_rss_mb, release_memory, reset_peak_rss
 from .profiles import PROFILES, layer_ratios
 from .prune_settings import PruneSettings
@@ -57,6 +61,8 @@ class LayerReport:
     #: the Hessian dampening finally used (fraction of its mean diagonal) by the methods that factorise it:
     #: ``--percdamp`` unless the factorisation had to escalate it
     damping: float | None = None
+    #: GPTQ's OBS-predicted loss of quantizing the pruned weight (``--wbits``), None without quantization
+    quant_loss: float | None = None
 
 
 #: What a matrix that read no calibration token is pruned with (see ``InputStatistic.neutral``).
@@ -139,6 +145,20 @@ def _statistic(name: str, weight: torch.Tensor, spec: MethodSpec, recorder: Inpu
     return neutral, 0, NO_TOKEN_RULE
 
 
+def _quantize(weight: torch.Tensor, stat: InputStatistic | None, grid: Grid, settings: PruneSettings):
+    """(weight on ``grid``, GPTQ loss): mask-fixed GPTQ of an already pruned (and updated) weight on the layer's
+    Gram, so every zero stays exactly 0 and only kept weights absorb the rounding error. The dampened inverse
+    factor is shared with the method (SparseGPT's) and between the layers reading one input (q/k/v)."""
+    gram = part(stat, Gram)
+    if gram is None:  # a matrix that read no token: H = I, i.e. round-to-nearest
+        gram = Gram.neutral(weight.shape[1], weight.device)
+    key = ("inverse_factor", settings.percdamp, weight.device)
+    if key not in gram.derived:
+        gram.derived[key] = inverse_hessian_factor_dampened(gram.hessian().to(weight.device), settings.percdamp)
+    factor = gram.derived[key][0]
+    return gptq_quantize(weight, None, grid, mask=weight == 0, factor=factor)
+
+
 def _prune_linears(
     linears: dict[str, PrunableMatrix],
     settings: PruneSettings,
@@ -147,6 +167,7 @@ def _prune_linears(
     report: PruneReport,
     ranks: Ranks = SINGLE,
     layout: DecoderLayout | None = None,
+    grid: Grid | None = None,
 ) -> None:
     spec = get_method(settings.method)
     # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
@@ -171,7 +192,10 @@ def _prune_linears(
             _sync(weight.device)
             start = time.perf_counter()
             result = prune_layer(weight, stat, layer_settings, name)
-            view.copy_(result.weight.to(view.dtype))
+            new, quant_loss = result.weight, None
+            if grid is not None:  # --wbits: GPTQ on the fixed mask, after the method's mask and update
+                new, quant_loss = _quantize(new, recorder.stat(name) if recorder else None, grid, settings)
+            view.copy_(new.to(view.dtype))
             _sync(weight.device)
             seconds = time.perf_counter() - start
             done[name] = LayerReport(
@@ -184,15 +208,26 @@ def _prune_linears(
                 tokens,
                 rule,
                 result.damping,
+                quant_loss,
             )
     # distributed hook: weights solved on another rank arrive here, with their reports
     done = ranks.share(linears, owners, done)
     report.layers.extend(done[name] for name in linears)
 
 
-def needs_calibration(settings: PruneSettings) -> bool:
-    """Whether ``prune`` needs calibration samples: the method's (or DSnoT's) statistics, or the profile's walk."""
-    return bool(statistics_for(settings)) or PROFILES[settings.sparsity_profile].needs_calibration
+def statistics_needed(settings: PruneSettings, quant: QuantSettings | None = None) -> tuple:
+    """The accumulators of every layer: the method's (``statistics_for``), plus the Gram matrix GPTQ needs
+    when quantizing (``--wbits``) after a method that reads none or only the squared norms."""
+    kinds = statistics_for(settings)
+    if quant is not None and quant.wbits is not None and Gram not in kinds:
+        kinds = (*kinds, Gram)
+    return kinds
+
+
+def needs_calibration(settings: PruneSettings, quant: QuantSettings | None = None) -> bool:
+    """Whether ``prune`` needs calibration samples: the method's (or DSnoT's) statistics, GPTQ's Gram, or the
+    profile's walk."""
+    return bool(statistics_needed(settings, quant)) or PROFILES[settings.sparsity_profile].needs_calibration
 
 
 def _unobserved(found: BlockMatrices, recorder: InputRecorder) -> dict[str, PrunableMatrix]:
@@ -237,6 +272,8 @@ def prune(
     source: BlockSource | None = None,
     ranks: Ranks = SINGLE,
     structure: StructureOverride | None = None,
+    *,
+    quant: QuantSettings | None = None,
 ) -> PruneReport:
     """Prune every weight matrix inside ``model``'s decoder blocks in place (see ``find_prunable``).
 
@@ -249,22 +286,26 @@ def prune(
     ``calibration_ids``, runs its share of them and ends with the same pruned weights.
     ``structure``: which module list holds the blocks and which matrices to prune, for a model the generic
     discovery gets wrong.
+    ``quant``: with ``wbits``, every pruned matrix is then quantized by mask-fixed GPTQ on its Gram matrix
+    (pruned weights stay exactly 0).
     """
     get_method(settings.method)
-    statistics = statistics_for(settings)
+    statistics = statistics_needed(settings, quant)
+    grid = quant.grid() if quant is not None else None
     progress = progress and ranks.is_main
     layout = find_decoder_layout(model, structure, settings.matrix_targets)
     _check_targets(layout)
-    report = PruneReport(settings=settings.to_dict())
+    report = PruneReport(settings=settings.to_dict() | ({"quant": quant.to_dict()} if grid is not None else {}))
     release_memory()
     reset_peak_rss()
     start = time.perf_counter()
-    calibrated = needs_calibration(settings)
+    calibrated = needs_calibration(settings, quant)
     if calibrated:
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise WandaError(
                 f"--prune_method {settings.method} with --sparsity_profile {settings.sparsity_profile}"
-                f"{' --dsnot' if settings.dsnot else ''} needs calibration samples"
+                f"{' --dsnot' if settings.dsnot else ''}{' --wbits' if grid is not None else ''} needs calibration "
+                "samples"
             )
         check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
@@ -276,7 +317,7 @@ def prune(
         def visit_without_statistics(index: int, block: nn.Module, inputs: BlockInputs | None) -> None:
             found = layout.matrices(index, block)
             report.not_pruned.extend(found.not_pruned)
-            _prune_linears(found.prunable, settings, ratios, None, report, ranks, layout)
+            _prune_linears(found.prunable, settings, ratios, None, report, ranks, layout, grid)
 
         engine.walk(None, visit_without_statistics)
     else:
@@ -293,7 +334,7 @@ def prune(
             ranks.reduce(recorder.stats, recorder.factory)
             linears = _unobserved(found, recorder)
             report.not_pruned.extend(found.not_pruned)
-            _prune_linears(linears, settings, ratios, recorder, report, ranks, layout)
+            _prune_linears(linears, settings, ratios, recorder, report, ranks, layout, grid)
             del recorder
 
         # distributed hook: each rank captures, and walks the blocks with, its own share of the windows

@@ -29,13 +29,13 @@ from ..errors import WandaError
 from ..export.compressed_stream import save_compressed_streamed
 from ..export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from ..export.shards import DEFAULT_SHARD_SIZE, write_shards
-from ..methods import statistics_for
 from ..models.checkpoint import Checkpoint, file_entries, is_streamable
 from ..models.streaming import StreamedModel, build_skeleton
 from ..parallel.ranks import SINGLE, Ranks
+from ..quant.settings import QuantSettings
 from ..utils.devices import default_batch_size
 from ..utils.io import atomic_directory, ensure_free
-from .prune import LayerReport, PruneReport, needs_calibration, prune
+from .prune import LayerReport, PruneReport, needs_calibration, prune, statistics_needed
 from .prune_settings import PruneSettings
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ def prune_streamed(
     cleanup: bool = True,
     save_format: str = "dense",
     ranks: Ranks = SINGLE,
+    quant: QuantSettings | None = None,
 ) -> StreamedRun:
     """Prune the safetensors checkpoint in ``model_path`` one block at a time; write it to ``save_model``.
 
@@ -193,12 +194,13 @@ def prune_streamed(
             raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
         streamed = build_skeleton(model_path, dtype, device, with_head=False)
     batch_size = batch_size or default_batch_size(device)
-    calibrated = needs_calibration(settings)
+    calibrated = needs_calibration(settings, quant)
     calibration_ids = calibration_ids if calibrated else None
+    quantized = quant is not None and quant.wbits is not None
     fingerprint = {
         "model": str(Path(model_path).resolve()),
         "checkpoint": streamed.checkpoint.signature(),
-        "settings": settings.to_dict(),
+        "settings": settings.to_dict() | ({"quant": quant.to_dict()} if quantized else {}),
         "seed": seed,
         "dtype": str(dtype),
         "device": device.type,
@@ -208,9 +210,9 @@ def prune_streamed(
     }
     work_dir = Path(stream.work_dir) if stream.work_dir else default_work_dir(save_model, fingerprint)
     num_blocks = len(streamed.layout.blocks)
-    work = _open_work_folder(work_dir, fingerprint, num_blocks, bool(statistics_for(settings)), ranks)
+    work = _open_work_folder(work_dir, fingerprint, num_blocks, bool(statistics_needed(settings, quant)), ranks)
 
-    report = PruneReport(settings=settings.to_dict())
+    report = PruneReport(settings=fingerprint["settings"])
     start = work.resume_point()
     for index in range(start):
         report.layers += [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in work.block_layers(index)]
@@ -232,6 +234,7 @@ def prune_streamed(
             batch_size=batch_size,
             source=source,
             ranks=ranks,
+            quant=quant,
         )
     finally:
         source.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..utils.declare import SettingsMixin, require, setting
 from .grid import BITS, QuantGrid
@@ -14,6 +15,8 @@ __all__ = ["QuantSettings"]
 class QuantSettings(SettingsMixin):
     """GPTQ weight quantization (Frantar et al., ICLR 2023) after pruning; ``wbits=None`` leaves weights in
     floating point. ``grid()`` is the matching ``QuantGrid`` (None without quantization)."""
+
+    _argument_group_name: ClassVar[str] = "quantization"
 
     wbits: int | None = setting(
         None,
