@@ -22,7 +22,7 @@ from ..errors import WandaError
 from ..kernels import SparseLinear
 from .checkpoint import Checkpoint, file_entries
 from .compressed import MANIFEST_NAME, WEIGHTS_NAME, _parse_dtype, _read_manifest, decode_tensor
-from .streaming import _name_mapping, assign_tensor
+from .streaming import assign_tensor, under_model_names
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ def load_sparse_model(
         available = set(names)
     else:
         checkpoint = Checkpoint.open(folder)
-        mapping = _name_mapping(model, checkpoint)
-        checkpoint = Checkpoint(checkpoint.folder, {mapping[k]: checkpoint.entries[k] for k in mapping})
+        checkpoint = under_model_names(model, checkpoint)
         available = set(checkpoint.names())
 
         def read(name: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .discovery import DecoderLayout, find_decoder_layout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamedModel", "build_skeleton", "assign_tensor"]
+__all__ = ["StreamedModel", "build_skeleton", "assign_tensor", "under_model_names"]
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -37,7 +37,7 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         raise KeyError(name)
 
 
-def _name_mapping(model: nn.Module, checkpoint: Checkpoint) -> Checkpoint:
+def under_model_names(model: nn.Module, checkpoint: Checkpoint) -> Checkpoint:
     """The checkpoint under the model's names: a name as it is, with or without the ``base_model_prefix``, or as
     transformers' conversion mapping renames it; parameters the mapping merges from several tensors (per-expert
     matrices into a fused one) become ``ConvertedInfo`` entries read through the library's converter."""
@@ -166,7 +166,7 @@ def build_skeleton(
     model.eval()
     model.config.use_cache = False
     layout = find_decoder_layout(model)
-    checkpoint = _name_mapping(model, checkpoint)
+    checkpoint = under_model_names(model, checkpoint)
     streamed = StreamedModel(model, checkpoint, layout, dtype, str(folder))
     head = model.get_output_embeddings()
     head_names = set()
