@@ -34,6 +34,71 @@ DEFAULT_THRESHOLD = 0.1
 DEFAULT_VAR_POWER = 1.0
 
 
+def _regrow_candidates(grow_key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(2, rows, cols) column orders over the pruned weights: most negative key first (list 0, for e < 0) and
+    most positive first (list 1, for e > 0); kept weights sort to the end of both."""
+    inf = float("inf")
+    return torch.stack(
+        [
+            grow_key.masked_fill(~mask, inf).sort(dim=1, stable=True).indices,
+            grow_key.masked_fill(~mask, -inf).sort(dim=1, descending=True, stable=True).indices,
+        ]
+    )
+
+
+def _prune_candidates(
+    wanda: torch.Tensor, effect: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unstructured: (2, rows, cols) orders by Wanda score over the kept weights whose pruning lowers (list 0)
+    or raises (list 1) the error, and (2, rows) how many each list holds."""
+    inf = float("inf")
+    lowers, raises = ~mask & (effect < 0), ~mask & (effect > 0)
+    lists = torch.stack(
+        [
+            wanda.masked_fill(~lowers, inf).sort(dim=1, stable=True).indices,
+            wanda.masked_fill(~raises, inf).sort(dim=1, stable=True).indices,
+        ]
+    )
+    return lists, torch.stack([lowers.sum(dim=1), raises.sum(dim=1)])
+
+
+def _prune_in_group(
+    wanda: torch.Tensor, mask: torch.Tensor, grow: torch.Tensor, m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """N:M: per row, the kept weight with the lowest Wanda score in the regrown weight's group of M, and
+    whether there is one."""
+    offsets = torch.arange(m, device=wanda.device)
+    group = (grow - grow % m).unsqueeze(1) + offsets  # (rows, m) columns of the regrown weight's group
+    scores = wanda.gather(1, group).masked_fill(mask.gather(1, group), float("inf"))
+    best, where = scores.min(dim=1)
+    return group.gather(1, where.unsqueeze(1)).squeeze(1), torch.isfinite(best)
+
+
+def _take(
+    lists: torch.Tensor, count: torch.Tensor, ptr: torch.Tensor, side: torch.Tensor, index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the next column of list ``side`` and whether the list still had one; advances the pointers."""
+    at = ptr[side, index]
+    pick = lists[side, index, at.clamp(max=lists.shape[-1] - 1)]
+    ptr[side, index] += 1
+    return pick, at < count[side, index]
+
+
+def _swap(
+    W: torch.Tensor,
+    W_hat: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    grow: torch.Tensor,
+    prune: torch.Tensor,
+) -> None:
+    """Regrow ``grow`` at its dense value and prune ``prune``, in the given rows."""
+    mask[rows, grow] = False
+    W_hat[rows, grow] = W[rows, grow]
+    mask[rows, prune] = True
+    W_hat[rows, prune] = 0.0
+
+
 def dsnot(
     dense: torch.Tensor,
     weight: torch.Tensor,
@@ -55,43 +120,23 @@ def dsnot(
     """
     W = dense.float()
     W_hat = weight.float().masked_fill(mask, 0.0)
-    mask = mask.clone()
-    rows, cols = W.shape
+    mask, rows = mask.clone(), W.shape[0]
     mu = mean.to(W.device).float()
     index = torch.arange(rows, device=W.device)
-    inf = float("inf")
 
     error = ((W - W_hat) * mu).sum(dim=1)  # (rows,) expected output error
     first_sign = error.sign()
     grow_gain = W * mu  # regrowing j lowers e by W_ij mu_j
     var = variance.to(W.device).float().clamp_min(torch.finfo(torch.float32).tiny)
-    grow_key = grow_gain / var.pow(var_power)
-    # regrow candidates: the pruned weights, most negative first (for e < 0) and most positive first (for e > 0)
-    grow_lists = torch.stack(
-        [
-            grow_key.masked_fill(~mask, inf).sort(dim=1, stable=True).indices,
-            grow_key.masked_fill(~mask, -inf).sort(dim=1, descending=True, stable=True).indices,
-        ]
-    )
-    grow_count = mask.sum(dim=1)
+    grow_lists = _regrow_candidates(grow_gain / var.pow(var_power), mask)
+    grow_count = mask.sum(dim=1).expand(2, rows)
     grow_ptr = torch.zeros(2, rows, dtype=torch.long, device=W.device)
 
     wanda = W_hat.abs() * squared_norm.to(W.device).float().sqrt().unsqueeze(0)
-    wanda = wanda.masked_fill(mask, inf)  # never prune again what was pruned at the start (and may be regrown)
+    wanda = wanda.masked_fill(mask, float("inf"))  # never prune again what was pruned at the start
     if nm is None:
-        effect = W_hat * mu  # pruning kept j raises e by W^_ij mu_j
-        lowers, raises = ~mask & (effect < 0), ~mask & (effect > 0)
-        prune_lists = torch.stack(
-            [
-                wanda.masked_fill(~lowers, inf).sort(dim=1, stable=True).indices,
-                wanda.masked_fill(~raises, inf).sort(dim=1, stable=True).indices,
-            ]
-        )
-        prune_count = torch.stack([lowers.sum(dim=1), raises.sum(dim=1)])
+        prune_lists, prune_count = _prune_candidates(wanda, W_hat * mu, mask)  # pruning j raises e by W^_ij mu_j
         prune_ptr = torch.zeros(2, rows, dtype=torch.long, device=W.device)
-    else:
-        m = nm[1]
-        offsets = torch.arange(m, device=W.device)
 
     active = torch.ones(rows, dtype=torch.bool, device=W.device)
     for _ in range(max_cycles):
@@ -99,33 +144,17 @@ def dsnot(
         if not active.any():
             break
         side = (error > 0).long()  # 1: regrow the most positive, prune among the lowering ones
-        ptr = grow_ptr[side, index]
-        valid = ptr < grow_count
-        grow = grow_lists[side, index, ptr.clamp(max=cols - 1)]
+        grow, valid = _take(grow_lists, grow_count, grow_ptr, side, index)
         valid &= mask[index, grow]  # the other pointer may have regrown it already
-        grow_ptr[side, index] += 1
-        if nm is None:
-            lower = 1 - side  # e > 0: prune from the list of weights with W^ mu < 0 (list 0)
-            pptr = prune_ptr[lower, index]
-            valid &= pptr < prune_count[lower, index]
-            prune = prune_lists[lower, index, pptr.clamp(max=cols - 1)]
-            prune_ptr[lower, index] += 1
+        if nm is None:  # e > 0: prune from the list of weights with W^ mu < 0 (list 0)
+            prune, found = _take(prune_lists, prune_count, prune_ptr, 1 - side, index)
         else:
-            group = (grow - grow % m).unsqueeze(1) + offsets  # (rows, m) columns of the regrown weight's group
-            scores = wanda.gather(1, group).masked_fill(mask.gather(1, group), inf)
-            best, where = scores.min(dim=1)
-            valid &= torch.isfinite(best)
-            prune = group.gather(1, where.unsqueeze(1)).squeeze(1)
+            prune, found = _prune_in_group(wanda, mask, grow, nm[1])
         after = error - grow_gain[index, grow] + W_hat[index, prune] * mu[prune]
-        update = active & valid
+        update = active & valid & found
         if same_sign or nm is not None:
             update &= after.sign() == first_sign
-        rows_u = index[update]
-        g, p = grow[update], prune[update]
-        mask[rows_u, g] = False
-        W_hat[rows_u, g] = W[rows_u, g]
-        mask[rows_u, p] = True
-        W_hat[rows_u, p] = 0.0
+        _swap(W, W_hat, mask, index[update], grow[update], prune[update])
         error = torch.where(update, after, error)
         active = update
     return W_hat, mask
