@@ -169,7 +169,8 @@ def test_dsnot_keeps_every_count_and_lowers_the_error_of_its_starting_mask(metho
     settings = PruneSettings(prune_method=method, sparsity_type=pattern)
     spec = get_method(method)
     start = spec.prune(weight, part(stat, spec.statistic) if spec.statistic else None, settings)
-    result = prune_layer(weight, stat, settings.replace(dsnot=True, dsnot_skip="none"))
+    after = settings.replace(dsnot=True, dsnot_skip="none")
+    result = prune_layer(weight, stat, method, after.layer(), after.dsnot_settings)
     assert not torch.equal(result.mask, start.mask), "DSnoT swapped nothing"
     assert torch.equal(result.weight == 0, result.mask)
     assert torch.equal(result.mask.sum(1), start.mask.sum(1))  # every row keeps its count

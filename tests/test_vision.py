@@ -305,6 +305,35 @@ def test_wanda_mask_matches_recorded_activations(case, granularity):
         assert torch.equal(matrix_view(layer) == 0, expected), name
 
 
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+def test_ria_from_the_method_registry_matches_its_formula(granularity):
+    # the classifier pruner takes its scores from the language models' registry: RIA there is
+    # (|W_ij| / sum_k |W_kj| + |W_ij| / sum_k |W_ik|) * ||X_j||^0.5, computed here independently in float64
+    build, forward, size = CASES["vit"]
+    model = build()
+    data = batches(images(6, size, seed=2), 3)
+    layers = find_layout(model).prunable
+    norms = recorded_norms(model, layers, forward, data)
+    weights = {name: matrix_view(layer).clone() for name, layer in layers.items()}
+    ratio = 0.5
+    prune_classifier(model, data, settings(metric="ria", granularity=granularity, sparsity=ratio), forward)
+    for name, layer in layers.items():
+        w = weights[name].double().abs()
+        score = (w / w.sum(0, keepdim=True) + w / w.sum(1, keepdim=True)) * norms[name].sqrt().unsqueeze(0)
+        if granularity == "row":
+            k = int(ratio * score.shape[1])
+            expected = torch.zeros_like(score, dtype=torch.bool).scatter_(1, score.argsort(dim=1)[:, :k], True)
+        else:
+            k = int(ratio * score.numel())
+            expected = torch.zeros(score.numel(), dtype=torch.bool)
+            expected[score.flatten().argsort()[:k]] = True
+            expected = expected.view_as(score)
+        pruned = matrix_view(layer) == 0
+        # float32 scores against float64 ones: ties at the threshold may swap, nothing else
+        assert (pruned != expected).float().mean() < 0.002, name
+        assert pruned.sum() == expected.sum(), name
+
+
 def test_wanda_uses_the_activations():
     # the same weights pruned per row with and without the activation norms give different masks
     data = [images(4, 16)]

@@ -16,12 +16,12 @@ from typing import ClassVar
 import torch
 
 from ..errors import WandaError
+from ..methods import get_method
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.devices import resolve_device
 from ..utils.io import atomic_directory, atomic_write_json, check_disjoint, ensure_free
 from ..utils.resources import peak_rss_mb
 from ..vision import (
-    METRICS,
     ImageFolder,
     VisionPruneSettings,
     calibration_batches,
@@ -158,7 +158,7 @@ def run_vision_job(
         )
 
     dense = {} if job.skip_dense_eval else evaluate("dense")
-    if settings.nsamples > len(train) and METRICS[settings.metric].statistic is not None:
+    if settings.nsamples > len(train) and get_method(settings.metric).statistic is not None:
         log.info(
             "--nsamples %d is more than the %d training images; calibrating on all of them",
             settings.nsamples,

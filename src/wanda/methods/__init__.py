@@ -1,31 +1,46 @@
 """Pruning methods: pure tensor code that turns a weight and its calibration statistic into a mask
 (and, for the OBS methods, an updated weight). Nothing here knows about models, hooks or devices."""
 
-from .dsnot import dsnot
-from .obs import obs_prune
+from .admm import AdmmSettings, AlpsSettings, SupportSettings
+from .dsnot import DsnotSettings, dsnot
+from .layer import LayerSettings
+from .obs import DampingSettings, ObsSettings, obs_prune
 from .owl import outlier_ratio, owl_ratios
 from .registry import (
     DSNOT_BASES,
+    METHOD_SETTINGS,
     METHOD_SPECS,
+    SCORE_METHODS,
     LayerResult,
     MethodSpec,
-    dsnot_applies,
     get_method,
     prune_layer,
+    settings_from,
     statistics_for,
 )
-from .ria import ria_scores
-from .scores import magnitude_scores, wanda_scores
+from .ria import RiaSettings, ria_scores
+from .scores import WandaSettings, magnitude_scores, wanda_scores
 
 __all__ = [
     "DSNOT_BASES",
+    "METHOD_SETTINGS",
     "METHOD_SPECS",
+    "SCORE_METHODS",
     "LayerResult",
+    "LayerSettings",
     "MethodSpec",
-    "dsnot_applies",
     "get_method",
     "prune_layer",
+    "settings_from",
     "statistics_for",
+    "AdmmSettings",
+    "AlpsSettings",
+    "DampingSettings",
+    "DsnotSettings",
+    "ObsSettings",
+    "RiaSettings",
+    "SupportSettings",
+    "WandaSettings",
     "dsnot",
     "obs_prune",
     "outlier_ratio",

@@ -33,18 +33,22 @@ preconditioned conjugate gradients (``support_least_squares``).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import WandaError
 from ..masks import lowest_k_mask, nm_mask, prune_count, row_spread_mask
+from ..masks.pattern import SparsityPattern
 from ..stats import Gram
-from .obs import dampened_cholesky
+from ..utils.declare import require, setting
+from .obs import DampingSettings, dampened_cholesky
 from .result import LayerResult
 
 if TYPE_CHECKING:
-    from ..pruning.prune_settings import PruneSettings
+    from .layer import LayerSettings
 
 #: ALPS: iterations between two updates of rho (and two checks of the support).
 ALPS_CHECK_EVERY = 3
@@ -57,24 +61,90 @@ ALPS_SETTLE_ITERATIONS = 30
 ALPS_SETTLED_CHANGE = 3e-4
 
 
-def _normalised(stat: Gram, s: PruneSettings, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+@dataclass(frozen=True)
+class SupportSettings(DampingSettings):
+    """What ADMM-Grad and ALPS share: the final least-squares update on the support."""
+
+    #: Conjugate-gradient iterations of the final least-squares update on the support (ADMM-Grad and ALPS).
+    support_cg_iterations: int = setting(
+        50,
+        "ADMM-Grad and ALPS: preconditioned conjugate-gradient iterations "
+        "of the final least-squares update on the support",
+    )
+
+    def __post_init__(self) -> None:
+        DampingSettings.__post_init__(self)
+        require(
+            self.support_cg_iterations >= 0,
+            f"--support_cg_iterations must be non-negative, got {self.support_cg_iterations}",
+        )
+
+
+@dataclass(frozen=True)
+class AdmmSettings(SupportSettings):
+    #: ADMM-Grad's penalty rho, relative to the mean diagonal of X^T X (Boza 2024 uses rho = 1 on the
+    #: unit-diagonal Gram).
+    admm_rho: float = setting(
+        1.0,
+        "ADMM-Grad (Boza 2024): penalty rho, relative to the mean diagonal of X^T X "
+        "(the paper's rho = 1 on X^T X scaled to a unit diagonal)",
+    )
+    #: ADMM-Grad's iterations in all, and those over which the mask is tightened (Boza 2024: 20 and 15).
+    admm_iterations: int = setting(20, "ADMM-Grad (Boza 2024): ADMM iterations in all")
+    admm_ramp_iterations: int = setting(
+        15,
+        "ADMM-Grad (Boza 2024): the first iterations, over which the sparsity "
+        "rises to the target along s (1 - (1 - k/K)^3) (the mask is fixed after)",
+    )
+
+    def __post_init__(self) -> None:
+        SupportSettings.__post_init__(self)
+        require(0 < self.admm_rho < math.inf, f"--admm_rho must be a positive number, got {self.admm_rho}")
+        require(self.admm_iterations >= 1, f"--admm_iterations must be at least 1, got {self.admm_iterations}")
+        require(
+            self.admm_ramp_iterations >= 1,
+            f"--admm_ramp_iterations must be at least 1, got {self.admm_ramp_iterations}",
+        )
+
+
+@dataclass(frozen=True)
+class AlpsSettings(SupportSettings):
+    #: ALPS's initial penalty (relative to the mean diagonal) and its iteration cap (Meng et al. 2024).
+    alps_rho: float = setting(
+        0.1,
+        "ALPS (Meng et al. 2024): initial penalty rho, relative to the mean diagonal "
+        "of X^T X (scaled to a unit diagonal); it grows while the support changes",
+    )
+    alps_iterations: int = setting(
+        300,
+        "ALPS (Meng et al. 2024): at most this many ADMM iterations (it stops "
+        "earlier once the support no longer changes)",
+    )
+
+    def __post_init__(self) -> None:
+        SupportSettings.__post_init__(self)
+        require(0 < self.alps_rho < math.inf, f"--alps_rho must be a positive number, got {self.alps_rho}")
+        require(self.alps_iterations >= 1, f"--alps_iterations must be at least 1, got {self.alps_iterations}")
+
+
+def _normalised(stat: Gram, percdamp: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(H scaled to unit diagonal, sqrt of the dampened diag(H), dampening used), computed once per Gram
     (q/k/v and gate/up share theirs) and kept in ``stat.derived``."""
-    key = ("unit_hessian", s.percdamp, device)
+    key = ("unit_hessian", percdamp, device)
     if key not in stat.derived:
-        damped = dampened_cholesky(stat.hessian().to(device).float(), s.percdamp)
+        damped = dampened_cholesky(stat.hessian().to(device).float(), percdamp)
         scale = damped.hessian.diagonal().sqrt()
         unit = damped.hessian / scale.unsqueeze(1) / scale.unsqueeze(0)
         unit.diagonal().fill_(1.0)
         stat.derived[key] = (unit, scale, damped.percdamp)
-        stat.derived[("percdamp_used", s.percdamp)] = damped.percdamp
+        stat.derived[("percdamp_used", percdamp)] = damped.percdamp
     return stat.derived[key]
 
 
-def _check_nm(weight: torch.Tensor, s: PruneSettings) -> None:
-    if s.pattern.is_nm and weight.shape[1] % s.pattern.m:
+def _check_nm(weight: torch.Tensor, pattern: SparsityPattern) -> None:
+    if pattern.is_nm and weight.shape[1] % pattern.m:
         raise WandaError(
-            f"N:M sparsity {s.pattern} needs in_features divisible by {s.pattern.m}, but a layer has {weight.shape[1]}"
+            f"N:M sparsity {pattern} needs in_features divisible by {pattern.m}, but a layer has {weight.shape[1]}"
         )
 
 
@@ -112,18 +182,18 @@ def _finish(
     unit: torch.Tensor,
     scale: torch.Tensor,
     mask: torch.Tensor,
-    s: PruneSettings,
+    layer: LayerSettings,
 ):
-    new = support_least_squares(unit_weight, target, unit, mask, s.support_cg_iterations) / scale
+    new = support_least_squares(unit_weight, target, unit, mask, layer.params.support_cg_iterations) / scale
     return LayerResult(new.masked_fill(mask, 0.0), mask)
 
 
-def _admm_mask(scores: torch.Tensor, ratio: float, s: PruneSettings) -> torch.Tensor:
+def _admm_mask(scores: torch.Tensor, ratio: float, pattern: SparsityPattern) -> torch.Tensor:
     """The Wanda-score mask at ``ratio``: per output row (unstructured); for N:M, the floor(ratio * numel)
     lowest of the weights that the N:M pattern would prune, so that at ratio N/M it is the N:M mask."""
-    if not s.pattern.is_nm:
+    if not pattern.is_nm:
         return row_spread_mask(scores, ratio)
-    candidates = nm_mask(scores, s.pattern.n, s.pattern.m)
+    candidates = nm_mask(scores, pattern.n, pattern.m)
     count = prune_count(ratio, scores.numel())
     if count >= int(candidates.sum().item()):
         return candidates
@@ -131,14 +201,14 @@ def _admm_mask(scores: torch.Tensor, ratio: float, s: PruneSettings) -> torch.Te
     return lowest_k_mask(flat, count).reshape(scores.shape)
 
 
-def admm_grad(weight: torch.Tensor, stat: Gram, s: PruneSettings):
+def admm_grad(weight: torch.Tensor, stat: Gram, layer: LayerSettings):
     """ADMM-Grad (Boza, TMLR 2024): see the module docstring. The mask is the Wanda score's, compared per output
     row (unstructured; the matrix loses floor(ratio * numel) weights) or within every group of M (N:M, where
     the schedule prunes the lowest of the weights the N:M pattern would prune, all of them at its end)."""
-    _check_nm(weight, s)
-    unit, scale, used = _normalised(stat, s, weight.device)
-    key = ("admm_factor", s.percdamp, s.admm_rho, weight.device)
-    rho = s.admm_rho  # relative to the mean diagonal of the unit-diagonal H, which is 1
+    _check_nm(weight, layer.pattern)
+    unit, scale, used = _normalised(stat, layer.params.percdamp, weight.device)
+    key = ("admm_factor", layer.params.percdamp, layer.params.admm_rho, weight.device)
+    rho = layer.params.admm_rho  # relative to the mean diagonal of the unit-diagonal H, which is 1
     if key not in stat.derived:
         shifted = unit.clone()
         shifted.diagonal().add_(rho)
@@ -147,47 +217,47 @@ def admm_grad(weight: torch.Tensor, stat: Gram, s: PruneSettings):
     w0 = weight.detach().float() * scale
     target = w0 @ unit  # W0 H
     z, u = w0.clone(), torch.zeros_like(w0)
-    ramp = min(s.admm_ramp_iterations, s.admm_iterations)
-    mask = _admm_mask(w0.abs(), s.sparsity_ratio, s)
-    for k in range(1, s.admm_iterations + 1):
+    ramp = min(layer.params.admm_ramp_iterations, layer.params.admm_iterations)
+    mask = _admm_mask(w0.abs(), layer.ratio, layer.pattern)
+    for k in range(1, layer.params.admm_iterations + 1):
         w = torch.cholesky_solve((target + rho * (z - u)).T, factor).T
         if k <= ramp:
-            ratio = s.sparsity_ratio * (1 - (1 - k / ramp) ** 3)
-            mask = _admm_mask((w + u).abs(), ratio if k < ramp else s.sparsity_ratio, s)
+            ratio = layer.ratio * (1 - (1 - k / ramp) ** 3)
+            mask = _admm_mask((w + u).abs(), ratio if k < ramp else layer.ratio, layer.pattern)
         z = (w + u).masked_fill(mask, 0.0)
         u += w - z
-    result = _finish(z, target, unit, scale, mask, s)
+    result = _finish(z, target, unit, scale, mask, layer)
     result.damping = used
     return result
 
 
-def _alps_project(v: torch.Tensor, s: PruneSettings) -> torch.Tensor:
-    if s.pattern.is_nm:
-        return nm_mask(v.abs(), s.pattern.n, s.pattern.m)
+def _alps_project(v: torch.Tensor, layer: LayerSettings) -> torch.Tensor:
+    if layer.pattern.is_nm:
+        return nm_mask(v.abs(), layer.pattern.n, layer.pattern.m)
     flat = v.abs().reshape(1, -1)
-    return lowest_k_mask(flat, prune_count(s.sparsity_ratio, flat.shape[-1])).reshape(v.shape)
+    return lowest_k_mask(flat, prune_count(layer.ratio, flat.shape[-1])).reshape(v.shape)
 
 
-def alps(weight: torch.Tensor, stat: Gram, s: PruneSettings):
+def alps(weight: torch.Tensor, stat: Gram, layer: LayerSettings):
     """ALPS (Meng et al., NeurIPS 2024): see the module docstring. The support is compared over the whole
     matrix (floor(ratio * numel) pruned) for unstructured sparsity, within every group of M for N:M."""
-    _check_nm(weight, s)
-    unit, scale, used = _normalised(stat, s, weight.device)
-    key = ("eigh", s.percdamp, weight.device)
+    _check_nm(weight, layer.pattern)
+    unit, scale, used = _normalised(stat, layer.params.percdamp, weight.device)
+    key = ("eigh", layer.params.percdamp, weight.device)
     if key not in stat.derived:
         stat.derived[key] = torch.linalg.eigh(unit)
     lam, Q = stat.derived[key]
     w0 = weight.detach().float() * scale
     target = w0 @ unit  # W0 H
-    rho = s.alps_rho
-    mask = _alps_project(w0, s)
+    rho = layer.params.alps_rho
+    mask = _alps_project(w0, layer)
     start = w0.masked_fill(mask, 0.0)
     d, v = start.clone(), torch.zeros_like(w0)
     checked, grown = mask, False
     kept = max(int((~mask).sum().item()), 1)
-    for it in range(1, s.alps_iterations + 1):
+    for it in range(1, layer.params.alps_iterations + 1):
         w = ((target - v + rho * d) @ Q / (lam + rho)) @ Q.T
-        mask = _alps_project(w + v / rho, s)
+        mask = _alps_project(w + v / rho, layer)
         d = (w + v / rho).masked_fill(mask, 0.0)
         v += rho * (w - d)
         if it % ALPS_CHECK_EVERY:
@@ -208,6 +278,6 @@ def alps(weight: torch.Tensor, stat: Gram, s: PruneSettings):
         rho = min(rho, ALPS_MAX_RHO)
         if it >= ALPS_SETTLE_ITERATIONS and changed < ALPS_SETTLED_CHANGE:
             break
-    result = _finish(d, target, unit, scale, mask, s)
+    result = _finish(d, target, unit, scale, mask, layer)
     result.damping = used
     return result

@@ -26,12 +26,58 @@ variances), and the candidate lists hold only pruned (regrow) or kept (prune) we
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+from ..utils.declare import require, setting
 
 #: The paper's code defaults.
 DEFAULT_MAX_CYCLES = 50
 DEFAULT_THRESHOLD = 0.1
 DEFAULT_VAR_POWER = 1.0
+SKIPPABLE = ("none", "mlp", "self_attn")
+
+
+@dataclass(frozen=True)
+class DsnotSettings:
+    """DSnoT after the method: whether, its stopping rules, and which part of each block it leaves alone."""
+
+    dsnot: bool = setting(
+        False,
+        "after the method, DSnoT: swap pruned and kept weights within each row (each "
+        "group of M) to shrink the expected output error; follows magnitude, wanda, ria, sparsegpt",
+    )
+    #: DSnoT's T: at most this many swaps per row.
+    dsnot_max_cycles: int = setting(DEFAULT_MAX_CYCLES, "DSnoT: at most this many swap cycles per row")
+    #: DSnoT's epsilon: a row stops once its expected error is this small.
+    dsnot_threshold: float = setting(DEFAULT_THRESHOLD, "DSnoT: a row stops once |expected error| <= this")
+    #: DSnoT's power of the input variance in the regrowing criterion.
+    dsnot_var_power: float = setting(DEFAULT_VAR_POWER, "DSnoT: power of Var(x_j) dividing the regrowing score")
+    dsnot_same_sign: bool = setting(
+        False, "DSnoT (unstructured): also stop a row when a swap would flip the sign of its error (N:M always does)"
+    )
+    #: The reference code leaves the MLP alone by default (``--skip_layer mlp``).
+    dsnot_skip: str = setting(
+        "mlp", "DSnoT leaves the layers under this part of a block as the method left them", choices=SKIPPABLE
+    )
+
+    def __post_init__(self) -> None:
+        require(self.dsnot_max_cycles >= 1, f"--dsnot_max_cycles must be at least 1, got {self.dsnot_max_cycles}")
+        require(
+            0 <= self.dsnot_threshold < math.inf,
+            f"--dsnot_threshold must be a non-negative number, got {self.dsnot_threshold}",
+        )
+        require(
+            0 <= self.dsnot_var_power < math.inf,
+            f"--dsnot_var_power must be a non-negative number, got {self.dsnot_var_power}",
+        )
+        require(self.dsnot_skip in SKIPPABLE, f"--dsnot_skip must be none, mlp or self_attn; got {self.dsnot_skip!r}")
+
+    def applies(self, layer_name: str) -> bool:
+        """DSnoT on this layer: ``--dsnot`` and the layer not under the skipped part (``--dsnot_skip``)."""
+        return self.dsnot and (self.dsnot_skip == "none" or self.dsnot_skip not in layer_name.split("."))
 
 
 def _regrow_candidates(grow_key: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

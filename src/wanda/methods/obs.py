@@ -22,6 +22,7 @@ import torch
 
 from ..errors import WandaError
 from ..masks.pattern import SparsityPattern
+from ..utils.declare import require, setting
 
 Selector = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -37,6 +38,29 @@ MAX_PERCDAMP = 1.0
 FIRST_RETRY_PERCDAMP = 1e-6
 
 log = logging.getLogger("wanda")
+
+
+@dataclass(frozen=True)
+class DampingSettings:
+    """The dampening every method that factorises the Hessian shares."""
+
+    #: Hessian dampening as a fraction of its mean diagonal (SparseGPT's 1%).
+    percdamp: float = setting(0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT's 1%%)")
+
+    def __post_init__(self) -> None:
+        require(0 <= self.percdamp < 1, f"--percdamp must be in [0, 1), got {self.percdamp}")
+
+
+@dataclass(frozen=True)
+class ObsSettings(DampingSettings):
+    """SparseGPT's and the OBS ablations' settings."""
+
+    #: Columns per lazy OBS update (SparseGPT's B = 128); also the re-selection period of the ``iter`` ablations.
+    blocksize: int = setting(128, "columns per lazy OBS update (SparseGPT's B); the iter ablations' period")
+
+    def __post_init__(self) -> None:
+        DampingSettings.__post_init__(self)
+        require(self.blocksize >= 1, f"--blocksize must be at least 1, got {self.blocksize}")
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,24 @@ assignment are optional extras, not implemented here). a = 0.5 is the reference'
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+from ..utils.declare import require, setting
 
 #: The exponent of the activation norm (RIA's a; the paper's ablation finds 0.5 best).
 DEFAULT_A = 0.5
+
+
+@dataclass(frozen=True)
+class RiaSettings:
+    #: RIA's exponent a of the activation norm.
+    ria_a: float = setting(DEFAULT_A, "RIA: exponent a of the activation norm ||X_j||^a")
+
+    def __post_init__(self) -> None:
+        require(0 <= self.ria_a < math.inf, f"--ria_a must be a non-negative number, got {self.ria_a}")
 
 
 def ria_scores(weight: torch.Tensor, squared_norm: torch.Tensor, a: float = DEFAULT_A) -> torch.Tensor:

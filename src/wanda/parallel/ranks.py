@@ -43,7 +43,6 @@ from .launch import LAUNCH_VARIABLES, DistributedSettings, launched
 from .shares import deal_layers, window_share
 
 if TYPE_CHECKING:
-    from ..methods import MethodSpec
     from ..stats import InputStatistic
 
 __all__ = ["DistributedSettings", "Ranks", "SINGLE", "init_ranks", "launched", "window_share", "deal_layers"]
@@ -171,10 +170,10 @@ class Ranks:
         for name, count in zip(names, tokens.tolist()):
             stats[name].tokens = int(count)
 
-    def assign(self, linears: Mapping[str, nn.Linear], spec: MethodSpec) -> dict[str, int]:
+    def assign(self, linears: Mapping[str, nn.Linear], updates_weights: bool) -> dict[str, int]:
         """Layer name -> the rank that prunes it: this rank for everything unless the method's weight update is
         worth spreading (``MethodSpec.updates_weights``)."""
-        if not self.distributed or not spec.updates_weights:
+        if not self.distributed or not updates_weights:
             return {name: self.rank for name in linears}
         return deal_layers({name: tuple(layer.weight.shape) for name, layer in linears.items()}, self.world_size)
 

@@ -8,6 +8,7 @@ its statistic's ``neutral`` value, i.e. magnitude pruning in the method's own sc
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -170,8 +171,9 @@ def _prune_linears(
     grid: Grid | None = None,
 ) -> None:
     spec = get_method(settings.method)
+    layer_of = functools.lru_cache(maxsize=None)(settings.layer)  # one LayerSettings per distinct ratio
     # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
-    owners = ranks.assign(linears, spec)
+    owners = ranks.assign(linears, spec.updates_weights)
     done: dict[str, LayerReport] = {}
     with ranks.agreed("pruning a block"):
         for name, matrix in linears.items():
@@ -183,15 +185,9 @@ def _prune_linears(
             ratio = ratios.get(name, settings.sparsity_ratio)
             if layout is not None:  # --target_ratios over the profile's ratio
                 ratio = layout.targets.ratio(name, ratio)
-            # the profile is spent once it gave this layer its ratio (its checks bound the request, not the layer)
-            layer_settings = (
-                settings
-                if ratio == settings.sparsity_ratio
-                else settings.replace(sparsity_ratio=ratio, sparsity_profile="uniform")
-            )
             _sync(weight.device)
             start = time.perf_counter()
-            result = prune_layer(weight, stat, layer_settings, name)
+            result = prune_layer(weight, stat, settings.method, layer_of(ratio), settings.dsnot_settings, name)
             new, quant_loss = result.weight, None
             if grid is not None:  # --wbits: GPTQ on the fixed mask, after the method's mask and update
                 new, quant_loss = _quantize(new, recorder.stat(name) if recorder else None, grid, settings)
@@ -218,7 +214,7 @@ def _prune_linears(
 def statistics_needed(settings: PruneSettings, quant: QuantSettings | None = None) -> tuple:
     """The accumulators of every layer: the method's (``statistics_for``), plus the Gram matrix GPTQ needs
     when quantizing (``--wbits``) after a method that reads none or only the squared norms."""
-    kinds = statistics_for(settings)
+    kinds = statistics_for(settings.method, settings.dsnot)
     if quant is not None and quant.wbits is not None and Gram not in kinds:
         kinds = (*kinds, Gram)
     return kinds

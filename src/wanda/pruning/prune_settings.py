@@ -6,10 +6,16 @@ import math
 from dataclasses import dataclass
 
 from ..masks.pattern import PatternField, SparsityPattern
-from ..methods.dsnot import DEFAULT_MAX_CYCLES, DEFAULT_THRESHOLD, DEFAULT_VAR_POWER
+from ..methods import (
+    DSNOT_BASES,
+    METHOD_SETTINGS,
+    METHOD_SPECS,
+    DsnotSettings,
+    LayerSettings,
+    get_method,
+    settings_from,
+)
 from ..methods.owl import DEFAULT_LAMBDA, DEFAULT_M
-from ..methods.registry import DSNOT_BASES, METHOD_SPECS
-from ..methods.ria import DEFAULT_A
 from ..models.targets import MatrixTargets, parse_ratio_pairs
 from ..utils.declare import SettingsMixin, require, setting
 from .profiles import PROFILES
@@ -21,57 +27,24 @@ METHODS = tuple(METHOD_SPECS)
 
 
 @dataclass(frozen=True)
-class PruneSettings(PatternField, SettingsMixin):
-    """What to prune and how. ``sparsity_ratio=None`` means N/M for N:M patterns and 0.5 for unstructured;
-    after construction it holds the resolved ratio."""
+class _Target:
+    """The first flags of a prune run: the method, the ratio and the pattern."""
 
     prune_method: str = setting("wanda", "pruning method", choices=METHODS)
     sparsity_ratio: float | None = setting(
         None, "fraction of weights to prune (default: 0.5 for unstructured, N/M for N:M, which it must equal)"
     )
     sparsity_type: str = setting("unstructured", "'unstructured' or N:M such as 2:4, 4:8")
-    use_variant: bool = setting(
-        False,
-        "Wanda's appendix variant: per row, prune up to a cumulative-score "
-        "threshold alpha * (row sum), alpha by bisection",
-    )
-    #: Columns per lazy OBS update (SparseGPT's B = 128); also the re-selection period of the ``iter`` ablations.
-    blocksize: int = setting(128, "columns per lazy OBS update (SparseGPT's B); the iter ablations' period")
-    #: Hessian dampening as a fraction of its mean diagonal (SparseGPT's 1%).
-    percdamp: float = setting(0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT's 1%%)")
-    #: ADMM-Grad's penalty rho, relative to the mean diagonal of X^T X (Boza 2024 uses rho = 1 on the
-    #: unit-diagonal Gram).
-    admm_rho: float = setting(
-        1.0,
-        "ADMM-Grad (Boza 2024): penalty rho, relative to the mean diagonal of X^T X "
-        "(the paper's rho = 1 on X^T X scaled to a unit diagonal)",
-    )
-    #: ADMM-Grad's iterations in all, and those over which the mask is tightened (Boza 2024: 20 and 15).
-    admm_iterations: int = setting(20, "ADMM-Grad (Boza 2024): ADMM iterations in all")
-    admm_ramp_iterations: int = setting(
-        15,
-        "ADMM-Grad (Boza 2024): the first iterations, over which the sparsity "
-        "rises to the target along s (1 - (1 - k/K)^3) (the mask is fixed after)",
-    )
-    #: ALPS's initial penalty (relative to the mean diagonal) and its iteration cap (Meng et al. 2024).
-    alps_rho: float = setting(
-        0.1,
-        "ALPS (Meng et al. 2024): initial penalty rho, relative to the mean diagonal "
-        "of X^T X (scaled to a unit diagonal); it grows while the support changes",
-    )
-    alps_iterations: int = setting(
-        300,
-        "ALPS (Meng et al. 2024): at most this many ADMM iterations (it stops "
-        "earlier once the support no longer changes)",
-    )
-    #: Conjugate-gradient iterations of the final least-squares update on the support (ADMM-Grad and ALPS).
-    support_cg_iterations: int = setting(
-        50,
-        "ADMM-Grad and ALPS: preconditioned conjugate-gradient iterations "
-        "of the final least-squares update on the support",
-    )
-    #: Relative tolerance of the Wanda variant's bisection on the achieved sparsity.
-    variant_tolerance: float = setting(1e-3, "relative tolerance of the variant's bisection on the sparsity")
+
+
+@dataclass(frozen=True)
+class PruneSettings(*reversed(METHOD_SETTINGS), _Target, PatternField, SettingsMixin):
+    """What to prune and how. ``sparsity_ratio=None`` means N/M for N:M patterns and 0.5 for unstructured;
+    after construction it holds the resolved ratio. Each method's own settings (and DSnoT's) are declared in
+    the method's module and come in as bases (``wanda.methods.METHOD_SETTINGS``); a method receives only
+    them, with its matrix's ratio and pattern (``layer``). The fields read in this order: what to prune, each
+    method's own, then how the ratio is spread and which matrices are targeted."""
+
     #: How the ratio is spread over the layers (``wanda.pruning.profiles``): the same everywhere, or OWL's per block.
     sparsity_profile: str = setting(
         "uniform",
@@ -90,28 +63,6 @@ class PruneSettings(PatternField, SettingsMixin):
         0.16,
         "ATP: the last block's ratio minus the first's, the ratio rising linearly "
         "with depth around --sparsity_ratio (0.16: OWL's default spread, 2 x 0.08)",
-    )
-    #: RIA's exponent a of the activation norm.
-    ria_a: float = setting(DEFAULT_A, "RIA: exponent a of the activation norm ||X_j||^a")
-    dsnot: bool = setting(
-        False,
-        "after the method, DSnoT: swap pruned and kept weights within each row (each "
-        "group of M) to shrink the expected output error; follows magnitude, wanda, ria, sparsegpt",
-    )
-    #: DSnoT's T: at most this many swaps per row.
-    dsnot_max_cycles: int = setting(DEFAULT_MAX_CYCLES, "DSnoT: at most this many swap cycles per row")
-    #: DSnoT's epsilon: a row stops once its expected error is this small.
-    dsnot_threshold: float = setting(DEFAULT_THRESHOLD, "DSnoT: a row stops once |expected error| <= this")
-    #: DSnoT's power of the input variance in the regrowing criterion.
-    dsnot_var_power: float = setting(DEFAULT_VAR_POWER, "DSnoT: power of Var(x_j) dividing the regrowing score")
-    dsnot_same_sign: bool = setting(
-        False, "DSnoT (unstructured): also stop a row when a swap would flip the sign of its error (N:M always does)"
-    )
-    #: The reference code leaves the MLP alone by default (``--skip_layer mlp``).
-    dsnot_skip: str = setting(
-        "mlp",
-        "DSnoT leaves the layers under this part of a block as the method left them",
-        choices=("none", "mlp", "self_attn"),
     )
 
     targets: list[str] | None = setting(
@@ -141,32 +92,18 @@ class PruneSettings(PatternField, SettingsMixin):
             not self.use_variant or (self.prune_method == "wanda" and not pattern.is_nm),
             "--use_variant applies to --prune_method wanda with unstructured sparsity only",
         )
-        require(0 < self.variant_tolerance < 1, f"--variant_tolerance must be in (0, 1), got {self.variant_tolerance}")
-        require(0 <= self.ria_a < math.inf, f"--ria_a must be a non-negative number, got {self.ria_a}")
+        for own in METHOD_SETTINGS:  # each method's checks of its own settings, and DSnoT's
+            own.__post_init__(self)
         self._check_solvers(pattern)
         self._check_profile(pattern)
         self._check_dsnot()
         self._check_targets(pattern)
 
     def _check_solvers(self, pattern: SparsityPattern) -> None:
-        """The OBS methods' (SparseGPT, the ablations) and ADMM-Grad's and ALPS's own settings."""
-        require(self.blocksize >= 1, f"--blocksize must be at least 1, got {self.blocksize}")
+        """What only holds between a method's settings and the pattern."""
         require(
             not pattern.is_nm or self.blocksize % pattern.m == 0,
             f"--blocksize {self.blocksize} must be a multiple of M={pattern.m}",
-        )
-        require(0 <= self.percdamp < 1, f"--percdamp must be in [0, 1), got {self.percdamp}")
-        require(0 < self.admm_rho < math.inf, f"--admm_rho must be a positive number, got {self.admm_rho}")
-        require(self.admm_iterations >= 1, f"--admm_iterations must be at least 1, got {self.admm_iterations}")
-        require(
-            self.admm_ramp_iterations >= 1,
-            f"--admm_ramp_iterations must be at least 1, got {self.admm_ramp_iterations}",
-        )
-        require(0 < self.alps_rho < math.inf, f"--alps_rho must be a positive number, got {self.alps_rho}")
-        require(self.alps_iterations >= 1, f"--alps_iterations must be at least 1, got {self.alps_iterations}")
-        require(
-            self.support_cg_iterations >= 0,
-            f"--support_cg_iterations must be non-negative, got {self.support_cg_iterations}",
         )
 
     def _check_profile(self, pattern: SparsityPattern) -> None:
@@ -209,19 +146,6 @@ class PruneSettings(PatternField, SettingsMixin):
                 f"--dsnot follows --prune_method {', '.join(DSNOT_BASES)} (not the variant); got "
                 f"{self.prune_method}{' --use_variant' if self.use_variant else ''}",
             )
-        require(self.dsnot_max_cycles >= 1, f"--dsnot_max_cycles must be at least 1, got {self.dsnot_max_cycles}")
-        require(
-            0 <= self.dsnot_threshold < math.inf,
-            f"--dsnot_threshold must be a non-negative number, got {self.dsnot_threshold}",
-        )
-        require(
-            0 <= self.dsnot_var_power < math.inf,
-            f"--dsnot_var_power must be a non-negative number, got {self.dsnot_var_power}",
-        )
-        require(
-            self.dsnot_skip in ("none", "mlp", "self_attn"),
-            f"--dsnot_skip must be none, mlp or self_attn; got {self.dsnot_skip!r}",
-        )
 
     def _check_targets(self, pattern: SparsityPattern) -> None:
         self._set("target_ratios", [f"{r}={v}" for r, v in parse_ratio_pairs(self.target_ratios)] or None)
@@ -244,6 +168,16 @@ class PruneSettings(PatternField, SettingsMixin):
     @property
     def method(self) -> str:
         return self.prune_method
+
+    def layer(self, ratio: float | None = None) -> LayerSettings:
+        """What the method receives for one matrix: ``ratio`` (the profile's and the targets' choice for it,
+        default ``sparsity_ratio``), the pattern and the method's own settings."""
+        return get_method(self.prune_method).layer(self, ratio)
+
+    @property
+    def dsnot_settings(self) -> DsnotSettings | None:
+        """DSnoT's settings when it runs after the method, else None."""
+        return settings_from(DsnotSettings, self) if self.dsnot else None
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "method": self.prune_method}

@@ -14,7 +14,7 @@ from .data import ImageFolder, Preprocess, calibration_batches
 from .evaluate import topk_accuracy
 from .layout import ClassifierLayout, find_layout, is_pointwise_conv
 from .models import LoadedClassifier, load_classifier, named_spec, read_state_dict
-from .prune import METRICS, VisionLayerReport, VisionPruneReport, layer_mask, prune_classifier, record_statistics
+from .prune import VisionLayerReport, VisionPruneReport, layer_mask, prune_classifier, record_statistics
 from .recorder import ClassifierInputRecorder
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "load_classifier",
     "named_spec",
     "read_state_dict",
-    "METRICS",
     "VisionLayerReport",
     "VisionPruneReport",
     "layer_mask",

@@ -1,6 +1,6 @@
 """Validated settings of image-classifier pruning (the original code's ``image_classifiers`` flags).
 
-The original code prunes with ``--prune_metric`` (magnitude or wanda) compared within ``--prune_granularity``
+The original code prunes with ``--prune_metric`` (magnitude or wanda; RIA too, from the same method registry as the language models) compared within ``--prune_granularity``
 (``layer``: one threshold per matrix; ``row``: the same fraction of every output row). N:M patterns, which the
 the original code lacked, compare within groups of M consecutive inputs whatever the granularity.
 """
@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..masks.pattern import PatternField
+from ..methods import SCORE_METHODS
 from ..utils.declare import SettingsMixin, require, require_seed, setting
 
 __all__ = ["VisionPruneSettings", "VISION_METRICS", "GRANULARITIES"]
 
-#: Metrics accepted by ``--prune_metric``.
-VISION_METRICS = ("magnitude", "wanda")
+#: Metrics accepted by ``--prune_metric``: the registry's methods that are a score of each weight (the
+#: original code's magnitude and wanda, and RIA at its default exponent).
+VISION_METRICS = SCORE_METHODS
 #: ``--prune_granularity`` -> the scope the shared mask selection compares scores within.
 GRANULARITIES = {"layer": "matrix", "row": "row"}
 

@@ -2,8 +2,9 @@
 
 One calibration pass through the dense model records every pruned layer's input statistics at once (the
 the original code ran its blocks in turn but fed each the *dense* output of the one before, which is the same thing);
-then every layer is pruned from those statistics, with no layer-wise re-run. The scores and the mask
-selection are the language models' own (``wanda.methods.scores``, ``wanda.masks``); only the loop is here.
+then every layer is pruned from those statistics, with no layer-wise re-run. The scores are the method
+registry's (``wanda.methods``: every method that is a score of each weight) and the mask selection is the
+language models' own (``wanda.masks``), with the comparison group of ``--granularity``; only the loop is here.
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from torch import nn
 
 from ..errors import WandaError
 from ..masks import overall_sparsity, select_mask, zero_fraction
-from ..methods.scores import magnitude_scores, wanda_scores
-from ..stats import InputStatistic, SquaredNorm
+from ..methods import get_method
+from ..stats import InputStatistic
 from .config import VisionPruneSettings
 from .layout import ClassifierLayout, find_layout, matrix_view
 from .recorder import ClassifierInputRecorder
 
 __all__ = [
-    "Metric",
-    "METRICS",
     "layer_mask",
     "record_statistics",
     "prune_classifier",
@@ -39,26 +38,9 @@ log = logging.getLogger(__name__)
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Metric:
-    """A pruning metric: the calibration statistic it needs (None: weights only) and its score function."""
-
-    name: str
-    statistic: type[InputStatistic] | None
-    scores: Callable[[torch.Tensor, "InputStatistic | None"], torch.Tensor]
-
-
-METRICS: dict[str, Metric] = {
-    # |W_ij|
-    "magnitude": Metric("magnitude", None, lambda weight, stat: magnitude_scores(weight)),
-    # Wanda (Sun et al. 2023, Eq. 1): |W_ij| * ||X_j||_2 over all calibration tokens (patches / pixels)
-    "wanda": Metric("wanda", SquaredNorm, lambda weight, stat: wanda_scores(weight, stat.squared_norm())),
-}
-
-
 def layer_mask(weight: torch.Tensor, stat: InputStatistic | None, settings: VisionPruneSettings) -> torch.Tensor:
     """The mask (True = pruned) of one (out_features, in_features) weight. Pure: no model, no hooks."""
-    scores = METRICS[settings.metric].scores(weight, stat)
+    scores = get_method(settings.metric).score(weight, stat)
     return select_mask(scores, settings.sparsity, settings.pattern, settings.scope)
 
 
@@ -132,7 +114,7 @@ def prune_classifier(
     ``calibration``: batches of preprocessed images (only used by metrics that need statistics).
     ``forward(model, images) -> logits`` runs the model (its signature differs between libraries).
     """
-    metric = METRICS[settings.metric]
+    metric = get_method(settings.metric)
     layout = layout or find_layout(model)
     report = VisionPruneReport(settings=settings.to_dict(), head=list(layout.head))
     recorder = None

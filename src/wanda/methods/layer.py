@@ -1,0 +1,21 @@
+"""What a method receives for one matrix: its ratio, its pattern and the method's own settings, nothing of the
+run around it (profiles, targets, ranks), so a method is a pure function of one matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..masks.pattern import SparsityPattern
+
+__all__ = ["LayerSettings"]
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """``ratio``: the fraction this matrix loses (the profile's and the targets' choice for it, already made);
+    ``pattern``: unstructured or N:M; ``params``: the method's own settings object (``MethodSpec.settings``)."""
+
+    ratio: float
+    pattern: SparsityPattern
+    params: Any = None
