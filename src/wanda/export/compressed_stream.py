@@ -8,7 +8,6 @@ cheap next to the pruning, and memory stays one tensor. The files equal ``save_c
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,12 +18,11 @@ from torch import nn
 from ..errors import WandaError
 from ..models.compressed import (
     FORMAT_NAME,
-    FORMAT_VERSION,
-    MANIFEST_NAME,
     WEIGHTS_NAME,
     CompressionReport,
     dtype_name,
     encode_tensor,
+    finish_folder,
 )
 from .shards import write_safetensors
 
@@ -62,21 +60,5 @@ def save_compressed_streamed(
             yield from encode_tensor(read(key)).parts.values()
 
     write_safetensors(folder / WEIGHTS_NAME, specs, parts(), {"wanda": FORMAT_NAME})
-    report.file_bytes = (folder / WEIGHTS_NAME).stat().st_size
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "weights": WEIGHTS_NAME,
-        "model_class": type(model).__name__,
-        "tensors": entries,
-        "aliases": aliases,
-        "bytes": report.bytes,
-        "dense_bytes": report.dense_bytes,
-    }
-    model.config.save_pretrained(folder)
-    if model.can_generate() and getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")  # last: complete
+    finish_folder(folder, model, tokenizer, entries, aliases, report)
     return report

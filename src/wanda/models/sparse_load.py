@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import WandaError
 from ..kernels import SparseLinear
 from .checkpoint import Checkpoint, file_entries
-from .compressed import MANIFEST_NAME, WEIGHTS_NAME, _parse_dtype, _read_manifest, decode_tensor
+from .compressed import MANIFEST_NAME, WEIGHTS_NAME, _read_manifest
+from .encoding import decode_tensor, parse_dtype
 from .streaming import assign_tensor, under_model_names
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def _compressed_reader(folder: Path) -> tuple[Callable[[str], torch.Tensor], lis
         names = [n for n in parts.names() if n.rpartition("::")[0] == key]
         stored = {n.rpartition("::")[2]: t for n, t in parts.read(names).items()}
         try:
-            return decode_tensor(entry["encoding"], stored, tuple(entry["shape"]), _parse_dtype(entry["dtype"]))
+            return decode_tensor(entry["encoding"], stored, tuple(entry["shape"]), parse_dtype(entry["dtype"]))
         except WandaError as exc:
             raise WandaError(f"{folder}: {key}: {exc}") from exc
 
