@@ -22,6 +22,7 @@ from ..utils.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from ..pruning.prune import PruneReport
+    from ..pruning.prune_settings import PruneSettings
 
 log = logging.getLogger("wanda")
 
@@ -156,3 +157,28 @@ def write_results(
     atomic_write_text(save / f"log_{method}.txt", "\t".join(header) + "\n" + "\t".join(row) + "\n", results.overwrite)
     payload = {"prune": report.to_dict(), "perplexity": {"dense": dense, "pruned": pruned}, **extra}
     atomic_write_json(save / f"results_{method}.json", payload, results.overwrite)
+
+
+def report_prune_run(
+    settings: PruneSettings,
+    model_name: str,
+    report: PruneReport,
+    dense: dict,
+    pruned: dict,
+    extra: dict,
+    results: ResultsSettings,
+    world_size: int = 1,
+) -> None:
+    """What every prune run ends with, resident or streamed: the summary line, the perplexity table and the
+    results files."""
+    where = " (streamed)" if extra.get("streamed") else ""
+    print(
+        f"\n{settings.prune_method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_name}{where}: "
+        f"actual sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
+        f"{report.wall_seconds:.1f}s wall" + (f" over {world_size} ranks" if world_size > 1 else "")
+    )
+    print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, extra["seqlen"])
+    sys.stdout.flush()
+    if results.save:
+        write_results(results, settings.prune_method, report, dense, pruned, extra)
+        log.info("results written to %s", results.save)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -22,7 +21,7 @@ from ..quant.settings import QuantSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
 from ..utils.io import check_disjoint, ensure_free
 from ..utils.resources import run_peak_rss_mb
-from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities, write_results
+from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, report_prune_run
 
 log = logging.getLogger("wanda")
 
@@ -211,16 +210,7 @@ def run_prune_job(
         extra["zero_shot"] = run_zero_shot(
             model, tokenizer, zero_shot, results.save, results.overwrite, logging_settings.verbose
         )
-    print(
-        f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_settings.name}: actual "
-        f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
-        f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else "")
-    )
-    print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
-    sys.stdout.flush()
-    if results.save:
-        write_results(results, method, report, dense, pruned, extra)
-        log.info("results written to %s", results.save)
+    report_prune_run(settings, model_settings.name, report, dense, pruned, extra, results, ranks.world_size)
     if outputs.save_model:
         from ..export import save_model
 

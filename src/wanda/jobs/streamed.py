@@ -8,7 +8,6 @@ printed tables and results files as the in-memory jobs; perplexity is computed b
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +27,7 @@ from ..pruning.streamed import open_pruned, prune_streamed, streamed_linear_spar
 from ..quant.settings import QuantSettings
 from ..utils.io import atomic_write_json
 from ..utils.resources import peak_rss_mb, run_peak_rss_mb
-from .common import EvalSettings, print_perplexities, write_results
+from .common import EvalSettings, print_perplexities, report_prune_run
 
 log = logging.getLogger("wanda")
 
@@ -85,7 +84,6 @@ def streamed_prune_job(
     torchrun every rank streams every block with its share of the windows; the main rank alone prints and
     writes."""
     start = time.perf_counter()
-    method = settings.prune_method
     with ranks.agreed("loading the tokenizer and the data"):
         tokenizer, seqlen = _tokenizer_and_seqlen(folder, eval_settings)
         log.info("sequence length %d", seqlen)
@@ -139,16 +137,7 @@ def streamed_prune_job(
         "peak_rss_mb": run_peak_rss_mb(),
         "ranks": ranks.world_size,
     }
-    print(
-        f"\n{method} {settings.pattern} (ratio {settings.sparsity_ratio:g}) on {model_name} (streamed): actual "
-        f"sparsity {report.actual_sparsity:.4f}, pruning {report.prune_seconds:.1f}s (mask and update), "
-        f"{report.wall_seconds:.1f}s wall" + (f" over {ranks.world_size} ranks" if ranks.distributed else "")
-    )
-    print_perplexities({"dense": dense, "pruned": pruned} if dense else {"pruned": pruned}, seqlen)
-    sys.stdout.flush()
-    if results.save:
-        write_results(results, method, report, dense, pruned, extra)
-        log.info("results written to %s", results.save)
+    report_prune_run(settings, model_name, report, dense, pruned, extra, results, ranks.world_size)
     return 0
 
 

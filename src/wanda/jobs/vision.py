@@ -23,6 +23,7 @@ from ..utils.io import atomic_directory, atomic_write_json, check_disjoint, ensu
 from ..utils.resources import peak_rss_mb
 from ..vision import (
     ImageFolder,
+    VisionPruneReport,
     VisionPruneSettings,
     calibration_batches,
     load_classifier,
@@ -119,6 +120,49 @@ def _fmt(acc: dict, key: str) -> str:
     return f"{acc[key]:.2f}" if key in acc else "-"
 
 
+def _print_accuracy(
+    job: ClassifierSettings,
+    settings: VisionPruneSettings,
+    library: str,
+    report: VisionPruneReport,
+    dense: dict,
+    pruned: dict,
+) -> None:
+    pattern = str(settings.pattern) if settings.pattern.is_nm else f"per {settings.granularity}"
+    print(
+        f"\n{settings.metric} {pattern} (sparsity {settings.sparsity:g}) on {job.model} [{library}]: "
+        f"actual sparsity {report.actual_sparsity:.4f} over {len(report.layers)} layers; head {report.head} dense; "
+        f"{report.calibration_images} calibration images; {pruned['images']} val images"
+    )
+    print("| model | top-1 % | top-5 % | cross-entropy |")
+    print("|---|---|---|---|")
+    for label, acc in (("dense", dense), ("pruned", pruned)):
+        if acc:
+            print(f"| {label} | {_fmt(acc, 'top1')} | {_fmt(acc, 'top5')} | {acc['loss']:.4f} |")
+    sys.stdout.flush()
+
+
+def _write_outputs(job: ClassifierSettings, results: ResultsSettings, loaded, out: dict, sparsity: float) -> None:
+    if results.save:
+        atomic_write_json(Path(results.save) / RESULTS_FILE, out, results.overwrite)
+        log.info("results written to %s", Path(results.save) / RESULTS_FILE)
+    if job.save_model:
+        with atomic_directory(job.save_model, overwrite=results.overwrite) as tmp:
+            loaded.save(tmp, {k: v for k, v in out.items() if k != "prune"} | {"actual_sparsity": sparsity})
+        log.info("pruned checkpoint written to %s", job.save_model)
+
+
+def _calibration(train: ImageFolder, settings: VisionPruneSettings, workers: int):
+    """The calibration batches, all training images when ``--nsamples`` asks for more (said in one line)."""
+    if settings.nsamples > len(train) and get_method(settings.metric).statistic is not None:
+        log.info(
+            "--nsamples %d is more than the %d training images; calibrating on all of them",
+            settings.nsamples,
+            len(train),
+        )
+    return calibration_batches(train, settings.nsamples, settings.batch_size, settings.seed, workers)
+
+
 def run_vision_job(
     job: ClassifierSettings, settings: VisionPruneSettings, results: ResultsSettings, logging_settings: LogSettings
 ) -> int:
@@ -158,28 +202,11 @@ def run_vision_job(
         )
 
     dense = {} if job.skip_dense_eval else evaluate("dense")
-    if settings.nsamples > len(train) and get_method(settings.metric).statistic is not None:
-        log.info(
-            "--nsamples %d is more than the %d training images; calibrating on all of them",
-            settings.nsamples,
-            len(train),
-        )
-    calibration = calibration_batches(train, settings.nsamples, settings.batch_size, settings.seed, job.workers)
+    calibration = _calibration(train, settings, job.workers)
     report = prune_classifier(model, calibration, settings, loaded.forward)
     pruned = evaluate("pruned")
 
-    pattern = str(settings.pattern) if settings.pattern.is_nm else f"per {settings.granularity}"
-    print(
-        f"\n{settings.metric} {pattern} (sparsity {settings.sparsity:g}) on {job.model} [{loaded.library}]: "
-        f"actual sparsity {report.actual_sparsity:.4f} over {len(report.layers)} layers; head {report.head} dense; "
-        f"{report.calibration_images} calibration images; {pruned['images']} val images"
-    )
-    print("| model | top-1 % | top-5 % | cross-entropy |")
-    print("|---|---|---|---|")
-    for label, acc in (("dense", dense), ("pruned", pruned)):
-        if acc:
-            print(f"| {label} | {_fmt(acc, 'top1')} | {_fmt(acc, 'top5')} | {acc['loss']:.4f} |")
-    sys.stdout.flush()
+    _print_accuracy(job, settings, loaded.library, report, dense, pruned)
 
     out = {
         "model": job.model,
@@ -193,13 +220,5 @@ def run_vision_job(
         "total_wall_seconds": time.perf_counter() - start,
         "peak_rss_mb": peak_rss_mb(),
     }
-    if results.save:
-        atomic_write_json(Path(results.save) / RESULTS_FILE, out, results.overwrite)
-        log.info("results written to %s", Path(results.save) / RESULTS_FILE)
-    if job.save_model:
-        with atomic_directory(job.save_model, overwrite=results.overwrite) as tmp:
-            loaded.save(
-                tmp, {k: v for k, v in out.items() if k != "prune"} | {"actual_sparsity": report.actual_sparsity}
-            )
-        log.info("pruned checkpoint written to %s", job.save_model)
+    _write_outputs(job, results, loaded, out, report.actual_sparsity)
     return 0

@@ -61,6 +61,14 @@ ALPS_SETTLE_ITERATIONS = 30
 ALPS_SETTLED_CHANGE = 3e-4
 
 
+def _check_penalty(settings: object, rho: str, *counts: str) -> None:
+    """A penalty is a positive finite number and an iteration count at least 1 (one line naming the flag)."""
+    value = getattr(settings, rho)
+    require(0 < value < math.inf, f"--{rho} must be a positive number, got {value}")
+    for name in counts:
+        require(getattr(settings, name) >= 1, f"--{name} must be at least 1, got {getattr(settings, name)}")
+
+
 @dataclass(frozen=True)
 class SupportSettings(DampingSettings):
     """What ADMM-Grad and ALPS share: the final least-squares update on the support."""
@@ -99,12 +107,7 @@ class AdmmSettings(SupportSettings):
 
     def __post_init__(self) -> None:
         SupportSettings.__post_init__(self)
-        require(0 < self.admm_rho < math.inf, f"--admm_rho must be a positive number, got {self.admm_rho}")
-        require(self.admm_iterations >= 1, f"--admm_iterations must be at least 1, got {self.admm_iterations}")
-        require(
-            self.admm_ramp_iterations >= 1,
-            f"--admm_ramp_iterations must be at least 1, got {self.admm_ramp_iterations}",
-        )
+        _check_penalty(self, "admm_rho", "admm_iterations", "admm_ramp_iterations")
 
 
 @dataclass(frozen=True)
@@ -123,8 +126,7 @@ class AlpsSettings(SupportSettings):
 
     def __post_init__(self) -> None:
         SupportSettings.__post_init__(self)
-        require(0 < self.alps_rho < math.inf, f"--alps_rho must be a positive number, got {self.alps_rho}")
-        require(self.alps_iterations >= 1, f"--alps_iterations must be at least 1, got {self.alps_iterations}")
+        _check_penalty(self, "alps_rho", "alps_iterations")
 
 
 def _normalised(stat: Gram, percdamp: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
