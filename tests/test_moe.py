@@ -626,3 +626,34 @@ def test_a_checkpoint_in_the_per_expert_layout_streams_as_it_loads(tmp_path, arc
     assert set(streamed) == set(expected)
     for name, tensor in expected.items():
         assert torch.equal(streamed[name], tensor), name
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_eval_reports_the_sparsity_the_prune_report_gave_fused_experts_included(tmp_path, offload, capsys):
+    # one count behind every figure: wanda eval on a saved MoE model, in memory or streamed, reports exactly
+    # the prune report's sparsity, whose matrices include each expert's slice of the fused parameters; the
+    # attention matrices get another ratio, so a count over the experts alone (0.6) or over the nn.Linear
+    # layers alone (0.3) would differ
+    import json
+
+    from conftest import word_corpus
+
+    from wanda.cli.main import main
+
+    model = _fresh("mixtral")
+    settings = PruneSettings(prune_method="magnitude", sparsity_ratio=0.6, target_ratios=["self_attn=0.3"])
+    report = prune(model, None, settings, progress=False)
+    _save_with_tokenizer(model, tmp_path / "pruned")
+    corpus = word_corpus(tmp_path / "corpus.txt", words=500)
+    argv = ["eval", "--model", str(tmp_path / "pruned"), "--eval_dataset", str(corpus), "--seqlen", "16"]
+    argv += ["--eval_windows", "1", "--device", "cpu", "--offload", offload, "--save", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, "wanda")
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    reported = json.loads((tmp_path / "out" / "results_eval.json").read_text())["linear_sparsity"]
+    assert _expert_matrices(model), "the tiny Mixtral has fused experts"
+    everything = [p for n, p in model.named_parameters() if "layers." in n and p.dim() >= 2 and "gate.weight" not in n]
+    zeros = sum(int((p == 0).sum()) for p in everything)
+    assert reported == pytest.approx(report.actual_sparsity, rel=1e-12)
+    assert reported == pytest.approx(zeros / sum(p.numel() for p in everything), rel=1e-12)
+    assert 0.31 < reported < 0.59

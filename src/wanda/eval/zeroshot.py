@@ -27,8 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..kernels import SparseLinear
-from ..masks import zero_count
+from ..models import model_zero_counts
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.hub import hub_problem
 from ..utils.io import atomic_write_json
@@ -154,22 +153,9 @@ class ZeroShotResult:
 
 # ----------------------------------------------------------------------------------------- evaluation
 def linear_zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """(zeros, size) of the weight of every ``nn.Linear`` except the output embedding.
-
-    A LoRA adapter's own matrices (peft's ``lora_A``/``lora_B``) are dense by design and not part of the
-    pruned model, so they are left out; the wrapped ``base_layer`` counts.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    counts = {}
-    for name, module in model.named_modules():
-        adapter_part = any(part.startswith("lora_") for part in name.split("."))
-        if isinstance(module, nn.Linear) and module is not head and not adapter_part:
-            weight = module.weight
-            counts[name] = (zero_count(weight), weight.numel())
-        elif isinstance(module, SparseLinear) and not adapter_part:  # packed: its zeros are the unset mask bits
-            size = module.in_features * module.out_features
-            counts[name] = (size - module.nnz, size)
-    return counts
+    """(zeros, size) of every matrix of the decoder blocks (``models.model_zero_counts``, the count behind every
+    sparsity figure), so that a change of the weights by the harness is seen."""
+    return model_zero_counts(model)
 
 
 def _zero_fraction(counts: dict[str, tuple[int, int]]) -> float:

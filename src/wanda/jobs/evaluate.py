@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.streaming import OffloadSettings
-from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, linear_zero_counts, run_zero_shot
-from ..masks import overall_sparsity
-from ..models import ModelSettings, SparseKernelSettings
+from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
+from ..models import ModelSettings, SparseKernelSettings, model_zero_counts, zero_share
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.io import atomic_write_json, check_disjoint
 from ..utils.resources import peak_rss_mb
@@ -155,8 +154,7 @@ def run_eval_job(
     loaded = model_settings.load(sparse_kernel=sparse.sparse_kernel)
     model, tokenizer = loaded.model, loaded.tokenizer
     seqlen = eval_settings.seqlen_for(model)
-    counts = linear_zero_counts(model)  # of the base weights, before an adapter adds its own matrices
-    sparsity = overall_sparsity(((size,), zeros / size) for zeros, size in counts.values())
+    sparsity = zero_share(model_zero_counts(model))  # of the base weights, before an adapter adds its own matrices
     if adapter.adapter is not None:
         model = _attach_adapter(model, adapter.adapter)
     windows = eval_settings.windows(specs, tokenizer, seqlen)

@@ -1,6 +1,6 @@
 """Finding the prunable structure of a model, and loading models (hub id, folder, GGUF, named models)."""
 
-from .discovery import DecoderLayout, StructureOverride, find_decoder_layout
+from .discovery import DecoderLayout, StructureOverride, find_decoder_layout, model_zero_counts
 from .loading import (
     LoadedModel,
     ModelSettings,
@@ -11,7 +11,15 @@ from .loading import (
     load_model,
     resolve_dtype,
 )
-from .matrices import BlockMatrices, NotPruned, PrunableMatrix, find_linears, find_prunable
+from .matrices import (
+    BlockMatrices,
+    NotPruned,
+    PrunableMatrix,
+    find_linears,
+    find_prunable,
+    matrix_zero_counts,
+    zero_share,
+)
 
 __all__ = [
     "DecoderLayout",
@@ -21,6 +29,9 @@ __all__ = [
     "NotPruned",
     "PrunableMatrix",
     "find_linears",
+    "model_zero_counts",
+    "matrix_zero_counts",
+    "zero_share",
     "find_prunable",
     "LoadedModel",
     "ModelSettings",

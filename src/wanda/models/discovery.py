@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import WandaError
-from .matrices import NOT_TARGETED, BlockMatrices, NotPruned, find_prunable
+from ..kernels import SparseLinear
+from .matrices import NOT_TARGETED, BlockMatrices, NotPruned, find_prunable, matrix_zero_counts
 from .targets import MatrixTargets
 
 
@@ -58,7 +59,9 @@ class DecoderLayout:
 
 
 def _holds_matrices(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules()) or any(p.dim() == 3 for p in module.parameters())
+    return any(isinstance(m, (nn.Linear, SparseLinear)) for m in module.modules()) or any(
+        p.dim() == 3 for p in module.parameters()
+    )
 
 
 def _is_block_list(module: nn.Module) -> bool:
@@ -102,3 +105,13 @@ def find_decoder_layout(
     exact = [c for c in candidates if len(c[1]) == expected]
     path, blocks = max(exact or candidates, key=lambda c: len(c[1]))
     return DecoderLayout(path, blocks, include, targets)
+
+
+def model_zero_counts(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``matrix_zero_counts`` of every decoder block of a loaded model: the same matrices the pruner prunes
+    (fused experts included), so ``wanda eval`` reports the figure ``wanda`` reported after pruning."""
+    layout = find_decoder_layout(model)
+    counts: dict[str, tuple[int, int]] = {}
+    for index, block in enumerate(layout.blocks):
+        counts.update(matrix_zero_counts(block, layout.block_name(index)))
+    return counts

@@ -22,6 +22,8 @@ from fnmatch import fnmatchcase
 import torch
 from torch import nn
 
+from ..kernels import SparseLinear
+
 #: Reasons a block parameter is not pruned (the report groups by them).
 ROUTER = "router"
 NORM = "norm"
@@ -174,3 +176,26 @@ def find_linears(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
     return {
         name: m.module for name, m in find_prunable(module, prefix).prunable.items() if isinstance(m.module, nn.Linear)
     }
+
+
+def matrix_zero_counts(block: nn.Module, prefix: str = "") -> dict[str, tuple[int, int]]:
+    """(exact zeros, size) of every matrix in ``block`` that the pruner finds (``find_prunable``: linear layers
+    and each expert's slice of a fused expert parameter), and of every packed ``SparseLinear`` (its zeros are
+    the unset mask bits); a LoRA adapter's own matrices (``lora_A``/``lora_B``) are dense by design and not
+    counted. The one count behind every sparsity figure of a whole model, resident or streamed."""
+    counts = {
+        name: (int((matrix.weight == 0).sum()), matrix.weight.numel())
+        for name, matrix in find_prunable(block, prefix).prunable.items()
+        if not any(part.startswith("lora_") for part in name.split("."))
+    }
+    for name, module in block.named_modules():
+        if isinstance(module, SparseLinear):
+            size = module.in_features * module.out_features
+            counts[_qualify(prefix, name)] = (size - module.nnz, size)
+    return counts
+
+
+def zero_share(counts: dict[str, tuple[int, int]]) -> float:
+    """Zeros over all the counted weights (0 when there are none)."""
+    total = sum(size for _, size in counts.values())
+    return sum(zeros for zeros, _ in counts.values()) / total if total else 0.0

@@ -30,6 +30,7 @@ from ..export.compressed_stream import save_compressed_streamed
 from ..export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from ..export.shards import DEFAULT_SHARD_SIZE, write_shards
 from ..models.checkpoint import Checkpoint, file_entries, is_streamable
+from ..models.matrices import matrix_zero_counts, zero_share
 from ..models.streaming import StreamedModel, build_skeleton
 from ..parallel.ranks import SINGLE, Ranks
 from ..quant.settings import QuantSettings
@@ -360,16 +361,11 @@ def open_pruned(run: StreamedRun, device: torch.device | str = "cpu") -> Streame
 
 
 def streamed_linear_sparsity(streamed: StreamedModel) -> float:
-    """Exact zeros over every linear layer in the blocks, reading one block at a time (``wanda eval``'s figure
-    for a model that is not loaded)."""
-    from ..masks.checks import zero_count
-    from ..models import find_linears
-
-    zeros = total = 0
+    """``models.matrix_zero_counts`` over every block, reading one block at a time (``wanda eval``'s figure for
+    a model that is not loaded, the same count as for a loaded one)."""
+    counts: dict[str, tuple[int, int]] = {}
     for index in range(len(streamed.layout.blocks)):
         block = streamed.load_block(index, torch.device("cpu"))
-        for layer in find_linears(block).values():
-            zeros += zero_count(layer.weight)
-            total += layer.weight.numel()
+        counts.update(matrix_zero_counts(block, streamed.layout.block_name(index)))
         streamed.release_block(index)
-    return zeros / total if total else 0.0
+    return zero_share(counts)
