@@ -82,7 +82,7 @@ def test_generate_prints_the_greedy_text_and_speeds(folders, fmt, sparse, capsys
         (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1"),
         (["--prompt", "  "], "--prompt is"),
         (["--model", "/nonexistent/model-folder"], "nonexistent"),
-        (["--sparse_kernel", "--dtype", "float16"], "float32 or bf16"),
+        (["--sparse_kernel", "--dtype", "float16"], "fp32 or bf16"),
     ],
 )
 def test_generate_bad_input_is_one_error_line(folders, flags, message, capsys):
