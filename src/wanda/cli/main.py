@@ -110,6 +110,13 @@ COMMANDS: dict[str, Union[Command, dict[str, Command]]] = {
         "image classifier's blocks (never its head) with magnitude or Wanda, then report top-1/top-5 "
         "accuracy on DATA_PATH/val.",
     ),
+    "generate": Command(
+        "generate",
+        "GENERATE_JOB",
+        "run_generate_job",
+        "Continue a --prompt greedily with a saved model and print the text, prefill and decode tokens/s "
+        "(with --sparse_kernel: the pruned linears on the sparse CPU kernel).",
+    ),
     "speedup": Command(
         "speedup",
         "SPEEDUP_JOB",

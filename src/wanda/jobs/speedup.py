@@ -1,4 +1,7 @@
-"""``wanda speedup``: inference speed-up of a 2:4-pruned model from PyTorch's semi-structured sparse kernels.
+"""``wanda speedup``: inference speed-up of a pruned model.
+
+On CUDA (the default) a 2:4-pruned model on PyTorch's semi-structured sparse kernels; with ``--device cpu``
+any pruned model on the sparse CPU kernel (``wanda.kernels.SparseLinear``) against its dense-with-zeros self.
 
 Exit codes: 0 done and the output check passed; 2 a usage or input error (e.g. the model is not 2:4 sparse);
 3 no CUDA GPU of compute capability 8.0 or higher (one line on stderr, nothing else done);
@@ -18,6 +21,7 @@ from typing import Literal
 import torch
 
 from ..errors import WandaError
+from ..eval.cpu_speed import CpuSpeedSettings, cpu_name, format_cpu_tables, run_cpu_speedup
 from ..export.semi_structured import (
     BACKENDS,
     MIN_CAPABILITY,
@@ -53,10 +57,14 @@ class SpeedupJobSettings(TrustSettings):
     backend: str = setting(
         "auto", "sparse kernels (auto: cutlass on compute capability 8.x, else cusparselt)", choices=("auto", *BACKENDS)
     )
-    dtype: Literal["float16", "bfloat16", "float32"] = setting(
-        "float16", "weights and activations (cuSPARSELt has no float32)"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = setting(
+        "auto", "weights and activations (auto: float16 on CUDA, float32 on cpu; cuSPARSELt has no float32)"
     )
-    device: str = setting("cuda", "CUDA device (cuda: the current one)")
+    device: str = setting(
+        "cuda",
+        "CUDA device (cuda: the current one) for the 2:4 kernels, or cpu for the sparse CPU kernel "
+        "(any pruning pattern; dense and sparse-kernel decode, prefill and peak RSS)",
+    )
     cache_dir: str = setting("llm_weights", "where hub weights are downloaded")
     output: str | None = setting(None, "JSON file for the results (default: speedup_<gpu>_<backend>.json)")
     overwrite: bool = setting(False, "replace an existing --output")
@@ -69,7 +77,7 @@ class SpeedupJobSettings(TrustSettings):
 
 
 #: The settings of ``wanda speedup``.
-SPEEDUP_JOB = (SpeedupJobSettings, SpeedupSettings, LogSettings)
+SPEEDUP_JOB = (SpeedupJobSettings, SpeedupSettings, CpuSpeedSettings, LogSettings)
 
 
 def gpu_slug(device: torch.device) -> str:
@@ -89,9 +97,40 @@ def environment(device: torch.device) -> dict:
     }
 
 
-def run_speedup_job(job: SpeedupJobSettings, settings: SpeedupSettings, logging_settings: LogSettings) -> int:
+def run_cpu_speedup_job(job: SpeedupJobSettings, cpu: CpuSpeedSettings) -> int:
+    """Dense against ``SparseLinear`` on the CPU: per matrix shape in this process, whole model per process."""
+    folder = Path(job.model).expanduser()
+    if not folder.is_dir():
+        raise WandaError(
+            f"--device cpu measures a saved pruned model folder (compressed or dense); {job.model} is not one"
+        )
+    dtype = "float32" if job.dtype == "auto" else job.dtype
+    if dtype == "float16":
+        raise WandaError("the sparse CPU kernel runs float32 or bfloat16; use --dtype float32 or bfloat16")
+    output = Path(job.output or "speedup_cpu.json")
+    ensure_free(output, job.overwrite, "result")
+    result = run_cpu_speedup(str(folder), dtype, cpu)
+    result["environment"] = {
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "model": job.model,
+        "dtype": dtype,
+    }
+    print(format_cpu_tables(result, f"sparse CPU kernel against dense, {job.model} ({dtype})"))
+    atomic_write_json(output, result, job.overwrite)
+    log.info("results written to %s", output)
+    return 0
+
+
+def run_speedup_job(
+    job: SpeedupJobSettings, settings: SpeedupSettings, cpu: CpuSpeedSettings, logging_settings: LogSettings
+) -> int:
     from ..models import load_model
 
+    if torch.device(job.device).type == "cpu":
+        return run_cpu_speedup_job(job, cpu)
     problem = gpu_problem(job.device)
     if problem is not None:
         raise NoSparseGpu(
@@ -113,7 +152,7 @@ def run_speedup_job(job: SpeedupJobSettings, settings: SpeedupSettings, logging_
     loaded = load_model(
         job.model,
         job.cache_dir,
-        job.dtype,
+        "float16" if job.dtype == "auto" else job.dtype,
         str(device),
         trust_remote_code=job.trust_remote_code,
         allow_pickle=job.allow_pickle,
