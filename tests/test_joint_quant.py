@@ -143,7 +143,7 @@ def test_cli_wbits_saves_weights_on_the_grid(tmp_path, env, offload):  # noqa: F
     proc = subprocess.run([sys.executable, "-m", "wanda", *args], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "results" / "results_wanda.json").read_text())
-    assert results["prune"]["settings"]["quant"] == {"wbits": 4, "groupsize": 32, "sym": False}
+    assert results["prune"]["settings"]["quant"] == {"wbits": 4, "groupsize": 32, "sym": False, "gguf_type": None}
     assert results.get("streamed", False) == (offload == "disk")
     assert all(layer["quant_loss"] is not None for layer in results["prune"]["layers"])
     state = _state(out)

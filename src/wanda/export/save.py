@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["SAVE_FORMATS", "SavedModel", "save_model", "folder_bytes"]
 
-#: ``--save_format`` choices: ``dense`` is ``save_pretrained``; ``compressed`` is ``wanda.models.compressed``.
-SAVE_FORMATS = ("dense", "compressed")
+#: ``--save_format`` choices: ``dense`` is ``save_pretrained``; ``compressed`` is ``wanda.models.compressed``;
+#: ``gguf`` is one llama.cpp file (``wanda.export.gguf``).
+SAVE_FORMATS = ("dense", "compressed", "gguf")
 
 
 @dataclass
@@ -36,11 +37,18 @@ def folder_bytes(path: str | Path) -> int:
 
 
 def save_model(
-    model: nn.Module, tokenizer, target: str | Path, save_format: str = "dense", overwrite: bool = False
+    model: nn.Module,
+    tokenizer,
+    target: str | Path,
+    save_format: str = "dense",
+    overwrite: bool = False,
+    gguf_type: str | None = None,
 ) -> SavedModel:
-    """Write ``model`` and ``tokenizer`` to ``target`` atomically in ``save_format``."""
+    """Write ``model`` and ``tokenizer`` to ``target`` atomically in ``save_format`` (``gguf`` in ``gguf_type``)."""
     if save_format not in SAVE_FORMATS:
         raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
+    if (save_format == "gguf") != (gguf_type is not None):
+        raise WandaError("--save_format gguf and --gguf_type go together: pass both or neither")
     from safetensors import SafetensorError
 
     compression = None
@@ -50,6 +58,10 @@ def save_model(
                 model.save_pretrained(tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
+            elif save_format == "gguf":
+                from .gguf import save_gguf
+
+                save_gguf(model, tokenizer, tmp, gguf_type)
             else:
                 compression = save_compressed(model, tmp, tokenizer)
         except SafetensorError as exc:  # safetensors writes from Rust: a full disk arrives as this, not OSError

@@ -56,10 +56,11 @@ class PruneOutputSettings(SettingsMixin):
 
     eval_dense: bool = setting(False, "also evaluate the model before pruning (always for the bundled model)")
     save_model: str | None = setting(None, "folder to write the pruned model and tokenizer to")
-    save_format: Literal["dense", "compressed"] = setting(
+    save_format: Literal["dense", "compressed", "gguf"] = setting(
         "dense",
-        "--save_model as a from_pretrained folder (dense) or as non-zero values plus a bitmask "
-        "(compressed; every wanda command and wanda.export.load_compressed read it)",
+        "--save_model as a from_pretrained folder (dense), as non-zero values plus a bitmask "
+        "(compressed; every wanda command and wanda.export.load_compressed read it), or as one llama.cpp "
+        "file model.gguf (gguf, with --gguf_type)",
     )
 
 
@@ -120,6 +121,14 @@ def run_prune_job(
                 "--work_dir": stream.work_dir,
                 "--offload_activations": stream.offload_activations,
             },
+        )
+        require(
+            (outputs.save_format == "gguf") == (quant.gguf_type is not None),
+            "--save_format gguf and --gguf_type go together: pass both or neither",
+        )
+        require(
+            outputs.save_format != "gguf" or outputs.save_model is not None,
+            "--save_format gguf writes --save_model: pass the folder to write model.gguf to",
         )
         if ranks.is_main:
             results.claim(
@@ -214,5 +223,5 @@ def run_prune_job(
     if outputs.save_model:
         from ..export import save_model
 
-        save_model(model, tokenizer, outputs.save_model, outputs.save_format, results.overwrite)
+        save_model(model, tokenizer, outputs.save_model, outputs.save_format, results.overwrite, quant.gguf_type)
     return 0
