@@ -17,6 +17,7 @@ block that every rank can restart from.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -25,19 +26,21 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 
 from ..errors import WandaError
 from ..export.shards import fsync_dir, write_safetensors
+from ..models.checkpoint import Checkpoint, file_entries, read_header
 
 log = logging.getLogger(__name__)
 
 __all__ = ["WorkFolder", "tensor_digest", "agree_resume_point"]
 
 FINGERPRINT = "fingerprint.json"
+LOCK = ".lock"
 
 
 def tensor_digest(tensor: torch.Tensor | None) -> str | None:
@@ -49,7 +52,15 @@ def tensor_digest(tensor: torch.Tensor | None) -> str | None:
     return digest.hexdigest()
 
 
+def _raw(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``tensors`` written whole or not at all, with the SHA-256 of each one's bytes in the metadata, so that a
+    resumed run can tell a file that was cut short or edited (``verify_file``)."""
+    digests = {name: hashlib.sha256(_raw(t)).hexdigest() for name, t in tensors.items()}
+    metadata = {**(metadata or {}), "digests": json.dumps(digests)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -60,6 +71,27 @@ def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def verify_file(path: Path) -> str | None:
+    """Why the work-folder file ``path`` cannot be trusted (not a valid safetensors file, a tensor whose bytes
+    differ from the digest stored with it), or None when it verifies."""
+    try:
+        header, _ = read_header(path)
+        digests = json.loads(header.get("__metadata__", {}).get("digests", "null"))
+        entries = file_entries(path)
+        if not isinstance(digests, dict) or set(digests) != set(entries):
+            return "its tensors' digests are missing"
+        found: dict[str, str] = {}
+        Checkpoint(path.parent, entries).read(list(entries), digests=found)
+        bad = next((k for k, info in entries.items() if found[_part_key(info)] != digests[k]), None)
+    except (WandaError, ValueError) as exc:
+        return str(exc)
+    return None if bad is None else f"the bytes of {bad} differ from its digest"
+
+
+def _part_key(info) -> str:
+    return f"{info.file.name}:{info.key}:{list(info.shape)}:{info.dtype}"
 
 
 def agree_resume_point(states: list[tuple[int | None, list[int]]], num_blocks: int, needs_hidden: bool) -> int:
@@ -96,6 +128,45 @@ class WorkFolder:
         self.rank, self.world_size, self.writes_blocks = rank, world_size, writes_blocks
         #: the resume point the ranks agreed on (``agree_resume_point``); None: decide from this folder alone
         self.start: int | None = None
+        self._lock: int | None = None
+        created = not self.path.exists()
+        if rank == 0:  # one lock per run (the other ranks of the same run share the folder)
+            self._take_lock()
+        try:
+            self._check_or_create(created)
+        except BaseException:
+            if created and rank == 0:
+                shutil.rmtree(self.path, ignore_errors=True)
+            self._release()
+            raise
+
+    def _take_lock(self) -> None:
+        """An ``flock`` on ``.lock`` in the folder, held until the run ends (it dies with the process): a second
+        run on the same work folder is refused instead of adopting or deleting the first one's progress."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise WandaError(f"cannot use work folder {self.path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise WandaError(
+                f"another run is using work folder {self.path}; wait for it to finish or choose another --work_dir"
+            ) from None
+        self._lock = fd
+
+    def release(self) -> None:
+        """Let another run use the folder (the run stopped; its progress stays for a resume)."""
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _check_or_create(self, created: bool) -> None:
         stored = self.path / FINGERPRINT
         if stored.is_file():
             old = json.loads(stored.read_text())
@@ -105,7 +176,7 @@ class WorkFolder:
                     f"work folder {self.path} belongs to another run (differs in {', '.join(differ)}); "
                     "remove it or choose another --work_dir"
                 )
-        elif self.path.exists() and any(self.path.iterdir()):
+        elif self.path.exists() and any(p.name != LOCK for p in self.path.iterdir()):
             raise WandaError(
                 f"work folder {self.path} exists and is not a wanda work folder; choose another --work_dir"
             )
@@ -118,6 +189,36 @@ class WorkFolder:
                 os.fsync(handle.fileno())
             os.replace(tmp, stored)
             fsync_dir(self.path)
+
+    def verify(self, source_digest: Callable[[int], str]) -> None:
+        """Before resuming: every saved block's file must verify and must have been pruned from the bytes the
+        checkpoint holds now (``source_digest(i)`` re-reads block i's source tensors). A file that does not
+        verify is redone (it and the blocks after it are removed, with a line); a block whose source changed is
+        refused, so that a resumed run never mixes blocks of two checkpoints."""
+        if self.writes_blocks:
+            for index in range(self.num_blocks):
+                path = self.block_file(index)
+                if not path.is_file():
+                    break
+                problem = verify_file(path)
+                if problem is not None:
+                    log.warning("work folder file %s does not verify (%s); block %d on is redone", path, problem, index)
+                    for later in range(index, self.num_blocks):
+                        self.block_file(later).unlink(missing_ok=True)
+                    break
+                recorded = read_header(path)[0]["__metadata__"].get("source")
+                if recorded != source_digest(index):
+                    raise WandaError(
+                        f"the checkpoint changed since work folder {self.path} was written (block {index}'s "
+                        "source tensors differ): remove the work folder to prune the weights as they are now"
+                    )
+        _, hidden = self.local_state()
+        for index in hidden:
+            path = self.hidden_file(index)
+            problem = verify_file(path)
+            if problem is not None:
+                log.warning("work folder file %s does not verify (%s); it is computed again", path, problem)
+                path.unlink()
 
     def block_file(self, index: int) -> Path:
         return self.path / f"block-{index:05d}.safetensors"
@@ -149,9 +250,14 @@ class WorkFolder:
             self.start = agree_resume_point([self.local_state()], self.num_blocks, self.needs_hidden)
         return self.start
 
-    def save_block(self, index: int, tensors: dict[str, torch.Tensor], layers: list[dict]) -> None:
+    def save_block(
+        self, index: int, tensors: dict[str, torch.Tensor], layers: list[dict], source: str | None = None
+    ) -> None:
+        """Block ``index``'s pruned tensors, its layer reports and ``source``, the digest of the checkpoint
+        bytes it was pruned from (checked again on resume by ``verify``)."""
         if self.writes_blocks:
-            _atomic_save(self.block_file(index), tensors, {"layers": json.dumps(layers)})
+            metadata = {"layers": json.dumps(layers), "source": source or ""}
+            _atomic_save(self.block_file(index), tensors, metadata)
 
     def save_hidden(self, index: int, hidden: list[torch.Tensor]) -> None:
         """The hidden states entering block ``index``. One process then needs the previous block's no more;
@@ -172,3 +278,4 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        self._release()

@@ -191,7 +191,7 @@ class StreamedBlocks:
             if prefix + name in self.streamed.checkpoint
         }
         rows = self.report_rows(index) if self.report_rows is not None else []
-        self.work.save_block(index, tensors, rows)
+        self.work.save_block(index, tensors, rows, self.streamed.source_digests.get(index))
         if inputs is not None and index + 1 < self.work.num_blocks:
             self.work.save_hidden(index + 1, list(inputs.hidden))
 

@@ -11,13 +11,13 @@ the folder's own files must stay inside it. After loading, every weight must be 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import WandaError
+from .checkpoint import INDEX_NAME, read_header, read_weight_map
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -83,24 +83,9 @@ def _check_auto_map_files(folder: Path, auto_map, trust_remote_code: bool) -> No
 
 
 def check_safetensors(path: Path) -> None:
-    """The file is as long as its header says: an 8-byte little-endian header size, the JSON header, and
-    data up to the largest ``data_offsets`` end. Reads only the header."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as handle:
-            (header_bytes,) = struct.unpack("<Q", handle.read(8))
-            if header_bytes > size - 8:
-                raise ValueError(f"its header says {header_bytes} bytes, the file has {size - 8} after the size")
-            header = json.loads(handle.read(header_bytes))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-        raise WandaError(f"{path} is not a valid safetensors file ({exc}); it may be truncated: copy it again") from exc
-    expected = 8 + header_bytes + max(ends, default=0)
-    if size != expected:
-        raise WandaError(
-            f"{path} is truncated or corrupt: its header describes {expected} bytes, the file has "
-            f"{size}; copy or download it again"
-        )
+    """The file is a valid safetensors file as long as its header says (``read_header``: the one validated
+    reader every mode uses). Reads only the header."""
+    read_header(path)
 
 
 def check_model_folder(
@@ -144,16 +129,8 @@ def check_model_folder(
 
 def _check_weights(folder: Path, allow_pickle: bool) -> None:
     safetensors = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise WandaError(f"{index} has no weight_map naming the shards")
-        shards = {inside(folder, name, str(index)) for name in weight_map.values()}
-        missing = sorted(p.name for p in shards if not p.is_file())
-        if missing:
-            raise WandaError(f"{index} lists shards that are missing: {', '.join(missing[:3])}")
-        safetensors = sorted(shards)
+    if (folder / INDEX_NAME).is_file():
+        safetensors = sorted({folder / name for name in read_weight_map(folder).values()})
     for path in safetensors:
         check_safetensors(path)
     if safetensors:

@@ -14,6 +14,7 @@ from ..utils.declare import SettingsMixin, setting
 from ..utils.devices import resolve_device, resolve_dtype
 from ..utils.resources import release_memory
 from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
+from .checkpoint import Checkpoint, is_streamable
 from .checks import check_finite_weights, check_model_folder, check_remote_code
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,13 @@ def load_model(
             check_model_folder(
                 path, trust_remote_code, allow_pickle, need_weights=not compressed, need_tokenizer=not compressed
             )
+            if not compressed and is_streamable(path):  # the streamed path's checks, before anything loads
+                from .streaming import check_matches_config, meta_model, under_model_names
+
+                raw = Checkpoint.open(path)
+                skeleton = meta_model(path, torch_dtype, trust_remote_code)
+                check_matches_config(skeleton, raw, under_model_names(skeleton, raw), path)
+                del skeleton
             location = str(path)
     else:
         location = name

@@ -10,19 +10,27 @@ mapped to the model's parameter names once (hub checkpoints of some architecture
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import WandaError
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, combine_digests
 from .conversion import ConvertedInfo, conversion_targets
 from .discovery import DecoderLayout, find_decoder_layout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamedModel", "build_skeleton", "assign_tensor", "under_model_names"]
+__all__ = [
+    "StreamedModel",
+    "build_skeleton",
+    "assign_tensor",
+    "under_model_names",
+    "check_matches_config",
+    "meta_model",
+]
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -74,6 +82,73 @@ def under_model_names(model: nn.Module, checkpoint: Checkpoint) -> Checkpoint:
     return Checkpoint(checkpoint.folder, entries)
 
 
+def _declared(model: nn.Module, attribute: str) -> list[str]:
+    """The regex patterns a model class declares for keys transformers tolerates (tied, ignored)."""
+    value = getattr(model, attribute, None) or []
+    return list(value.keys() if isinstance(value, dict) else value)
+
+
+def check_matches_config(model: nn.Module, raw: Checkpoint, mapped: Checkpoint, folder: Path) -> None:
+    """Refuse a checkpoint that does not fit the model its config builds: a shape that differs (``hidden_size``
+    disagreeing with the weights), a parameter without a tensor (``num_hidden_layers`` larger than the
+    weights, a tensor deleted) or a tensor no parameter takes (``num_hidden_layers`` smaller). transformers
+    would initialise the first randomly and drop the last with only a load report; the one exception is what
+    the model class itself declares tied or ignored (``_tied_weights_keys``,
+    ``_keys_to_ignore_on_load_missing``/``_unexpected``). ``model`` may live on ``meta``."""
+    state = model.state_dict()
+    for name, info in mapped.entries.items():
+        if name in state and tuple(state[name].shape) != tuple(info.shape):
+            raise WandaError(
+                f"{folder}: tensor {name} has shape {list(info.shape)} but the config builds "
+                f"{list(state[name].shape)}; config.json does not describe these weights"
+            )
+    # declared tied keys are excused only when the config ties them (else transformers initialises them randomly)
+    tolerated_missing = _declared(model, "_keys_to_ignore_on_load_missing")
+    if getattr(model.config, "tie_word_embeddings", False):
+        tolerated_missing += _declared(model, "_tied_weights_keys")
+    missing = [
+        name
+        for name, _ in model.named_parameters()  # tied parameters once
+        if name not in mapped and not any(re.search(p, name) for p in tolerated_missing)
+    ]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise WandaError(
+            f"{folder}: the checkpoint lacks {', '.join(missing[:3])}{more}, which the config's model has "
+            "(num_hidden_layers larger than the weights, or a tensor missing); they would be random"
+        )
+    used = {
+        (part.file, part.key)
+        for info in mapped.entries.values()
+        for part in getattr(info, "sources", (info,))  # a merged parameter: each of its sources
+    }
+    ignored = _declared(model, "_keys_to_ignore_on_load_unexpected")
+    extra = [
+        key
+        for key, info in raw.entries.items()
+        if (info.file, info.key) not in used and not any(re.search(p, key) for p in ignored)
+    ]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        raise WandaError(
+            f"{folder}: the checkpoint holds {', '.join(extra[:3])}{more}, which the config's model does not "
+            "use (num_hidden_layers smaller than the weights, or another architecture's tensors)"
+        )
+
+
+def meta_model(folder: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
+    """The model ``folder``'s config builds, its parameters on ``meta`` (no memory for weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError, TypeError, KeyError, AttributeError) as exc:
+        raise WandaError(f"could not build model {folder}: {exc}".splitlines()[0]) from exc
+
+
 class StreamedModel:
     """The skeleton, its checkpoint (names as the model's) and the decoder layout."""
 
@@ -81,6 +156,10 @@ class StreamedModel:
         self, model: nn.Module, checkpoint: Checkpoint, layout: DecoderLayout, dtype: torch.dtype, source: str
     ):
         self.model, self.checkpoint, self.layout, self.dtype, self.source = model, checkpoint, layout, dtype, source
+        #: block index -> digest of the stored bytes it was last read from (``Checkpoint.source_digest``)
+        self.source_digests: dict[int, str] = {}
+        #: digest of the tensors outside the blocks that were read with the skeleton
+        self.outside_digest: str | None = None
 
     def dtype_of(self, name: str) -> torch.dtype:
         """The dtype the model holds ``name`` in: the run's, or fp32 for what the architecture keeps in fp32
@@ -94,9 +173,9 @@ class StreamedModel:
                 return self.dtype
         return tensor.dtype if tensor.is_floating_point() else self.dtype
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+    def read(self, names: list[str], digests: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
         """The named checkpoint tensors on the CPU, floating ones in the dtype the model holds them in."""
-        out = self.checkpoint.read(names)
+        out = self.checkpoint.read(names, digests=digests)
         return {name: t.to(self.dtype_of(name)) if t.is_floating_point() else t for name, t in out.items()}
 
     def block_names(self, index: int) -> list[str]:
@@ -112,7 +191,9 @@ class StreamedModel:
         """Block ``index`` with its checkpoint tensors on ``device`` (the rest of the model untouched)."""
         block = self.layout.blocks[index]
         prefix = self.layout.block_name(index) + "."
-        tensors = self.read(self.block_names(index))
+        digests: dict[str, str] = {}
+        tensors = self.read(self.block_names(index), digests)
+        self.source_digests[index] = combine_digests(digests)
         for name, tensor in tensors.items():
             assign_tensor(self.model, name, tensor.to(device))
         for local, param in block.named_parameters():
@@ -152,21 +233,14 @@ def build_skeleton(
 ) -> StreamedModel:
     """The model of ``folder`` with only its non-block tensors loaded, on ``device`` (the LM head too when
     ``with_head``: pruning never runs it, so it is left on ``meta`` then unless it is tied to the embeddings)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     folder = Path(folder)
-    checkpoint = Checkpoint.open(folder)
-    try:
-        config = AutoConfig.from_pretrained(folder)
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except (OSError, ValueError, ImportError) as exc:
-        raise WandaError(f"could not build model {folder}: {exc}".splitlines()[0]) from exc
+    raw = Checkpoint.open(folder)
+    model = meta_model(folder, dtype)
     model.eval()
     model.config.use_cache = False
     layout = find_decoder_layout(model)
-    checkpoint = under_model_names(model, checkpoint)
+    checkpoint = under_model_names(model, raw)
+    check_matches_config(model, raw, checkpoint, folder)
     streamed = StreamedModel(model, checkpoint, layout, dtype, str(folder))
     head = model.get_output_embeddings()
     head_names = set()
@@ -175,8 +249,10 @@ def build_skeleton(
         head_names = {name for name, p in model.named_parameters() if any(p is q for q in head.parameters())}
     outside = [name for name in streamed.outside_names() if name not in head_names]
     device = torch.device(device)
-    for name, tensor in streamed.read(outside).items():
+    digests: dict[str, str] = {}
+    for name, tensor in streamed.read(outside, digests).items():
         assign_tensor(model, name, tensor.to(device))
+    streamed.outside_digest = combine_digests(digests)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     block_prefix = layout.path + "."

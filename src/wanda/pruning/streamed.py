@@ -29,7 +29,7 @@ from ..errors import WandaError
 from ..export.compressed_stream import save_compressed_streamed
 from ..export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from ..export.shards import DEFAULT_SHARD_SIZE, write_shards
-from ..models.checkpoint import Checkpoint, file_entries, is_streamable
+from ..models.checkpoint import Checkpoint, file_digests, file_entries, is_streamable
 from ..models.matrices import matrix_zero_counts, zero_share
 from ..models.streaming import StreamedModel, build_skeleton
 from ..parallel.ranks import SINGLE, Ranks
@@ -53,6 +53,17 @@ __all__ = [
 ]
 
 #: What a hub snapshot needs for streaming: config, safetensors shards and index, tokenizer files.
+#: Files whose bytes a resumed run must find unchanged (besides the tensors).
+_FINGERPRINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+)
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 
 
@@ -203,6 +214,10 @@ def prune_streamed(
     fingerprint = {
         "model": str(Path(model_path).resolve()),
         "checkpoint": streamed.checkpoint.signature(),
+        # contents: the tensors outside the blocks (read with the skeleton), config and tokenizer files; the
+        # blocks' own bytes are checked on resume against the digests stored with each pruned block
+        "outside": streamed.outside_digest,
+        "files": file_digests(Path(model_path), _FINGERPRINT_FILES),
         "settings": settings.to_dict() | ({"quant": quant.to_dict()} if quantized else {}),
         "seed": seed,
         "dtype": str(dtype),
@@ -213,7 +228,9 @@ def prune_streamed(
     }
     work_dir = Path(stream.work_dir) if stream.work_dir else default_work_dir(save_model, fingerprint)
     num_blocks = len(streamed.layout.blocks)
-    work = _open_work_folder(work_dir, fingerprint, num_blocks, bool(statistics_needed(settings, quant)), ranks)
+    work = _open_work_folder(
+        work_dir, fingerprint, num_blocks, bool(statistics_needed(settings, quant)), ranks, streamed
+    )
 
     report = PruneReport(settings=fingerprint["settings"])
     start = work.resume_point()
@@ -239,6 +256,9 @@ def prune_streamed(
             ranks=ranks,
             quant=quant,
         )
+    except BaseException:
+        work.release()  # a failed run gives its work folder back (the lock dies with a killed process anyway)
+        raise
     finally:
         source.close()
     report.layers = report.layers[:done] + result.layers
@@ -259,7 +279,9 @@ def prune_streamed(
     return run
 
 
-def _open_work_folder(path: Path, fingerprint: dict, num_blocks: int, needs_hidden: bool, ranks: Ranks) -> WorkFolder:
+def _open_work_folder(
+    path: Path, fingerprint: dict, num_blocks: int, needs_hidden: bool, ranks: Ranks, streamed: StreamedModel
+) -> WorkFolder:
     """The work folder, and the block every rank resumes from. The main rank creates (or checks) the folder
     first, then the other machines' block writers (a folder on each machine's disk), then the remaining
     ranks, so that no rank finds a half-made folder."""
@@ -272,6 +294,7 @@ def _open_work_folder(path: Path, fingerprint: dict, num_blocks: int, needs_hidd
                     path, fingerprint, num_blocks, needs_hidden, ranks.rank, ranks.world_size, ranks.node_writer
                 )
     assert work is not None
+    work.verify(lambda index: streamed.checkpoint.source_digest(streamed.block_names(index)))
     if ranks.distributed:
         states = ranks.gather(work.local_state(), "agreeing where to resume")
         work.start = agree_resume_point(states, num_blocks, needs_hidden)
