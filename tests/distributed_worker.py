@@ -23,9 +23,9 @@ from conftest import calib_ids, tiny_model  # noqa: E402
 
 from wanda import PruneSettings, prune  # noqa: E402
 from wanda.errors import WandaError  # noqa: E402
-from wanda.eval.perplexity import ranked_perplexity  # noqa: E402
 from wanda.models import find_decoder_layout, find_linears  # noqa: E402
 from wanda.parallel.ranks import DistributedSettings, Ranks, init_ranks  # noqa: E402
+from wanda.pruning.handle import ResidentModel  # noqa: E402
 
 ARCHS = ("llama", "opt")
 METHODS = ("wanda", "magnitude", "sparsegpt", "owl_wanda_dsnot", "admm", "alps")
@@ -54,13 +54,13 @@ def run_prune(ranks: Ranks, out: Path) -> None:
     results = {}
     for arch in ARCHS:
         original = tiny_model(arch)
-        dense = ranked_perplexity(ranks, original, calib_ids(**EVAL), batch_size=BATCH, progress=False)
+        dense = ResidentModel.of(original, ranks).perplexity({"eval": calib_ids(**EVAL)}, BATCH, "dense")["eval"]
         for method in METHODS:
             model = copy.deepcopy(original)
             report = prune(
                 model, calib_ids(**CALIB), settings_of(method), batch_size=BATCH, progress=False, ranks=ranks
             )
-            ppl = ranked_perplexity(ranks, model, calib_ids(**EVAL), batch_size=BATCH, progress=False)
+            ppl = ResidentModel.of(model, ranks).perplexity({"eval": calib_ids(**EVAL)}, BATCH, "pruned")["eval"]
             results[(arch, method)] = {
                 "weights": pruned_weights(model),
                 "ppl": ppl,

@@ -410,7 +410,7 @@ def test_streamed_compressed_save_equals_in_memory(tmp_path, arch):
 
 def test_streaming_folder_follows_offload_and_format(tmp_path, monkeypatch):
     import wanda.engine.streaming as streaming
-    from wanda.pruning.streamed import streaming_folder
+    from wanda.pruning.handle import streaming_folder
 
     folder = save_tiny(tmp_path, "llama")
     cpu = torch.device("cpu")

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import DecoderLayout, find_decoder_layout
+from ..parallel.ranks import SINGLE, Ranks
 from ..utils.devices import default_batch_size
 from .capture import BlockInputs, capture_block_inputs
 from .numerics import check_finite_outputs
@@ -112,8 +113,11 @@ class LayerwiseEngine:
         progress: bool = True,
         layout: DecoderLayout | None = None,
         source: BlockSource | None = None,
+        ranks: Ranks = SINGLE,
     ):
         self.model = model
+        #: under torchrun: each rank walks its share of the windows, and ``reduce`` sums what they recorded
+        self.ranks = ranks
         self.layout = layout or find_decoder_layout(model)
         if device is None:
             device = next(self.layout.blocks[0].parameters()).device
@@ -145,6 +149,10 @@ class LayerwiseEngine:
                 outputs.append(out)
         return store if hasattr(store, "write") else outputs
 
+    def reduce(self, stats: dict, factory: Callable | None = None) -> None:
+        """Sum a block's recorded statistics over the ranks, in place (``Ranks.reduce``), before any mask."""
+        self.ranks.reduce(stats, factory)
+
     @torch.no_grad()
     def walk(
         self,
@@ -156,7 +164,8 @@ class LayerwiseEngine:
         next block's inputs. ``after(index, outputs)`` sees each block's outputs while the block is still open
         (OWL scores the block's dense weights there).
 
-        ``input_ids=None`` walks the blocks without activations (for methods that need no calibration). A
+        ``input_ids``: all the windows; under torchrun each rank captures, and walks the blocks with, its own
+        share (``Ranks.local_windows``). ``input_ids=None`` walks the blocks without activations (for methods that need no calibration). A
         source that resumes starts at its saved block, with the hidden states it saved; the other block
         arguments (masks, positions) are captured again, which costs only the embeddings."""
         was_training = self.model.training
@@ -165,6 +174,7 @@ class LayerwiseEngine:
             start, hidden = self.source.resume_point()
             inputs = None
             if input_ids is not None:
+                input_ids = self.ranks.local_windows(input_ids, self.batch_size)
                 inputs = capture_block_inputs(
                     self.model, self.layout.blocks[0], input_ids, self.batch_size, self.device
                 )
@@ -191,5 +201,11 @@ class LayerwiseEngine:
 def read_only(engine: LayerwiseEngine) -> LayerwiseEngine:
     """An engine over the same blocks whose walk saves nothing and starts at block 0."""
     return LayerwiseEngine(
-        engine.model, engine.device, engine.batch_size, engine.progress, engine.layout, ReadOnlyBlocks(engine.source)
+        engine.model,
+        engine.device,
+        engine.batch_size,
+        engine.progress,
+        engine.layout,
+        ReadOnlyBlocks(engine.source),
+        engine.ranks,
     )

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import MoeModelOutputWithPast
-
-if TYPE_CHECKING:
-    from ..parallel.ranks import Ranks
 
 
 class _GivenHidden(nn.Module):
@@ -124,13 +121,3 @@ def batch_nll(model: nn.Module, hidden: torch.Tensor, batch: torch.Tensor, chunk
 def nll_to_perplexity(total_nll: float, total_tokens: int) -> float:
     mean = total_nll / total_tokens
     return math.exp(mean) if math.isfinite(mean) else mean
-
-
-def ranked_perplexity(ranks: Ranks, model: nn.Module, windows: torch.Tensor, batch_size: int = 1, **kwargs) -> float:
-    """``perplexity`` with the windows divided over the ranks (whole batches, as for calibration) and the losses
-    summed in fp64: equal to the single-process value up to the order of that sum."""
-    if not ranks.distributed:
-        return perplexity(model, windows, batch_size=batch_size, **kwargs)
-    share = ranks.eval_share(windows, batch_size)
-    nll, tokens = negative_log_likelihood(model, share, batch_size=batch_size, **{"progress": ranks.is_main, **kwargs})
-    return nll_to_perplexity(*ranks.sum_nll(nll, tokens))

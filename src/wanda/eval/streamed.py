@@ -20,10 +20,9 @@ from torch import nn
 from ..engine import LayerwiseEngine
 from ..engine.streaming import StreamedBlocks
 from ..models.streaming import StreamedModel
-from ..parallel.ranks import SINGLE, Ranks
 from .perplexity import batch_nll, nll_to_perplexity
 
-__all__ = ["streamed_perplexity"]
+__all__ = ["streamed_nll", "streamed_perplexity"]
 
 
 class _Replay(nn.Module):
@@ -50,7 +49,6 @@ def _replaying(model: nn.Module, path: str, replay: _Replay) -> Iterator[None]:
         setattr(parent, leaf, blocks)
 
 
-@torch.no_grad()
 def streamed_perplexity(
     streamed: StreamedModel,
     windows: torch.Tensor,
@@ -59,31 +57,25 @@ def streamed_perplexity(
     chunk_tokens: int = 128,
     activations: Path | None = None,
     progress: bool = True,
-    ranks: Ranks = SINGLE,
 ) -> float:
     """Perplexity of ``streamed`` (built ``with_head``) on ``windows`` (n, seqlen), one block resident at a time.
 
-    ``activations``: a folder for the windows' hidden states (n x seqlen x hidden values) instead of RAM.
-    ``ranks``: under torchrun, each rank walks its share of the windows (whole batches) and the losses are
-    summed, as ``Ranks.perplexity`` does for a model in memory."""
-    windows = ranks.eval_share(windows, batch_size)
-    nll, tokens = (
-        _streamed_nll(streamed, windows, device, batch_size, chunk_tokens, activations, progress and ranks.is_main)
-        if windows.shape[0]
-        else (0.0, 0)
-    )
-    return nll_to_perplexity(*ranks.sum_nll(nll, tokens))
+    ``activations``: a folder for the windows' hidden states (n x seqlen x hidden values) instead of RAM."""
+    return nll_to_perplexity(*streamed_nll(streamed, windows, device, batch_size, chunk_tokens, activations, progress))
 
 
-def _streamed_nll(
+@torch.no_grad()
+def streamed_nll(
     streamed: StreamedModel,
     windows: torch.Tensor,
-    device: torch.device | str,
-    batch_size: int,
-    chunk_tokens: int,
-    activations: Path | None,
-    progress: bool,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1,
+    chunk_tokens: int = 128,
+    activations: Path | None = None,
+    progress: bool = True,
 ) -> tuple[float, int]:
+    """Summed next-token NLL over ``windows`` and the number of predicted tokens (sums, so that a distributed
+    run can add those of its ranks)."""
     model = streamed.model
     source = StreamedBlocks(streamed, torch.device(device), activations=activations)
     engine = LayerwiseEngine(model, device, batch_size, progress, streamed.layout, source)

@@ -9,13 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from torch import nn
 
 from ..data import NAMED_SOURCES, evaluation_windows, resolve_source
 from ..errors import WandaError
-from ..eval.perplexity import ranked_perplexity
 from ..models import check_seqlen, default_seqlen
-from ..parallel.ranks import SINGLE, Ranks
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.devices import AUTO_BATCH, default_batch_size
 from ..utils.io import atomic_write_json, atomic_write_text
@@ -103,7 +100,9 @@ class EvalSettings(TextSettings):
             )
             return ["wiki-summaries"]
 
-    def seqlen_for(self, model: nn.Module) -> int:
+    def seqlen_for(self, model) -> int:
+        """``--seqlen`` or the model's default, checked against its context; ``model``: anything with the
+        model's ``config`` (a loaded model or a ``wanda.pruning.handle.ModelHandle``)."""
         seqlen = self.seqlen or default_seqlen(model)
         check_seqlen(model, seqlen)  # beyond the context: positions the model never saw, or an index error
         return seqlen
@@ -117,16 +116,6 @@ class EvalSettings(TextSettings):
             source = resolve_source(spec, "evaluation", self.text_field)
             out[source.name] = evaluation_windows(source, tokenizer, seqlen, self.eval_windows)
         return out
-
-
-def evaluate(
-    model: nn.Module, windows: dict[str, torch.Tensor], batch_size: int, label: str, ranks: Ranks = SINGLE
-) -> dict[str, float]:
-    """Perplexity on each set; under a launcher the windows are divided over the ranks and the losses summed."""
-    return {
-        name: ranked_perplexity(ranks, model, w, batch_size=batch_size, desc=f"{label} ppl {name}")
-        for name, w in windows.items()
-    }
 
 
 def print_perplexities(columns: dict[str, dict[str, float]], seqlen: int) -> None:

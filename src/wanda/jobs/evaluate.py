@@ -11,13 +11,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import resolve_source
 from ..engine.streaming import OffloadSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
-from ..models import ModelSettings, SparseKernelSettings, model_zero_counts, zero_share
+from ..models import ModelSettings, SparseKernelSettings
+from ..pruning.handle import open_model
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.io import atomic_write_json, check_disjoint
 from ..utils.resources import peak_rss_mb
-from .common import EvalSettings, LogSettings, ResultsSettings, evaluate, print_perplexities
+from .common import EvalSettings, LogSettings, ResultsSettings, print_perplexities
 
 log = logging.getLogger("wanda")
 
@@ -100,6 +102,12 @@ def _attach_adapter(model, adapter: str):
     return peft_model.get_base_model()
 
 
+def _whole_for(adapter: bool, zero_shot: bool, sparse_kernel: bool) -> str | None:
+    """The flags that keep the model resident (``open_model``'s ``whole_for``), or None."""
+    flags = [("--adapter", adapter), ("--eval_zero_shot", zero_shot), ("--sparse_kernel", sparse_kernel)]
+    return " and ".join(flag for flag, given in flags if given) or None
+
+
 def run_eval_job(
     model_settings: ModelSettings,
     sparse: SparseKernelSettings,
@@ -120,52 +128,29 @@ def run_eval_job(
     )
     results.claim(RESULTS_FILE, *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else []))
     start = time.perf_counter()
-    from ..data import resolve_source
-
     for spec in specs:  # a missing corpus fails before the model loads
         resolve_source(spec, "evaluation", eval_settings.text_field)
 
-    from ..pruning.streamed import placement, streaming_folder  # --offload: evaluated block by block from disk
-
-    streamable = adapter.adapter is None and not zero_shot.eval_zero_shot and not sparse.sparse_kernel
-    require(
-        streamable or offload.offload != "disk",
-        "--offload disk evaluates perplexity only: not with --adapter or --eval_zero_shot",
-    )
-    folder = (
-        streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), offload)
-        if streamable
-        else None
-    )
-    if folder is not None:
-        from .streamed import streamed_eval_job
-
-        return streamed_eval_job(
-            folder,
-            *placement(model_settings),
-            model_settings.name,
-            model_settings.bundled,
-            eval_settings,
-            results,
-            offload,
-            RESULTS_FILE,
-        )
-
-    loaded = model_settings.load(sparse_kernel=sparse.sparse_kernel)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    seqlen = eval_settings.seqlen_for(model)
-    sparsity = zero_share(model_zero_counts(model))  # of the base weights, before an adapter adds its own matrices
+    whole_for = _whole_for(adapter.adapter is not None, zero_shot.eval_zero_shot, sparse.sparse_kernel)
+    handle = open_model(model_settings, offload, whole_for=whole_for, sparse_kernel=sparse.sparse_kernel)
+    handle.open()
+    seqlen = eval_settings.seqlen_for(handle)
+    sparsity = handle.zero_share()  # of the base weights, before an adapter adds its own matrices
     if adapter.adapter is not None:
-        model = _attach_adapter(model, adapter.adapter)
-    windows = eval_settings.windows(specs, tokenizer, seqlen)
-    ppl = evaluate(model, windows, eval_settings.batch_for(next(model.parameters()).device), "eval")
+        handle.model = _attach_adapter(handle.model, adapter.adapter)
+    windows = eval_settings.windows(specs, handle.tokenizer, seqlen)
+    ppl = handle.perplexity(windows, eval_settings.batch_for(handle.device), "eval")
     label = model_settings.name + (f" + adapter {adapter.adapter}" if adapter.adapter else "")
+    label += " (streamed)" if handle.streamed else ""
     print(f"\n{label}: linear-layer sparsity {sparsity:.4f}" + (" (of the base weights)" if adapter.adapter else ""))
     print_perplexities({"model": ppl}, seqlen)
 
     zero = None
     if zero_shot.eval_zero_shot:
-        zero = run_zero_shot(model, tokenizer, zero_shot, results.save, results.overwrite, logging_settings.verbose)
+        model = handle.whole_model("--eval_zero_shot")
+        zero = run_zero_shot(
+            model, handle.tokenizer, zero_shot, results.save, results.overwrite, logging_settings.verbose
+        )
     if results.save:
         payload = {
             "model": model_settings.name,
@@ -174,6 +159,7 @@ def run_eval_job(
             "seqlen": seqlen,
             "perplexity": ppl,
             "zero_shot": zero,
+            **handle.run_facts(),
             "total_wall_seconds": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(),
         }

@@ -15,13 +15,14 @@ from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..models import ModelSettings
 from ..parallel.launch import DistributedSettings
 from ..parallel.ranks import init_ranks
-from ..pruning.prune import needs_calibration, prune
+from ..pruning.handle import Output, open_model
+from ..pruning.prune import needs_calibration
 from ..pruning.prune_settings import PruneSettings
 from ..quant.settings import QuantSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
 from ..utils.io import check_disjoint, ensure_free
 from ..utils.resources import run_peak_rss_mb
-from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, evaluate, report_prune_run
+from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, report_prune_run
 
 log = logging.getLogger("wanda")
 
@@ -91,6 +92,82 @@ def _with_bundled_defaults(model: ModelSettings, calib: CalibrationSettings, eva
     return calib, evaluation
 
 
+def _check_outputs(
+    model_settings: ModelSettings,
+    settings: PruneSettings,
+    quant: QuantSettings,
+    calib_settings: CalibrationSettings,
+    eval_settings: EvalSettings,
+    outputs: PruneOutputSettings,
+    results: ResultsSettings,
+    zero_shot: ZeroShotSettings,
+    stream: StreamSettings,
+    is_main: bool,
+) -> None:
+    """Every output refused before any work: one that would write into an input, a results file or model
+    folder that exists without --overwrite, a format without its settings."""
+    method = settings.prune_method
+    check_disjoint(
+        {
+            "--model": model_settings.model,
+            "--calib_dataset": calib_settings.calib_dataset,
+            "--eval_dataset": eval_settings.eval_dataset,
+        },
+        {
+            "--save": results.save,
+            "--save_model": outputs.save_model,
+            "--work_dir": stream.work_dir,
+            "--offload_activations": stream.offload_activations,
+        },
+    )
+    require(
+        (outputs.save_format == "gguf") == (quant.gguf_type is not None),
+        "--save_format gguf and --gguf_type go together: pass both or neither",
+    )
+    require(
+        outputs.save_format != "gguf" or outputs.save_model is not None,
+        "--save_format gguf writes --save_model: pass the folder to write model.gguf to",
+    )
+    if is_main:
+        results.claim(
+            f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else [])
+        )
+        if outputs.save_model:
+            ensure_free(outputs.save_model, results.overwrite, "model folder")
+
+
+def _calibration(
+    handle, settings: PruneSettings, quant: QuantSettings, calib: CalibrationSettings, bundled: bool, seqlen: int,
+    text_field: str,
+):  # fmt: skip
+    """The calibration windows, or None when nothing needs them (no statistics, DSnoT or profile walk)."""
+    if not needs_calibration(settings, quant):
+        return None
+    spec = calib.calib_dataset or ("wiki-summaries" if bundled else "c4")
+    source = resolve_source(spec, "calibration", text_field)
+    ids = calibration_windows(source, handle.tokenizer, calib.nsamples, seqlen, calib.seed)
+    log.info("calibration: %d windows of %d tokens from %s", ids.shape[0], seqlen, source.name)
+    return ids
+
+
+def _facts(
+    model: ModelSettings, calib: CalibrationSettings, sets: list[str], seqlen: int, handle, start: float, ranks: int
+) -> dict:
+    """What the results file records about the run besides its report and perplexities."""
+    return {
+        "model": model.name,
+        "seqlen": seqlen,
+        "nsamples": calib.nsamples,
+        "seed": calib.seed,
+        "calib_dataset": calib.calib_dataset,
+        "eval_dataset": sets,
+        **handle.run_facts(),
+        "total_wall_seconds": time.perf_counter() - start,
+        "peak_rss_mb": run_peak_rss_mb(),
+        "ranks": ranks,
+    }
+
+
 def run_prune_job(
     model_settings: ModelSettings,
     settings: PruneSettings,
@@ -107,121 +184,43 @@ def run_prune_job(
     # under torchrun: the ranks joined before the flags were read (``SINGLE``, all no-ops, without a launcher);
     # every step that can fail on one rank only runs inside ``ranks.agreed``, so that all of them stop together
     ranks = init_ranks(dist_settings)
-    method = settings.prune_method
     with ranks.agreed("checking the outputs and the device"):
-        check_disjoint(
-            {
-                "--model": model_settings.model,
-                "--calib_dataset": calib_settings.calib_dataset,
-                "--eval_dataset": eval_settings.eval_dataset,
-            },
-            {
-                "--save": results.save,
-                "--save_model": outputs.save_model,
-                "--work_dir": stream.work_dir,
-                "--offload_activations": stream.offload_activations,
-            },
-        )
-        require(
-            (outputs.save_format == "gguf") == (quant.gguf_type is not None),
-            "--save_format gguf and --gguf_type go together: pass both or neither",
-        )
-        require(
-            outputs.save_format != "gguf" or outputs.save_model is not None,
-            "--save_format gguf writes --save_model: pass the folder to write model.gguf to",
-        )
-        if ranks.is_main:
-            results.claim(
-                f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else [])
-            )
-            if outputs.save_model:
-                ensure_free(outputs.save_model, results.overwrite, "model folder")
+        _check_outputs(
+            model_settings, settings, quant, calib_settings, eval_settings, outputs, results, zero_shot, stream,
+            ranks.is_main,
+        )  # fmt: skip
         if ranks.distributed:  # one process per GPU: this rank's is GPU LOCAL_RANK (or the CPU with --device cpu)
             model_settings = model_settings.replace(device=str(ranks.select_device(model_settings.device)))
     calib_settings, eval_settings = _with_bundled_defaults(model_settings, calib_settings, eval_settings)
     start = time.perf_counter()
     torch.manual_seed(calib_settings.seed)
-
-    from ..pruning.streamed import placement, streaming_folder  # --offload: the model streamed from disk block by block
-
-    with ranks.agreed("choosing whether to stream the model"):
-        folder = streaming_folder(model_settings.model, model_settings.cache_dir, *placement(model_settings), stream)
-    # the free memory differs between machines: when one rank must stream, all of them do
-    if folder is None and any(ranks.gather(folder is not None, "choosing whether to stream the model")):
-        with ranks.agreed("choosing whether to stream the model"):
-            folder = streaming_folder(
-                model_settings.model,
-                model_settings.cache_dir,
-                *placement(model_settings),
-                stream.replace(offload="disk"),
-            )
-            require(folder is not None, f"{model_settings.model} cannot be streamed here, but another rank streams it")
-    if folder is not None:
-        from .streamed import streamed_prune_job
-
-        with ranks.agreed("checking the flags"):
-            require(
-                not zero_shot.eval_zero_shot, "--eval_zero_shot needs the whole model in memory: pass --offload none"
-            )
-        return streamed_prune_job(
-            folder,
-            *placement(model_settings),
-            model_settings.name,
-            model_settings.bundled,
-            settings,
-            calib_settings,
-            eval_settings,
-            outputs,
-            results,
-            stream,
-            outputs.eval_dense or model_settings.bundled,
-            ranks,
-            quant=quant,
+    handle = open_model(model_settings, stream, ranks, "--eval_zero_shot" if zero_shot.eval_zero_shot else None)
+    with ranks.agreed("loading the model and the data"):
+        handle.open()
+        batch_size = eval_settings.batch_for(handle.device)
+        seqlen = eval_settings.seqlen_for(handle)
+        log.info("sequence length %d", seqlen)
+        eval_windows = eval_settings.windows(eval_settings.specs(model_settings.bundled), handle.tokenizer, seqlen)
+        calib = _calibration(
+            handle, settings, quant, calib_settings, model_settings.bundled, seqlen, eval_settings.text_field
         )
 
-    with ranks.agreed("loading the model and the data"):
-        loaded = model_settings.load()
-        model, tokenizer = loaded.model, loaded.tokenizer
-        device = next(model.parameters()).device
-        batch_size = eval_settings.batch_for(device)
-        seqlen = eval_settings.seqlen_for(model)
-        log.info("sequence length %d", seqlen)
-        eval_windows = eval_settings.windows(eval_settings.specs(model_settings.bundled), tokenizer, seqlen)
-
-        calib = None
-        if needs_calibration(settings, quant):  # the method's statistics, DSnoT's or the sparsity profile's walk
-            spec = calib_settings.calib_dataset or ("wiki-summaries" if model_settings.bundled else "c4")
-            source = resolve_source(spec, "calibration", eval_settings.text_field)
-            calib = calibration_windows(source, tokenizer, calib_settings.nsamples, seqlen, calib_settings.seed)
-            log.info("calibration: %d windows of %d tokens from %s", calib.shape[0], seqlen, source.name)
-
     evaluate_dense = outputs.eval_dense or model_settings.bundled
-    dense = evaluate(model, eval_windows, batch_size, "dense", ranks) if evaluate_dense else {}
-    report = prune(model, calib, settings, device=device, batch_size=batch_size, ranks=ranks, quant=quant)
-    pruned = evaluate(model, eval_windows, batch_size, "pruned", ranks)
+    dense = handle.perplexity(eval_windows, batch_size, "dense") if evaluate_dense else {}
+    output = Output(outputs.save_model, outputs.save_format, results.overwrite, quant.gguf_type)
+    report = handle.prune(calib, settings, quant, batch_size, output, calib_settings.seed)
+    pruned = handle.perplexity(eval_windows, batch_size, "pruned")
+    handle.close()
     if not ranks.is_main:
         # one writer: every rank holds the same pruned weights; the main rank alone goes on (zero-shot tasks,
         # printing, writing) with no collective left, so a long zero-shot run never meets --dist_timeout
         return 0
 
-    extra = {
-        "model": model_settings.name,
-        "seqlen": seqlen,
-        "nsamples": calib_settings.nsamples,
-        "seed": calib_settings.seed,
-        "calib_dataset": calib_settings.calib_dataset,
-        "eval_dataset": list(eval_windows),
-        "total_wall_seconds": time.perf_counter() - start,
-        "peak_rss_mb": run_peak_rss_mb(),
-        "ranks": ranks.world_size,
-    }
+    extra = _facts(model_settings, calib_settings, list(eval_windows), seqlen, handle, start, ranks.world_size)
     if zero_shot.eval_zero_shot:
+        model = handle.whole_model("--eval_zero_shot")
         extra["zero_shot"] = run_zero_shot(
-            model, tokenizer, zero_shot, results.save, results.overwrite, logging_settings.verbose
+            model, handle.tokenizer, zero_shot, results.save, results.overwrite, logging_settings.verbose
         )
     report_prune_run(settings, model_settings.name, report, dense, pruned, extra, results, ranks.world_size)
-    if outputs.save_model:
-        from ..export import save_model
-
-        save_model(model, tokenizer, outputs.save_model, outputs.save_format, results.overwrite, quant.gguf_type)
     return 0

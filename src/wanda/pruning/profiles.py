@@ -21,7 +21,6 @@ from ..masks import prune_count
 from ..methods.owl import outlier_ratio, owl_ratios
 from ..methods.scores import wanda_scores
 from ..models import DecoderLayout
-from ..parallel.ranks import SINGLE, Ranks
 from ..stats import InputRecorder, SquaredNorm
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ class Profile:
     name: str
     #: True when the profile itself reads calibration data (so even magnitude pruning needs it).
     needs_calibration: bool
-    #: (model, layout, calibration ids, settings, engine, ranks) -> {layer name: ratio}; missing names get the
+    #: (model, layout, calibration ids, settings, engine) -> {layer name: ratio}; missing names get the
     #: target. Under torchrun every rank must return the same ratios.
     ratios: Callable[..., dict[str, float]]
     doc: str
@@ -47,14 +46,11 @@ def _uniform(
     calibration_ids,
     settings: PruneSettings,
     engine: LayerwiseEngine | None,
-    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
     return {}
 
 
-def owl_outlier_ratios(
-    engine: LayerwiseEngine, calibration_ids: torch.Tensor, m: float, ranks: Ranks = SINGLE
-) -> list[float]:
+def owl_outlier_ratios(engine: LayerwiseEngine, calibration_ids: torch.Tensor, m: float) -> list[float]:
     """Each block's OWL outlier ratio on the dense model: its layers' input norms are recorded while the walk
     runs the block anyway (one block forward per block, no extra one), then scored with the dense weights.
     Under torchrun each rank walks its share of the windows and the norms are summed (exact fp64 sums, so the
@@ -70,7 +66,7 @@ def owl_outlier_ratios(
     def after(index: int, outputs: BlockInputs) -> None:
         recorder = recorders.pop(index)
         recorder.remove()
-        ranks.reduce(recorder.stats, SquaredNorm)
+        engine.reduce(recorder.stats, SquaredNorm)
         # matrices that read no token (an expert never routed to) say nothing about outliers
         scores = [
             wanda_scores(matrix.weight, stat.squared_norm())
@@ -80,7 +76,7 @@ def owl_outlier_ratios(
         ratios.append(outlier_ratio(scores, m))
 
     try:
-        engine.walk(ranks.local_windows(calibration_ids, engine.batch_size), visit, after)
+        engine.walk(calibration_ids, visit, after)
     finally:
         for recorder in recorders.values():  # an error inside the walk: no hook outlives it
             recorder.remove()
@@ -93,9 +89,8 @@ def _owl(
     calibration_ids: torch.Tensor,
     settings: PruneSettings,
     engine: LayerwiseEngine,
-    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
-    outliers = owl_outlier_ratios(engine, calibration_ids, settings.owl_m, ranks)
+    outliers = owl_outlier_ratios(engine, calibration_ids, settings.owl_m)
     block_ratios = owl_ratios(outliers, settings.sparsity_ratio, settings.owl_lambda)
     return {
         name: block_ratios[index] for index in range(len(layout.blocks)) for name in layout.matrices(index).prunable
@@ -152,7 +147,6 @@ def _atp(
     calibration_ids,
     settings: PruneSettings,
     engine: LayerwiseEngine | None,
-    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
     # the shapes only: a streamed skeleton's blocks hold no weights yet, and the profile reads none
     sizes = [
@@ -179,7 +173,6 @@ def layer_ratios(
     calibration_ids: torch.Tensor | None,
     settings: PruneSettings,
     engine: LayerwiseEngine | None,
-    ranks: Ranks = SINGLE,
 ) -> dict[str, float]:
     """{layer name: ratio} for the layers the profile sets; the others are pruned at ``settings.sparsity_ratio``."""
-    return PROFILES[settings.sparsity_profile].ratios(model, layout, calibration_ids, settings, engine, ranks)
+    return PROFILES[settings.sparsity_profile].ratios(model, layout, calibration_ids, settings, engine)

@@ -305,8 +305,8 @@ def prune(
             )
         check_seqlen(model, calibration_ids.shape[1])
         report.calibration_tokens = calibration_ids.numel()
-    engine = LayerwiseEngine(model, device, batch_size, progress, layout, source)
-    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None, ranks)
+    engine = LayerwiseEngine(model, device, batch_size, progress, layout, source, ranks)
+    ratios = layer_ratios(model, layout, calibration_ids, settings, read_only(engine) if calibrated else None)
     report.profile_seconds = time.perf_counter() - start
     if not statistics:
 
@@ -327,14 +327,13 @@ def prune(
                     recorder.end_batch()
             # distributed hook: statistics summed over ranks before any mask (the factory makes the ones this
             # rank lacks: an expert routed tokens on another rank only)
-            ranks.reduce(recorder.stats, recorder.factory)
+            engine.reduce(recorder.stats, recorder.factory)
             linears = _unobserved(found, recorder)
             report.not_pruned.extend(found.not_pruned)
             _prune_linears(linears, settings, ratios, recorder, report, ranks, layout, grid)
             del recorder
 
-        # distributed hook: each rank captures, and walks the blocks with, its own share of the windows
-        engine.walk(ranks.local_windows(calibration_ids, engine.batch_size), visit)
+        engine.walk(calibration_ids, visit)  # under torchrun each rank walks its share of the windows
     report.wall_seconds = time.perf_counter() - start
     report.peak_rss_mb = peak_rss_mb()
     release_memory()  # the calibration activations

@@ -18,18 +18,16 @@ import torch
 
 from ..engine.resume import WorkFolder, agree_resume_point, tensor_digest
 from ..engine.streaming import (
-    OffloadSettings,
     StreamedBlocks,
     StreamSettings,
     activation_bytes,
     available_memory,
-    choose_streaming,
 )
 from ..errors import WandaError
 from ..export.compressed_stream import save_compressed_streamed
 from ..export.save import SAVE_FORMATS, SavedModel, folder_bytes
 from ..export.shards import DEFAULT_SHARD_SIZE, write_shards
-from ..models.checkpoint import Checkpoint, file_digests, file_entries, is_streamable
+from ..models.checkpoint import Checkpoint, file_digests, file_entries
 from ..models.matrices import matrix_zero_counts, zero_share
 from ..models.streaming import StreamedModel, build_skeleton
 from ..parallel.ranks import SINGLE, Ranks
@@ -43,8 +41,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "StreamedRun",
-    "placement",
-    "streaming_folder",
     "prune_streamed",
     "save_streamed",
     "open_pruned",
@@ -52,7 +48,6 @@ __all__ = [
     "streamed_linear_sparsity",
 ]
 
-#: What a hub snapshot needs for streaming: config, safetensors shards and index, tokenizer files.
 #: Files whose bytes a resumed run must find unchanged (besides the tensors).
 _FINGERPRINT_FILES = (
     "config.json",
@@ -64,55 +59,6 @@ _FINGERPRINT_FILES = (
     "vocab.json",
     "merges.txt",
 )
-_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
-
-
-def placement(model) -> tuple[torch.device, torch.dtype]:
-    """The compute device (``cuda:N`` as given) and dtype that ``ModelSettings``' ``--device``/``--dtype`` name."""
-    from ..utils.devices import resolve_device, resolve_dtype
-
-    device = resolve_device(model.device)
-    return device, resolve_dtype(model.dtype, device)
-
-
-def _checkpoint_folder(name: str | None, cache_dir: str | None) -> Path | None:
-    """The local folder holding ``name``'s weights (the bundled model, a folder, a hub snapshot), else None."""
-    from ..models.bundled import BUNDLED_NAME, bundled_model_dir
-
-    if name in (None, BUNDLED_NAME):
-        return bundled_model_dir()
-    path = Path(name).expanduser()
-    if path.exists() or name.startswith((".", "/", "~")):
-        return path if path.is_dir() else None  # a .gguf file cannot be streamed
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, cache_dir=cache_dir, allow_patterns=_HUB_PATTERNS))
-    except Exception as exc:  # noqa: BLE001 - any hub failure means: load it the ordinary way, which reports it
-        log.debug("no hub snapshot of %s for streaming: %s", name, exc)
-        return None
-
-
-def streaming_folder(
-    name: str | None, cache_dir: str | None, device: torch.device, dtype: torch.dtype, stream: OffloadSettings
-) -> Path | None:
-    """The safetensors folder to stream ``name`` from, or None to load the whole model: ``--offload none``, a
-    checkpoint that fits (``--offload auto``), or weights that cannot be streamed (pickled ``.bin``, GGUF), which
-    keep the in-memory path with a line saying how to convert them once."""
-    if stream.offload == "none":
-        return None
-    folder = _checkpoint_folder(name, cache_dir)
-    if folder is None or not is_streamable(folder):
-        # said when streaming was asked for; under auto only in the debug log (most such models are small)
-        log.log(
-            logging.INFO if stream.offload == "disk" else logging.DEBUG,
-            "%s is not a folder of safetensors weights (GGUF, pickled .bin, or not found), so it is loaded "
-            "whole; to stream it, convert it once with save_pretrained(folder) and pass that folder",
-            name,
-        )
-        return None
-    checkpoint = Checkpoint.open(folder)
-    return folder if choose_streaming(stream, checkpoint.nbytes(dtype), device) else None
 
 
 @dataclass
