@@ -278,14 +278,16 @@ def plot(rows: dict[str, dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(sets), figsize=(13, 5))
     dense = rows.get("dense@-")
     for ax, s in zip(axes, sets):
-        for method in METHODS:
+        # 13 methods: the default 10-colour cycle would repeat, so each method gets its own tab20 colour
+        colours = plt.get_cmap("tab20").colors
+        for index, method in enumerate(METHODS):
             points = [
                 (float(l), rows[f"{method}@{l}"]["ppl"][s])
                 for l in ("0.5", "0.6", "0.7")
                 if s in rows.get(f"{method}@{l}", {}).get("ppl", {})
             ]
             if points:
-                ax.plot(*zip(*points), marker="o", label=method)
+                ax.plot(*zip(*points), marker="o", label=method, color=colours[index % len(colours)])
         if dense:
             ax.axhline(dense["ppl"][s], color="black", linestyle="--", label="dense")
         ax.set_yscale("log")
