@@ -32,9 +32,9 @@ def _recorded_prune(monkeypatch, method: str, pattern: str, wbits: int, groupsiz
     real_quantize, real_gptq = prune_module._quantize, prune_module.gptq_quantize
 
     def gptq(*args, **kwargs):
-        out, loss, params = real_gptq(*args, **kwargs, return_params=True)
+        out, loss, params = real_gptq(*args, **{**kwargs, "return_params": True})
         records[-1].update(out=out.clone(), params=params)
-        return out, loss
+        return (out, loss, params) if kwargs.get("return_params") else (out, loss)
 
     def quantize(weight, stat, grid, settings):
         records.append({"weight": weight.clone(), "hessian": part(stat, Gram).hessian().clone(), "grid": grid})

@@ -12,14 +12,16 @@ from torch import nn
 from ..errors import WandaError
 from ..models.compressed import CompressionReport, save_compressed
 from ..utils.io import atomic_directory
+from .compressed_tensors import QuantizedModel
 
 log = logging.getLogger(__name__)
 
 __all__ = ["SAVE_FORMATS", "SavedModel", "save_model", "folder_bytes"]
 
 #: ``--save_format`` choices: ``dense`` is ``save_pretrained``; ``compressed`` is ``wanda.models.compressed``;
-#: ``gguf`` is one llama.cpp file (``wanda.export.gguf``).
-SAVE_FORMATS = ("dense", "compressed", "gguf")
+#: ``gguf`` is one llama.cpp file (``wanda.export.gguf``); ``compressed-tensors`` is the pack-quantized folder
+#: vLLM loads (``wanda.export.compressed_tensors``).
+SAVE_FORMATS = ("dense", "compressed", "gguf", "compressed-tensors")
 
 
 @dataclass
@@ -43,8 +45,10 @@ def save_model(
     save_format: str = "dense",
     overwrite: bool = False,
     gguf_type: str | None = None,
+    quantized: QuantizedModel | None = None,
 ) -> SavedModel:
-    """Write ``model`` and ``tokenizer`` to ``target`` atomically in ``save_format`` (``gguf`` in ``gguf_type``)."""
+    """Write ``model`` and ``tokenizer`` to ``target`` atomically in ``save_format`` (``gguf`` in ``gguf_type``;
+    ``compressed-tensors`` with the grid parameters of the run that quantized it, ``quantized``)."""
     if save_format not in SAVE_FORMATS:
         raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
     if (save_format == "gguf") != (gguf_type is not None):
@@ -62,6 +66,12 @@ def save_model(
                 from .gguf import save_gguf
 
                 save_gguf(model, tokenizer, tmp, gguf_type)
+            elif save_format == "compressed-tensors":
+                from .compressed_tensors import save_compressed_tensors
+
+                save_compressed_tensors(model, tmp, quantized)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
             else:
                 compression = save_compressed(model, tmp, tokenizer)
         except SafetensorError as exc:  # safetensors writes from Rust: a full disk arrives as this, not OSError

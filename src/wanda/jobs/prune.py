@@ -12,6 +12,7 @@ import torch
 from ..data import calibration_windows, resolve_source
 from ..engine.streaming import StreamSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
+from ..export.compressed_tensors import check_compressed_tensors
 from ..models import ModelSettings
 from ..parallel.launch import DistributedSettings
 from ..parallel.ranks import init_ranks
@@ -57,11 +58,12 @@ class PruneOutputSettings(SettingsMixin):
 
     eval_dense: bool = setting(False, "also evaluate the model before pruning (always for the bundled model)")
     save_model: str | None = setting(None, "folder to write the pruned model and tokenizer to")
-    save_format: Literal["dense", "compressed", "gguf"] = setting(
+    save_format: Literal["dense", "compressed", "gguf", "compressed-tensors"] = setting(
         "dense",
         "--save_model as a from_pretrained folder (dense), as non-zero values plus a bitmask "
-        "(compressed; every wanda command and wanda.export.load_compressed read it), or as one llama.cpp "
-        "file model.gguf (gguf, with --gguf_type)",
+        "(compressed; every wanda command and wanda.export.load_compressed read it), as one llama.cpp "
+        "file model.gguf (gguf, with --gguf_type), or in compressed-tensors' pack-quantized layout for vLLM "
+        "(compressed-tensors, with --wbits 4 or 8 and --sym)",
     )
 
 
@@ -128,6 +130,11 @@ def _check_outputs(
         outputs.save_format != "gguf" or outputs.save_model is not None,
         "--save_format gguf writes --save_model: pass the folder to write model.gguf to",
     )
+    if outputs.save_format == "compressed-tensors":
+        check_compressed_tensors(quant, outputs.save_model)
+        require(
+            stream.offload != "disk", "--save_format compressed-tensors needs the model in memory: pass --offload none"
+        )
     if is_main:
         results.claim(
             f"log_{method}.txt", f"results_{method}.json", *([ZERO_SHOT_FILE] if zero_shot.eval_zero_shot else [])

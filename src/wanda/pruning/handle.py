@@ -149,12 +149,17 @@ class ResidentModel(ModelHandle):
         )  # fmt: skip
         if output.path is not None:
             from ..export import save_model
+            from ..export.compressed_tensors import QuantizedModel
 
+            quantized = None
+            if quant is not None and quant.wbits is not None:  # the grid's parameters, for compressed-tensors
+                quantized = QuantizedModel(report.quantized, quant.wbits, quant.groupsize, quant.sym)
             with self.ranks.agreed("saving the pruned model"):  # one writer; the others wait for its outcome
                 if self.ranks.is_main:
                     save_model(
-                        self.model, self.tokenizer, output.path, output.format, output.overwrite, output.gguf_type
-                    )
+                        self.model, self.tokenizer, output.path, output.format, output.overwrite, output.gguf_type,
+                        quantized,
+                    )  # fmt: skip
         return report
 
     def whole_model(self, purpose: str) -> nn.Module:

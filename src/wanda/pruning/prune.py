@@ -20,6 +20,7 @@ from torch import nn
 
 from ..engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
 from ..errors import WandaError
+from ..export.compressed_tensors import QuantizedMatrix
 from ..masks import overall_sparsity, zero_fraction
 from ..methods import MethodSpec, get_method, prune_layer, statistics_for
 from ..methods.obs import inverse_hessian_factor_dampened
@@ -85,6 +86,9 @@ class PruneReport:
     peak_rss_mb: float = 0.0
     #: every other parameter inside the decoder blocks, with the reason it was left alone
     not_pruned: list[NotPruned] = field(default_factory=list)
+    #: ``--wbits``: each quantized matrix's grid parameters (what a quantized file stores beside the codes), by
+    #: matrix; not in ``to_dict``
+    quantized: dict[str, QuantizedMatrix] = field(default_factory=dict)
 
     @property
     def prune_seconds(self) -> float:
@@ -147,7 +151,7 @@ def _statistic(name: str, weight: torch.Tensor, spec: MethodSpec, recorder: Inpu
 
 
 def _quantize(weight: torch.Tensor, stat: InputStatistic | None, grid: Grid, settings: PruneSettings):
-    """(weight on ``grid``, GPTQ loss): mask-fixed GPTQ of an already pruned (and updated) weight on the layer's
+    """(weight on ``grid``, GPTQ loss, the groups' ``GroupParams``): mask-fixed GPTQ of an already pruned (and updated) weight on the layer's
     Gram, so every zero stays exactly 0 and only kept weights absorb the rounding error. The dampened inverse
     factor is shared with the method (SparseGPT's) and between the layers reading one input (q/k/v)."""
     gram = part(stat, Gram)
@@ -157,7 +161,7 @@ def _quantize(weight: torch.Tensor, stat: InputStatistic | None, grid: Grid, set
     if key not in gram.derived:
         gram.derived[key] = inverse_hessian_factor_dampened(gram.hessian().to(weight.device), settings.percdamp)
     factor = gram.derived[key][0]
-    return gptq_quantize(weight, None, grid, mask=weight == 0, factor=factor)
+    return gptq_quantize(weight, None, grid, mask=weight == 0, factor=factor, return_params=True)
 
 
 def _prune_linears(
@@ -190,7 +194,8 @@ def _prune_linears(
             result = prune_layer(weight, stat, settings.method, layer_of(ratio), settings.dsnot_settings, name)
             new, quant_loss = result.weight, None
             if grid is not None:  # --wbits: GPTQ on the fixed mask, after the method's mask and update
-                new, quant_loss = _quantize(new, recorder.stat(name) if recorder else None, grid, settings)
+                new, quant_loss, params = _quantize(new, recorder.stat(name) if recorder else None, grid, settings)
+                report.quantized[name] = QuantizedMatrix.of(matrix, params)
             view.copy_(new.to(view.dtype))
             _sync(weight.device)
             seconds = time.perf_counter() - start

@@ -152,6 +152,8 @@ def prune_streamed(
             raise WandaError(f"--save_format must be one of {', '.join(SAVE_FORMATS)}; got {save_format!r}")
         if save_format == "gguf":  # the GGUF writer reads the whole model (not yet one tensor at a time)
             raise WandaError("--save_format gguf needs the model in memory: pass --offload none")
+        if save_format == "compressed-tensors":  # the library compresses a whole in-memory model
+            raise WandaError("--save_format compressed-tensors needs the model in memory: pass --offload none")
         streamed = build_skeleton(model_path, dtype, device, with_head=False)
     batch_size = batch_size or default_batch_size(device)
     calibrated = needs_calibration(settings, quant)

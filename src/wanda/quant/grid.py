@@ -8,7 +8,7 @@ group's parameters when its column loop reaches the group's first column, so the
 kept apart here.
 
 Zero is on every grid: the asymmetric zero-point is an integer code (as in GPTQ), symmetric codes are centred
-on 0, and the two GGUF types chosen here (Q8_0, Q4_0: llama.cpp's formats) are the ones whose grid contains 0.
+on 0 (the integer grid is compressed-tensors', see ``QuantGrid``), and the two GGUF types chosen here (Q8_0, Q4_0: llama.cpp's formats) are the ones whose grid contains 0.
 The GGUF grids reproduce ``gguf.quants`` operation by operation (float32 arithmetic, fp16 scales), so their
 values are bit-identical to ``gguf.quants.dequantize(gguf.quants.quantize(w))``.
 """
@@ -78,12 +78,17 @@ class Grid:
 
 @dataclass(frozen=True)
 class QuantGrid(Grid):
-    """The integer grid of GPTQ: ``bits`` in {2, 3, 4, 8}, ``groupsize`` columns per group (-1: per row).
+    """The integer grid of GPTQ in compressed-tensors' own formulas (``calculate_qparams`` and ``quantize`` of its
+    pack-quantized format, the layout vLLM's WNA16 kernels read): ``bits`` in {2, 3, 4, 8}, ``groupsize`` columns
+    per group (-1: per row). Codes are signed, qmin = -2^(bits-1) .. qmax = 2^(bits-1) - 1.
 
-    Asymmetric (default): codes 0 .. 2^bits - 1, scale = (max - min) / (2^bits - 1) with the range widened to
-    include 0, zero-point = round(-min / scale), an integer, so that the weight 0 has the code ``zero`` and
-    decodes to (zero - zero) * scale = 0 exactly. Symmetric: scale = 2 max|w| / (2^bits - 1) and zero-point
-    2^(bits - 1), i.e. signed codes -2^(bits-1) .. 2^(bits-1) - 1 centred on 0. A group of zeros gets scale 1.
+    With lo = min(w_min, 0) and hi = max(w_max, 0) of a group: symmetric, scale = max(|lo|, |hi|) / ((2^bits - 1)
+    / 2) and zero-point 0; asymmetric, scale = (hi - lo) / (2^bits - 1) and zero-point round(clamp(qmin - lo /
+    scale, qmin, qmax)), an integer. Codes are round(clamp(w / scale + zero, qmin, qmax)) and values (code - zero)
+    * scale, so the weight 0 has the code ``zero`` and decodes to 0 exactly. A group of zeros gets the scale
+    float32's eps (the library's guard against dividing by 0) and zero-point 0. Every operation is the library's,
+    in the same order and float32 (float64 for a float64 weight), so a weight GPTQ put on this grid is written to
+    the compressed-tensors file and decoded by the library bit for bit (``wanda.export.compressed_tensors``).
     """
 
     bits: int = 4
@@ -97,30 +102,35 @@ class QuantGrid(Grid):
             raise WandaError(f"quantization groupsize must be -1 (per row) or a positive integer, got {self.groupsize}")
 
     @property
-    def maxq(self) -> int:
-        return 2**self.bits - 1
+    def qmin(self) -> float:
+        return -(2.0**self.bits) / 2
+
+    @property
+    def qmax(self) -> float:
+        return 2.0**self.bits / 2 - 1
 
     def fit(self, w: torch.Tensor) -> GroupParams:
         w = _working(w)
         zeros = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
         lo = torch.minimum(w.amin(dim=1, keepdim=True), zeros)
         hi = torch.maximum(w.amax(dim=1, keepdim=True), zeros)
+        levels = torch.tensor(self.qmax - self.qmin, dtype=torch.float32).to(w.dtype)  # the library's float32 range
         if self.sym:
-            hi = torch.maximum(-lo, hi)
-            lo = -hi
-        scale = (hi - lo) / self.maxq
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        if self.sym:
-            zero = torch.full_like(scale, float((self.maxq + 1) // 2))
+            scale = torch.maximum(lo.abs(), hi.abs()) / (levels / 2)
+            zero = torch.zeros_like(scale)
         else:
-            zero = torch.round(-lo / scale).clamp(0, self.maxq)
+            scale = (hi - lo) / levels
+            with torch.no_grad():
+                zero = torch.round(torch.clamp(self.qmin - lo / scale, self.qmin, self.qmax))
+            zero = torch.where(scale == 0, torch.zeros_like(zero), zero)  # 0 / 0: any integer decodes 0 to 0
+        scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(w.dtype).eps), scale)
         return GroupParams(scale, zero)
 
     def encode(self, w: torch.Tensor, params: GroupParams) -> torch.Tensor:
-        return torch.clamp(torch.round(_working(w) / params.scale) + params.zero, 0, self.maxq)
+        return torch.round(torch.clamp(_working(w) / params.scale + params.zero, self.qmin, self.qmax))
 
     def decode(self, codes: torch.Tensor, params: GroupParams) -> torch.Tensor:
-        return params.scale * (codes.to(params.scale.dtype) - params.zero)
+        return (codes.to(params.scale.dtype) - params.zero) * params.scale
 
 
 @dataclass(frozen=True)
