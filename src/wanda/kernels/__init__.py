@@ -7,8 +7,8 @@ weight instead of 4, so a kernel that streams the compressed form can approach a
 
 from wanda.kernels.sparse_linear import (
     KERNEL_PATHS,
-    SparseLinear,
     PREFILL_TILE_ROWS,
+    SparseLinear,
     available_paths,
     get_kernel_path,
     scratch_bytes,
