@@ -7,11 +7,22 @@ weight instead of 4, so a kernel that streams the compressed form can approach a
 
 from wanda.kernels.sparse_linear import (
     KERNEL_PATHS,
+    PREFILL_TILE_ROWS,
     SparseLinear,
     available_paths,
     get_kernel_path,
+    scratch_bytes,
     set_kernel_path,
     sparsify_linears,
 )
 
-__all__ = ["KERNEL_PATHS", "SparseLinear", "available_paths", "get_kernel_path", "set_kernel_path", "sparsify_linears"]
+__all__ = [
+    "KERNEL_PATHS",
+    "PREFILL_TILE_ROWS",
+    "SparseLinear",
+    "scratch_bytes",
+    "available_paths",
+    "get_kernel_path",
+    "set_kernel_path",
+    "sparsify_linears",
+]

@@ -1,17 +1,21 @@
-// Bitmask-compressed sparse matrix-vector kernels for CPU decoding.
-// Layout (see sparse_linear.py): values concatenated row-major (fp32 or bf16,
-// padded with 16 zeros at the end so vector loads never leave the buffer),
-// mask packed little-endian, row_bytes bytes per row (a multiple of 8),
-// offsets[r] = index of row r's first value. x is fp32 (batch, row_bytes*8),
-// zero-padded past in_features. One build holds every path; AVX paths use
-// function-level target attributes and are chosen at run time.
+// Bitmask-compressed sparse linear kernels for the CPU: matrix-vector products for decoding and tile
+// decompression + BLAS for prefill.
+// Layout (see sparse_linear.py): values concatenated row-major (fp32 or bf16, padded with 16 zeros at the
+// end so vector loads never leave the buffer), mask packed little-endian, row_bytes bytes per row (a
+// multiple of 8), offsets[r] = index of row r's first value. One build holds every path; the AVX paths use
+// function-level target attributes and are chosen at run time (path ids: 0 portable, 1 avx2, 2 avx512).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace {
+
+constexpr int kPortable = 0, kAvx2 = 1, kAvx512 = 2;
 
 inline float bf16_to_f32(uint16_t v) {
   uint32_t u = static_cast<uint32_t>(v) << 16;
@@ -24,6 +28,8 @@ template <typename V>
 inline float load_val(const V* p);
 template <> inline float load_val<float>(const float* p) { return *p; }
 template <> inline float load_val<uint16_t>(const uint16_t* p) { return bf16_to_f32(*p); }
+
+// ---- decode: y[b, r] = sum_j W[r, j] x[b, j] for rows r0..r1 ------------------------------------------------
 
 template <typename V>
 void portable_rows(const V* vals, const uint8_t* mask, const int64_t* offs, const float* x,
@@ -69,13 +75,21 @@ __attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const uint16_t* p) 
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+// The 8 lanes of mask byte `bits` expanded from the packed values at v (zeros where the bit is clear).
+__attribute__((target("avx2,fma"))) inline __m256 expand8_avx2(__m256 raw, unsigned bits, const Lut& L) {
+  const __m256i lanebits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(L.idx[bits]));
+  __m256 e = _mm256_permutevar8x32_ps(raw, perm);
+  __m256i sel = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lanebits), lanebits);
+  return _mm256_and_ps(e, _mm256_castsi256_ps(sel));
+}
+
 template <typename V>
 __attribute__((target("avx2,fma"))) void avx2_rows(const V* vals, const uint8_t* mask, const int64_t* offs,
                                                    const float* x, float* y, int64_t batch, int64_t out,
                                                    int64_t row_bytes, int64_t r0, int64_t r1) {
   const Lut& L = lut();
   const int64_t xs = row_bytes * 8;
-  const __m256i lanebits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* m = mask + r * row_bytes;
     for (int64_t b = 0; b < batch; ++b) {
@@ -85,11 +99,7 @@ __attribute__((target("avx2,fma"))) void avx2_rows(const V* vals, const uint8_t*
       for (int64_t k = 0; k < row_bytes; ++k) {
         const unsigned bits = m[k];
         if (!bits) continue;
-        __m256 raw = load8_avx2(v);
-        __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(L.idx[bits]));
-        __m256 e = _mm256_permutevar8x32_ps(raw, perm);
-        __m256i sel = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lanebits), lanebits);
-        e = _mm256_and_ps(e, _mm256_castsi256_ps(sel));
+        __m256 e = expand8_avx2(load8_avx2(v), bits, L);
         acc = _mm256_fmadd_ps(e, _mm256_loadu_ps(xb + k * 8), acc);
         v += __builtin_popcount(bits);
       }
@@ -121,66 +131,249 @@ __attribute__((target("avx512f"))) void avx512_rows(const V* vals, const uint8_t
     for (int64_t b = 0; b < batch; ++b) {
       const float* xb = x + b * xs;
       const V* v = vals + offs[r];
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < words; ++k) {
+      // two accumulators: consecutive FMAs do not wait on each other's latency
+      __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+      int64_t k = 0;
+      for (; k + 1 < words; k += 2) {
+        uint16_t w0, w1;
+        std::memcpy(&w0, m + 2 * k, 2);
+        std::memcpy(&w1, m + 2 * k + 2, 2);
+        __m512 e0 = expand16(v, static_cast<__mmask16>(w0));
+        v += __builtin_popcount(w0);
+        __m512 e1 = expand16(v, static_cast<__mmask16>(w1));
+        v += __builtin_popcount(w1);
+        acc0 = _mm512_fmadd_ps(e0, _mm512_loadu_ps(xb + k * 16), acc0);
+        acc1 = _mm512_fmadd_ps(e1, _mm512_loadu_ps(xb + k * 16 + 16), acc1);
+      }
+      for (; k < words; ++k) {
         uint16_t w;
         std::memcpy(&w, m + 2 * k, 2);
-        if (!w) continue;
-        __m512 e = expand16(v, static_cast<__mmask16>(w));
-        acc = _mm512_fmadd_ps(e, _mm512_loadu_ps(xb + k * 16), acc);
+        acc0 = _mm512_fmadd_ps(expand16(v, static_cast<__mmask16>(w)), _mm512_loadu_ps(xb + k * 16), acc0);
         v += __builtin_popcount(w);
       }
-      y[b * out + r] = _mm512_reduce_add_ps(acc);
+      y[b * out + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
     }
   }
 }
 
-bool cpu_has(const std::string& path) {
-  __builtin_cpu_init();
-  if (path == "portable") return true;
-  if (path == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (path == "avx512") return __builtin_cpu_supports("avx512f");
-  return false;
+// ---- prefill: rows r0..r1 of the weight as dense fp32, row stride `ld` (a multiple of 64 >= row_bytes*8) ---
+
+template <typename V>
+void portable_unpack(const V* vals, const uint8_t* mask, const int64_t* offs, float* dst, int64_t ld,
+                     int64_t row_bytes, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* d = dst + (r - r0) * ld;
+    std::fill(d, d + row_bytes * 8, 0.f);
+    const uint8_t* m = mask + r * row_bytes;
+    const V* v = vals + offs[r];
+    for (int64_t k = 0; k < row_bytes; ++k) {
+      unsigned bits = m[k];
+      while (bits) {
+        int j = __builtin_ctz(bits);
+        d[k * 8 + j] = load_val<V>(v++);
+        bits &= bits - 1;
+      }
+    }
+  }
 }
 
 template <typename V>
-void dispatch(const std::string& path, const V* vals, const uint8_t* mask, const int64_t* offs,
-              const float* x, float* y, int64_t batch, int64_t out, int64_t row_bytes) {
-  at::parallel_for(0, out, 16, [&](int64_t r0, int64_t r1) {
-    if (path == "avx512") avx512_rows<V>(vals, mask, offs, x, y, batch, out, row_bytes, r0, r1);
-    else if (path == "avx2") avx2_rows<V>(vals, mask, offs, x, y, batch, out, row_bytes, r0, r1);
-    else portable_rows<V>(vals, mask, offs, x, y, batch, out, row_bytes, r0, r1);
+__attribute__((target("avx2,fma"))) void avx2_unpack(const V* vals, const uint8_t* mask, const int64_t* offs,
+                                                     float* dst, int64_t ld, int64_t row_bytes, int64_t r0,
+                                                     int64_t r1) {
+  const Lut& L = lut();
+  for (int64_t r = r0; r < r1; ++r) {
+    float* d = dst + (r - r0) * ld;
+    const uint8_t* m = mask + r * row_bytes;
+    const V* v = vals + offs[r];
+    for (int64_t k = 0; k < row_bytes; ++k) {
+      const unsigned bits = m[k];
+      if (!bits) {
+        _mm256_storeu_ps(d + k * 8, _mm256_setzero_ps());
+        continue;
+      }
+      _mm256_storeu_ps(d + k * 8, expand8_avx2(load8_avx2(v), bits, L));
+      v += __builtin_popcount(bits);
+    }
+  }
+}
+
+template <typename V>
+__attribute__((target("avx512f"))) void avx512_unpack(const V* vals, const uint8_t* mask, const int64_t* offs,
+                                                      float* dst, int64_t ld, int64_t row_bytes, int64_t r0,
+                                                      int64_t r1) {
+  const int64_t words = row_bytes / 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* d = dst + (r - r0) * ld;
+    const uint8_t* m = mask + r * row_bytes;
+    const V* v = vals + offs[r];
+    for (int64_t k = 0; k < words; ++k) {
+      uint16_t w;
+      std::memcpy(&w, m + 2 * k, 2);
+      _mm512_storeu_ps(d + k * 16, expand16(v, static_cast<__mmask16>(w)));
+      v += __builtin_popcount(w);
+    }
+  }
+}
+
+bool cpu_has_id(int64_t path) {
+  __builtin_cpu_init();
+  if (path == kPortable) return true;
+  if (path == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (path == kAvx512) return __builtin_cpu_supports("avx512f");
+  return false;
+}
+
+int64_t path_id(const std::string& path) {
+  if (path == "portable") return kPortable;
+  if (path == "avx2") return kAvx2;
+  if (path == "avx512") return kAvx512;
+  return -1;
+}
+
+bool cpu_has(const std::string& path) { return cpu_has_id(path_id(path)); }
+
+struct Packed {
+  const void* vals;
+  bool bf16;
+  const uint8_t* mask;
+  const int64_t* offs;
+  int64_t row_bytes;
+};
+
+Packed packed(const torch::Tensor& values, const torch::Tensor& mask, const torch::Tensor& offsets) {
+  TORCH_CHECK(mask.dtype() == torch::kUInt8 && mask.dim() == 2 && mask.is_contiguous(),
+              "mask must be contiguous 2-D uint8");
+  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.is_contiguous() && offsets.numel() == mask.size(0) + 1,
+              "offsets must be contiguous int64 with one entry per row plus one");
+  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
+  TORCH_CHECK(mask.size(1) % 8 == 0, "mask rows must be a multiple of 8 bytes");
+  const bool bf16 = values.dtype() == torch::kBFloat16;
+  TORCH_CHECK(bf16 || values.dtype() == torch::kFloat32, "values must be fp32 or bf16");
+  return {values.data_ptr(), bf16, mask.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), mask.size(1)};
+}
+
+template <typename V>
+void rows_dispatch(int64_t path, const Packed& p, const float* x, float* y, int64_t batch, int64_t out, int64_t r0,
+                   int64_t r1) {
+  const V* v = static_cast<const V*>(p.vals);
+  if (path == kAvx512) avx512_rows<V>(v, p.mask, p.offs, x, y, batch, out, p.row_bytes, r0, r1);
+  else if (path == kAvx2) avx2_rows<V>(v, p.mask, p.offs, x, y, batch, out, p.row_bytes, r0, r1);
+  else portable_rows<V>(v, p.mask, p.offs, x, y, batch, out, p.row_bytes, r0, r1);
+}
+
+template <typename V>
+void unpack_dispatch(int64_t path, const Packed& p, float* dst, int64_t ld, int64_t r0, int64_t r1) {
+  const V* v = static_cast<const V*>(p.vals);
+  if (path == kAvx512) avx512_unpack<V>(v, p.mask, p.offs, dst, ld, p.row_bytes, r0, r1);
+  else if (path == kAvx2) avx2_unpack<V>(v, p.mask, p.offs, dst, ld, p.row_bytes, r0, r1);
+  else portable_unpack<V>(v, p.mask, p.offs, dst, ld, p.row_bytes, r0, r1);
+}
+
+// Rows r0..r1 into dst (row stride ld), in parallel over rows (a row is whole-cache-line work).
+void unpack_parallel(int64_t path, const Packed& p, float* dst, int64_t ld, int64_t r0, int64_t r1) {
+  at::parallel_for(r0, r1, 8, [&](int64_t a, int64_t b) {
+    if (p.bf16) unpack_dispatch<uint16_t>(path, p, dst + (a - r0) * ld, ld, a, b);
+    else unpack_dispatch<float>(path, p, dst + (a - r0) * ld, ld, a, b);
   });
+}
+
+// The reusable prefill scratch tile: one buffer shared by every layer, grown to the largest tile asked for
+// (tile_rows x padded width fp32), never shrunk. Its size is what scratch_bytes() reports.
+torch::Tensor& scratch() {
+  static torch::Tensor buf = torch::empty({0}, torch::kFloat32);
+  return buf;
+}
+std::mutex& scratch_lock() {
+  static std::mutex m;
+  return m;
+}
+
+void check_path(int64_t path) {
+  TORCH_CHECK(path == kPortable || path == kAvx2 || path == kAvx512, "unknown kernel path id ", path);
+  TORCH_CHECK(cpu_has_id(path), "this CPU does not support kernel path id ", path);
 }
 
 }  // namespace
 
-torch::Tensor sparse_matmul(torch::Tensor values, torch::Tensor mask, torch::Tensor offsets, torch::Tensor x,
-                            int64_t out_features, std::string path) {
-  TORCH_CHECK(path == "portable" || path == "avx2" || path == "avx512", "unknown kernel path ", path);
-  TORCH_CHECK(cpu_has(path), "this CPU does not support the ", path, " kernel path");
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous 2-D fp32");
-  TORCH_CHECK(mask.dtype() == torch::kUInt8 && mask.is_contiguous(), "mask must be contiguous uint8");
-  TORCH_CHECK(offsets.dtype() == torch::kInt64 && offsets.is_contiguous(), "offsets must be int64");
-  TORCH_CHECK(values.is_contiguous(), "values must be contiguous");
-  const int64_t row_bytes = mask.size(1);
-  TORCH_CHECK(row_bytes % 8 == 0 && x.size(1) == row_bytes * 8, "x must be padded to the mask width");
-  const int64_t batch = x.size(0);
-  auto y = torch::empty({batch, out_features}, x.options());
-  if (values.dtype() == torch::kFloat32) {
-    dispatch<float>(path, values.data_ptr<float>(), mask.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(),
-                    x.data_ptr<float>(), y.data_ptr<float>(), batch, out_features, row_bytes);
-  } else if (values.dtype() == torch::kBFloat16) {
-    dispatch<uint16_t>(path, reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>()),
-                       mask.data_ptr<uint8_t>(), offsets.data_ptr<int64_t>(), x.data_ptr<float>(),
-                       y.data_ptr<float>(), batch, out_features, row_bytes);
+// x (..., in_features) of any float dtype -> (..., out_features) in x's dtype, fp32 accumulation.
+// Up to decode_max tokens: the compressed form is streamed by the matrix-vector kernels (single-threaded
+// when the matrix holds fewer than min_parallel weights: waking the thread pool costs more than it saves
+// there). More tokens: tiles of tile_rows rows are decompressed into the shared scratch buffer and each
+// multiplied by one BLAS call into the output.
+torch::Tensor sparse_linear(const torch::Tensor& x, const torch::Tensor& values, const torch::Tensor& mask,
+                            const torch::Tensor& offsets, const c10::optional<torch::Tensor>& bias,
+                            int64_t in_features, int64_t path, int64_t decode_max, int64_t tile_rows,
+                            int64_t min_parallel) {
+  check_path(path);
+  const Packed p = packed(values, mask, offsets);
+  const int64_t out = mask.size(0);
+  const int64_t width = p.row_bytes * 8;
+  TORCH_CHECK(in_features <= width, "in_features exceeds the mask width");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "expected last dimension ", in_features, ", got ",
+              x.sizes());
+  TORCH_CHECK(tile_rows >= 1, "tile_rows must be at least 1");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out;
+  auto x2 = x.reshape({-1, in_features}).to(torch::kFloat32).contiguous();
+  const int64_t n = x2.size(0);
+  auto y = torch::empty({n, out}, x2.options());
+  if (n == 0 || out == 0) return y.to(x.dtype()).reshape(out_shape);
+  if (n <= decode_max) {
+    // the kernels read whole 8/16-lane groups of x: pad it to the mask width with zeros
+    torch::Tensor xp = x2;
+    if (width != in_features) {
+      xp = torch::zeros({n, width}, x2.options());
+      xp.narrow(1, 0, in_features).copy_(x2);
+    }
+    const float* xd = xp.data_ptr<float>();
+    float* yd = y.data_ptr<float>();
+    auto body = [&](int64_t r0, int64_t r1) {
+      if (p.bf16) rows_dispatch<uint16_t>(path, p, xd, yd, n, out, r0, r1);
+      else rows_dispatch<float>(path, p, xd, yd, n, out, r0, r1);
+    };
+    if (out * width * n < min_parallel) body(0, out);
+    else at::parallel_for(0, out, 16, body);
   } else {
-    TORCH_CHECK(false, "values must be fp32 or bf16");
+    std::lock_guard<std::mutex> guard(scratch_lock());
+    const int64_t t = std::min(tile_rows, out);
+    torch::Tensor& buf = scratch();
+    if (buf.numel() < t * width) buf = torch::empty({t * width}, torch::kFloat32);
+    float* dst = buf.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < out; r0 += t) {
+      const int64_t r1 = std::min(r0 + t, out);
+      unpack_parallel(path, p, dst, width, r0, r1);
+      auto tile = buf.narrow(0, 0, (r1 - r0) * width).view({r1 - r0, width}).narrow(1, 0, in_features);
+      auto target = y.narrow(1, r0, r1 - r0);  // strides (out, 1): BLAS writes it in place
+      at::mm_out(target, x2, tile.t());
+    }
   }
-  return y;
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y.to(x.dtype()).reshape(out_shape);
+}
+
+// Rows r0..r1 of the weight as a new dense fp32 (r1 - r0, in_features) tensor, by the given path's
+// decompression (the same routine prefill uses; tests compare it bit for bit with the reference).
+torch::Tensor decompress(const torch::Tensor& values, const torch::Tensor& mask, const torch::Tensor& offsets,
+                         int64_t r0, int64_t r1, int64_t in_features, int64_t path) {
+  check_path(path);
+  const Packed p = packed(values, mask, offsets);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= mask.size(0), "row range out of bounds");
+  const int64_t width = p.row_bytes * 8;
+  auto buf = torch::empty({r1 - r0, width}, torch::kFloat32);
+  unpack_parallel(path, p, buf.data_ptr<float>(), width, r0, r1);
+  return buf.narrow(1, 0, in_features).contiguous();
+}
+
+int64_t scratch_bytes() {
+  std::lock_guard<std::mutex> guard(scratch_lock());
+  return scratch().numel() * 4;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_matmul", &sparse_matmul, "bitmask sparse x @ W.T (fp32 accumulation)");
+  m.def("sparse_linear", &sparse_linear, "bitmask sparse x @ W.T + b (fp32 accumulation)");
+  m.def("decompress", &decompress, "rows of the packed weight as dense fp32");
+  m.def("scratch_bytes", &scratch_bytes, "bytes of the shared prefill scratch tile");
   m.def("cpu_has", &cpu_has, "whether this CPU can run a kernel path");
+  m.def("path_id", &path_id, "the id of a kernel path name (-1: unknown)");
 }

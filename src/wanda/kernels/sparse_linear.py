@@ -16,7 +16,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -26,11 +25,19 @@ _COMPILED = ("avx512", "avx2", "portable")  # auto picks the first this CPU supp
 _VALUE_PAD = 16  # zeros after the last value, so vector loads of 8/16 lanes stay inside the buffer
 _ROW_ALIGN_BYTES = 8  # mask row width in bytes is a multiple of this (whole 16-bit and 64-bit words)
 _DECODE_MAX_ROWS = 8  # more tokens than this: tile-decompress + dense matmul
-_TILE_ROWS = 64
+_TILE_ROWS = 64  # the reference path's tile (Python decompression; small, it is only for checks)
+#: Rows per tile of the compiled prefill: one BLAS call per tile. 512 rows keep the call efficient (the
+#: matmul's n dimension) while the scratch tile stays a few MB (512 x 4096 fp32 = 8 MB, 512 x 11008 = 22.5 MB).
+PREFILL_TILE_ROWS = 512
+#: Below this many weights x tokens a decode call runs on one thread: waking the pool costs more than the
+#: second core saves on a matrix that small (e.g. a 192x576 k/v projection is 110 K weights).
+DECODE_MIN_PARALLEL = 262144
 
 _forced: str | None = None
 _ext: ModuleType | None = None
 _ext_failed = False
+#: (forced, $WANDA_SPARSE_KERNEL) -> (path name, path id or -1 for the reference): resolved once, not per call
+_resolved: dict[tuple[str | None, str | None, ModuleType | None], tuple[str, int]] = {}
 
 
 def _cache_dir() -> Path:
@@ -90,6 +97,18 @@ def set_kernel_path(name: str | None) -> None:
         return
     _check_path(name)
     _forced = name
+
+
+def _resolve() -> tuple[str, int]:
+    """(path name, extension path id; -1 = reference) for the current forcing, cached per forcing value and
+    extension: get_kernel_path checks the CPU's flags, far too slow to repeat on every decode call."""
+    env = os.environ.get("WANDA_SPARSE_KERNEL")
+    hit = _resolved.get((_forced, env, _ext))
+    if hit is None:
+        name = get_kernel_path()  # may build the extension: the key is taken after, with _ext as it now is
+        hit = (name, -1 if name == "reference" else int(_ext.path_id(name)))  # type: ignore[union-attr]
+        _resolved[(_forced, env, _ext)] = hit
+    return hit
 
 
 def _check_path(name: str) -> None:
@@ -189,13 +208,26 @@ class SparseLinear(nn.Module):
         return int(self.offsets[-1])
 
     def _dense_rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows r0:r1 of the weight as dense fp32 (written into ``out`` when given, a scratch tile)."""
+        """Rows r0:r1 of the weight as dense fp32 by PyTorch operations (the reference decompression; written
+        into ``out`` when given, a scratch tile)."""
         shifts = torch.arange(8, dtype=torch.uint8)
         bits = ((self.mask[r0:r1, :, None] >> shifts) & 1).reshape(r1 - r0, -1)[:, : self.in_features].bool()
         tile = out if out is not None else torch.empty(r1 - r0, self.in_features, dtype=torch.float32)
         tile.zero_()
         tile[bits] = self.values[int(self.offsets[r0]) : int(self.offsets[r1])].to(torch.float32)
         return tile
+
+    def decompress(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+        """Rows r0:r1 of the weight as dense fp32 by the current kernel path's decompression (the routine the
+        compiled prefill uses on its scratch tiles), so every path can be checked against the reference."""
+        r1 = self.out_features if r1 is None else r1
+        if not 0 <= r0 <= r1 <= self.out_features:
+            raise ValueError(f"row range {r0}:{r1} outside 0:{self.out_features}")
+        _, path = _resolve()
+        if path < 0:
+            return self._dense_rows(r0, r1)
+        assert _ext is not None
+        return _ext.decompress(self.values, self.mask, self.offsets, r0, r1, self.in_features, path)
 
     def to_dense(self) -> torch.Tensor:
         """The full (out, in) weight in the values' dtype (for checks; forward never builds it)."""
@@ -211,18 +243,25 @@ class SparseLinear(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, path = _resolve()
+        if path >= 0:  # one call into the extension: shape checks, dtype, padding, bias all happen there
+            assert _ext is not None
+            return _ext.sparse_linear(
+                x,
+                self.values,
+                self.mask,
+                self.offsets,
+                self.bias,
+                self.in_features,
+                path,
+                _DECODE_MAX_ROWS,
+                PREFILL_TILE_ROWS,
+                DECODE_MIN_PARALLEL,
+            )
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        path = get_kernel_path()
-        if path == "reference" or x2.shape[0] > _DECODE_MAX_ROWS or x2.shape[0] == 0:
-            y = self._reference(x2)
-        else:
-            width = self.mask.shape[1] * 8
-            xp = F.pad(x2, (0, width - self.in_features)).contiguous()
-            assert _ext is not None
-            y = _ext.sparse_matmul(self.values, self.mask, self.offsets, xp, self.out_features, path)
+        y = self._reference(x.reshape(-1, self.in_features).to(torch.float32))
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -233,6 +272,12 @@ class SparseLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={self.nnz / max(total, 1):.3f}, dtype={self.values.dtype}, bias={self.bias is not None}"
         )
+
+
+def scratch_bytes() -> int:
+    """Bytes of the compiled prefill's scratch tile, one buffer shared by every SparseLinear (0 before any
+    prefill or without the extension): the only dense weight memory the sparse model ever holds."""
+    return 0 if _ext is None else int(_ext.scratch_bytes())
 
 
 def _tied_weights(model: nn.Module) -> set[int]:
