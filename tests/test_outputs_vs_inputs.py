@@ -14,7 +14,7 @@ from conftest import save_tiny, word_corpus
 
 from wanda.cli.main import main
 from wanda.errors import WandaError
-from wanda.utils.io import check_disjoint
+from wanda.utils.overlap import check_disjoint
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..models import ModelSettings, SparseKernelSettings
 from ..pruning.handle import open_model
 from ..utils.declare import SettingsMixin, require, setting
-from ..utils.io import atomic_write_json, check_disjoint
+from ..utils.io import atomic_write_json
+from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
 from .common import EvalSettings, LogSettings, ResultsSettings, print_perplexities
 

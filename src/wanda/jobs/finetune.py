@@ -25,7 +25,8 @@ from ..errors import WandaError
 from ..finetune.config import BLOCK_SIZE_CAP, LoraSettings, TrainSettings
 from ..models import ModelSettings, default_seqlen
 from ..utils.declare import SettingsMixin, setting
-from ..utils.io import atomic_directory, atomic_write_json, check_disjoint, ensure_free
+from ..utils.io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
 from .common import SOURCE_HELP, LogSettings, TextSettings, print_perplexities
 

@@ -21,7 +21,8 @@ from ..pruning.prune import needs_calibration
 from ..pruning.prune_settings import PruneSettings
 from ..quant.settings import QuantSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
-from ..utils.io import check_disjoint, ensure_free
+from ..utils.io import ensure_free
+from ..utils.overlap import check_disjoint
 from ..utils.resources import run_peak_rss_mb
 from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, report_prune_run
 

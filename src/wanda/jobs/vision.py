@@ -19,7 +19,8 @@ from ..errors import WandaError
 from ..methods import get_method
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.devices import resolve_device
-from ..utils.io import atomic_directory, atomic_write_json, check_disjoint, ensure_free
+from ..utils.io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
 from ..vision import (
     ImageFolder,
