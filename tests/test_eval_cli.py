@@ -77,6 +77,27 @@ def test_perplexity_of_a_saved_model(files, tmp_path, capsys):
     assert "| corpus.txt |" in out and "sparsity 0.5" in out
 
 
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_two_sets_with_one_file_name_give_two_rows(files, tmp_path, capsys, offload):
+    """Two corpora both named corpus.txt: each keeps its own row, and each row is that corpus's perplexity."""
+    (tmp_path / "b").mkdir()
+    other = word_corpus(tmp_path / "b" / "corpus.txt", words=1500, seed=7)
+    argv = ["eval", "--model", str(files["pruned"]), "--seqlen", "32", "--eval_windows", "2", "--device", "cpu"]
+    argv += ["--offload", offload, "--save", str(tmp_path / "out"), "--eval_dataset", str(files["corpus"]), str(other)]
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    ppl = json.loads((tmp_path / "out" / "results_eval.json").read_text())["perplexity"]
+    assert list(ppl) == ["corpus.txt", str(other)]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(files["pruned"], dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(files["pruned"])
+    for label, path in zip(ppl, [files["corpus"], other]):
+        windows = evaluation_windows(resolve_source(str(path), "evaluation"), tokenizer, 32, 2)
+        assert ppl[label] == pytest.approx(perplexity(model, windows, batch_size=8, progress=False), rel=1e-5)
+    assert ppl["corpus.txt"] != ppl[str(other)]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

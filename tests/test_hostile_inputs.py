@@ -232,6 +232,9 @@ def test_compressed_manifest_cannot_point_outside_the_folder(tiny, tmp_path):
         ("broken.json", b'[{"text": "a"},\n {"text": }]', r"broken.json is not valid JSON \(line 2, column 11"),
         ("nofield.jsonl", b'{"text": "a"}\n{"body": "b"}\n', r"nofield.jsonl: line 2 has no field 'text'"),
         ("empties.jsonl", b'{"text": ""}\n{"text": "  "}\n', r"empties.jsonl holds no text"),
+        ("number.jsonl", b'{"text": "a"}\n{"text": 3}\n', r"number.jsonl: line 2 field 'text' is int, not text"),
+        ("null.jsonl", b'{"text": null}\n', r"null.jsonl: line 1 field 'text' is null, not text"),
+        ("list.json", b'[{"text": "a"}, {"text": ["b"]}]', r"list.json: record 1 field 'text' is list, not text"),
         ("bad.parquet", b"PAR1 this is not parquet", r"bad.parquet is not a readable parquet file"),
     ],
 )

@@ -86,7 +86,10 @@ def _read_json_texts(path: Path, field: str) -> list[str]:
     for number, record in records:
         if not isinstance(record, dict) or field not in record:
             raise WandaError(f"{path}: {where} {number} has no field {field!r}; name the text field with --text_field")
-        texts.append(str(record[field]))
+        if not isinstance(record[field], str):  # a number, list or null made into text would calibrate on "None"
+            kind = type(record[field]).__name__ if record[field] is not None else "null"
+            raise WandaError(f"{path}: {where} {number} field {field!r} is {kind}, not text")
+        texts.append(record[field])
     return texts
 
 

@@ -114,8 +114,20 @@ class EvalSettings(TextSettings):
         out = {}
         for spec in specs:
             source = resolve_source(spec, "evaluation", self.text_field)
-            out[source.name] = evaluation_windows(source, tokenizer, seqlen, self.eval_windows)
+            out[_label(source.name, spec, out)] = evaluation_windows(source, tokenizer, seqlen, self.eval_windows)
         return out
+
+
+def _label(name: str, spec: str, taken: dict) -> str:
+    """A row label no other set has: the source's name, else the path as given (two ``wiki.txt`` files from
+    two folders), else that with a count, so that no result replaces another."""
+    for label in (name, spec):
+        if label not in taken:
+            return label
+    count = 2
+    while f"{spec} ({count})" in taken:
+        count += 1
+    return f"{spec} ({count})"
 
 
 def print_perplexities(columns: dict[str, dict[str, float]], seqlen: int) -> None:
