@@ -246,6 +246,17 @@ def test_bad_calibration_files(tmp_path, name, content, match):
     assert "\n" not in str(info.value)
 
 
+def test_a_named_pipe_is_refused_without_blocking(tmp_path):
+    """Opening a FIFO for reading waits for a writer for ever; it is refused before anything opens it."""
+    import os
+
+    fifo = tmp_path / "calib.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(WandaError, match=r"is not a regular file or folder \(a pipe or a device\)") as info:
+        resolve_source(str(fifo), "calibration")
+    assert "\n" not in str(info.value)
+
+
 def test_empty_source_name_is_not_the_current_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(WandaError, match="an empty data source name"):

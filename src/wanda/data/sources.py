@@ -211,6 +211,8 @@ def resolve_source(spec: str, purpose: Purpose, text_field: str = "text") -> Tex
     path = Path(spec).expanduser()
     if not path.exists():
         raise WandaError(f"data source {spec!r} is neither a file/folder nor one of {', '.join(NAMED_SOURCES)}")
+    if not (path.is_dir() or path.is_file()):  # a named pipe or a device: reading it could block for ever
+        raise WandaError(f"data source {spec} is not a regular file or folder (a pipe or a device); give a file")
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         return _saved_dataset(path, purpose, text_field)
     return _local_source(path, text_field)
