@@ -449,3 +449,30 @@ def test_cli_stops_at_an_overflowing_block(tmp_path):
     )
     assert code == 2 and "block model.layers.1 became NaN or Inf" in error and "--dtype bfloat16" in error
     assert not (tmp_path / "pruned").exists()
+
+
+@pytest.mark.parametrize("command", ["prune", "eval"])
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_token_ids_beyond_the_embedding_are_refused_before_any_forward(tmp_path, capsys, command, offload):
+    """A tokenizer from another model (128 words) on a model whose embedding has 64 rows: one line, exit 2,
+    in memory and streamed, and nothing written."""
+    from wanda.cli.main import main
+
+    folder = save_tiny(tmp_path)
+    small = tiny_model(vocab_size=64)
+    small.save_pretrained(folder)  # the 128-word tokenizer stays
+    corpus = word_corpus(tmp_path / "corpus.txt", words=2000)
+    argv = ["--model", str(folder), "--seqlen", "32", "--eval_windows", "2", "--device", "cpu"]
+    argv += ["--offload", offload, "--eval_dataset", str(corpus), "--save", str(tmp_path / "out")]
+    if command == "prune":
+        argv += ["--prune_method", "wanda", "--sparsity_ratio", "0.5", "--nsamples", "2"]
+        argv += ["--calib_dataset", str(corpus), "--save_model", str(tmp_path / "pruned")]
+    else:
+        argv = ["eval", *argv]
+    with pytest.raises(SystemExit) as info:
+        main(argv, "wanda")
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "embedding has 64 rows" in lines[0] and "does not belong to this model" in lines[0]
+    assert not (tmp_path / "pruned").exists() and not (tmp_path / "out").exists()

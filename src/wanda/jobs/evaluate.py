@@ -15,6 +15,7 @@ from ..data import resolve_source
 from ..engine.streaming import OffloadSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..models import ModelSettings, SparseKernelSettings
+from ..models.checks import check_token_ids
 from ..pruning.handle import open_model
 from ..utils.declare import SettingsMixin, require, setting
 from ..utils.io import atomic_write_json
@@ -140,6 +141,7 @@ def run_eval_job(
     if adapter.adapter is not None:
         handle.model = _attach_adapter(handle.model, adapter.adapter)
     windows = eval_settings.windows(specs, handle.tokenizer, seqlen)
+    check_token_ids(windows, handle.config)
     ppl = handle.perplexity(windows, eval_settings.batch_for(handle.device), "eval")
     label = model_settings.name + (f" + adapter {adapter.adapter}" if adapter.adapter else "")
     label += " (streamed)" if handle.streamed else ""

@@ -14,6 +14,7 @@ from ..engine.streaming import StreamSettings
 from ..eval.zeroshot import ZERO_SHOT_FILE, ZeroShotSettings, run_zero_shot
 from ..export.compressed_tensors import check_compressed_tensors
 from ..models import ModelSettings
+from ..models.checks import check_token_ids
 from ..parallel.launch import DistributedSettings
 from ..parallel.ranks import init_ranks
 from ..pruning.handle import Output, open_model
@@ -212,6 +213,7 @@ def run_prune_job(
         calib = _calibration(
             handle, settings, quant, calib_settings, model_settings.bundled, seqlen, eval_settings.text_field
         )
+        check_token_ids({**eval_windows, **({"calibration": calib} if calib is not None else {})}, handle.config)
 
     evaluate_dense = outputs.eval_dense or model_settings.bundled
     dense = handle.perplexity(eval_windows, batch_size, "dense") if evaluate_dense else {}

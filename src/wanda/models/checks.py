@@ -165,3 +165,18 @@ def check_finite_weights(model: nn.Module) -> None:
             f"the model's weights are not finite: {', '.join(bad[:3])}{more}; the checkpoint is "
             "corrupt or was saved after a numeric overflow"
         )
+
+
+def check_token_ids(windows: dict[str, torch.Tensor], config, tokenizer_name: str = "the tokenizer") -> None:
+    """Refuse windows holding a token id the embedding has no row for (a tokenizer from another model, or added
+    tokens the embedding was never resized for): the first forward pass would fail with an index error deep in
+    the model, or on a GPU with a device-side assert, after the model has loaded."""
+    rows = getattr(config, "vocab_size", None) or getattr(getattr(config, "text_config", None), "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    for name, ids in windows.items():
+        if ids.numel() and int(ids.max()) >= rows:
+            raise WandaError(
+                f"{name}: {tokenizer_name} gives token id {int(ids.max())}, but the model's embedding has "
+                f"{rows} rows (vocab_size): the tokenizer does not belong to this model"
+            )
