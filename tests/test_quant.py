@@ -212,7 +212,7 @@ def test_quant_settings_validation(kwargs, message):
 def test_quant_settings_grid():
     assert QuantSettings().grid() is None
     assert QuantSettings(wbits=3, groupsize=-1, sym=True).grid() == QuantGrid(3, -1, True)
-    assert QuantSettings(wbits=4).to_dict() == {"wbits": 4, "groupsize": 128, "sym": False}
+    assert QuantSettings(wbits=4).to_dict() == {"wbits": 4, "groupsize": 128, "sym": False, "gguf_type": None}
 
 
 def test_grid_construction_errors():
