@@ -239,7 +239,11 @@ def test_wanda_killed_with_sigkill_resumes_bit_identical(tmp_path, stall):
     assert not (tmp_path / "resumed").exists() and (work / "fingerprint.json").is_file()
 
     again = subprocess.run(
-        _cli_args(folder, corpus, tmp_path / "resumed"), capture_output=True, text=True, env=_cli_env(), timeout=300
+        _cli_args(folder, corpus, tmp_path / "resumed", "--save", str(tmp_path / "resumed_results")),
+        capture_output=True,
+        text=True,
+        env=_cli_env(),
+        timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert [line for line in again.stderr.splitlines() if "resuming from block" in line] == [
@@ -248,9 +252,22 @@ def test_wanda_killed_with_sigkill_resumes_bit_identical(tmp_path, stall):
     assert not work.exists()
 
     straight = subprocess.run(
-        _cli_args(folder, corpus, tmp_path / "straight"), capture_output=True, text=True, env=_cli_env(), timeout=300
+        _cli_args(folder, corpus, tmp_path / "straight", "--save", str(tmp_path / "straight_results")),
+        capture_output=True,
+        text=True,
+        env=_cli_env(),
+        timeout=300,
     )
     assert straight.returncode == 0 and "resuming" not in straight.stderr
+    # the resumed run's report holds every block, the ones done before the kill included, as the straight run's
+    reports = [
+        json.loads((tmp_path / f"{run}_results" / "results_wanda.json").read_text())["prune"]
+        for run in ("resumed", "straight")
+    ]
+    kept = ("name", "shape", "sparsity", "ratio", "tokens")
+    resumed_rows, straight_rows = ([{k: row[k] for k in kept} for row in r["layers"]] for r in reports)
+    assert resumed_rows == straight_rows and len(straight_rows) == 4 * 7
+    assert reports[0]["actual_sparsity"] == reports[1]["actual_sparsity"]
     shards = sorted(p.name for p in (tmp_path / "straight").glob("*.safetensors"))
     assert shards == sorted(p.name for p in (tmp_path / "resumed").glob("*.safetensors")) == ["model.safetensors"]
     assert (tmp_path / "straight" / "model.safetensors").read_bytes() == (

@@ -188,6 +188,7 @@ def prune(
     structure: StructureOverride | None = None,
     *,
     quant: QuantSettings | None = None,
+    report: PruneReport | None = None,
 ) -> PruneReport:
     """Prune every weight matrix inside ``model``'s decoder blocks in place (see ``find_prunable``).
 
@@ -202,6 +203,8 @@ def prune(
     discovery gets wrong.
     ``quant``: with ``wbits``, every pruned matrix is then quantized by mask-fixed GPTQ on its Gram matrix
     (pruned weights stay exactly 0).
+    ``report``: the report to extend (a streamed run passes its own, holding the blocks done before a resume,
+    so that each block saved during the walk carries its layers' rows); by default a new one.
     """
     get_method(settings.method)
     statistics = statistics_needed(settings, quant)
@@ -209,7 +212,8 @@ def prune(
     progress = progress and ranks.is_main
     layout = find_decoder_layout(model, structure, settings.matrix_targets)
     _check_targets(layout)
-    report = PruneReport(settings=settings.to_dict() | ({"quant": quant.to_dict()} if grid is not None else {}))
+    if report is None:
+        report = PruneReport(settings=settings.to_dict() | ({"quant": quant.to_dict()} if grid is not None else {}))
     release_memory()
     reset_peak_rss()
     start = time.perf_counter()

@@ -192,8 +192,7 @@ def prune_streamed(
     activations = _activations_folder(stream, work, streamed, calibration_ids, device)
     source = StreamedBlocks(streamed, device, work, activations, rows, drop_outside=True)
     try:
-        done = len(report.layers)
-        result = prune(
+        prune(
             streamed.model,
             calibration_ids,
             settings,
@@ -203,18 +202,13 @@ def prune_streamed(
             source=source,
             ranks=ranks,
             quant=quant,
+            report=report,  # extended block by block, so that each saved block carries its rows
         )
     except BaseException:
         work.release()  # a failed run gives its work folder back (the lock dies with a killed process anyway)
         raise
     finally:
         source.close()
-    report.layers = report.layers[:done] + result.layers
-    report.wall_seconds, report.peak_rss_mb = result.wall_seconds, result.peak_rss_mb
-    report.calibration_tokens = result.calibration_tokens
-    report.profile_seconds = result.profile_seconds
-    report.not_pruned = result.not_pruned
-    # ``prune`` logged its own report (this process's blocks); ``report`` is the whole run's
     with ranks.agreed("reading the pruned blocks"):
         pruned = pruned_checkpoint(streamed, work)
     run = StreamedRun(report, source.resumed_from, pruned, work, streamed, ranks=ranks)
