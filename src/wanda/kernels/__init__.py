@@ -7,10 +7,15 @@ weight instead of 4, so a kernel that streams the compressed form can approach a
 
 from wanda.kernels.sparse_linear import (
     KERNEL_PATHS,
+    MIN_SPARSITY,
+    MIN_WEIGHTS,
     PREFILL_TILE_ROWS,
     SparseLinear,
     available_paths,
+    dense_reason,
+    describe_dense,
     get_kernel_path,
+    min_weights,
     scratch_bytes,
     set_kernel_path,
     sparsify_linears,
@@ -18,7 +23,12 @@ from wanda.kernels.sparse_linear import (
 
 __all__ = [
     "KERNEL_PATHS",
+    "MIN_SPARSITY",
+    "MIN_WEIGHTS",
     "PREFILL_TILE_ROWS",
+    "dense_reason",
+    "describe_dense",
+    "min_weights",
     "SparseLinear",
     "scratch_bytes",
     "available_paths",

@@ -32,6 +32,15 @@ PREFILL_TILE_ROWS = 512
 #: Below this many weights x tokens a decode call runs on one thread: waking the pool costs more than the
 #: second core saves on a matrix that small (e.g. a 192x576 k/v projection is 110 K weights).
 DECODE_MIN_PARALLEL = 262144
+#: The load rule's thresholds: a matrix becomes a SparseLinear only when it has at least MIN_SPARSITY zeros
+#: and at least MIN_WEIGHTS weights (out x in); otherwise it stays a dense nn.Linear. Below 30% zeros the
+#: values + bitmask (0.7 x 4 + 1/8 = 2.9 of 4 bytes per weight) save too little to pay for the expand work.
+#: Below 256 K weights a decode call is a few microseconds of weights against a fixed call overhead:
+#: measured on SmolLM2-135M at 50% (``wanda speedup --device cpu``), 192x576 (110 K weights) decoded at 0.43x
+#: dense, 576x576 (332 K) at 1.21x and 1536x576 at 2.00x; benchmarks/results/cpu_inference.md has the large
+#: shapes. ``$WANDA_SPARSE_MIN_WEIGHTS`` overrides MIN_WEIGHTS (tests of tiny models set it to 0).
+MIN_SPARSITY = 0.3
+MIN_WEIGHTS = 262144
 
 _forced: str | None = None
 _ext: ModuleType | None = None
@@ -280,6 +289,46 @@ def scratch_bytes() -> int:
     return 0 if _ext is None else int(_ext.scratch_bytes())
 
 
+def min_weights() -> int:
+    """The load rule's size threshold: ``$WANDA_SPARSE_MIN_WEIGHTS`` when set, else MIN_WEIGHTS."""
+    raw = os.environ.get("WANDA_SPARSE_MIN_WEIGHTS", "").strip()
+    if not raw:
+        return MIN_WEIGHTS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        from ..errors import WandaError
+
+        raise WandaError(f"WANDA_SPARSE_MIN_WEIGHTS must be a whole number >= 0, got {raw!r}")
+    return value
+
+
+def dense_reason(weight: torch.Tensor, min_sparsity: float = MIN_SPARSITY, least: int | None = None) -> str | None:
+    """Why ``weight`` stays dense under the load rule ("zeros" or "size"), or None when it becomes sparse.
+
+    ``least``: the size threshold in weights (None: ``min_weights()``). Sparsity is checked first, so a
+    small dense matrix counts as "zeros".
+    """
+    if float((weight == 0).sum()) < min_sparsity * weight.numel():
+        return "zeros"
+    if weight.numel() < (min_weights() if least is None else least):
+        return "size"
+    return None
+
+
+def describe_dense(reasons: dict[str, int], min_sparsity: float, least: int) -> str:
+    """The load line's explanation of the matrices that stayed dense, e.g. "(2 under 30% zeros, 4 under
+    262144 weights)"; empty when none did."""
+    parts = []
+    if reasons.get("zeros"):
+        parts.append(f"{reasons['zeros']} under {min_sparsity:.0%} zeros")
+    if reasons.get("size"):
+        parts.append(f"{reasons['size']} under {least} weights")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def _tied_weights(model: nn.Module) -> set[int]:
     ids: set[int] = set()
     for mod in model.modules():
@@ -290,16 +339,20 @@ def _tied_weights(model: nn.Module) -> set[int]:
 
 def sparsify_linears(
     model: nn.Module,
-    min_sparsity: float = 0.3,
+    min_sparsity: float = MIN_SPARSITY,
     skip_names: tuple[str, ...] = ("lm_head",),
     dtype: torch.dtype | None = None,
+    least: int | None = None,
 ) -> tuple[int, int]:
-    """Replace each nn.Linear with at least ``min_sparsity`` zeros by a SparseLinear, in place.
+    """Replace each nn.Linear that the load rule lets pay (``dense_reason``) by a SparseLinear, in place.
 
     Skipped: modules whose own name is in ``skip_names`` and any whose weight is tied to an nn.Embedding
-    (those stay as they are and are not counted). Below the threshold the compressed form would not save
-    bandwidth (mask overhead), so such matrices stay dense. Returns (converted, kept_dense).
+    (those stay as they are and are not counted). A matrix with under ``min_sparsity`` zeros or under
+    ``least`` weights (None: ``min_weights()``) stays dense: there the sparse form would not decode faster.
+    Returns (converted, kept_dense).
     """
+    least = min_weights() if least is None else least
+    reasons: dict[str, int] = {}
     tied = _tied_weights(model)
     converted = kept = 0
     targets: list[tuple[nn.Module, str, nn.Linear]] = []
@@ -308,12 +361,12 @@ def sparsify_linears(
             if isinstance(child, nn.Linear) and child_name not in skip_names and id(child.weight) not in tied:
                 targets.append((parent, child_name, child))
     for parent, name, lin in targets:
-        w = lin.weight.detach()
-        sparsity = float((w == 0).sum()) / max(w.numel(), 1)
-        if sparsity >= min_sparsity:
+        reason = dense_reason(lin.weight.detach(), min_sparsity, least)
+        if reason is None:
             setattr(parent, name, SparseLinear.from_dense(lin, dtype=dtype))
             converted += 1
         else:
             kept += 1
-    log.info("%d matrices sparse, %d stayed dense", converted, kept)
+            reasons[reason] = reasons.get(reason, 0) + 1
+    log.info("%d matrices sparse, %d stayed dense%s", converted, kept, describe_dense(reasons, min_sparsity, least))
     return converted, kept
