@@ -5,17 +5,13 @@ A 50%-sparse fp32 matrix stored as its non-zeros plus a one-bit mask costs 0.5 *
 weight instead of 4, so a kernel that streams the compressed form can approach a ~1.9x speedup.
 """
 
+from wanda.kernels.load_rule import MIN_SPARSITY, MIN_WEIGHTS, dense_reason, describe_dense, min_weights
 from wanda.kernels.sparse_linear import (
     KERNEL_PATHS,
-    MIN_SPARSITY,
-    MIN_WEIGHTS,
     PREFILL_TILE_ROWS,
     SparseLinear,
     available_paths,
-    dense_reason,
-    describe_dense,
     get_kernel_path,
-    min_weights,
     scratch_bytes,
     set_kernel_path,
     sparsify_linears,
