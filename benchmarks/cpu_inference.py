@@ -412,11 +412,12 @@ def plot(result: dict, path: Path) -> None:
             labels.append(f"{r['shape'][0]}x{r['shape'][1]}\n{round(r['sparsity'] * 100)}%")
             decode.append(r["decode_speedup"])
             prefill.append(r["prefill_speedup"])
-    dense = rows.get("model-1.1b-dense")
-    for pct in SPARSITIES:
-        sp = rows.get(f"model-1.1b-{pct}-sparse")
+    pairs = [("1.1B model", "model-1.1b-dense", f"model-1.1b-{p}-sparse", p) for p in SPARSITIES]
+    pairs.append(("SmolLM2-135M", "model-smollm2-dense", "model-smollm2-50-sparse", 50))
+    for name, dense_key, sparse_key, pct in pairs:
+        dense, sp = rows.get(dense_key), rows.get(sparse_key)
         if sp and dense:
-            labels.append(f"1.1B model\n{pct}%")
+            labels.append(f"{name}\n{pct}%")
             decode.append(sp["decode_tokens_per_s"] / dense["decode_tokens_per_s"])
             prefill.append(sp["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"])
     fig, ax = plt.subplots(figsize=(max(6, len(labels) * 1.1), 4))
