@@ -15,6 +15,13 @@ from wanda.models import load_model
 from wanda.models.compressed import load_compressed_state_dict, same_bits, save_compressed
 
 
+@pytest.fixture(autouse=True)
+def _tiny_matrices_convert(monkeypatch):
+    """These tiny models' matrices (a few thousand weights) are far under the load rule's size threshold;
+    the tests check the kernel on them, so the threshold is lifted (the rule itself: test_load_rule_*)."""
+    monkeypatch.setenv("WANDA_SPARSE_MIN_WEIGHTS", "0")
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return (a - b).norm().item() / b.norm().item()
@@ -135,3 +142,54 @@ def test_lora_adapter_on_sparse_kernel_model(tmp_path):
     with torch.no_grad():
         got = attached(ids).logits
     assert _rel(got, ref) < 1e-5
+
+
+def test_load_rule_keeps_low_sparsity_and_small_matrices_dense(tmp_path, monkeypatch, caplog):
+    import logging
+
+    dense, folder, n_linears = _pruned_folder(tmp_path, "llama", torch.float32, "compressed")
+    sizes = {n: m.weight.numel() for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
+    least = 2000  # between the k/v projections (24 x 48 = 1152 weights) and the others (>= 2304)
+    small = {n for n, size in sizes.items() if size < least and n != "lm_head"}
+    first = next(n for n in sizes if n != "lm_head")  # left unpruned by _pruned_folder: under 30% zeros
+    assert len(small) == 4 and first not in small
+    monkeypatch.setenv("WANDA_SPARSE_MIN_WEIGHTS", str(least))
+    with caplog.at_level(logging.INFO, logger="wanda.models.loading"):
+        model = load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True).model
+    modules = dict(model.named_modules())
+    for name in sizes:
+        if name == "lm_head":
+            continue
+        want = nn.Linear if name in small or name == first else SparseLinear
+        assert type(modules[name]) is want, name
+    converted = n_linears - 1 - len(small)
+    line = f"{converted} linear matrices sparse, {1 + len(small)} stayed dense (1 under 30% zeros, 4 under {least} weights)"
+    assert line in caplog.text
+    ids = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _rel(model(ids).logits, dense(ids).logits) < 1e-5
+
+
+def test_load_rule_default_threshold_keeps_tiny_model_dense(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from wanda.kernels import MIN_WEIGHTS
+
+    _, folder, n_linears = _pruned_folder(tmp_path, "llama", torch.float32, "dense")
+    monkeypatch.delenv("WANDA_SPARSE_MIN_WEIGHTS")
+    with caplog.at_level(logging.INFO, logger="wanda.models.loading"):
+        model = load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True).model
+    assert not any(isinstance(m, SparseLinear) for m in model.modules())
+    assert (
+        f"0 linear matrices sparse, {n_linears} stayed dense (1 under 30% zeros, {n_linears - 1} under {MIN_WEIGHTS} weights)"
+        in caplog.text
+    )
+
+
+def test_load_rule_refuses_bad_threshold(tmp_path, monkeypatch):
+    from wanda.errors import WandaError
+
+    _, folder, _ = _pruned_folder(tmp_path, "llama", torch.float32, "dense")
+    monkeypatch.setenv("WANDA_SPARSE_MIN_WEIGHTS", "-3")
+    with pytest.raises(WandaError, match="WANDA_SPARSE_MIN_WEIGHTS must be a whole number"):
+        load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True)

@@ -5,6 +5,7 @@ A 50%-sparse fp32 matrix stored as its non-zeros plus a one-bit mask costs 0.5 *
 weight instead of 4, so a kernel that streams the compressed form can approach a ~1.9x speedup.
 """
 
+from wanda.kernels.load_rule import MIN_SPARSITY, MIN_WEIGHTS, dense_reason, describe_dense, min_weights
 from wanda.kernels.sparse_linear import (
     KERNEL_PATHS,
     PREFILL_TILE_ROWS,
@@ -18,7 +19,12 @@ from wanda.kernels.sparse_linear import (
 
 __all__ = [
     "KERNEL_PATHS",
+    "MIN_SPARSITY",
+    "MIN_WEIGHTS",
     "PREFILL_TILE_ROWS",
+    "dense_reason",
+    "describe_dense",
+    "min_weights",
     "SparseLinear",
     "scratch_bytes",
     "available_paths",

@@ -18,6 +18,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from .load_rule import MIN_SPARSITY, dense_reason, describe_dense, min_weights
+
 log = logging.getLogger(__name__)
 
 KERNEL_PATHS = ("auto", "reference", "portable", "avx2", "avx512")
@@ -290,16 +292,20 @@ def _tied_weights(model: nn.Module) -> set[int]:
 
 def sparsify_linears(
     model: nn.Module,
-    min_sparsity: float = 0.3,
+    min_sparsity: float = MIN_SPARSITY,
     skip_names: tuple[str, ...] = ("lm_head",),
     dtype: torch.dtype | None = None,
+    least: int | None = None,
 ) -> tuple[int, int]:
-    """Replace each nn.Linear with at least ``min_sparsity`` zeros by a SparseLinear, in place.
+    """Replace each nn.Linear that the load rule lets pay (``dense_reason``) by a SparseLinear, in place.
 
     Skipped: modules whose own name is in ``skip_names`` and any whose weight is tied to an nn.Embedding
-    (those stay as they are and are not counted). Below the threshold the compressed form would not save
-    bandwidth (mask overhead), so such matrices stay dense. Returns (converted, kept_dense).
+    (those stay as they are and are not counted). A matrix with under ``min_sparsity`` zeros or under
+    ``least`` weights (None: ``min_weights()``) stays dense: there the sparse form would not decode faster.
+    Returns (converted, kept_dense).
     """
+    least = min_weights() if least is None else least
+    reasons: dict[str, int] = {}
     tied = _tied_weights(model)
     converted = kept = 0
     targets: list[tuple[nn.Module, str, nn.Linear]] = []
@@ -308,12 +314,12 @@ def sparsify_linears(
             if isinstance(child, nn.Linear) and child_name not in skip_names and id(child.weight) not in tied:
                 targets.append((parent, child_name, child))
     for parent, name, lin in targets:
-        w = lin.weight.detach()
-        sparsity = float((w == 0).sum()) / max(w.numel(), 1)
-        if sparsity >= min_sparsity:
+        reason = dense_reason(lin.weight.detach(), min_sparsity, least)
+        if reason is None:
             setattr(parent, name, SparseLinear.from_dense(lin, dtype=dtype))
             converted += 1
         else:
             kept += 1
-    log.info("%d matrices sparse, %d stayed dense", converted, kept)
+            reasons[reason] = reasons.get(reason, 0) + 1
+    log.info("%d matrices sparse, %d stayed dense%s", converted, kept, describe_dense(reasons, min_sparsity, least))
     return converted, kept

@@ -44,7 +44,8 @@ class SparseKernelSettings(SettingsMixin):
     sparse_kernel: bool = setting(
         False,
         "build the model with SparseLinear layers (non-zeros + bitmask, wanda.kernels) straight from a "
-        "compressed or dense-with-zeros folder, tensor by tensor; matrices with under 30 percent zeros stay dense (CPU only)",
+        "compressed or dense-with-zeros folder, tensor by tensor; matrices with under 30 percent zeros or under "
+        "262144 weights stay dense, where the sparse form does not decode faster (CPU only)",
     )
 
 
@@ -139,6 +140,7 @@ def load_model(
     allow_pickle: bool = False,
     sparse_kernel: bool = False,
     min_sparsity: float = 0.3,
+    min_weights: int | None = None,
 ) -> LoadedModel:
     """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on
     CPU, or across GPUs on CUDA.
@@ -149,7 +151,8 @@ def load_model(
 
     ``sparse_kernel``: build the model on the CPU with ``SparseLinear`` layers straight from the folder, one
     tensor at a time (``wanda.models.sparse_load``), so no dense copy of the model exists; linears with fewer
-    than ``min_sparsity`` zeros stay dense.
+    than ``min_sparsity`` zeros or fewer than ``min_weights`` weights (None: ``wanda.kernels.min_weights()``,
+    262144 unless ``$WANDA_SPARSE_MIN_WEIGHTS`` says otherwise) stay dense, and the load line says how many and why.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -205,7 +208,7 @@ def load_model(
         if sparse_kernel:
             from .sparse_load import load_sparse_model
 
-            model, report = load_sparse_model(location, torch_dtype, min_sparsity)
+            model, report = load_sparse_model(location, torch_dtype, min_sparsity, min_weights)
             tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
             log.info("sparse kernel: %s", report.line())
         elif compressed:

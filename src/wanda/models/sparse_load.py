@@ -5,13 +5,14 @@ dense model. The skeleton is built on the ``meta`` device (accelerate's ``init_e
 tensor is read from the checkpoint on its own (a ``--save_format compressed`` folder, decoded from its
 bitmask, or a dense safetensors folder whose pruned weights are zeros) and each linear weight is packed into a
 ``SparseLinear`` before the next is read, so at most one dense matrix exists at any moment. Matrices with
-fewer than ``min_sparsity`` zeros, the embeddings and a head tied to them stay dense.
+fewer than ``min_sparsity`` zeros or fewer than ``least`` weights (the load rule, ``wanda.kernels.dense_reason``:
+there the sparse form would not decode faster), the embeddings and the LM head stay dense.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..kernels import SparseLinear
+from ..kernels import MIN_SPARSITY, SparseLinear, dense_reason, describe_dense, min_weights
 from .checkpoint import Checkpoint, file_entries
 from .compressed import MANIFEST_NAME, WEIGHTS_NAME, _read_manifest
 from .encoding import decode_tensor, parse_dtype
@@ -34,9 +35,13 @@ __all__ = ["SparseLoadReport", "load_sparse_model"]
 class SparseLoadReport:
     converted: int
     kept_dense: int
+    reasons: dict[str, int] = field(default_factory=dict)  # "zeros" / "size" -> matrices kept dense for it
+    min_sparsity: float = MIN_SPARSITY
+    least: int = 0
 
     def line(self) -> str:
-        return f"{self.converted} linear matrices sparse, {self.kept_dense} stayed dense"
+        why = describe_dense(self.reasons, self.min_sparsity, self.least)
+        return f"{self.converted} linear matrices sparse, {self.kept_dense} stayed dense{why}"
 
 
 def _compressed_reader(folder: Path) -> tuple[Callable[[str], torch.Tensor], list[str], str]:
@@ -66,9 +71,10 @@ def _compressed_reader(folder: Path) -> tuple[Callable[[str], torch.Tensor], lis
 
 
 def load_sparse_model(
-    folder: str | Path, dtype: torch.dtype, min_sparsity: float = 0.3
+    folder: str | Path, dtype: torch.dtype, min_sparsity: float = MIN_SPARSITY, least: int | None = None
 ) -> tuple[nn.Module, SparseLoadReport]:
-    """The model of ``folder`` on the CPU in ``dtype`` (fp32 or bf16), pruned linears as ``SparseLinear``."""
+    """The model of ``folder`` on the CPU in ``dtype`` (fp32 or bf16), pruned linears as ``SparseLinear``
+    where the load rule says they pay (``least``: the size threshold; None: ``wanda.kernels.min_weights()``)."""
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -117,13 +123,15 @@ def load_sparse_model(
         tensor = read(name)
         return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
-    report = SparseLoadReport(0, 0)
+    least = min_weights() if least is None else least
+    report = SparseLoadReport(0, 0, min_sparsity=min_sparsity, least=least)
     done: set[str] = set()
     for name, lin in linears.items():
         weight = fetch(f"{name}.weight")
         bias = fetch(f"{name}.bias") if lin.bias is not None else None
         done.update({f"{name}.weight", f"{name}.bias"})
-        if float((weight == 0).sum()) >= min_sparsity * weight.numel():
+        reason = dense_reason(weight, min_sparsity, least)
+        if reason is None:
             parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, SparseLinear.from_dense(weight, bias, dtype=dtype))
@@ -133,6 +141,7 @@ def load_sparse_model(
             if bias is not None:
                 assign_tensor(model, f"{name}.bias", bias)
             report.kept_dense += 1
+            report.reasons[reason] = report.reasons.get(reason, 0) + 1
         del weight, bias
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
     for name, param in list(model.named_parameters()) + list(model.named_buffers()):
