@@ -54,15 +54,16 @@ void portable_rows(const V* vals, const uint8_t* mask, const int64_t* offs, cons
   }
 }
 
-// lut[m][i]: rank of bit i among the set bits of m (the index of the packed value for lane i).
+// lut[m][i]: rank of bit i among the set bits of m (the index of the packed value for lane i); a lane whose
+// bit is clear holds the sign bit alone, which the permutation ignores (it reads the low 3 bits) and the
+// blend reads to put a zero there: one blend instead of testing the lane's bit.
 struct Lut {
   alignas(32) int32_t idx[256][8];
   Lut() {
     for (int m = 0; m < 256; ++m) {
       int c = 0;
       for (int i = 0; i < 8; ++i) {
-        idx[m][i] = (m >> i) & 1 ? c : 0;
-        if ((m >> i) & 1) ++c;
+        idx[m][i] = (m >> i) & 1 ? c++ : static_cast<int32_t>(0x80000000u);
       }
     }
   }
@@ -77,32 +78,50 @@ __attribute__((target("avx2,fma"))) inline __m256 load8_avx2(const uint16_t* p) 
 
 // The 8 lanes of mask byte `bits` expanded from the packed values at v (zeros where the bit is clear).
 __attribute__((target("avx2,fma"))) inline __m256 expand8_avx2(__m256 raw, unsigned bits, const Lut& L) {
-  const __m256i lanebits = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(L.idx[bits]));
-  __m256 e = _mm256_permutevar8x32_ps(raw, perm);
-  __m256i sel = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(bits), lanebits), lanebits);
-  return _mm256_and_ps(e, _mm256_castsi256_ps(sel));
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(raw, perm), _mm256_setzero_ps(), _mm256_castsi256_ps(perm));
 }
 
+// One mask byte's product: acc += expand(values at v, bits) * x[0..8); returns the next byte's values.
+template <typename V>
+__attribute__((target("avx2,fma"))) inline const V* step8_avx2(__m256& acc, const V* v, unsigned bits,
+                                                               const float* x, const Lut& L) {
+  acc = _mm256_fmadd_ps(expand8_avx2(load8_avx2(v), bits, L), _mm256_loadu_ps(x), acc);
+  return v + __builtin_popcount(bits);
+}
+
+// Row by row, 64 weights (one 8-byte mask word) per step into four accumulators: with one, every product
+// waited on the previous FMA's latency (4 cycles per 8 weights), which bound the loop below the memory's
+// speed. The bytes of a word are not skipped when zero (no branch to mispredict); a zero word is.
 template <typename V>
 __attribute__((target("avx2,fma"))) void avx2_rows(const V* vals, const uint8_t* mask, const int64_t* offs,
                                                    const float* x, float* y, int64_t batch, int64_t out,
                                                    int64_t row_bytes, int64_t r0, int64_t r1) {
   const Lut& L = lut();
   const int64_t xs = row_bytes * 8;
+  const int64_t words = row_bytes / 8;  // row_bytes is a multiple of 8 (checked in packed())
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* m = mask + r * row_bytes;
     for (int64_t b = 0; b < batch; ++b) {
       const float* xb = x + b * xs;
       const V* v = vals + offs[r];
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t k = 0; k < row_bytes; ++k) {
-        const unsigned bits = m[k];
-        if (!bits) continue;
-        __m256 e = expand8_avx2(load8_avx2(v), bits, L);
-        acc = _mm256_fmadd_ps(e, _mm256_loadu_ps(xb + k * 8), acc);
-        v += __builtin_popcount(bits);
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+             a3 = _mm256_setzero_ps();
+      for (int64_t k = 0; k < words; ++k) {
+        uint64_t w;
+        std::memcpy(&w, m + 8 * k, 8);
+        if (!w) continue;
+        const float* xk = xb + k * 64;
+        v = step8_avx2(a0, v, w & 0xff, xk, L);
+        v = step8_avx2(a1, v, (w >> 8) & 0xff, xk + 8, L);
+        v = step8_avx2(a2, v, (w >> 16) & 0xff, xk + 16, L);
+        v = step8_avx2(a3, v, (w >> 24) & 0xff, xk + 24, L);
+        v = step8_avx2(a0, v, (w >> 32) & 0xff, xk + 32, L);
+        v = step8_avx2(a1, v, (w >> 40) & 0xff, xk + 40, L);
+        v = step8_avx2(a2, v, (w >> 48) & 0xff, xk + 48, L);
+        v = step8_avx2(a3, v, w >> 56, xk + 56, L);
       }
+      __m256 acc = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
       __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
       s = _mm_add_ps(s, _mm_movehl_ps(s, s));
       s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
