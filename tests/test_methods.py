@@ -263,3 +263,28 @@ def test_unknown_method_is_a_user_error():
         get_method("search")
     with pytest.raises(WandaError, match="--prune_method"):
         PruneSettings(prune_method="search")
+
+
+def test_wanda_variant_at_0995_keeps_a_weight_in_every_row(caplog):
+    """0.995 of a tiny model's matrices (64 or 128 columns) could only be met by emptying rows: the variant's
+    ratio is capped at (cols - 1) / cols per matrix, said in a log line, and no row of any matrix is all zero."""
+    import logging
+
+    from conftest import tiny_model
+
+    from wanda import prune
+
+    model = tiny_model("llama")
+    with caplog.at_level(logging.WARNING):
+        calibration = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+        settings = PruneSettings(prune_method="wanda", use_variant=True, sparsity_ratio=0.995)
+        prune(model, calibration, settings, progress=False)
+    matrices = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    assert matrices
+    for module in matrices:
+        weight = module.weight
+        assert bool((weight != 0).any(dim=1).all()), "a row was emptied"
+        cols = weight.shape[1]
+        # capped at (cols - 1) / cols: at most one weight per row survives beyond the tolerance
+        assert (weight == 0).float().mean().item() >= (cols - 1) / cols - 1e-3
+    assert "the variant's ratio 0.995 is capped at" in caplog.text

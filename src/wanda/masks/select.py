@@ -7,6 +7,7 @@ Ties are broken deterministically: among equal scores the one with the lower ind
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Literal
 
@@ -14,6 +15,8 @@ import torch
 
 from ..errors import WandaError
 from .pattern import SparsityPattern
+
+log = logging.getLogger(__name__)
 
 Scope = Literal["row", "matrix"]
 
@@ -183,7 +186,20 @@ def variant_mask(scores: torch.Tensor, ratio: float, tolerance: float = 1e-3, ma
     """Wanda's appendix variant: per row, prune the smallest scores whose cumulative sum stays below
     alpha * (row sum), with one alpha for the matrix found by bisection so that the achieved sparsity is
     within ``tolerance`` of ``ratio``. Rows therefore lose different numbers of weights.
+
+    A row always keeps at least one weight (its highest score): a ratio above (cols - 1) / cols could only be
+    met by emptying rows, so it is capped there, with a log line (1.0 itself is refused by the settings).
     """
+    cols = scores.shape[-1]
+    cap = (cols - 1) / cols
+    if ratio > cap:
+        log.warning(
+            "the variant's ratio %.6g is capped at %.6g for a matrix of %d columns: every row keeps a weight",
+            ratio,
+            cap,
+            cols,
+        )
+        ratio = cap
     sorted_scores, order = torch.sort(scores.float(), dim=-1, stable=True)
     cumsum = sorted_scores.cumsum(dim=-1)
     row_sum = cumsum[:, -1:]
@@ -191,6 +207,7 @@ def variant_mask(scores: torch.Tensor, ratio: float, tolerance: float = 1e-3, ma
     for _ in range(max_steps):
         alpha = (low + high) / 2
         pruned_sorted = cumsum <= alpha * row_sum
+        pruned_sorted[:, -1] = False  # the row's highest score stays (all-zero scores would empty it)
         achieved = pruned_sorted.float().mean().item()
         if abs(achieved - ratio) <= tolerance:
             break
