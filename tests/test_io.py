@@ -115,3 +115,27 @@ def test_ensure_free(tmp_path):
     with pytest.raises(WandaError, match="result .*file.txt already exists"):
         ensure_free(tmp_path / "file.txt", overwrite=False, what="result")
     ensure_free(tmp_path / "file.txt", overwrite=True)
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "dangling symlink"])
+def test_overwrite_of_a_file_or_symlink_leaves_no_parked_old_result(tmp_path, kind):
+    """The parked old result (``.NAME.old-PID``) goes whatever it is; a symlink is replaced, never followed."""
+    pointed = tmp_path / "elsewhere"
+    pointed.mkdir()
+    (pointed / "keep.txt").write_text("keep")
+    target = tmp_path / "out"
+    if kind == "file":
+        target.write_text("old")
+    elif kind == "symlink":
+        target.symlink_to(pointed)
+    else:
+        target.symlink_to(tmp_path / "missing")
+    with pytest.raises(WandaError, match="already exists"):
+        with atomic_directory(target) as tmp:
+            pass
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert target.is_dir() and not target.is_symlink()
+    assert (target / "new.txt").read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert (pointed / "keep.txt").read_text() == "keep"  # the link's target was never deleted

@@ -4,6 +4,9 @@ The walk keeps one hidden-state tensor per batch between blocks: nsamples x seql
 8192 bf16 = 4 GB for a 70B model). In a file the operating system pages them in while a block runs and may drop
 them afterwards, so they cost page cache rather than the process's memory. Reading a batch on the CPU is a view
 of the mapping (no copy); on a GPU it is copied to the device, and the block's outputs are written back.
+
+The file's blocks are reserved (``wanda.utils.space.allocate``: ``posix_fallocate``) before it is mapped: a sparse
+file on a disk that fills later would kill the process with SIGBUS at the first page it cannot back.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from ..utils.space import allocate
+
 __all__ = ["ActivationFile"]
 
 
@@ -21,12 +26,10 @@ class ActivationFile(Sequence[torch.Tensor]):
 
     def __init__(self, path: str | Path, hidden: list[torch.Tensor], device: torch.device):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.device = device
         self.dtype = hidden[0].dtype
         total = sum(h.numel() for h in hidden)
-        with open(self.path, "wb") as handle:
-            handle.truncate(total * hidden[0].element_size())
+        allocate(self.path, total * hidden[0].element_size(), "the activation file")
         flat = torch.from_file(str(self.path), shared=True, size=total, dtype=self.dtype)
         self._views, offset = [], 0
         for h in hidden:

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from ..errors import WandaError
 from ..export.shards import fsync_dir, write_safetensors
 from ..models.checkpoint import Checkpoint, file_entries, read_header
+from ..utils.space import os_reason
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +57,28 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def write_failed(folder: Path, exc: OSError, name: str) -> WandaError:
+    """A work-folder write that the file system refused (full, read-only, over quota), as one line; the files
+    already there stay, so the same command resumes once there is room."""
+    return WandaError(f"could not write {folder}: {os_reason(exc)} (writing {name}); the finished blocks stay there")
+
+
 def _atomic_save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """``tensors`` written whole or not at all, with the SHA-256 of each one's bytes in the metadata, so that a
     resumed run can tell a file that was cut short or edited (``verify_file``)."""
     digests = {name: hashlib.sha256(_raw(t)).hexdigest() for name, t in tensors.items()}
     metadata = {**(metadata or {}), "digests": json.dumps(digests)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = str(path.with_name(f".{path.name}.unborn"))  # nothing to remove until mkstemp succeeds
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         specs = [(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
         write_safetensors(Path(tmp), specs, tensors.values(), metadata)  # fsynced
         os.replace(tmp, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path.parent, exc, path.name) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -129,15 +140,14 @@ class WorkFolder:
         #: the resume point the ranks agreed on (``agree_resume_point``); None: decide from this folder alone
         self.start: int | None = None
         self._lock: int | None = None
-        created = not self.path.exists()
-        if rank == 0:  # one lock per run (the other ranks of the same run share the folder)
-            self._take_lock()
+        #: made by this run (not found on disk): ``abandon`` removes it while it holds no finished block
+        self.created = not self.path.exists() and (rank == 0 or writes_blocks)
         try:
-            self._check_or_create(created)
+            if rank == 0:  # one lock per run (the other ranks of the same run share the folder)
+                self._take_lock()
+            self._check_or_create(self.created)
         except BaseException:
-            if created and rank == 0:
-                shutil.rmtree(self.path, ignore_errors=True)
-            self._release()
+            self.abandon()
             raise
 
     def _take_lock(self) -> None:
@@ -147,7 +157,7 @@ class WorkFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise WandaError(f"cannot use work folder {self.path}: {exc.strerror or exc}") from exc
+            raise write_failed(self.path, exc, LOCK) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -159,6 +169,13 @@ class WorkFolder:
 
     def release(self) -> None:
         """Let another run use the folder (the run stopped; its progress stays for a resume)."""
+        self._release()
+
+    def abandon(self) -> None:
+        """A run that stops: a folder it made itself and that holds no finished block goes (a refused run
+        leaves nothing behind); one with finished blocks, or one found on disk, stays for a resume."""
+        if self.created and self.path.is_dir() and not any(self.path.glob("block-*.safetensors")):
+            shutil.rmtree(self.path, ignore_errors=True)
         self._release()
 
     def _release(self) -> None:
@@ -181,6 +198,11 @@ class WorkFolder:
                 f"work folder {self.path} exists and is not a wanda work folder; choose another --work_dir"
             )
         else:
+            self._write_fingerprint(stored)
+
+    def _write_fingerprint(self, stored: Path) -> None:
+        tmp = str(stored.with_name(".fingerprint.unborn"))
+        try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".fingerprint.", suffix=".tmp", dir=self.path)
             with os.fdopen(fd, "w") as handle:
@@ -189,6 +211,9 @@ class WorkFolder:
                 os.fsync(handle.fileno())
             os.replace(tmp, stored)
             fsync_dir(self.path)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise write_failed(self.path, exc, stored.name) from exc
 
     def verify(self, source_digest: Callable[[int], str]) -> None:
         """Before resuming: every saved block's file must verify and must have been pruned from the bytes the

@@ -205,7 +205,7 @@ def prune_streamed(
             report=report,  # extended block by block, so that each saved block carries its rows
         )
     except BaseException:
-        work.release()  # a failed run gives its work folder back (the lock dies with a killed process anyway)
+        work.abandon()  # a failed run gives its work folder back, removed if it made it and finished no block
         raise
     finally:
         source.close()

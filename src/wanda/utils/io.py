@@ -39,7 +39,16 @@ __all__ = [
 
 
 def _occupied(path: Path) -> bool:
-    return path.exists() and (path.is_file() or any(path.iterdir()))
+    """A file, a non-empty folder, or a symlink of any kind (taken: it is replaced, never followed)."""
+    return path.is_symlink() or (path.exists() and (path.is_file() or any(path.iterdir())))
+
+
+def _discard(old: Path) -> None:
+    """Remove a parked old result: a file or a symlink itself (never what a link points to), or a folder."""
+    if old.is_symlink() or not old.is_dir():
+        old.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def ensure_free(path: str | Path, overwrite: bool, what: str = "output") -> None:
@@ -173,7 +182,7 @@ def _clear_leftovers(target: Path) -> None:
     for path in sorted(target.parent.iterdir()):
         if not pattern.match(path.name):
             continue
-        if ".old-" in path.name and not target.exists():
+        if ".old-" in path.name and not os.path.lexists(target):
             path.rename(target)
             log.warning("restored %s from %s, left by a run that was killed while replacing it", target, path.name)
             continue
@@ -213,9 +222,13 @@ def atomic_directory(target: str | Path, overwrite: bool = False, exist_ok: bool
                 ensure_free(target, overwrite)  # it appeared while we worked (a run without the lock)
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
                 target.rename(old)
-                tmp.rename(target)
+                try:
+                    tmp.rename(target)
+                except OSError:
+                    old.rename(target)  # the old result goes back where it was
+                    raise
                 _fsync_published(target)
-                shutil.rmtree(old, ignore_errors=True)
+                _discard(old)
             else:
                 if target.exists():
                     target.rmdir()
