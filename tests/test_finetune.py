@@ -510,3 +510,19 @@ def test_cli_errors_are_one_line_with_exit_2(pruned_folder, tmp_path, capsys, ar
     code, _, err = wanda(capsys, *args)
     assert code == 2, err[-2000:]
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused(pruned_folder, tmp_path, capsys):
+    """Two runs on one ``--output_dir`` would interleave their checkpoints: while one holds the folder's lock
+    (``.OUT.lock`` beside it, an flock held for the whole run), the other stops before loading anything."""
+    import fcntl
+
+    folder, corpus = pruned_folder
+    out = tmp_path / "lora"
+    with open(tmp_path / ".lora.lock", "a+") as held:  # the other run, holding the lock as claim() does
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        args = ("lora", "--model", str(folder), "--dataset", str(corpus), "--output_dir", str(out), *CLI_FLAGS)
+        code, _, err = wanda(capsys, *args)
+    assert code == 2, err[-2000:]
+    assert "another run is writing" in err and str(out) in err and len(err.strip().splitlines()) == 1, err
+    assert not any(out.glob("checkpoint-*")) and not (out / "finetune_results.json").exists()

@@ -25,7 +25,7 @@ from ..errors import WandaError
 from ..finetune.config import BLOCK_SIZE_CAP, LoraSettings, TrainSettings
 from ..models import ModelSettings, default_seqlen
 from ..utils.declare import SettingsMixin, setting
-from ..utils.io import atomic_directory, atomic_write_json, ensure_free
+from ..utils.io import atomic_directory, atomic_write_json, claim, ensure_free
 from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
 from .common import SOURCE_HELP, LogSettings, TextSettings, print_perplexities
@@ -224,76 +224,80 @@ def run_training(
                 "wanda finetune merge --model MODEL --adapter OUTPUT_DIR --output DIR"
             )
         return _evaluate_saved(model, data, train, out, mode, eval_specs)
-    training_arguments(train, output_dir, True, {}, out.report_to)  # a bad --optim etc. fails before loading
-    checkpoint = resolve_checkpoint(output_dir, out.resume_from_checkpoint, out.overwrite_output_dir)
-    start = time.perf_counter()
-    torch.manual_seed(train.seed)
-    # text first: a missing corpus fails before the model loads
-    source = resolve_source(train_spec, "calibration", data.text_field)
-    if do_eval:
-        for spec in eval_specs:
-            resolve_source(spec, "evaluation", data.text_field)
-        if any(Path(spec).exists() and spec == train_spec for spec in eval_specs):
-            log.warning("evaluating on %s, the file it trains on; pass --eval_dataset for held-out text", train_spec)
+    # one run per --output_dir, for the whole run: two would interleave their checkpoints and results
+    with claim(output_dir):
+        training_arguments(train, output_dir, True, {}, out.report_to)  # a bad --optim etc. fails before loading
+        checkpoint = resolve_checkpoint(output_dir, out.resume_from_checkpoint, out.overwrite_output_dir)
+        start = time.perf_counter()
+        torch.manual_seed(train.seed)
+        # text first: a missing corpus fails before the model loads
+        source = resolve_source(train_spec, "calibration", data.text_field)
+        if do_eval:
+            for spec in eval_specs:
+                resolve_source(spec, "evaluation", data.text_field)
+            if any(Path(spec).exists() and spec == train_spec for spec in eval_specs):
+                log.warning(
+                    "evaluating on %s, the file it trains on; pass --eval_dataset for held-out text", train_spec
+                )
 
-    loaded = model.load(dtype)
-    tokenizer = loaded.tokenizer
-    block_size = train.block_size or default_seqlen(loaded.model, BLOCK_SIZE_CAP)
-    blocks = training_blocks(source, tokenizer, block_size, train.max_train_samples)
-    windows = (
-        _eval_windows(eval_specs, tokenizer, data.text_field, block_size, train.max_eval_samples) if do_eval else {}
-    )
-
-    outcome = finetune(
-        loaded.model,
-        tokenizer,
-        blocks,
-        train,
-        output_dir,
-        mode=mode,
-        lora=lora,
-        resume_from_checkpoint=checkpoint,
-        report_to=out.report_to,
-        strict=False,
-    )
-    what = "frozen base weights" if mode == "lora" else "fine-tuned model"
-    _print_sparsity(f"after training ({what})", outcome.sparsity)
-    outcome.sparsity.raise_if_revived(f"the {what}")
-    outcome.trainer.save_model(str(output_dir))
-    log.info("%s written to %s", "adapter" if mode == "lora" else "model", output_dir)
-
-    label = "adapter" if mode == "lora" else "fine-tuned"
-    batch = train.per_device_eval_batch_size
-    ppl = {label: evaluate_perplexity(outcome.model, windows, batch, label)} if windows else {}
-    results = {
-        "mode": mode,
-        "model": model.model,
-        "dataset": train_spec,
-        "block_size": block_size,
-        "train_blocks": int(blocks.shape[0]),
-        "settings": train.to_dict(),
-        "lora": lora.to_dict() if lora else None,
-        "global_step": outcome.global_step,
-        "train_loss": outcome.train_loss,
-        "train_seconds": outcome.train_seconds,
-        "resumed_from": outcome.resumed_from,
-        "loss_log": [e for e in outcome.log_history if "loss" in e],
-        "sparsity": outcome.sparsity.to_dict(),
-    }
-    if merge_dir is not None:
-        merged, report, plain = _masked_merge_step(
-            outcome.model, outcome.masks, tokenizer, merge_dir, out.overwrite_output_dir
+        loaded = model.load(dtype)
+        tokenizer = loaded.tokenizer
+        block_size = train.block_size or default_seqlen(loaded.model, BLOCK_SIZE_CAP)
+        blocks = training_blocks(source, tokenizer, block_size, train.max_train_samples)
+        windows = (
+            _eval_windows(eval_specs, tokenizer, data.text_field, block_size, train.max_eval_samples) if do_eval else {}
         )
-        if windows:
-            ppl["merged"] = evaluate_perplexity(merged, windows, batch, "merged")
-        results["merged"] = {"path": str(merge_dir), "sparsity": report.to_dict(), "plain_merge_revived": plain}
-    if ppl:
-        print()
-        print_perplexities(ppl, block_size)
-    results.update(perplexity=ppl, total_wall_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
-    atomic_write_json(output_dir / RESULTS_FILE, results, overwrite=True)
-    log.info("results written to %s", output_dir / RESULTS_FILE)
-    return 0
+
+        outcome = finetune(
+            loaded.model,
+            tokenizer,
+            blocks,
+            train,
+            output_dir,
+            mode=mode,
+            lora=lora,
+            resume_from_checkpoint=checkpoint,
+            report_to=out.report_to,
+            strict=False,
+        )
+        what = "frozen base weights" if mode == "lora" else "fine-tuned model"
+        _print_sparsity(f"after training ({what})", outcome.sparsity)
+        outcome.sparsity.raise_if_revived(f"the {what}")
+        outcome.trainer.save_model(str(output_dir))
+        log.info("%s written to %s", "adapter" if mode == "lora" else "model", output_dir)
+
+        label = "adapter" if mode == "lora" else "fine-tuned"
+        batch = train.per_device_eval_batch_size
+        ppl = {label: evaluate_perplexity(outcome.model, windows, batch, label)} if windows else {}
+        results = {
+            "mode": mode,
+            "model": model.model,
+            "dataset": train_spec,
+            "block_size": block_size,
+            "train_blocks": int(blocks.shape[0]),
+            "settings": train.to_dict(),
+            "lora": lora.to_dict() if lora else None,
+            "global_step": outcome.global_step,
+            "train_loss": outcome.train_loss,
+            "train_seconds": outcome.train_seconds,
+            "resumed_from": outcome.resumed_from,
+            "loss_log": [e for e in outcome.log_history if "loss" in e],
+            "sparsity": outcome.sparsity.to_dict(),
+        }
+        if merge_dir is not None:
+            merged, report, plain = _masked_merge_step(
+                outcome.model, outcome.masks, tokenizer, merge_dir, out.overwrite_output_dir
+            )
+            if windows:
+                ppl["merged"] = evaluate_perplexity(merged, windows, batch, "merged")
+            results["merged"] = {"path": str(merge_dir), "sparsity": report.to_dict(), "plain_merge_revived": plain}
+        if ppl:
+            print()
+            print_perplexities(ppl, block_size)
+        results.update(perplexity=ppl, total_wall_seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
+        atomic_write_json(output_dir / RESULTS_FILE, results, overwrite=True)
+        log.info("results written to %s", output_dir / RESULTS_FILE)
+        return 0
 
 
 def run_lora(model, data, train, lora, out, logging_settings) -> int:
