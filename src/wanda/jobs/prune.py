@@ -18,7 +18,7 @@ from ..models.checks import check_token_ids
 from ..parallel.launch import DistributedSettings
 from ..parallel.ranks import init_ranks
 from ..pruning.handle import Output, open_model
-from ..pruning.prune import needs_calibration
+from ..pruning.prune import check_quantization, needs_calibration
 from ..pruning.prune_settings import PruneSettings
 from ..quant.settings import QuantSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
@@ -111,6 +111,7 @@ def _check_outputs(
     """Every output refused before any work: one that would write into an input, a results file or model
     folder that exists without --overwrite, a format without its settings."""
     method = settings.prune_method
+    check_quantization(settings, quant)
     check_disjoint(
         {
             "--model": model_settings.model,

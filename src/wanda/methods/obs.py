@@ -10,13 +10,24 @@ matmul) inside a block of ``blocksize`` columns, and block by block (one matmul)
 ``select`` decides the mask: called once per block with (W_block, diag(H^-1)_block, first column) for
 unstructured patterns, or once per group of M columns inside the column loop for N:M patterns, always on the
 weights *as updated so far*. SparseGPT scores w^2 / [H^-1]_jj^2; the ablations pass other rules.
+
+With a quantization ``grid`` (``--wbits``) the same loop also quantizes, as the SparseGPT authors' code does with
+its quantizer and as GPTQ (Frantar et al., ICLR 2023) does without a mask: column j becomes q_j, its masked
+entries 0 and its kept entries rounded to their group's grid, and the error (w_j - q_j) / [H^-1]_jj, pruning
+and rounding together, is what the later columns absorb. So a later column's mask is chosen on weights that
+already carry the earlier columns' rounding error, and nothing is rounded twice. A group's scale (and
+zero-point) is fitted when the loop reaches the group's first column, as in GPTQ, from the weights as updated by
+every earlier column, the entries already known to be pruned counted as 0 (the whole block's mask for the
+unstructured rules, which choose it at the block's start; for N:M only the groups of M already chosen). The grid
+is duck-typed (``fit``, ``round``, ``column``, ``group_width``, ``check``: ``wanda.quant.Grid``), since the
+grids live above this package.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -156,12 +167,16 @@ def obs_prune(
     percdamp: float = 0.01,
     lazy: int = LAZY_COLUMNS,
     factor: torch.Tensor | None = None,
+    grid: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Return (updated weight in fp32 with zeros at the mask, mask, OBS-predicted loss sum).
+    """Return (updated weight in float32, or float64 for a float64 weight, with zeros at the mask, mask,
+    OBS-predicted loss sum).
 
     ``blocksize`` is the paper's mask-selection block; ``lazy`` only batches the updates inside it (the result
     is the same up to float rounding) so that each column costs two small vector operations. ``factor``:
     ``inverse_hessian_factor(hessian, percdamp)`` when the caller already has it (layers sharing an input).
+    ``grid``: quantize in the same loop (see the module's docstring); the weight returned is then on the grid.
+    Pass a ``Rounder(grid)`` to read the groups' parameters from its ``params`` afterwards.
     """
     rows, cols = weight.shape
     if pattern.is_nm and cols % pattern.m:
@@ -171,18 +186,71 @@ def obs_prune(
         lazy = max(pattern.m, lazy // pattern.m * pattern.m)  # a group of M never straddles two lazy batches
     # Transposed (cols x rows): column j of W is the contiguous row WT[j], so the column loop reads and
     # updates contiguous memory.
-    WT = weight.detach().T.float().contiguous()
-    Hinv = factor if factor is not None else inverse_hessian_factor(hessian.float().to(WT.device), percdamp)
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # float64 for exact tests
+    WT = weight.detach().T.to(dtype).contiguous()
+    Hinv = factor if factor is not None else inverse_hessian_factor(hessian.to(WT.device, dtype), percdamp)
+    Hinv = Hinv.to(dtype)
     maskT = torch.zeros_like(WT, dtype=torch.bool)
-    loss = torch.zeros((), dtype=torch.float32, device=WT.device)
+    rounder = None
+    if grid is not None:
+        rounder = grid if isinstance(grid, Rounder) else Rounder(grid)
+        rounder.start(WT, maskT, pattern, blocksize)
+    loss = torch.zeros((), dtype=dtype, device=WT.device)
     for start in range(0, cols, blocksize):
         stop = min(start + blocksize, cols)
         errors = _prune_block(
-            WT[start:stop], maskT[start:stop], Hinv[start:stop, start:stop], pattern, select, start, lazy
+            WT[start:stop], maskT[start:stop], Hinv[start:stop, start:stop], pattern, select, start, lazy, rounder
         )
         loss += errors.square().sum() / 2
         WT[stop:].addmm_(Hinv[start:stop, stop:].T, errors, alpha=-1)
+    if rounder is not None:
+        WT.masked_fill_(maskT, 0.0)  # +0.0, whatever sign a decoded zero had
     return WT.T.contiguous(), maskT.T.contiguous(), loss.item()
+
+
+class Rounder:
+    """The quantizing half of the joint loop: fits each group of ``grid`` when the loop reaches its first column
+    and rounds one column at a time; ``params`` collects the groups' parameters in column order (what an
+    exporter writes beside the codes)."""
+
+    def __init__(self, grid: Any) -> None:
+        self.grid = grid
+        self.params: list = []
+        self._column = None
+
+    def start(self, WT: torch.Tensor, maskT: torch.Tensor, pattern: SparsityPattern, blocksize: int) -> None:
+        cols = WT.shape[0]
+        self.grid.check(cols)
+        self.width = g = self.grid.group_width(cols)
+        self.WT, self.maskT, self.params, self._column = WT, maskT, [], None
+        # a group is fitted from weights every earlier column has updated: inside the loop that holds for the
+        # columns of the group's own block, and for all later columns at a block's start
+        for c in range(0, cols, g):
+            block = c - c % blocksize
+            if c != block and min(c + g, cols) > min(block + blocksize, cols):
+                raise WandaError(
+                    f"quantization groups of {g} columns straddle the OBS blocks of {blocksize}: pass a --groupsize "
+                    "that divides --blocksize or is a multiple of it"
+                )
+        if pattern.is_nm and (g % pattern.m or blocksize % pattern.m):
+            raise WandaError(
+                f"quantizing inside the N:M loop needs --groupsize and --blocksize that are multiples of M = "
+                f"{pattern.m}, got {g} and {blocksize}"
+            )
+
+    def cuts(self, start: int, stop: int) -> set[int]:
+        """Group starts strictly inside the block [start, stop), relative to ``start``."""
+        first = -(-start // self.width) * self.width
+        return {c - start for c in range(first, stop, self.width) if c > start}
+
+    def round(self, col: int, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Column ``col`` (``w``, updated by every earlier column) on its group's grid, 0 at ``mask``."""
+        if col % self.width == 0:
+            group = self.WT[col : col + self.width].masked_fill(self.maskT[col : col + self.width], 0.0)
+            params = self.grid.fit(group.T)
+            self.params.append(params)
+            self._column = self.grid.column(params)
+        return self.grid.round(w, self._column).masked_fill_(mask, 0.0)
 
 
 def _prune_block(
@@ -193,12 +261,15 @@ def _prune_block(
     select: Selector,
     start: int,
     lazy: int,
+    rounder: Rounder | None = None,
 ) -> torch.Tensor:
     """Prune the columns of one block in place (``WT``, ``maskT``: views, transposed); return their errors.
 
     Column i's error is err_i = M_i * w_i / U_ii, with w_i the column as updated by every earlier column;
     it is then subtracted, times U[i, j], from every later column j. Since nothing reads column i again, its
-    pruned entries are zeroed once at the end of the block instead of column by column.
+    pruned entries are zeroed once at the end of the block instead of column by column. With a ``rounder``
+    the column becomes its quantized value q_i and err_i = (w_i - q_i) / U_ii; the lazy batches are then also cut
+    at group starts, so that a group is fitted from up-to-date weights.
     """
     width = WT.shape[0]
     d = U.diagonal()
@@ -207,17 +278,24 @@ def _prune_block(
     if not pattern.is_nm:
         maskT.copy_(select(WT.T, d, start).T)
         torch.div(maskT, d.unsqueeze(1), out=scale)
-    for s0 in range(0, width, lazy):
-        s1 = min(s0 + lazy, width)
+    cuts = set(range(0, width, lazy)) | (rounder.cuts(start, start + width) if rounder is not None else set())
+    bounds = sorted(cuts) + [width]
+    for s0, s1 in zip(bounds, bounds[1:]):
         for i in range(s0, s1):
             if pattern.is_nm and (i - s0) % pattern.m == 0:
                 group = slice(i, i + pattern.m)
                 maskT[group] = select(WT[group].T, d[group], start + i).T
                 torch.div(maskT[group], d[group].unsqueeze(1), out=scale[group])
-            torch.mul(WT[i], scale[i], out=errors[i])
+            if rounder is None:
+                torch.mul(WT[i], scale[i], out=errors[i])
+            else:
+                q = rounder.round(start + i, WT[i], maskT[i])
+                torch.div(WT[i] - q, d[i], out=errors[i])
+                WT[i] = q
             if i + 1 < s1:
                 WT[i + 1 : s1].addr_(U[i, i + 1 : s1], errors[i], alpha=-1)
         if s1 < width:
             WT[s1:].addmm_(U[s0:s1, s1:].T, errors[s0:s1], alpha=-1)
-    WT.masked_fill_(maskT, 0.0)  # exact zeros, not the rounding residue of the updates
+    if rounder is None:
+        WT.masked_fill_(maskT, 0.0)  # exact zeros, not the rounding residue of the updates
     return errors

@@ -6,7 +6,7 @@ line."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -18,7 +18,7 @@ from ..stats import ChannelSum, Gram, InputStatistic, SquaredNorm, part
 from .admm import AdmmSettings, AlpsSettings, admm_grad, alps
 from .dsnot import DsnotSettings, dsnot
 from .layer import LayerSettings
-from .obs import ObsSettings, inverse_hessian_factor_dampened, obs_prune
+from .obs import ObsSettings, Rounder, inverse_hessian_factor_dampened, obs_prune
 from .result import LayerResult
 from .ria import RiaSettings, ria_scores
 from .scores import WandaSettings, magnitude_scores, wanda_scores
@@ -48,6 +48,9 @@ class MethodSpec:
     #: For a method that is a score and a comparison group: the score alone, which other pruners (image
     #: classifiers, with a comparison group of their own) reuse.
     scores: ScoreFn | None = None
+    #: True for the methods with a column loop that quantize inside it when ``LayerSettings.grid`` is set
+    #: (SparseGPT and the OBS ablations, as the SparseGPT authors' code does with ``--wbits``).
+    quantizes: bool = False
 
     def score(self, weight: torch.Tensor, stat: InputStatistic | None) -> torch.Tensor:
         """The method's scores of ``weight`` at its default settings (a method without ``scores`` has none)."""
@@ -69,6 +72,10 @@ class MethodSpec:
 
 def _masked(weight: torch.Tensor, mask: torch.Tensor) -> LayerResult:
     return LayerResult(weight.masked_fill(mask, 0), mask)
+
+
+def _none(weight: torch.Tensor, stat: InputStatistic | None, s: LayerSettings) -> LayerResult:
+    return LayerResult(weight, torch.zeros_like(weight, dtype=torch.bool))
 
 
 def _magnitude(weight: torch.Tensor, stat: InputStatistic | None, s: LayerSettings) -> LayerResult:
@@ -110,8 +117,11 @@ def _obs(weight: torch.Tensor, stat: Gram, s: LayerSettings, select) -> LayerRes
         stat.derived[key] = inverse_hessian_factor_dampened(stat.hessian().to(weight.device), percdamp)
         stat.derived[("percdamp_used", percdamp)] = stat.derived[key][1]
     factor, used = stat.derived[key]
-    new, mask, loss = obs_prune(weight, None, s.pattern, select, s.params.blocksize, percdamp, factor=factor)
-    return LayerResult(new, mask, loss, used)
+    rounder = Rounder(s.grid) if s.grid is not None else None
+    new, mask, loss = obs_prune(
+        weight, None, s.pattern, select, s.params.blocksize, percdamp, factor=factor, grid=rounder
+    )
+    return LayerResult(new, mask, loss, used, rounder.params if rounder is not None else None)
 
 
 def _sparsegpt(weight: torch.Tensor, stat: InputStatistic | None, s: LayerSettings) -> LayerResult:
@@ -178,6 +188,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "OBS reconstruction with adaptive per-block mask selection",
             True,
             ObsSettings,
+            quantizes=True,
         ),
         MethodSpec(
             "ria",
@@ -194,6 +205,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "magnitude mask fixed up front, then the OBS weight update",
             True,
             ObsSettings,
+            quantizes=True,
         ),
         MethodSpec(
             "ablate_wanda_seq",
@@ -202,6 +214,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "Wanda mask fixed up front, then the OBS weight update",
             True,
             ObsSettings,
+            quantizes=True,
         ),
         MethodSpec(
             "ablate_mag_iter",
@@ -210,6 +223,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "magnitude mask re-selected every block during OBS",
             True,
             ObsSettings,
+            quantizes=True,
         ),
         MethodSpec(
             "ablate_wanda_iter",
@@ -218,6 +232,13 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             "Wanda mask re-selected every block during OBS",
             True,
             ObsSettings,
+            quantizes=True,
+        ),
+        MethodSpec(
+            "none",
+            None,
+            _none,
+            "prunes nothing: with --wbits, quantization alone (plain GPTQ)",
         ),
         MethodSpec(
             "admm",
@@ -280,11 +301,15 @@ def prune_layer(
     layer_name: str = "",
 ) -> LayerResult:
     """Prune one matrix with ``method`` at ``layer``'s ratio and pattern, then DSnoT when ``after`` says so
-    for this layer."""
+    for this layer. ``layer.grid`` reaches only a method that quantizes in its own loop and is not followed by
+    DSnoT; the result says whether it did (``LayerResult.quant_params``)."""
     spec = get_method(method)
-    result = spec.fn(weight, part(stat, spec.statistic) if spec.statistic else None, layer)
     sums = part(stat, ChannelSum)
-    if after is None or not after.applies(layer_name) or sums is None:  # None: a matrix that read no token
+    follows = after is not None and after.applies(layer_name) and sums is not None  # None: read no token
+    if follows or not spec.quantizes:
+        layer = replace(layer, grid=None)  # DSnoT moves the mask: the engine quantizes its result instead
+    result = spec.fn(weight, part(stat, spec.statistic) if spec.statistic else None, layer)
+    if not follows:
         return result
     return _dsnot_after(weight, stat, sums, result, layer.pattern, after)
 

@@ -8,6 +8,7 @@ its statistic's ``neutral`` value, i.e. magnitude pruning in the method's own sc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -20,7 +21,7 @@ from ..engine import BlockInputs, BlockSource, LayerwiseEngine, read_only
 from ..errors import WandaError
 from ..export.compressed_tensors import QuantizedMatrix
 from ..masks import zero_fraction
-from ..methods import MethodSpec, get_method, prune_layer, statistics_for
+from ..methods import LayerSettings, MethodSpec, get_method, prune_layer, statistics_for
 from ..methods.obs import inverse_hessian_factor_dampened
 from ..models import (
     BlockMatrices,
@@ -38,6 +39,7 @@ from ..quant.gptq import gptq_quantize
 from ..quant.grid import Grid
 from ..quant.settings import QuantSettings
 from ..stats import Gram, InputRecorder, InputStatistic, part, statistic_factory
+from ..utils.declare import require
 from ..utils.resources import peak_rss_mb, release_memory, reset_peak_rss
 from .profiles import PROFILES, layer_ratios
 from .prune_settings import PruneSettings
@@ -63,10 +65,13 @@ def _statistic(name: str, weight: torch.Tensor, spec: MethodSpec, recorder: Inpu
     return neutral, 0, NO_TOKEN_RULE
 
 
-def _quantize(weight: torch.Tensor, stat: InputStatistic | None, grid: Grid, settings: PruneSettings):
-    """(weight on ``grid``, GPTQ loss, the groups' ``GroupParams``): mask-fixed GPTQ of an already pruned (and updated) weight on the layer's
-    Gram, so every zero stays exactly 0 and only kept weights absorb the rounding error. The dampened inverse
-    factor is shared with the method (SparseGPT's) and between the layers reading one input (q/k/v)."""
+def _quantize(
+    weight: torch.Tensor, mask: torch.Tensor, stat: InputStatistic | None, grid: Grid, settings: PruneSettings
+):
+    """(weight on ``grid``, GPTQ loss, the groups' ``GroupParams``): mask-fixed GPTQ of an already pruned (and
+    updated) weight on the layer's Gram, so every pruned weight (``mask``) stays exactly 0 and only kept weights
+    absorb the rounding error. The dampened inverse factor is shared with the method (ADMM's, ALPS's) and
+    between the layers reading one input (q/k/v)."""
     gram = part(stat, Gram)
     if gram is None:  # a matrix that read no token: H = I, i.e. round-to-nearest
         gram = Gram.neutral(weight.shape[1], weight.device)
@@ -74,7 +79,7 @@ def _quantize(weight: torch.Tensor, stat: InputStatistic | None, grid: Grid, set
     if key not in gram.derived:
         gram.derived[key] = inverse_hessian_factor_dampened(gram.hessian().to(weight.device), settings.percdamp)
     factor = gram.derived[key][0]
-    return gptq_quantize(weight, None, grid, mask=weight == 0, factor=factor, return_params=True)
+    return gptq_quantize(weight, None, grid, mask=mask, factor=factor, return_params=True)
 
 
 def _prune_linears(
@@ -88,7 +93,11 @@ def _prune_linears(
     grid: Grid | None = None,
 ) -> None:
     spec = get_method(settings.method)
-    layer_of = functools.lru_cache(maxsize=None)(settings.layer)  # one LayerSettings per distinct ratio
+
+    @functools.lru_cache(maxsize=None)
+    def layer_of(ratio: float) -> LayerSettings:  # one per distinct ratio
+        return dataclasses.replace(settings.layer(ratio), grid=grid)
+
     # distributed hook: which rank prunes which layer (all of them here in one process, or for mask-only methods)
     owners = ranks.assign(linears, spec.updates_weights)
     done: dict[str, LayerReport] = {}
@@ -105,9 +114,13 @@ def _prune_linears(
             _sync(weight.device)
             start = time.perf_counter()
             result = prune_layer(weight, stat, settings.method, layer_of(ratio), settings.dsnot_settings, name)
-            new, quant_loss = result.weight, None
-            if grid is not None:  # --wbits: GPTQ on the fixed mask, after the method's mask and update
-                new, quant_loss, params = _quantize(new, recorder.stat(name) if recorder else None, grid, settings)
+            new, quant_loss, params = result.weight, None, result.quant_params
+            if params is not None:  # quantized in the method's own loop (SparseGPT, the OBS ablations)
+                quant_loss = result.obs_loss
+            elif grid is not None:  # --wbits: GPTQ on the fixed mask, after the method's mask and update
+                stat_all = recorder.stat(name) if recorder else None
+                new, quant_loss, params = _quantize(new, result.mask, stat_all, grid, settings)
+            if params is not None:
                 report.quantized[name] = QuantizedMatrix.of(matrix, params)
             view.copy_(new.to(view.dtype))
             _sync(weight.device)
@@ -142,6 +155,31 @@ def needs_calibration(settings: PruneSettings, quant: QuantSettings | None = Non
     """Whether ``prune`` needs calibration samples: the method's (or DSnoT's) statistics, GPTQ's Gram, or the
     profile's walk."""
     return bool(statistics_needed(settings, quant)) or PROFILES[settings.sparsity_profile].needs_calibration
+
+
+def check_quantization(settings: PruneSettings, quant: QuantSettings | None) -> None:
+    """Refuse, before any work, the method and ``--wbits`` combinations that cannot run: ``none`` without
+    quantization (it would do nothing), and for the methods that quantize inside their column loop, groups
+    that a loop could not fit from up-to-date weights (see ``wanda.methods.obs``)."""
+    quantized = quant is not None and quant.wbits is not None
+    require(
+        settings.method != "none" or quantized,
+        "--prune_method none prunes nothing: it is quantization alone (plain GPTQ), so pass --wbits",
+    )
+    if not quantized or not get_method(settings.method).quantizes:
+        return
+    g, b, pattern = quant.grid().groupsize, settings.blocksize, settings.pattern
+    require(
+        g == -1 or g % b == 0 or b % g == 0,
+        f"--prune_method {settings.method} quantizes inside its loop over blocks of --blocksize {b} columns, "
+        f"fitting each group's scale when the loop reaches it: pass a --groupsize that divides {b} or is a "
+        f"multiple of it (or -1), got {g}",
+    )
+    require(
+        not pattern.is_nm or ((g == -1 or g % pattern.m == 0) and b % pattern.m == 0),
+        f"--prune_method {settings.method} with {pattern} sparsity and --wbits needs --groupsize and --blocksize "
+        f"that are multiples of {pattern.m}, got {g} and {b}",
+    )
 
 
 def _unobserved(found: BlockMatrices, recorder: InputRecorder) -> dict[str, PrunableMatrix]:
@@ -201,12 +239,14 @@ def prune(
     ``calibration_ids``, runs its share of them and ends with the same pruned weights.
     ``structure``: which module list holds the blocks and which matrices to prune, for a model the generic
     discovery gets wrong.
-    ``quant``: with ``wbits``, every pruned matrix is then quantized by mask-fixed GPTQ on its Gram matrix
-    (pruned weights stay exactly 0).
+    ``quant``: with ``wbits``, every pruned matrix is quantized as well, pruned weights staying exactly 0: inside
+    the method's column loop for SparseGPT and the OBS ablations, else by mask-fixed GPTQ on its Gram matrix
+    after the method (``check_quantization`` says which combinations are refused).
     ``report``: the report to extend (a streamed run passes its own, holding the blocks done before a resume,
     so that each block saved during the walk carries its layers' rows); by default a new one.
     """
     get_method(settings.method)
+    check_quantization(settings, quant)
     statistics = statistics_needed(settings, quant)
     grid = quant.grid() if quant is not None else None
     progress = progress and ranks.is_main

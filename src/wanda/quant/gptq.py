@@ -84,7 +84,7 @@ def gptq_quantize(
                 block = block.masked_fill(maskT[start : start + g], 0.0)
             group = grid.fit(block.T)
             params.append(group)
-            column = GroupParams(*(None if t is None else t[:, 0] for t in (group.scale, group.zero, group.inverse)))
+            column = grid.column(group)
         errors = _quantize_block(
             WT[start:stop],
             None if maskT is None else maskT[start:stop],

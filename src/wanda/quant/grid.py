@@ -58,6 +58,10 @@ class Grid:
     def decode(self, codes: torch.Tensor, params: GroupParams) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def column(self, params: GroupParams) -> GroupParams:
+        """The parameters of one column of the group (shape (rows,)), for rounding the column loop's columns."""
+        return GroupParams(*(None if t is None else t[:, 0] for t in (params.scale, params.zero, params.inverse)))
+
     def round(self, w: torch.Tensor, params: GroupParams) -> torch.Tensor:
         """The nearest grid values of ``w`` (float32) under fixed parameters."""
         return self.decode(self.encode(w, params), params)
