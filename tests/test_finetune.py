@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ from wanda.finetune import (  # noqa: E402  (after the skip: the package needs p
     training_blocks,
     verify_sparsity,
 )
+from wanda.finetune.checkpoints import COMPLETE  # noqa: E402
 
 
 def pruned_tiny(arch: str = "llama", sparsity_type: str = "unstructured"):
@@ -265,7 +267,12 @@ def test_resuming_continues_the_step_count_and_keeps_the_zeros(tmp_path):
     first = finetune(
         pruned_tiny(), None, blocks, quick_settings(max_steps=3, save_steps=3), tmp_path, mode="full", progress=False
     )
-    assert first.global_step == 3 and (tmp_path / "checkpoint-3").is_dir()
+    assert first.global_step == 3 and (tmp_path / "checkpoint-3" / COMPLETE).is_file()
+    # a run killed while writing its next checkpoint: a folder without the marker, its optimizer cut short
+    shutil.copytree(tmp_path / "checkpoint-3", tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-4" / COMPLETE).unlink()
+    optimizer = tmp_path / "checkpoint-4" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
     checkpoint = resolve_checkpoint(tmp_path, None, overwrite=False)
     assert checkpoint == str(tmp_path / "checkpoint-3")
     second = finetune(
@@ -299,14 +306,60 @@ def test_resuming_continues_the_step_count_and_keeps_the_zeros(tmp_path):
 def test_checkpoint_resolution(tmp_path):
     assert resolve_checkpoint(tmp_path / "missing", None, False) is None
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(WandaError, match="holds no checkpoint"):
+    with pytest.raises(WandaError, match="holds no complete checkpoint"):
         resolve_checkpoint(tmp_path, None, False)
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-10").mkdir()
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / COMPLETE).write_text("complete\n")
     assert resolve_checkpoint(tmp_path, None, False) == str(tmp_path / "checkpoint-10")
     assert resolve_checkpoint(tmp_path, None, True) is None and not (tmp_path / "checkpoint-10").exists()
     with pytest.raises(WandaError, match="not a Trainer checkpoint"):
         resolve_checkpoint(tmp_path, str(tmp_path), False)
+
+
+def test_an_incomplete_newest_checkpoint_is_skipped_with_one_line(tmp_path, caplog):
+    for step, complete in ((2, True), (4, True), (6, False), (8, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text("{}")
+        if complete:
+            (folder / COMPLETE).write_text("complete\n")
+    with caplog.at_level(logging.INFO, logger="wanda"):
+        assert resolve_checkpoint(tmp_path, None, False) == str(tmp_path / "checkpoint-4")
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
+    assert skipped == [
+        "skipping incomplete checkpoints checkpoint-6, checkpoint-8 (written by a run that stopped while saving)"
+    ]
+    with pytest.raises(WandaError, match="checkpoint-8 is incomplete"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-8"), False)
+    for step in (2, 4):
+        (tmp_path / f"checkpoint-{step}" / COMPLETE).unlink()
+    with pytest.raises(WandaError, match="holds no complete checkpoint"):
+        resolve_checkpoint(tmp_path, None, False)
+
+
+def test_checkpoints_are_marked_complete_before_the_old_ones_rotate(tmp_path):
+    """save_total_limit 1: each new checkpoint holds its marker, and only then is the previous one removed."""
+    seen = []
+    from wanda.finetune import checkpoints
+
+    marking = checkpoints.mark_complete
+
+    def spy(folder):
+        seen.append(sorted(p.name for p in tmp_path.glob("checkpoint-*")))
+        marking(folder)
+
+    checkpoints.mark_complete = spy
+    try:
+        finetune(
+            pruned_tiny(), None, patterned_blocks(), quick_settings(max_steps=4, save_steps=2, save_total_limit=1),
+            tmp_path, mode="lora", progress=False,
+        )  # fmt: skip
+    finally:
+        checkpoints.mark_complete = marking
+    assert seen == [["checkpoint-2"], ["checkpoint-2", "checkpoint-4"]]
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / COMPLETE).is_file()
 
 
 # -- the command line ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -832,3 +833,63 @@ def test_hooks_are_removed_when_a_forward_fails():
     for layer in find_layout(model).prunable.values():
         assert not layer._forward_pre_hooks
         assert torch.count_nonzero(matrix_view(layer)) == matrix_view(layer).numel()  # nothing was pruned
+
+
+# --- images that cannot be decoded -------------------------------------------------------------------------------
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG of a few dozen bytes whose header declares width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def _broken(path: Path, kind: str) -> None:
+    if kind == "truncated":
+        whole = path.read_bytes()
+        path.write_bytes(whole[: len(whole) // 2])
+    elif kind == "bomb":  # over twice the limit: PIL itself refuses
+        path.write_bytes(png_declaring(20000, 20000))
+    else:  # over the limit, under twice it: PIL only warns, which is made an error
+        path.write_bytes(png_declaring(10000, 10000))
+
+
+@pytest.mark.parametrize("kind, words", [("truncated", "cannot decode image"), ("bomb", "is too large to decode"),
+                                         ("over_limit", "is too large to decode")])  # fmt: skip
+def test_an_image_that_cannot_be_decoded_is_one_line_naming_it(tmp_path, kind, words):
+    root = write_image_tree(tmp_path, classes=2, per_class=2)
+    bad = root / "train" / "class1" / "0.png"
+    _broken(bad, kind)
+    folder = ImageFolder(root / "train", Preprocess(resize=16, crop=(16, 16)))
+    with pytest.raises(WandaError) as info:
+        folder[2]
+    assert str(info.value).startswith(f"image {bad}" if words.startswith("is") else f"{words} {bad}: ")
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("kind", ["truncated", "over_limit"])
+def test_the_command_names_the_bad_image_in_one_line(tmp_path, capsys, workers, kind):
+    """Through ``wanda vision``, with the images decoded in the process or in a worker: exit 2 and the worker's
+    error reduced to its last line."""
+    from wanda.cli.main import main as wanda_main
+
+    tiny_vit(num_labels=2).save_pretrained(tmp_path / "dense")
+    root = write_image_tree(tmp_path / "data", classes=2, per_class=2)
+    bad = root / "train" / "class1" / "1.png"
+    _broken(bad, kind)
+    argv = ["vision", "--model", "tiny", "--resume", str(tmp_path / "dense"), "--data_path", str(root),
+            "--nsamples", "4", "--batch_size", "4", "--workers", str(workers), "--prune_metric", "wanda",
+            "--sparsity", "0.5", "--no_progress"]  # fmt: skip
+    with pytest.raises(SystemExit) as info:
+        wanda_main(argv, "wanda")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if re.match(r"wanda( [a-z]+)*: error: ", line)]
+    assert info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert str(bad) in errors[0] and "DataLoader" not in err, errors[0]

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
+from .checkpoints import CheckpointTrainer
 from .masks import PrunedMasks, masked_weight
 
 __all__ = ["MaskKeepingCallback", "MaskKeepingTrainer"]
@@ -70,7 +71,7 @@ class MaskKeepingCallback(TrainerCallback):
         self._bound = []
 
 
-class MaskKeepingTrainer(Trainer):
+class MaskKeepingTrainer(CheckpointTrainer):
     """A ``Trainer`` that keeps the weights under ``masks`` at exactly zero (full fine-tuning of a pruned model)."""
 
     def __init__(self, *args, masks: PrunedMasks, **kwargs):

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import WandaError
 from ..models import LoadedModel, find_decoder_layout, find_linears, load_model
+from .adapter_base import base_name, check_adapter_base
 from .config import LoraSettings
 from .masks import PrunedMasks, apply_masks
 
@@ -72,6 +73,8 @@ def attach_lora(model: nn.Module, settings: LoraSettings):
             f"could not attach LoRA to {targets}: {str(exc).splitlines()[0]}; "
             "check --lora_target_modules against the model's layer names"
         ) from exc
+    for config in peft_model.peft_config.values():  # a local base as its absolute path: checked from anywhere
+        config.base_model_name_or_path = base_name(getattr(model, "name_or_path", None)) or None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in peft_model.parameters())
     log.info(
@@ -119,7 +122,8 @@ def masked_merge(peft_model, masks: PrunedMasks) -> nn.Module:
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = False):
-    """``model`` with the adapter saved in ``adapter_dir`` attached (unmerged), as a ``peft.PeftModel``."""
+    """``model`` with the adapter saved in ``adapter_dir`` attached (unmerged), as a ``peft.PeftModel``; an
+    adapter of another base is refused first (``check_adapter_base``)."""
     _require_peft()
     from peft import PeftModel
 
@@ -129,6 +133,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path, trainable: bool = Fa
             f"{adapter_dir} is not a LoRA adapter folder (no adapter_config.json); pass the "
             "--output_dir of 'wanda finetune lora' or a checkpoint-N folder inside it"
         )
+    check_adapter_base(adapter_dir, model)
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

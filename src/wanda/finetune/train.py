@@ -1,7 +1,8 @@
 """One fine-tuning run of a pruned model with ``transformers.Trainer``: LoRA or mask-keeping full training.
 
 The Trainer supplies the progress bar, the periodic loss log (``logging_steps``), checkpoints every
-``save_steps`` and resuming (optimizer, scheduler, RNG and data position) from the last of them. This module
+``save_steps`` (each marked complete when written whole, ``wanda.finetune.checkpoints``) and resuming
+(optimizer, scheduler, RNG and data position) from the last complete one. This module
 only chooses the pieces: the model (a ``peft`` wrapper, or the model itself under ``MaskKeepingTrainer``),
 the ``TrainingArguments`` built from ``TrainSettings``, and the check of the zero pattern afterwards.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import WandaError
 from ..eval import perplexity
+from .checkpoints import CheckpointTrainer, resolve_checkpoint
 from .config import FINETUNE_MODES, LoraSettings, TrainSettings
 from .data import BlockDataset
 from .keeper import MaskKeepingTrainer
@@ -61,40 +62,6 @@ def trained_causal_lm(outcome_model: nn.Module) -> nn.Module:
     """The causal LM inside a ``PeftModel`` (LoRA layers active), or the model itself."""
     get_base = getattr(outcome_model, "get_base_model", None)
     return get_base() if callable(get_base) else outcome_model
-
-
-def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None, overwrite: bool) -> str | None:
-    """The checkpoint to resume from, following ``run_clm.py``.
-
-    An explicit path wins. Otherwise the last ``checkpoint-N`` in ``output_dir`` is resumed, unless
-    ``overwrite`` (then old checkpoints are deleted and training starts afresh). A non-empty ``output_dir``
-    without checkpoints is refused unless ``overwrite``.
-    """
-    from transformers.trainer_utils import get_last_checkpoint
-
-    output_dir = Path(output_dir)
-    if resume_from_checkpoint:
-        path = Path(resume_from_checkpoint)
-        if not (path / "trainer_state.json").is_file():
-            raise WandaError(f"--resume_from_checkpoint {path} is not a Trainer checkpoint (no trainer_state.json)")
-        return str(path)
-    if not output_dir.is_dir():
-        return None
-    last = get_last_checkpoint(str(output_dir))
-    if overwrite:
-        for old in output_dir.glob("checkpoint-*"):
-            if old.is_dir():
-                shutil.rmtree(old)
-        return None
-    if last is not None:
-        log.info("resuming from %s; pass --overwrite_output_dir to train from scratch instead", last)
-        return last
-    if any(output_dir.iterdir()):
-        raise WandaError(
-            f"--output_dir {output_dir} is not empty and holds no checkpoint to resume; "
-            "choose another folder or pass --overwrite_output_dir"
-        )
-    return None
 
 
 def _precision(model: nn.Module, use_cpu: bool) -> dict:
@@ -187,7 +154,7 @@ def finetune(
     if a single pruned weight became non-zero (else the caller reads ``outcome.sparsity``, prints it, and calls
     ``raise_if_revived``). Nothing is saved here except the Trainer's checkpoints.
     """
-    from transformers import Trainer, default_data_collator
+    from transformers import default_data_collator
 
     if mode not in FINETUNE_MODES:
         raise WandaError(f"fine-tuning mode must be one of {', '.join(FINETUNE_MODES)}, got {mode!r}")
@@ -204,7 +171,7 @@ def finetune(
     )
     if mode == "lora":
         trained = attach_lora(model, lora or LoraSettings())
-        trainer = Trainer(model=trained, **common)
+        trainer = CheckpointTrainer(model=trained, **common)
     elif mode == "full":
         trained = model
         trained.train()

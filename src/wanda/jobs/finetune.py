@@ -241,6 +241,10 @@ def run_training(
                 )
 
         loaded = model.load(dtype)
+        if lora is not None and checkpoint is not None:  # resuming an adapter: it must be this base's
+            from ..finetune.adapter_base import check_adapter_base
+
+            check_adapter_base(checkpoint, loaded.model)
         tokenizer = loaded.tokenizer
         block_size = train.block_size or default_seqlen(loaded.model, BLOCK_SIZE_CAP)
         blocks = training_blocks(source, tokenizer, block_size, train.max_train_samples)

@@ -25,6 +25,7 @@ from ..utils.declare import SettingsMixin, require, require_seed, setting
 from ..utils.io import ensure_free
 from ..utils.overlap import check_disjoint
 from ..utils.resources import run_peak_rss_mb
+from ..utils.space import check_space
 from .common import SOURCE_HELP, EvalSettings, LogSettings, ResultsSettings, report_prune_run
 
 log = logging.getLogger("wanda")
@@ -215,10 +216,12 @@ def run_prune_job(
             handle, settings, quant, calib_settings, model_settings.bundled, seqlen, eval_settings.text_field
         )
         check_token_ids({**eval_windows, **({"calibration": calib} if calib is not None else {})}, handle.config)
+        output = Output(outputs.save_model, outputs.save_format, results.overwrite, quant.gguf_type)
+        if ranks.is_main:
+            check_space(handle.space_needs(calib, settings, quant, output))
 
     evaluate_dense = outputs.eval_dense or model_settings.bundled
     dense = handle.perplexity(eval_windows, batch_size, "dense") if evaluate_dense else {}
-    output = Output(outputs.save_model, outputs.save_format, results.overwrite, quant.gguf_type)
     report = handle.prune(calib, settings, quant, batch_size, output, calib_settings.seed)
     pruned = handle.perplexity(eval_windows, batch_size, "pruned")
     handle.close()

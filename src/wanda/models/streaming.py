@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "StreamedModel",
     "build_skeleton",
+    "meta_skeleton",
     "assign_tensor",
     "under_model_names",
     "check_matches_config",
@@ -228,20 +229,27 @@ def _to_meta(modules) -> None:
                 module._parameters[key] = replaced[id(param)]
 
 
+def meta_skeleton(folder: str | Path, dtype: torch.dtype) -> StreamedModel:
+    """The model of ``folder`` with every tensor on ``meta``: its names, shapes and dtypes without a byte read
+    (what a run will write can be sized before it starts)."""
+    folder = Path(folder)
+    raw = Checkpoint.open(folder)
+    model = meta_model(folder, dtype)
+    model.eval()
+    model.config.use_cache = False
+    checkpoint = under_model_names(model, raw)
+    check_matches_config(model, raw, checkpoint, folder)
+    return StreamedModel(model, checkpoint, find_decoder_layout(model), dtype, str(folder))
+
+
 def build_skeleton(
     folder: str | Path, dtype: torch.dtype, device: torch.device | str = "cpu", with_head: bool = True
 ) -> StreamedModel:
     """The model of ``folder`` with only its non-block tensors loaded, on ``device`` (the LM head too when
     ``with_head``: pruning never runs it, so it is left on ``meta`` then unless it is tied to the embeddings)."""
     folder = Path(folder)
-    raw = Checkpoint.open(folder)
-    model = meta_model(folder, dtype)
-    model.eval()
-    model.config.use_cache = False
-    layout = find_decoder_layout(model)
-    checkpoint = under_model_names(model, raw)
-    check_matches_config(model, raw, checkpoint, folder)
-    streamed = StreamedModel(model, checkpoint, layout, dtype, str(folder))
+    streamed = meta_skeleton(folder, dtype)
+    model, layout = streamed.model, streamed.layout
     head = model.get_output_embeddings()
     head_names = set()
     tied = head is not None and head.weight is model.get_input_embeddings().weight

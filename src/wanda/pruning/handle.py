@@ -23,13 +23,14 @@ from ..eval.perplexity import negative_log_likelihood, nll_to_perplexity
 from ..eval.streamed import streamed_nll
 from ..models import ModelSettings, model_zero_counts, zero_share
 from ..models.checkpoint import Checkpoint, is_streamable
-from ..models.streaming import build_skeleton
+from ..models.streaming import build_skeleton, meta_skeleton
 from ..parallel.ranks import SINGLE, Ranks
 from ..quant.settings import QuantSettings
 from ..utils.declare import require
-from .prune import PruneReport, prune
+from .prune import PruneReport, needs_calibration, prune, statistics_needed
 from .prune_settings import PruneSettings
-from .streamed import StreamedRun, open_pruned, prune_streamed, streamed_linear_sparsity
+from .space import resident_needs, streamed_needs
+from .streamed import StreamedRun, default_work_dir, open_pruned, prune_streamed, streamed_linear_sparsity
 
 log = logging.getLogger("wanda")
 
@@ -87,6 +88,12 @@ class ModelHandle(ABC):
         output: Output,
         seed: int | None = None,
     ) -> PruneReport: ...
+
+    def space_needs(
+        self, calibration_ids: torch.Tensor | None, settings: PruneSettings, quant: QuantSettings | None, output: Output
+    ) -> list:
+        """What the run will write, as ``wanda.utils.space.check_space`` takes it (checked before any work)."""
+        return []
 
     def perplexity(self, windows: dict[str, torch.Tensor], batch_size: int, label: str) -> dict[str, float]:
         """Perplexity on each set; under torchrun each rank walks its share of whole batches and the losses are
@@ -162,6 +169,9 @@ class ResidentModel(ModelHandle):
                     )  # fmt: skip
         return report
 
+    def space_needs(self, calibration_ids, settings, quant, output) -> list:
+        return resident_needs(self.model, output.path, output.format, settings.sparsity_ratio)
+
     def whole_model(self, purpose: str) -> nn.Module:
         return self.model
 
@@ -213,6 +223,18 @@ class StreamedModelHandle(ModelHandle):
             save_format=output.format, ranks=self.ranks, progress=self.ranks.is_main, quant=quant,
         )  # fmt: skip
         return self.run.report
+
+    def space_needs(self, calibration_ids, settings, quant, output) -> list:
+        calibrated = calibration_ids is not None and needs_calibration(settings, quant)
+        if self.stream.work_dir or output.path:  # else a wanda-work-<hash> folder here (the hash comes later)
+            work = Path(self.stream.work_dir) if self.stream.work_dir else default_work_dir(output.path, {})
+        else:
+            work = Path.cwd()
+        return streamed_needs(
+            meta_skeleton(self.folder, self.dtype), tuple(calibration_ids.shape) if calibrated else None,
+            bool(statistics_needed(settings, quant)), self.stream, work, output.path, output.format,
+            settings.sparsity_ratio, self.device, self.ranks.world_size,
+        )  # fmt: skip
 
     def run_facts(self) -> dict:
         return {"streamed": True} | ({"resumed_from_block": self.run.resumed_from} if self.run else {})

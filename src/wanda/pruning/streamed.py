@@ -17,12 +17,7 @@ from pathlib import Path
 import torch
 
 from ..engine.resume import WorkFolder, agree_resume_point, tensor_digest
-from ..engine.streaming import (
-    StreamedBlocks,
-    StreamSettings,
-    activation_bytes,
-    available_memory,
-)
+from ..engine.streaming import StreamedBlocks, StreamSettings, activation_bytes
 from ..errors import WandaError
 from ..export.compressed_stream import save_compressed_streamed
 from ..export.save import SAVE_FORMATS, SavedModel, folder_bytes
@@ -34,8 +29,10 @@ from ..parallel.ranks import SINGLE, Ranks
 from ..quant.settings import QuantSettings
 from ..utils.devices import default_batch_size
 from ..utils.io import atomic_directory, ensure_free
+from ..utils.space import check_space
 from .prune import LayerReport, PruneReport, needs_calibration, prune, statistics_needed
 from .prune_settings import PruneSettings
+from .space import activations_in_work_folder, block_bytes, streamed_needs
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +100,7 @@ def _activations_folder(
         return Path(stream.offload_activations)
     hidden = getattr(streamed.model.config, "hidden_size")
     need = activation_bytes(*calibration_ids.shape, hidden, streamed.dtype)
-    block = (
-        sum(streamed.checkpoint.entries[n].numel for n in streamed.block_names(0))
-        * torch.empty((), dtype=streamed.dtype).element_size()
-    )
-    budget = available_memory(device) * stream.memory_fraction - 2 * block
-    if need > budget:
+    if activations_in_work_folder(need, block_bytes(streamed), stream, device):
         log.info(
             "calibration activations (%.2f GB) would not fit in memory: memory-mapped in %s", need / 1e9, work.path
         )
@@ -176,39 +168,41 @@ def prune_streamed(
     }
     work_dir = Path(stream.work_dir) if stream.work_dir else default_work_dir(save_model, fingerprint)
     num_blocks = len(streamed.layout.blocks)
-    work = _open_work_folder(
-        work_dir, fingerprint, num_blocks, bool(statistics_needed(settings, quant)), ranks, streamed
-    )
+    needs_hidden = bool(statistics_needed(settings, quant))
+    with ranks.agreed("checking the free space"):  # before the work folder exists: a refused run leaves nothing
+        if ranks.is_main:
+            shape = tuple(calibration_ids.shape) if calibration_ids is not None else None
+            check_space(
+                streamed_needs(
+                    streamed, shape, needs_hidden, stream, work_dir, save_model, save_format,
+                    settings.sparsity_ratio, device, ranks.world_size,
+                )
+            )  # fmt: skip
+    work = _open_work_folder(work_dir, fingerprint, num_blocks, needs_hidden, ranks, streamed)
 
     report = PruneReport(settings=fingerprint["settings"])
-    start = work.resume_point()
-    for index in range(start):
-        report.layers += [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in work.block_layers(index)]
 
     def rows(index: int) -> list[dict]:
         prefix = streamed.layout.block_name(index) + "."
         return [asdict(layer) for layer in report.layers if layer.name.startswith(prefix)]
 
-    activations = _activations_folder(stream, work, streamed, calibration_ids, device)
-    source = StreamedBlocks(streamed, device, work, activations, rows, drop_outside=True)
-    try:
+    source = None
+    try:  # a failed run gives its work folder back, removed if it made it and finished no block
+        for index in range(work.resume_point()):
+            report.layers += [LayerReport(**{**r, "shape": tuple(r["shape"])}) for r in work.block_layers(index)]
+        activations = _activations_folder(stream, work, streamed, calibration_ids, device)
+        source = StreamedBlocks(streamed, device, work, activations, rows, drop_outside=True)
         prune(
-            streamed.model,
-            calibration_ids,
-            settings,
-            device=device,
-            progress=progress,
-            batch_size=batch_size,
-            source=source,
-            ranks=ranks,
-            quant=quant,
+            streamed.model, calibration_ids, settings, device=device, progress=progress, batch_size=batch_size,
+            source=source, ranks=ranks, quant=quant,
             report=report,  # extended block by block, so that each saved block carries its rows
-        )
+        )  # fmt: skip
     except BaseException:
-        work.abandon()  # a failed run gives its work folder back, removed if it made it and finished no block
+        work.abandon()
         raise
     finally:
-        source.close()
+        if source is not None:
+            source.close()
     with ranks.agreed("reading the pruned blocks"):
         pruned = pruned_checkpoint(streamed, work)
     run = StreamedRun(report, source.resumed_from, pruned, work, streamed, ranks=ranks)
@@ -236,10 +230,14 @@ def _open_work_folder(
                     path, fingerprint, num_blocks, needs_hidden, ranks.rank, ranks.world_size, ranks.node_writer
                 )
     assert work is not None
-    work.verify(lambda index: streamed.checkpoint.source_digest(streamed.block_names(index)))
-    if ranks.distributed:
-        states = ranks.gather(work.local_state(), "agreeing where to resume")
-        work.start = agree_resume_point(states, num_blocks, needs_hidden)
+    try:
+        work.verify(lambda index: streamed.checkpoint.source_digest(streamed.block_names(index)))
+        if ranks.distributed:
+            states = ranks.gather(work.local_state(), "agreeing where to resume")
+            work.start = agree_resume_point(states, num_blocks, needs_hidden)
+    except BaseException:
+        work.abandon()
+        raise
     return work
 
 

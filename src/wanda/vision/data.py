@@ -11,6 +11,9 @@ number, its shorter side; or to an exact size), center-crop, scale to [0, 1], no
 from __future__ import annotations
 
 import math
+import re
+import warnings
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -170,12 +173,62 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        with Image.open(path) as image:
-            return self.transform(image), label
+        return self.transform(decode(path)), label
+
+
+def decode(path: Path) -> Image.Image:
+    """The image in ``path``, decoded, or one line naming the file: a file PIL cannot read or that ends early,
+    and one declaring more than ``Image.MAX_IMAGE_PIXELS`` pixels (a decompression bomb: PIL only warns below
+    twice the limit, and the warning is made an error here, so no image is decoded past the limit)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")  # a new image: the file closes here
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
+        raise WandaError(f"image {path} is too large to decode: {exc}".splitlines()[0]) from None
+    except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as exc:  # PIL's decoders raise all of these
+        raise WandaError(f"cannot decode image {path}: {exc}".splitlines()[0]) from None
+
+
+#: The last line of a data-loader worker's re-raised error: ``module.Class: message``.
+_LAST_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(?P<cls>[A-Za-z_]\w*): (?P<message>.*)$")
+
+
+def worker_error(exc: BaseException) -> BaseException:
+    """A data-loader worker's error as the main process re-raises it (the worker's whole traceback in the
+    message) cut down to its last line, the error itself; any other error as it is."""
+    text = str(exc)
+    if "DataLoader worker" not in text.split("\n", 1)[0]:
+        return exc
+    last = text.strip().splitlines()[-1]
+    match = _LAST_LINE.match(last)
+    if match is not None and match.group("cls") == "WandaError":
+        return WandaError(match.group("message"))
+    return WandaError(f"an image-decoding worker failed: {last}")
+
+
+class _Loader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose workers' errors arrive as one line (``worker_error``)."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:  # noqa: BLE001 - re-raised, only shortened
+                shorter = worker_error(exc)
+                if shorter is exc:
+                    raise
+                raise shorter from None
+            yield batch
 
 
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    return _Loader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
 def calibration_batches(dataset: ImageFolder, nsamples: int, batch_size: int, seed: int, workers: int = 0):

@@ -1,0 +1,135 @@
+"""Trainer checkpoints that a crash cannot leave half-written, and the choice of the one to resume.
+
+The Trainer writes ``checkpoint-N`` file by file (weights, optimizer, scheduler, RNG, ``trainer_state.json``)
+and rotates the old ones away in the same call; killed in between, it leaves a folder that looks like a
+checkpoint and cannot be resumed, and with ``save_total_limit`` the older complete ones may be gone already.
+``CheckpointTrainer`` writes each checkpoint, fsyncs its files, then writes ``COMPLETE`` (fsynced, renamed into
+place) last, and rotates only after that; ``resolve_checkpoint`` resumes the newest checkpoint that holds it,
+saying which incomplete ones it passed over.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from transformers import Trainer
+
+from ..errors import WandaError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CheckpointTrainer", "COMPLETE", "is_complete", "resolve_checkpoint", "mark_complete"]
+
+#: Written last into a finished checkpoint folder.
+COMPLETE = "COMPLETE"
+_NUMBERED = re.compile(r"^checkpoint-(\d+)$")
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / COMPLETE).is_file()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def mark_complete(folder: str | Path) -> None:
+    """Every file of ``folder`` on disk, then the marker (temporary name, fsync, rename, fsync of the folder)."""
+    folder = Path(folder)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    tmp = folder / f".{COMPLETE}.tmp-{os.getpid()}"
+    tmp.write_text("complete\n")
+    _fsync(tmp)
+    os.replace(tmp, folder / COMPLETE)
+    _fsync(folder)
+
+
+class CheckpointTrainer(Trainer):
+    """A ``Trainer`` whose checkpoints are complete or marked as not (``COMPLETE`` written last)."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        from transformers.trainer_utils import rotate_checkpoints
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{self.state.global_step}"
+        if self.args.should_save and folder.is_dir() and not is_complete(folder):
+            shutil.rmtree(folder)  # a crashed run's half of this step: nothing of it may mix with the new one
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation before the new checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            mark_complete(folder)
+            rotate_checkpoints(
+                output_dir=str(run_dir), save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )  # fmt: skip
+
+
+def _step(folder: Path) -> int:
+    return int(_NUMBERED.match(folder.name).group(1))
+
+
+def _numbered(output_dir: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders, oldest step first."""
+    return sorted((p for p in output_dir.iterdir() if _NUMBERED.match(p.name) and p.is_dir()), key=_step)
+
+
+def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None, overwrite: bool) -> str | None:
+    """The checkpoint to resume from, following ``run_clm.py``.
+
+    An explicit path wins (it must be complete). Otherwise the newest complete ``checkpoint-N`` in
+    ``output_dir`` is resumed (incomplete ones newer than it are passed over, with one line), unless
+    ``overwrite`` (then old checkpoints are deleted and training starts afresh). A non-empty ``output_dir``
+    without a complete checkpoint is refused unless ``overwrite``.
+    """
+    output_dir = Path(output_dir)
+    if resume_from_checkpoint:
+        path = Path(resume_from_checkpoint)
+        if not (path / "trainer_state.json").is_file():
+            raise WandaError(f"--resume_from_checkpoint {path} is not a Trainer checkpoint (no trainer_state.json)")
+        if not is_complete(path):
+            raise WandaError(
+                f"--resume_from_checkpoint {path} is incomplete (no {COMPLETE} file: its run stopped while "
+                "writing it); pass an earlier checkpoint"
+            )
+        return str(path)
+    if not output_dir.is_dir():
+        return None
+    checkpoints = _numbered(output_dir)
+    if overwrite:
+        for old in output_dir.glob("checkpoint-*"):
+            if old.is_dir():
+                shutil.rmtree(old)
+        return None
+    complete = [p for p in checkpoints if is_complete(p)]
+    last = complete[-1] if complete else None
+    newest = _step(last) if last is not None else -1
+    skipped = [p.name for p in checkpoints if not is_complete(p) and _step(p) > newest]
+    if skipped:
+        log.warning(
+            "skipping incomplete checkpoint%s %s (written by a run that stopped while saving)",
+            "s" if len(skipped) > 1 else "",
+            ", ".join(skipped),
+        )
+    if last is not None:
+        log.info("resuming from %s; pass --overwrite_output_dir to train from scratch instead", last)
+        return str(last)
+    if any(output_dir.iterdir()):
+        raise WandaError(
+            f"--output_dir {output_dir} is not empty and holds no complete checkpoint to resume; "
+            "choose another folder or pass --overwrite_output_dir"
+        )
+    return None
