@@ -243,3 +243,29 @@ def test_sparsify_linears_int8() -> None:
         for path in available_paths():
             set_kernel_path(path)
             assert_close(model(x), expected)
+
+
+def test_saved_int8_model_holds_its_fp32_weights() -> None:
+    """The state a model with int8 layers saves (``save_compressed``'s dense view of it) is the dense fp32
+    weight those layers stand for, with an fp32 bias, as a dense model holding those weights has it."""
+    from wanda.models.compressed import _dense_state
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(40, 24))
+    with torch.no_grad():
+        model[0].weight[:, ::2] = 0
+    sparsify_linears(model, dtype=torch.int8, groupsize=16, least=0)
+    state = _dense_state(model)
+    assert list(state) == ["0.weight", "0.bias"]
+    assert state["0.weight"].dtype == torch.float32 and torch.equal(state["0.weight"], model[0].to_dense())
+    assert state["0.bias"].dtype == torch.float32 and torch.equal(state["0.bias"], model[0].bias)
+
+
+def test_cpu_speed_counts_the_scales() -> None:
+    from wanda.eval.cpu_speed import layer_bytes
+
+    w = torch.randn(64, 512)
+    w[:, ::2] = 0
+    q = SparseLinear.from_dense(w, dtype=torch.int8, groupsize=128)
+    assert layer_bytes(q) == (q.nnz + 16) + q.mask.numel() + 8 * (64 + 1) + 4 * 64 * 4
+    assert q.weight_dtype == torch.float32
