@@ -61,9 +61,11 @@ class CpuSpeedSettings(SettingsMixin):
 
 
 def layer_bytes(module: nn.Module) -> int:
-    """Bytes of the weight data a linear layer reads per token (values + mask + offsets when sparse)."""
+    """Bytes of the weight data a linear layer reads per token (values + mask + offsets (+ scales) when sparse)."""
     if isinstance(module, SparseLinear):
         held = [module.values, module.mask, module.offsets]
+        if module.scales is not None:
+            held.append(module.scales)
     else:
         held = [module.weight]
     if module.bias is not None:
@@ -118,7 +120,7 @@ def matrix_rows(sparse_model: nn.Module, settings: CpuSpeedSettings) -> list[dic
     gen = torch.Generator().manual_seed(settings.cpu_seed)
     rows = []
     for (out_f, in_f), (name, sparse) in shapes.items():
-        dtype = sparse.values.dtype
+        dtype = sparse.weight_dtype  # the dense layer's and the inputs' (fp32 for int8 codes)
         dense = nn.Linear(in_f, out_f, bias=sparse.bias is not None, dtype=dtype)
         dense.weight = nn.Parameter(sparse.to_dense(), requires_grad=False)
         if sparse.bias is not None:
@@ -128,7 +130,7 @@ def matrix_rows(sparse_model: nn.Module, settings: CpuSpeedSettings) -> list[dic
             "example": name,
             "count": counts[(out_f, in_f)],
             "sparsity": 1 - sparse.nnz / (out_f * in_f),
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(sparse.values.dtype).removeprefix("torch."),
             "dense_bytes": layer_bytes(dense),
             "sparse_bytes": layer_bytes(sparse),
         }

@@ -83,7 +83,7 @@ def densify_adapter_targets(model, adapter: str) -> int:
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
         dense.weight = nn.Parameter(module.to_dense(), requires_grad=False)
         if module.bias is not None:
-            dense.bias = nn.Parameter(module.bias.to(module.values.dtype), requires_grad=False)
+            dense.bias = nn.Parameter(module.bias.to(dense.weight.dtype), requires_grad=False)
         parent_name = name.rpartition(".")[0]
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, dense)
         count += 1

@@ -2,8 +2,9 @@
 
 Why: decoding reads each weight once per token, so its speed is set by memory bandwidth. At 50% sparsity an
 fp32 matrix stored as non-zeros plus a one-bit mask is 2.125 bytes per weight instead of 4 (bf16: 1.125
-instead of 2). The compiled kernels stream that compressed form directly; prefill (many tokens) is compute
-bound, so it decompresses small row tiles into a scratch buffer and uses the dense matmul.
+instead of 2; int8 codes with one fp32 scale per G columns: 0.5 + 1/8 + 4/G). The compiled kernels stream
+that compressed form directly; prefill (many tokens) is compute bound, so it decompresses small row tiles
+into a scratch buffer and uses the dense matmul.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from ..utils.declare import require
+from . import packing
 from .load_rule import MIN_SPARSITY, dense_reason, describe_dense, min_weights
 
 log = logging.getLogger(__name__)
 
 KERNEL_PATHS = ("auto", "reference", "portable", "avx2", "avx512")
 _COMPILED = ("avx512", "avx2", "portable")  # auto picks the first this CPU supports
-_VALUE_PAD = 16  # zeros after the last value, so vector loads of 8/16 lanes stay inside the buffer
-_ROW_ALIGN_BYTES = 8  # mask row width in bytes is a multiple of this (whole 16-bit and 64-bit words)
 _DECODE_MAX_ROWS = 8  # more tokens than this: tile-decompress + dense matmul
 _TILE_ROWS = 64  # the reference path's tile (Python decompression; small, it is only for checks)
 #: Rows per tile of the compiled prefill: one BLAS call per tile. 512 rows keep the call efficient (the
@@ -137,29 +138,14 @@ def get_kernel_path() -> str:
     return next(p for p in _COMPILED if ext.cpu_has(p))
 
 
-def _pack(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(values, mask, offsets) of a dense (out, in) weight; bit j of mask byte k is column 8k+j."""
-    out_f, in_f = weight.shape
-    w = weight.detach().to(dtype)
-    nz = w != 0
-    row_bytes = max(1, -(-in_f // (8 * _ROW_ALIGN_BYTES))) * _ROW_ALIGN_BYTES
-    padded = torch.zeros(out_f, row_bytes * 8, dtype=torch.uint8)
-    padded[:, :in_f] = nz.to(torch.uint8)
-    shifts = torch.arange(8, dtype=torch.uint8)
-    mask = (padded.view(out_f, row_bytes, 8) << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
-    counts = nz.sum(1)
-    offsets = torch.zeros(out_f + 1, dtype=torch.int64)
-    offsets[1:] = torch.cumsum(counts, 0)
-    values = torch.cat([w[nz], torch.zeros(_VALUE_PAD, dtype=dtype)])
-    return values.contiguous(), mask.contiguous(), offsets
-
-
 class SparseLinear(nn.Module):
     """A linear layer whose pruned weight is stored as concatenated row-major non-zeros + a packed bitmask.
 
-    Buffers: ``values`` (fp32 or bf16, the non-zeros of row 0, then row 1, ..., plus a little zero padding),
-    ``mask`` (uint8, out x row_bytes, bit j of byte k marks column 8k+j), ``offsets`` (int64, out+1, start of
-    each row in ``values``) and optional ``bias``. forward accumulates in fp32 and returns the input dtype.
+    Buffers: ``values`` (fp32, bf16 or int8 codes: the non-zeros of row 0, then row 1, ..., plus a little zero
+    padding), ``mask`` (uint8, out x row_bytes, bit j of byte k marks column 8k+j), ``offsets`` (int64, out+1,
+    start of each row in ``values``), optional ``bias`` and, with int8 values only, ``scales`` (fp32, out x
+    ceil(in / groupsize)): weight[r, c] = code * scales[r, c // groupsize]. forward accumulates in fp32 and
+    returns the input dtype.
     """
 
     def __init__(
@@ -170,13 +156,24 @@ class SparseLinear(nn.Module):
         in_features: int,
         out_features: int,
         bias: torch.Tensor | None = None,
+        scales: torch.Tensor | None = None,
+        groupsize: int = packing.DEFAULT_GROUPSIZE,
     ) -> None:
         super().__init__()
-        if values.dtype not in (torch.float32, torch.bfloat16):
-            raise TypeError(f"SparseLinear values must be fp32 or bf16, got {values.dtype}")
+        if values.dtype not in packing.VALUE_DTYPES:
+            raise TypeError(f"SparseLinear values must be fp32, bf16 or int8, got {values.dtype}")
+        quantized = values.dtype == torch.int8
+        if quantized:
+            packing.check_groupsize(groupsize)
+            packing.check_scales(scales, out_features, in_features, groupsize)
+        else:
+            require(scales is None, f"scales are only for int8 values, not {values.dtype}")
         self.in_features = in_features
         self.out_features = out_features
+        #: columns per scale (int8 values); None for fp32/bf16
+        self.groupsize: int | None = groupsize if quantized else None
         self.register_buffer("values", values)
+        self.register_buffer("scales", scales.contiguous() if quantized else None)
         self.register_buffer("mask", mask)
         self.register_buffer("offsets", offsets)
         self.register_buffer("bias", None if bias is None else bias.detach().to(torch.float32).clone())
@@ -187,9 +184,13 @@ class SparseLinear(nn.Module):
         linear_or_weight: nn.Linear | torch.Tensor,
         bias: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
+        groupsize: int = packing.DEFAULT_GROUPSIZE,
+        scales: torch.Tensor | None = None,
     ) -> SparseLinear:
         """Compress an nn.Linear (its bias included) or an (out, in) weight; dtype defaults to the weight's
-        own when that is fp32/bf16, else fp32."""
+        own when that is fp32/bf16, else fp32. ``dtype=torch.int8``: codes with one scale per ``groupsize``
+        columns of a row, round-to-nearest (max |w| / 127 per group) unless ``scales`` are given, in which
+        case a weight on that grid is kept exactly (see ``packing.pack_int8``)."""
         if isinstance(linear_or_weight, nn.Linear):
             weight = linear_or_weight.weight
             if bias is None:
@@ -201,9 +202,15 @@ class SparseLinear(nn.Module):
         if dtype is None:
             dtype = weight.dtype if weight.dtype in (torch.float32, torch.bfloat16) else torch.float32
         weight = weight.detach().cpu()
-        values, mask, offsets = _pack(weight, dtype)
         out_f, in_f = weight.shape
-        return cls(values, mask, offsets, in_f, out_f, None if bias is None else bias.detach().cpu())
+        bias = None if bias is None else bias.detach().cpu()
+        if dtype == torch.int8:
+            values, mask, offsets, scales = packing.pack_int8(weight, groupsize, scales)
+            return cls(values, mask, offsets, in_f, out_f, bias, scales, groupsize)
+        require(dtype in packing.VALUE_DTYPES, f"SparseLinear values must be fp32, bf16 or int8, not {dtype}")
+        require(scales is None, f"scales are only for int8 values, not {dtype}")
+        values, mask, offsets = packing.pack(weight, dtype)
+        return cls(values, mask, offsets, in_f, out_f, bias)
 
     @property
     def nnz(self) -> int:
@@ -217,6 +224,8 @@ class SparseLinear(nn.Module):
         tile = out if out is not None else torch.empty(r1 - r0, self.in_features, dtype=torch.float32)
         tile.zero_()
         tile[bits] = self.values[int(self.offsets[r0]) : int(self.offsets[r1])].to(torch.float32)
+        if self.scales is not None:  # one fp32 product per weight, as the compiled decompressions do
+            tile.mul_(packing.expand_scales(self.scales[r0:r1], self.groupsize, self.in_features))
         return tile
 
     def decompress(self, r0: int = 0, r1: int | None = None) -> torch.Tensor:
@@ -229,11 +238,18 @@ class SparseLinear(nn.Module):
         if path < 0:
             return self._dense_rows(r0, r1)
         assert _ext is not None
-        return _ext.decompress(self.values, self.mask, self.offsets, r0, r1, self.in_features, path)
+        return _ext.decompress(
+            self.values, self.mask, self.offsets, self.scales, self.groupsize or 0, r0, r1, self.in_features, path
+        )
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the weight this layer stands for: the values' (fp32 for int8 codes times scales)."""
+        return torch.float32 if self.values.dtype == torch.int8 else self.values.dtype
 
     def to_dense(self) -> torch.Tensor:
-        """The full (out, in) weight in the values' dtype (for checks; forward never builds it)."""
-        return self._dense_rows(0, self.out_features).to(self.values.dtype)
+        """The full (out, in) weight in ``weight_dtype`` (for checks; forward never builds it)."""
+        return self._dense_rows(0, self.out_features).to(self.weight_dtype)
 
     def _reference(self, x2: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x2.shape[0], self.out_features, dtype=torch.float32)
@@ -254,6 +270,8 @@ class SparseLinear(nn.Module):
                 self.mask,
                 self.offsets,
                 self.bias,
+                self.scales,
+                self.groupsize or 0,
                 self.in_features,
                 path,
                 _DECODE_MAX_ROWS,
@@ -273,6 +291,7 @@ class SparseLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"density={self.nnz / max(total, 1):.3f}, dtype={self.values.dtype}, bias={self.bias is not None}"
+            + ("" if self.groupsize is None else f", groupsize={self.groupsize}")
         )
 
 
@@ -296,12 +315,14 @@ def sparsify_linears(
     skip_names: tuple[str, ...] = ("lm_head",),
     dtype: torch.dtype | None = None,
     least: int | None = None,
+    groupsize: int = packing.DEFAULT_GROUPSIZE,
 ) -> tuple[int, int]:
     """Replace each nn.Linear that the load rule lets pay (``dense_reason``) by a SparseLinear, in place.
 
     Skipped: modules whose own name is in ``skip_names`` and any whose weight is tied to an nn.Embedding
     (those stay as they are and are not counted). A matrix with under ``min_sparsity`` zeros or under
     ``least`` weights (None: ``min_weights()``) stays dense: there the sparse form would not decode faster.
+    ``dtype=torch.int8`` stores codes with round-to-nearest scales, one per ``groupsize`` columns of a row.
     Returns (converted, kept_dense).
     """
     least = min_weights() if least is None else least
@@ -316,7 +337,7 @@ def sparsify_linears(
     for parent, name, lin in targets:
         reason = dense_reason(lin.weight.detach(), min_sparsity, least)
         if reason is None:
-            setattr(parent, name, SparseLinear.from_dense(lin, dtype=dtype))
+            setattr(parent, name, SparseLinear.from_dense(lin, dtype=dtype, groupsize=groupsize))
             converted += 1
         else:
             kept += 1

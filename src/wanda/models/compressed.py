@@ -99,7 +99,7 @@ class CompressionReport:
 
 def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict as the dense model has it: a packed sparse linear (``wanda.kernels.SparseLinear``, found
-    by its ``to_dense``) contributes ``weight`` (and ``bias``) in its values' dtype instead of its buffers, so a
+    by its ``to_dense``) contributes ``weight`` (and ``bias``) in its dense dtype instead of its buffers, so a
     sparse-kernel model saves to the same checkpoint as the dense-with-zeros model (state_dict order kept)."""
     packed = {
         name: mod
@@ -117,7 +117,7 @@ def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
         elif key.endswith(".values"):
             out[f"{owner}.weight"] = mod.to_dense()
             if mod.bias is not None:
-                out[f"{owner}.bias"] = mod.bias.to(mod.values.dtype)
+                out[f"{owner}.bias"] = mod.bias.to(out[f"{owner}.weight"].dtype)
     return out
 
 
