@@ -17,6 +17,7 @@ per group of rows; results are written after every worker, so an interrupted run
 
     flock /tmp/wanda-heavy.lock python benchmarks/sparse_quantized.py            # every pending worker
     flock /tmp/wanda-heavy.lock python benchmarks/sparse_quantized.py --only 0.5:gptq-Q4_0
+    flock /tmp/wanda-heavy.lock python benchmarks/sparse_quantized.py --llama_cpp   # rows run before it was built
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ WORKERS = [
     "2:4:gptq-Q8_0",
     "dense:gptq-Q8_0",
 ]
-OUT = RESULTS / "sparse_quantized"
+#: scratch folder for the files whose size is measured and the GGUF files llama.cpp reads (outside the checkout)
+OUT = Path(os.environ.get("WANDA_BENCH_SCRATCH", tempfile.gettempdir())) / "wanda-sparse-quantized"
 
 
 def _prune_settings(sparsity: str, quantized: bool):
@@ -174,7 +176,9 @@ def worker(key: str) -> list[dict]:
         result = row(f"{sparsity}@{grid_name}-gptq", grid=grid_name, quantizer="gptq", file_bytes=size, **prune_info)
         if sparsity != "dense" and "wikitext2" in evals:
             result["llama_cpp"] = _llama_cpp_perplexity(keep, evals["wikitext2"])
-        keep.unlink()
+            result["gguf_file"] = str(keep)
+        if "ppl" in result.get("llama_cpp", {}) or sparsity == "dense":
+            keep.unlink()  # kept otherwise, for --llama_cpp once llama-cpp-python is installed
         return [result]
     fmt = "dense" if sparsity == "dense" else "compressed"
     rows.append(
@@ -186,16 +190,30 @@ def worker(key: str) -> list[dict]:
             **prune_info,
         )
     )
-    original = {id(w): w.detach().clone() for w in _block_matrices(model)}
+    weights = _block_matrices(model)  # views into the model: writing them writes the model
+    originals = [w.detach().clone() for w in weights]
     for grid_name in GRIDS:
         grid = GGUFGrid(grid_name)
         with torch.no_grad():
-            for w in _block_matrices(model):
-                base = original[id(w)]
+            for w, base in zip(weights, originals):
                 w.copy_(rtn_quantize(base, grid, mask=base == 0))
         size = _file_bytes(model, tokenizer, "gguf", grid_name)
         rows.append(row(f"{sparsity}@{grid_name}-rtn", grid=grid_name, quantizer="rtn", file_bytes=size))
     return rows
+
+
+def llama_cpp_pending(data: dict) -> None:
+    """llama.cpp's perplexity for the rows whose GGUF file was kept because llama-cpp-python was missing."""
+    from wanda.models import load_model
+
+    pending = [r for r in data["rows"].values() if r.get("gguf_file") and "ppl" not in r.get("llama_cpp", {})]
+    if not pending:
+        return
+    _, evals = protocol_data(load_model("smollm2-135m", dtype=PROTO["dtype"], device="cpu").tokenizer, PROTO)
+    for r in pending:
+        r["llama_cpp"] = _llama_cpp_perplexity(Path(r["gguf_file"]), evals["wikitext2"])
+        if "ppl" in r["llama_cpp"]:
+            Path(r["gguf_file"]).unlink()
 
 
 def _load(path: Path) -> dict:
@@ -295,6 +313,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", choices=WORKERS, help="run these workers (default: every pending one)")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in the results JSON")
+    parser.add_argument(
+        "--llama_cpp", action="store_true", help="only run llama.cpp on the kept GGUF files of rows that lack it"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -302,6 +323,11 @@ def main() -> None:
         print(json.dumps(worker(args.worker)))
         return
     path = RESULTS / "sparse_quantized.json"
+    if args.llama_cpp:
+        data = _load(path)
+        llama_cpp_pending(data)
+        write_tables(data)
+        return
     data = _load(path) if args.resume else {"protocol": PROTO, "rows": {}, "workers": []}
     for key in args.only or WORKERS:
         if key in data["workers"]:
