@@ -13,7 +13,7 @@ from conftest import calib_ids, one_thread, save_tiny, tiny_model
 
 from wanda import PruneSettings, WandaError, prune
 from wanda.masks import prune_count
-from wanda.methods import METHOD_SPECS
+from wanda.methods import PRUNERS
 from wanda.models import find_decoder_layout, find_linears
 from wanda.pruning.profiles import atp_ratios, exact_layer_ratios
 
@@ -69,7 +69,7 @@ def _config(method: str) -> dict:
     return dict(prune_method=method, sparsity_profile="atp", sparsity_ratio=0.6, atp_span=0.3, **extra)
 
 
-@pytest.mark.parametrize("method", sorted(METHOD_SPECS))
+@pytest.mark.parametrize("method", sorted(PRUNERS))
 def test_every_method_prunes_the_exact_overall_count_at_atp_ratios(method):
     model = tiny_model("llama", num_hidden_layers=3)
     settings = PruneSettings(**_config(method))

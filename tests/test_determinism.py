@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import save_tiny, word_corpus
 
-from wanda import METHODS, PruneSettings, perplexity, prune
+from wanda import PruneSettings, perplexity, prune
 from wanda.data import calibration_windows, evaluation_windows, resolve_source
+from wanda.methods import PRUNERS
 from wanda.models import load_model
 from wanda.models.compressed import same_bits
 
@@ -35,7 +36,7 @@ def _run(inputs, method: str, sparsity_type: str) -> tuple[dict[str, torch.Tenso
 
 
 #: every method unstructured, and the N:M code paths of the two that choose masks differently
-CASES = [(method, "unstructured") for method in METHODS] + [("wanda", "2:4"), ("sparsegpt", "2:4")]
+CASES = [(method, "unstructured") for method in PRUNERS] + [("wanda", "2:4"), ("sparsegpt", "2:4")]
 
 
 @pytest.mark.parametrize("method, sparsity_type", CASES)

@@ -11,8 +11,9 @@ import torch
 from conftest import assert_close, calib_ids, one_thread, tiny_model
 from torch import nn
 
-from wanda import METHODS, PruneSettings, WandaError, model_sparsity, prune
+from wanda import PruneSettings, WandaError, model_sparsity, prune
 from wanda.engine import LayerwiseEngine, capture_block_inputs
+from wanda.methods import PRUNERS
 from wanda.models import find_decoder_layout, find_linears
 from wanda.stats import InputRecorder, SquaredNorm
 
@@ -267,7 +268,7 @@ def test_prune_wanda_unstructured_exact_per_row(arch):
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", PRUNERS)
 def test_prune_nm_valid_for_every_method(arch, method, pattern):
     original = _fresh(arch, layers=1)  # one block keeps the 56 cases fast; the matrices are the same
     model = copy.deepcopy(original)

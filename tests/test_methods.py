@@ -12,7 +12,7 @@ import torch
 from conftest import assert_close, one_thread
 
 from wanda import PruneSettings, WandaError
-from wanda.methods import METHOD_SPECS, get_method
+from wanda.methods import METHOD_SPECS, PRUNERS, get_method
 from wanda.stats import Gram, SquaredNorm
 
 ROWS, COLS, TOKENS = 16, 32, 256
@@ -22,8 +22,6 @@ PATTERNS = ["unstructured", "2:4", "4:8"]
 #: The ADMM methods update the weights too, but by least squares on their support, without an OBS loss.
 ADMM_METHODS = ("admm", "alps")
 OBS_METHODS = [name for name, spec in METHOD_SPECS.items() if spec.quantizes]  # the OBS column loop's
-#: every method that prunes (``none`` is quantization alone: it prunes nothing, see test_obs_quant.py)
-PRUNERS = [name for name in METHOD_SPECS if name != "none"]
 ROW_SCOPED = ("wanda", "ablate_wanda_seq", "ablate_wanda_iter")
 
 

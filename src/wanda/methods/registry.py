@@ -262,6 +262,9 @@ METHOD_SPECS: dict[str, MethodSpec] = {
 }
 
 
+#: Methods that prune (every one but ``none``, which is quantization alone).
+PRUNERS = tuple(name for name in METHOD_SPECS if name != "none")
+
 #: Methods that are a score of each weight (``MethodSpec.scores``), in the registry's order.
 SCORE_METHODS = tuple(name for name, spec in METHOD_SPECS.items() if spec.scores is not None)
 
