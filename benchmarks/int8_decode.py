@@ -160,7 +160,7 @@ def main() -> None:
         "rows": rows,
         "smollm2_135m_50": model_rows(),
     }
-    atomic_write_text(OUT.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(OUT.with_suffix(".json"), json.dumps(result, indent=2) + "\n", overwrite=True)
     names = ("dense_fp32", "dense_int8", "sparse_fp32", "sparse_bf16", "sparse_int8")
     lines = [
         "# Decode with int8 values: sparse int8 against dense int8 (batch 1)",
@@ -196,7 +196,7 @@ def main() -> None:
         f"({whole['sparse_int8_over_dense_int8']:.2f}x dense int8; {whole['matrices_sparse']} matrices sparse, "
         f"{whole['matrices_dense']} stayed dense under the load rule).",
     ]
-    atomic_write_text(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(OUT.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
 
 
 if __name__ == "__main__":

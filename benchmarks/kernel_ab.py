@@ -104,7 +104,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     result = {"old": old_rev.stdout.decode().strip(), "path": path_name, "threads": torch.get_num_threads()}
     result["rows"] = rows
-    atomic_write_text(OUT.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(OUT.with_suffix(".json"), json.dumps(result, indent=2) + "\n", overwrite=True)
     lines = [
         "# Decode kernel: this checkout against the kernel at " + result["old"],
         "",
@@ -120,7 +120,7 @@ def main() -> None:
             f"{r['old_ms']:.2f} ({r['old_cpu_ms']:.2f}) | {r['new_ms']:.2f} ({r['new_cpu_ms']:.2f}) | "
             f"{r['new_over_old']:.2f}x | {r['new_over_dense']:.2f}x | {r['old_over_dense']:.2f}x |"
         )
-    atomic_write_text(OUT.with_suffix(".md"), "\n".join(lines) + "\n")
+    atomic_write_text(OUT.with_suffix(".md"), "\n".join(lines) + "\n", overwrite=True)
 
 
 if __name__ == "__main__":

@@ -257,8 +257,8 @@ def write_tables(data: dict) -> None:
                 f"{_fmt(r['ppl'].get('wiki-summaries'))} | {cpp_text} | {r['file_bytes'] / 1e6:.1f} | {timing} |"
             )
     lines += ["", *targets(rows), ""]
-    atomic_write_text(RESULTS / "sparse_quantized.md", "\n".join(lines))
-    atomic_write_text(RESULTS / "sparse_quantized.json", json.dumps(data, indent=2) + "\n")
+    atomic_write_text(RESULTS / "sparse_quantized.json", json.dumps(data, indent=2) + "\n", overwrite=True)
+    atomic_write_text(RESULTS / "sparse_quantized.md", "\n".join(lines), overwrite=True)
     plot(rows)
 
 

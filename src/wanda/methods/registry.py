@@ -234,12 +234,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {
             ObsSettings,
             quantizes=True,
         ),
-        MethodSpec(
-            "none",
-            None,
-            _none,
-            "prunes nothing: with --wbits, quantization alone (plain GPTQ)",
-        ),
+        MethodSpec("none", None, _none, "prunes nothing: with --wbits, quantization alone (plain GPTQ)"),
         MethodSpec(
             "admm",
             Gram,
