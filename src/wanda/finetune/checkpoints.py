@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers import Trainer
 
 from ..errors import WandaError
+from ..utils.io import fsync_path, fsync_tree
 
 log = logging.getLogger(__name__)
 
@@ -33,25 +34,15 @@ def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE).is_file()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def mark_complete(folder: str | Path) -> None:
     """Every file of ``folder`` on disk, then the marker (temporary name, fsync, rename, fsync of the folder)."""
     folder = Path(folder)
-    for path in folder.rglob("*"):
-        if path.is_file():
-            _fsync(path)
+    fsync_tree(folder)
     tmp = folder / f".{COMPLETE}.tmp-{os.getpid()}"
     tmp.write_text("complete\n")
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, folder / COMPLETE)
-    _fsync(folder)
+    fsync_path(folder)
 
 
 class CheckpointTrainer(Trainer):

@@ -82,7 +82,7 @@ def check_writable(path: str | Path, what: str = "output", folder: bool | None =
         raise WandaError(f"{what} {path} cannot be written: {parent}: {exc.strerror or exc}") from exc
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
     try:
         os.fsync(fd)
@@ -94,7 +94,7 @@ def _fsync_published(path: Path) -> None:
     """fsync the folder holding a result that was just renamed into place. The result is complete by then
     (its contents were synced before the rename), so a failure here is reported, not undone."""
     try:
-        _fsync_path(path.parent)
+        fsync_path(path.parent)
     except OSError as exc:
         log.warning(
             "%s is complete, but syncing its folder failed (%s): a power cut now may lose the rename",
@@ -109,8 +109,8 @@ def fsync_tree(root: str | Path) -> None:
     root = Path(root)
     for folder, dirs, files in os.walk(root, topdown=False):
         for name in files:
-            _fsync_path(Path(folder) / name)
-        _fsync_path(Path(folder))
+            fsync_path(Path(folder) / name)
+        fsync_path(Path(folder))
 
 
 # Which leftovers belong to a target NAME: mkstemp/mkdtemp names are ``.NAME.`` + 8 characters of [a-z0-9_]
