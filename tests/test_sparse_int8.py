@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_sparse_kernel import _require, _reset_path  # noqa: F401  (the path guard and the autouse reset)
 from torch import nn
 
 from wanda.errors import WandaError
@@ -21,17 +22,6 @@ from wanda.kernels import SparseLinear, available_paths, set_kernel_path, sparsi
 from wanda.kernels import sparse_linear as sl
 
 PATHS = ["reference", "portable", "avx2", "avx512"]
-
-
-def _require(path: str) -> None:
-    if path not in available_paths():
-        pytest.skip(f"kernel path {path} not available on this machine")
-
-
-@pytest.fixture(autouse=True)
-def _reset_path():
-    yield
-    set_kernel_path(None)
 
 
 def _rtn(w: torch.Tensor, groupsize: int) -> tuple[torch.Tensor, torch.Tensor]:
