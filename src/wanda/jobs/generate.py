@@ -42,7 +42,7 @@ def run_generate_job(
     generate: GenerateSettings,
     logging_settings: LogSettings,
 ) -> int:
-    loaded = model_settings.load(sparse_kernel=sparse.sparse_kernel)
+    loaded = model_settings.load(sparse_kernel=sparse.sparse_kernel, sparse_values=sparse.sparse_values)
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = tokenizer(generate.prompt, return_tensors="pt")["input_ids"]
     require(ids.shape[1] > 0, f"--prompt {generate.prompt!r} gives no tokens with this model's tokenizer")

@@ -17,7 +17,7 @@ VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 VALUE_PAD = 16  # zeros after the last value, so vector loads of 8/16 lanes stay inside the buffer
 ROW_ALIGN_BYTES = 8  # mask row width in bytes is a multiple of this (whole 16-bit and 64-bit words)
 DEFAULT_GROUPSIZE = 128
-QMAX = 127  # codes lie in [-127, 127]: symmetric, -128 unused
+QMAX = 127  # codes wanda quantizes lie in [-127, 127]; codes read from a file (``pack_codes``) may be -128
 
 
 def pack_mask(nz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,3 +114,14 @@ def pack_int8(
     mask, offsets = pack_mask(nz)
     values = torch.cat([codes[nz], torch.zeros(VALUE_PAD, dtype=torch.int8)])
     return values.contiguous(), mask, offsets, scales
+
+
+def pack_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, mask, offsets) of int8 codes already on their grid (a quantized checkpoint's code minus its
+    zero-point): taken as they are, -128 included (compressed-tensors' 8-bit symmetric grid reaches it, and
+    the kernels widen every code to fp32 exactly). Code 0 is a pruned weight: that is what it decodes to."""
+    require(codes.dtype == torch.int8 and codes.dim() == 2, f"codes must be 2-D int8, got {codes.dtype}")
+    nz = codes != 0
+    mask, offsets = pack_mask(nz)
+    values = torch.cat([codes[nz], torch.zeros(VALUE_PAD, dtype=torch.int8)])
+    return values.contiguous(), mask, offsets

@@ -10,12 +10,14 @@ import torch
 from torch import nn
 
 from ..errors import WandaError
-from ..utils.declare import SettingsMixin, setting
+from ..utils.declare import SettingsMixin, require, setting
 from ..utils.devices import resolve_device, resolve_dtype
 from ..utils.resources import release_memory
 from .bundled import BUNDLED_NAME, NAMED_MODELS, bundled_model_dir
 from .checkpoint import Checkpoint, is_streamable
 from .checks import check_finite_weights, check_model_folder, check_remote_code
+from .ct_read import ct_config
+from .sparse_load import SPARSE_VALUES
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,22 @@ class SparseKernelSettings(SettingsMixin):
         "compressed or dense-with-zeros folder, tensor by tensor; matrices with under 30 percent zeros or under "
         "262144 weights stay dense, where the sparse form does not decode faster (CPU only)",
     )
+    sparse_values: str = setting(
+        "auto",
+        "values of the --sparse_kernel layers: int8 (a quantized folder's codes and scales as they are: "
+        "--save_format compressed-tensors), float (the --dtype weights) or auto (int8 when the folder is quantized)",
+        choices=SPARSE_VALUES,
+    )
+
+    def __post_init__(self) -> None:
+        require(
+            self.sparse_values in SPARSE_VALUES,
+            f"--sparse_values must be one of {', '.join(SPARSE_VALUES)}, got {self.sparse_values!r}",
+        )
+        require(
+            self.sparse_kernel or self.sparse_values == "auto",
+            f"--sparse_values {self.sparse_values} sets the values of the sparse kernel's layers: pass --sparse_kernel",
+        )
 
 
 @dataclass(frozen=True)
@@ -81,7 +99,7 @@ class ModelSettings(TrustSettings):
         """A named offline model (its defaults: offline calibration and evaluation text)."""
         return self.name in NAMED_MODELS
 
-    def load(self, dtype: str | None = None, sparse_kernel: bool = False) -> "LoadedModel":
+    def load(self, dtype: str | None = None, sparse_kernel: bool = False, sparse_values: str = "auto") -> "LoadedModel":
         return load_model(
             self.model,
             self.cache_dir,
@@ -90,6 +108,7 @@ class ModelSettings(TrustSettings):
             trust_remote_code=self.trust_remote_code,
             allow_pickle=self.allow_pickle,
             sparse_kernel=sparse_kernel,
+            sparse_values=sparse_values,
         )
 
 
@@ -141,6 +160,7 @@ def load_model(
     sparse_kernel: bool = False,
     min_sparsity: float = 0.3,
     min_weights: int | None = None,
+    sparse_values: str = "auto",
 ) -> LoadedModel:
     """Load ``name`` (hub id, folder, ``.gguf`` file, or a named model: ``smollm2-135m``, ``gemma3-270m``) on
     CPU, or across GPUs on CUDA.
@@ -153,6 +173,7 @@ def load_model(
     tensor at a time (``wanda.models.sparse_load``), so no dense copy of the model exists; linears with fewer
     than ``min_sparsity`` zeros or fewer than ``min_weights`` weights (None: ``wanda.kernels.min_weights()``,
     262144 unless ``$WANDA_SPARSE_MIN_WEIGHTS`` says otherwise) stay dense, and the load line says how many and why.
+    ``sparse_values``: auto (int8 codes for a compressed-tensors pack-quantized folder), float or int8.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -188,7 +209,10 @@ def load_model(
             check_model_folder(
                 path, trust_remote_code, allow_pickle, need_weights=not compressed, need_tokenizer=not compressed
             )
-            if not compressed and is_streamable(path):  # the streamed path's checks, before anything loads
+            # the streamed path's checks, before anything loads; the sparse kernel reads a compressed-tensors
+            # folder's packed tensors itself (the model's ``weight`` of each quantized linear is not stored)
+            packed = sparse_kernel and ct_config(path) is not None
+            if not compressed and not packed and is_streamable(path):
                 from .streaming import check_matches_config, meta_model, under_model_names
 
                 raw = Checkpoint.open(path)
@@ -208,7 +232,7 @@ def load_model(
         if sparse_kernel:
             from .sparse_load import load_sparse_model
 
-            model, report = load_sparse_model(location, torch_dtype, min_sparsity, min_weights)
+            model, report = load_sparse_model(location, torch_dtype, min_sparsity, min_weights, sparse_values)
             tokenizer = AutoTokenizer.from_pretrained(location, **tok_kwargs)
             log.info("sparse kernel: %s", report.line())
         elif compressed:

@@ -7,6 +7,10 @@ bitmask, or a dense safetensors folder whose pruned weights are zeros) and each 
 ``SparseLinear`` before the next is read, so at most one dense matrix exists at any moment. Matrices with
 fewer than ``min_sparsity`` zeros or fewer than ``least`` weights (the load rule, ``wanda.kernels.dense_reason``:
 there the sparse form would not decode faster), the embeddings and the LM head stay dense.
+
+A compressed-tensors pack-quantized folder (``wanda.models.ct_read``) is read the same way, layer by layer: its
+codes and scales become an int8 ``SparseLinear`` as they are (``values="auto"`` or ``"int8"``), so the layer's
+weight is the file's, bit for bit; a grid int8 cannot hold keeps float values, and one log line says why.
 """
 
 from __future__ import annotations
@@ -21,14 +25,19 @@ from torch import nn
 
 from ..errors import WandaError
 from ..kernels import MIN_SPARSITY, SparseLinear, dense_reason, describe_dense, min_weights
+from ..kernels.packing import pack_codes
 from .checkpoint import Checkpoint, file_entries
 from .compressed import MANIFEST_NAME, WEIGHTS_NAME, _read_manifest
+from .ct_read import CTReader, ct_config
 from .encoding import decode_tensor, parse_dtype
 from .streaming import assign_tensor, under_model_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SparseLoadReport", "load_sparse_model"]
+__all__ = ["SPARSE_VALUES", "SparseLoadReport", "load_sparse_model"]
+
+#: ``--sparse_values``: auto (int8 when the folder is quantized), float (the model's dtype), int8
+SPARSE_VALUES = ("auto", "float", "int8")
 
 
 @dataclass
@@ -38,10 +47,13 @@ class SparseLoadReport:
     reasons: dict[str, int] = field(default_factory=dict)  # "zeros" / "size" -> matrices kept dense for it
     min_sparsity: float = MIN_SPARSITY
     least: int = 0
+    int8: int = 0  # of the converted, those with int8 codes and the file's scales
+    float_reasons: dict[str, int] = field(default_factory=dict)  # why quantized matrices kept float values
 
     def line(self) -> str:
         why = describe_dense(self.reasons, self.min_sparsity, self.least)
-        return f"{self.converted} linear matrices sparse, {self.kept_dense} stayed dense{why}"
+        codes = f" ({self.int8} with int8 values)" if self.int8 else ""
+        return f"{self.converted} linear matrices sparse{codes}, {self.kept_dense} stayed dense{why}"
 
 
 def _compressed_reader(folder: Path) -> tuple[Callable[[str], torch.Tensor], list[str], str]:
@@ -70,19 +82,12 @@ def _compressed_reader(folder: Path) -> tuple[Callable[[str], torch.Tensor], lis
     return read, [*tensors, *aliases], str(manifest.get("model_class"))
 
 
-def load_sparse_model(
-    folder: str | Path, dtype: torch.dtype, min_sparsity: float = MIN_SPARSITY, least: int | None = None
-) -> tuple[nn.Module, SparseLoadReport]:
-    """The model of ``folder`` on the CPU in ``dtype`` (fp32 or bf16), pruned linears as ``SparseLinear``
-    where the load rule says they pay (``least``: the size threshold; None: ``wanda.kernels.min_weights()``)."""
+def _skeleton(folder: Path, dtype: torch.dtype, compressed: bool) -> nn.Module:
+    """The model of ``folder``'s config on ``meta``: no weight allocated until each is read."""
     import transformers
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise WandaError(f"--sparse_kernel runs fp32 or bf16 models, not {dtype}; use --dtype float32 or bfloat16")
-    folder = Path(folder)
-    compressed = (folder / MANIFEST_NAME).is_file()
     try:
         config = AutoConfig.from_pretrained(folder)
         with init_empty_weights():
@@ -97,13 +102,69 @@ def load_sparse_model(
     except (OSError, ValueError, ImportError) as exc:
         raise WandaError(f"could not build model {folder}: {exc}".splitlines()[0]) from exc
     model.eval()
+    return model
+
+
+def _check_values(values: str, folder: Path, quantized: bool) -> None:
+    if values not in SPARSE_VALUES:
+        raise WandaError(f"--sparse_values must be one of {', '.join(SPARSE_VALUES)}, got {values!r}")
+    if values == "int8" and not quantized:
+        raise WandaError(
+            f"--sparse_values int8 keeps a quantized folder's codes, but {folder} is not quantized (write one with "
+            "--wbits 4 or 8 --sym --save_format compressed-tensors); use --sparse_values auto or float"
+        )
+
+
+def _quantized_linear(
+    reader: CTReader, name: str, lin: nn.Linear, bias: torch.Tensor | None, values: str, report: SparseLoadReport
+) -> SparseLinear | torch.Tensor:
+    """An int8 SparseLinear of the layer's codes and scales when its grid allows and the load rule lets it pay,
+    else the library's decompressed weight (fp32) for the float path."""
+    local = reader.read(name)
+    why = reader.int8_reason(name) if values != "float" else "float values were asked for"
+    if why is not None and values == "int8":
+        raise WandaError(f"--sparse_values int8: {name} in {reader.folder} cannot be int8: {why}")
+    if why is None:
+        codes = reader.codes(name, local, (lin.out_features, lin.in_features))
+        reason = dense_reason(codes.codes, report.min_sparsity, report.least)
+        if reason is None:
+            packed = pack_codes(codes.codes)
+            layer = SparseLinear(*packed, lin.in_features, lin.out_features, bias, codes.scales, codes.groupsize)
+            report.int8 += 1
+            return layer
+        del codes
+    elif values != "float":
+        report.float_reasons[why] = report.float_reasons.get(why, 0) + 1
+    return reader.decompress(name, local)
+
+
+def load_sparse_model(
+    folder: str | Path,
+    dtype: torch.dtype,
+    min_sparsity: float = MIN_SPARSITY,
+    least: int | None = None,
+    values: str = "auto",
+) -> tuple[nn.Module, SparseLoadReport]:
+    """The model of ``folder`` on the CPU in ``dtype`` (fp32 or bf16), pruned linears as ``SparseLinear``
+    where the load rule says they pay (``least``: the size threshold; None: ``wanda.kernels.min_weights()``).
+    ``values``: "auto" (int8 codes for a compressed-tensors pack-quantized folder, else ``dtype``), "float"
+    or "int8" (refused for a folder that is not quantized, or a grid int8 cannot hold)."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise WandaError(f"--sparse_kernel runs fp32 or bf16 models, not {dtype}; use --dtype float32 or bfloat16")
+    folder = Path(folder)
+    compressed = (folder / MANIFEST_NAME).is_file()
+    quant = None if compressed else ct_config(folder)
+    _check_values(values, folder, quant is not None)
+    model = _skeleton(folder, dtype, compressed)
+    reader: CTReader | None = None
     if compressed:
         read, names, _ = _compressed_reader(folder)
         available = set(names)
     else:
-        checkpoint = Checkpoint.open(folder)
-        checkpoint = under_model_names(model, checkpoint)
+        raw = Checkpoint.open(folder)
+        checkpoint = under_model_names(model, raw)
         available = set(checkpoint.names())
+        reader = CTReader(folder, raw, model, quant) if quant is not None else None
 
         def read(name: str) -> torch.Tensor:
             return checkpoint.read([name])[name]
@@ -118,6 +179,9 @@ def load_sparse_model(
     }
 
     def fetch(name: str) -> torch.Tensor:
+        module = name.rpartition(".")[0]
+        if reader is not None and name.endswith(".weight") and reader.quantized(module):
+            return reader.decompress(module, reader.read(module)).to(dtype)
         if name not in available:
             raise WandaError(f"the checkpoint in {folder} lacks {name}")
         tensor = read(name)
@@ -127,12 +191,20 @@ def load_sparse_model(
     report = SparseLoadReport(0, 0, min_sparsity=min_sparsity, least=least)
     done: set[str] = set()
     for name, lin in linears.items():
-        weight = fetch(f"{name}.weight")
         bias = fetch(f"{name}.bias") if lin.bias is not None else None
+        if reader is not None and reader.quantized(name):
+            weight = _quantized_linear(reader, name, lin, bias, values, report)
+        else:
+            weight = fetch(f"{name}.weight")
         done.update({f"{name}.weight", f"{name}.bias"})
+        parent_name, _, leaf = name.rpartition(".")
+        if isinstance(weight, SparseLinear):
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, weight)
+            report.converted += 1
+            continue
+        weight = weight.to(dtype)
         reason = dense_reason(weight, min_sparsity, least)
         if reason is None:
-            parent_name, _, leaf = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, leaf, SparseLinear.from_dense(weight, bias, dtype=dtype))
             report.converted += 1
@@ -143,6 +215,10 @@ def load_sparse_model(
             report.kept_dense += 1
             report.reasons[reason] = report.reasons.get(reason, 0) + 1
         del weight, bias
+    for why, count in report.float_reasons.items():
+        log.info(
+            "sparse kernel: %d quantized matrices keep %s values: %s", count, str(dtype).removeprefix("torch."), why
+        )
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
     for name, param in list(model.named_parameters()) + list(model.named_buffers()):
         if name in done or param.device.type != "meta":

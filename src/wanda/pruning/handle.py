@@ -119,9 +119,10 @@ class ModelHandle(ABC):
 class ResidentModel(ModelHandle):
     """The model loaded whole (``ModelSettings.load``), pruned in place."""
 
-    def __init__(self, settings, device, dtype, ranks, sparse_kernel: bool = False):
+    def __init__(self, settings, device, dtype, ranks, sparse_kernel: bool = False, sparse_values: str = "auto"):
         super().__init__(settings, device, dtype, ranks)
         self.sparse_kernel = sparse_kernel
+        self.sparse_values = sparse_values
         self.model: nn.Module | None = None
 
     @classmethod
@@ -133,7 +134,7 @@ class ResidentModel(ModelHandle):
         return handle
 
     def open(self) -> None:
-        loaded = self.settings.load(sparse_kernel=self.sparse_kernel)
+        loaded = self.settings.load(sparse_kernel=self.sparse_kernel, sparse_values=self.sparse_values)
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = next(self.model.parameters()).device
 
@@ -298,6 +299,7 @@ def open_model(
     ranks: Ranks = SINGLE,
     whole_for: str | None = None,
     sparse_kernel: bool = False,
+    sparse_values: str = "auto",
 ) -> ModelHandle:
     """The one place that decides whether a model is streamed: ``--offload disk``, or ``auto`` and a
     safetensors checkpoint that would not fit. ``whole_for``: the flags that need the whole model (zero-shot
@@ -320,4 +322,4 @@ def open_model(
                 require(folder is not None, f"{settings.model} cannot be streamed here, but another rank streams it")
     if folder is not None:
         return StreamedModelHandle(settings, device, dtype, ranks, folder, offload)
-    return ResidentModel(settings, device, dtype, ranks, sparse_kernel)
+    return ResidentModel(settings, device, dtype, ranks, sparse_kernel, sparse_values)
