@@ -134,13 +134,8 @@ def run_eval_job(
         resolve_source(spec, "evaluation", eval_settings.text_field)
 
     whole_for = _whole_for(adapter.adapter is not None, zero_shot.eval_zero_shot, sparse.sparse_kernel)
-    handle = open_model(
-        model_settings,
-        offload,
-        whole_for=whole_for,
-        sparse_kernel=sparse.sparse_kernel,
-        sparse_values=sparse.sparse_values,
-    )
+    kernel = {"sparse_kernel": sparse.sparse_kernel, "sparse_values": sparse.sparse_values}
+    handle = open_model(model_settings, offload, whole_for=whole_for, **kernel)
     handle.open()
     seqlen = eval_settings.seqlen_for(handle)
     sparsity = handle.zero_share()  # of the base weights, before an adapter adds its own matrices
