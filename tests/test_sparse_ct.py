@@ -49,14 +49,19 @@ def _pruned(bits: int, groupsize: int, sym: bool, **overrides):
     return model, QuantizedModel(report.quantized, bits, groupsize, sym)
 
 
-def _library_folder(model: nn.Module, quantized: QuantizedModel, out) -> None:
-    """An asymmetric pack-quantized folder written by the library itself (wanda writes symmetric ones only;
-    llm-compressor writes these): the same steps as ``save_compressed_tensors``, with the zero-points."""
+def _library_folder(model: nn.Module, quantized: QuantizedModel, out, scale_dtype: torch.dtype) -> None:
+    """A pack-quantized folder written by the library itself, as llm-compressor writes them (wanda writes
+    symmetric 4- and 8-bit ones with fp32 scales): the steps of ``save_compressed_tensors``, any width, with
+    the zero-points of an asymmetric grid and scales in ``scale_dtype``."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, apply_quantization_config
 
     args = QuantizationArgs(
-        num_bits=quantized.bits, type="int", strategy="group", group_size=quantized.groupsize, symmetric=False
+        num_bits=quantized.bits,
+        type="int",
+        strategy="group",
+        group_size=quantized.groupsize,
+        symmetric=quantized.sym,
     )
     config = QuantizationConfig(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
@@ -69,8 +74,9 @@ def _library_folder(model: nn.Module, quantized: QuantizedModel, out) -> None:
     with torch.no_grad():
         for q in quantized.matrices.values():
             module = clone.get_submodule(names[id(q.module)])
-            module.weight_scale.data = q.scale.clone()
-            module.weight_zero_point.data = q.zero.to(module.weight_zero_point.dtype)
+            module.weight_scale.data = q.scale.to(scale_dtype)
+            if not quantized.sym:
+                module.weight_zero_point.data = q.zero.to(module.weight_zero_point.dtype)
     compressor = ModelCompressor.from_pretrained_model(clone, "pack-quantized")
     compressor.compress_model(clone)
     clone.save_pretrained(out)
@@ -80,16 +86,17 @@ def _library_folder(model: nn.Module, quantized: QuantizedModel, out) -> None:
 _CACHE: dict = {}
 
 
-def _folder(tmp_path_factory, bits: int, groupsize: int, sym: bool = True, **overrides):
-    """(pruned model, pack-quantized folder with a tokenizer), built once per grid."""
-    key = (bits, groupsize, sym, tuple(sorted(overrides.items())))
+def _folder(tmp_path_factory, bits: int, groupsize: int, sym: bool = True, scale_dtype=None, **overrides):
+    """(pruned model, pack-quantized folder with a tokenizer), built once per grid: written by wanda, or by
+    the library when asymmetric, of a width wanda does not write, or with ``scale_dtype`` scales."""
+    key = (bits, groupsize, sym, scale_dtype, tuple(sorted(overrides.items())))
     if key not in _CACHE:
         model, quantized = _pruned(bits, groupsize, sym, **overrides)
         out = tmp_path_factory.mktemp("ct") / "model"
-        if sym:
+        if sym and bits in (4, 8) and scale_dtype is None:
             save_model(model, None, out, "compressed-tensors", quantized=quantized)
         else:
-            _library_folder(model, quantized, out)
+            _library_folder(model, quantized, out, scale_dtype or torch.float32)
         if "tokenizer" not in _CACHE:
             _CACHE["tokenizer"] = save_tiny(tmp_path_factory.mktemp("tok"))
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -150,6 +157,8 @@ def test_quantized_folder_loads_as_int8_exactly(tmp_path_factory, bits, groupsiz
         assert pruned_zero.float().mean().item() >= 0.5, name
         assert (layer.to_dense()[pruned_zero] == 0).all(), name
         assert layer.nnz == int((~pruned_zero).sum()), name  # a pruned weight has no mask bit
+    lowest = min(int(model.get_submodule(name).values.min()) for name in library)
+    assert lowest == -(2 ** (bits - 1))  # the grid's lowest code (8 bits: -128, which wanda's own int8 never uses)
     assert isinstance(model.get_output_embeddings(), nn.Linear)
     dense = _dense_model(folder, library)
     ids = calib_ids(2, 16, seed=1)
@@ -188,6 +197,22 @@ def test_asymmetric_4_bit_loads_as_int8(tmp_path_factory):
     with torch.no_grad():
         ids = calib_ids(2, 16, seed=1)
         assert_close(model(ids).logits, _dense_model(folder, library)(ids).logits, rtol=1e-5)
+
+
+def test_other_widths_and_bf16_scales(tmp_path_factory):
+    """A 2-bit symmetric folder is int8 too; scales stored in bf16 widen exactly, so the int8 weight is the
+    exact product, which rounded to bf16 is the library's bf16 decompressed weight."""
+    for bits, scale_dtype in ((2, None), (4, torch.bfloat16)):
+        pruned, folder = _folder(tmp_path_factory, bits, 32, scale_dtype=scale_dtype)
+        model = load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True).model
+        for name, weight in _decompressed(folder).items():
+            layer = model.get_submodule(name)
+            assert layer.values.dtype == torch.int8, name
+            assert weight.dtype == (scale_dtype or torch.float32), name
+            assert torch.equal(layer.to_dense().to(weight.dtype), weight), name
+            assert (layer.to_dense()[pruned.get_submodule(name).weight == 0] == 0).all(), name
+            if scale_dtype is not None:
+                assert torch.equal(layer.scales, layer.scales.to(scale_dtype).float()), name  # bf16 values
 
 
 @pytest.mark.parametrize(
