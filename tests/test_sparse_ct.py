@@ -288,3 +288,79 @@ def test_cli_eval_sparse_kernel_on_compressed_tensors(tmp_path, env):  # noqa: F
     assert proc.returncode == 2 and proc.stderr.startswith("wanda eval: error: "), proc.stderr[-2000:]
     assert "--sparse_values int8 sets the values of the sparse kernel's layers: pass --sparse_kernel" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ---- dense and compressed folders of a --wbits prune: the scales recorded beside the weights ----------------
+
+
+def _saved(tmp_path_factory, fmt: str, bits: int, groupsize: int, sym: bool):
+    key = ("saved", fmt, bits, groupsize, sym)
+    if key not in _CACHE:
+        model, quantized = _pruned(bits, groupsize, sym)
+        out = tmp_path_factory.mktemp("grid") / "model"
+        save_model(model, None, out, fmt, quantized=quantized)
+        if "tokenizer" not in _CACHE:
+            _CACHE["tokenizer"] = save_tiny(tmp_path_factory.mktemp("tok"))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(_CACHE["tokenizer"] / name, out / name)
+        _CACHE[key] = (model, out)
+    return _CACHE[key]
+
+
+@pytest.mark.parametrize("fmt", ["dense", "compressed"])
+@pytest.mark.parametrize(("bits", "groupsize", "sym"), [(8, 32, True), (4, 32, False), (4, -1, True)])
+def test_recorded_grid_loads_as_int8_exactly(tmp_path_factory, fmt, bits, groupsize, sym, caplog):
+    from wanda.models.grid_record import GRID_NAME
+
+    pruned, folder = _saved(tmp_path_factory, fmt, bits, groupsize, sym)
+    assert (folder / GRID_NAME).is_file()
+    with caplog.at_level(logging.INFO, logger="wanda.models"):
+        model = load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True).model
+    assert "14 linear matrices sparse (14 with int8 values), 0 stayed dense" in caplog.text
+    assert not [r for r in caplog.records if r.name == "wanda.models.sparse_load"]  # no fallback line
+    for name, module in pruned.named_modules():
+        if not isinstance(module, nn.Linear) or name == "lm_head":
+            continue
+        layer, ours = model.get_submodule(name), module.weight.detach()
+        assert isinstance(layer, SparseLinear) and layer.values.dtype == torch.int8, name
+        assert torch.equal(layer.to_dense(), ours), name  # the prune's dequantized weight, bit for bit
+        assert layer.nnz == int((ours != 0).sum()) and (ours == 0).float().mean() >= 0.5, name
+    ids = calib_ids(2, 16, seed=1)
+    with torch.no_grad():
+        assert_close(model(ids).logits, pruned(ids).logits, rtol=1e-5)
+
+
+def test_recorded_grid_falls_back_where_int8_cannot_hold_it(tmp_path_factory, caplog):
+    """8-bit asymmetric: code - zero-point up to 255 steps; a weight changed after saving: off the grid."""
+    pruned, folder = _saved(tmp_path_factory, "dense", 8, 32, False)
+    with caplog.at_level(logging.INFO, logger="wanda.models.sparse_load"):
+        model = load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True).model
+    lines = [r.getMessage() for r in caplog.records if r.name == "wanda.models.sparse_load"]
+    assert len(lines) == 1 and "quantized matrices keep float32 values: codes beyond int8" in lines[0], lines
+    for name, module in pruned.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            layer = model.get_submodule(name)
+            assert layer.values.dtype in (torch.float32, torch.int8), name
+            assert torch.equal(layer.to_dense(), module.weight.detach()), name
+    with pytest.raises(WandaError, match="--sparse_values int8: .* cannot be int8: codes beyond int8"):
+        load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True, sparse_values="int8")
+
+
+def test_recorded_grid_checks_the_weights(tmp_path):
+    """A weight moved off the grid after the scales were recorded keeps float values: the record is checked."""
+    from safetensors.torch import load_file, save_file
+
+    model, quantized = _pruned(4, 32, True)
+    out = tmp_path / "model"
+    save_model(model, None, out, "dense", quantized=quantized)
+    save_tiny(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "tiny-llama" / name, out / name)
+    tensors = load_file(out / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    tensors[key] = tensors[key] * 1.0001
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    loaded = load_model(str(out), dtype="float32", device="cpu", sparse_kernel=True).model
+    layer = loaded.get_submodule("model.layers.0.mlp.up_proj")
+    assert layer.values.dtype == torch.float32 and torch.equal(layer.to_dense(), tensors[key])
+    assert loaded.get_submodule("model.layers.0.mlp.down_proj").values.dtype == torch.int8

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..errors import WandaError
 from ..models.compressed import CompressionReport, save_compressed
+from ..models.grid_record import write_grid
 from ..utils.io import atomic_directory
 from .compressed_tensors import QuantizedModel
 
@@ -38,6 +39,21 @@ def folder_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def _record_grid(model: nn.Module, folder: Path, quantized: QuantizedModel | None) -> None:
+    """The scales of a quantized prune beside its dequantized weights (``wanda.models.grid_record``), so that
+    the sparse kernel can load them as int8 codes; fused expert slices are left out."""
+    if quantized is None:
+        return
+    names = {id(module): name for name, module in model.named_modules()}
+    scales = {
+        f"{names[id(q.module)]}.{q.parameter}": q.scale
+        for q in quantized.matrices.values()
+        if q.expert is None and id(q.module) in names
+    }
+    if scales:
+        write_grid(folder, scales, quantized.bits, quantized.groupsize)
+
+
 def save_model(
     model: nn.Module,
     tokenizer,
@@ -62,6 +78,7 @@ def save_model(
                 model.save_pretrained(tmp)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
+                _record_grid(model, tmp, quantized)
             elif save_format == "gguf":
                 from .gguf import save_gguf
 
@@ -74,6 +91,7 @@ def save_model(
                     tokenizer.save_pretrained(tmp)
             else:
                 compression = save_compressed(model, tmp, tokenizer)
+                _record_grid(model, tmp, quantized)
         except SafetensorError as exc:  # safetensors writes from Rust: a full disk arrives as this, not OSError
             full = re.search(r"os error 28|code: 28|No space left", str(exc))
             reason = "no space left on device" if full else str(exc).splitlines()[0]

@@ -125,3 +125,17 @@ def pack_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     mask, offsets = pack_mask(nz)
     values = torch.cat([codes[nz], torch.zeros(VALUE_PAD, dtype=torch.int8)])
     return values.contiguous(), mask, offsets
+
+
+def codes_on_grid(weight: torch.Tensor, scales: torch.Tensor, groupsize: int) -> torch.Tensor | str:
+    """The int8 codes c with c * scale == weight bit for bit (one fp32 product, as every decompression
+    computes it), or why there are none: a weight off the grid of these scales (a bf16 weight rounds the
+    product), or a code beyond [-128, 127] (an 8-bit asymmetric grid's code minus zero-point)."""
+    w = weight.float()
+    s = expand_scales(scales.float(), groupsize, w.shape[1])
+    q = torch.where(s > 0, torch.round(w / torch.where(s > 0, s, 1.0)), 0.0)
+    if bool((q.abs() > 128).any()) or bool((q == 128).any()):
+        return "codes beyond int8 (more than 127 steps of its scale from 0)"
+    if not torch.equal(q * s, w):
+        return "weights off the recorded grid (not code x scale in fp32)"
+    return q.to(torch.int8)

@@ -25,11 +25,12 @@ from torch import nn
 
 from ..errors import WandaError
 from ..kernels import MIN_SPARSITY, SparseLinear, dense_reason, describe_dense, min_weights
-from ..kernels.packing import pack_codes
+from ..kernels.packing import codes_on_grid, pack_codes
 from .checkpoint import Checkpoint, file_entries
 from .compressed import MANIFEST_NAME, WEIGHTS_NAME, _read_manifest
-from .ct_read import CTReader, ct_config
+from .ct_read import Codes, CTReader, ct_config
 from .encoding import decode_tensor, parse_dtype
+from .grid_record import RecordedGrid, read_grid
 from .streaming import assign_tensor, under_model_names
 
 log = logging.getLogger(__name__)
@@ -110,31 +111,53 @@ def _check_values(values: str, folder: Path, quantized: bool) -> None:
         raise WandaError(f"--sparse_values must be one of {', '.join(SPARSE_VALUES)}, got {values!r}")
     if values == "int8" and not quantized:
         raise WandaError(
-            f"--sparse_values int8 keeps a quantized folder's codes, but {folder} is not quantized (write one with "
-            "--wbits 4 or 8 --sym --save_format compressed-tensors); use --sparse_values auto or float"
+            f"--sparse_values int8 keeps a quantized folder's codes, but {folder} is not quantized (a --wbits prune "
+            "writes one, in any --save_format but gguf); use --sparse_values auto or float"
         )
 
 
-def _quantized_linear(
+def _int8_layer(
+    name: str, lin: nn.Linear, bias: torch.Tensor | None, codes: Codes | str, values: str, report: SparseLoadReport
+) -> SparseLinear | None:
+    """The int8 layer of ``codes`` when the load rule lets it pay; None for the float path. ``codes`` a string:
+    why this matrix has none (counted for the log line; refused under ``--sparse_values int8``)."""
+    if isinstance(codes, str):
+        if values == "int8":
+            raise WandaError(f"--sparse_values int8: {name} cannot be int8: {codes}")
+        report.float_reasons[codes] = report.float_reasons.get(codes, 0) + 1
+        return None
+    if dense_reason(codes.codes, report.min_sparsity, report.least) is not None:
+        return None
+    report.int8 += 1
+    packed = pack_codes(codes.codes)
+    return SparseLinear(*packed, lin.in_features, lin.out_features, bias, codes.scales, codes.groupsize)
+
+
+def _grid_codes(grid: RecordedGrid, name: str, weight: torch.Tensor) -> Codes | str:
+    """The recorded grid's codes of a stored weight, or why there are none."""
+    out_f, in_f = weight.shape
+    groupsize = grid.groupsize_for(in_f)
+    if groupsize % 8:
+        return f"groups of {groupsize} columns are not a multiple of 8 (one scale per mask byte)"
+    scales = grid.scales(name)
+    if tuple(scales.shape) != (out_f, -(-in_f // groupsize)):
+        return f"recorded scales of shape {list(scales.shape)} do not fit a {out_f}x{in_f} weight"
+    codes = codes_on_grid(weight, scales, groupsize)
+    return codes if isinstance(codes, str) else Codes(codes, scales.contiguous(), groupsize)
+
+
+def _ct_linear(
     reader: CTReader, name: str, lin: nn.Linear, bias: torch.Tensor | None, values: str, report: SparseLoadReport
 ) -> SparseLinear | torch.Tensor:
     """An int8 SparseLinear of the layer's codes and scales when its grid allows and the load rule lets it pay,
     else the library's decompressed weight (fp32) for the float path."""
     local = reader.read(name)
-    why = reader.int8_reason(name) if values != "float" else "float values were asked for"
-    if why is not None and values == "int8":
-        raise WandaError(f"--sparse_values int8: {name} in {reader.folder} cannot be int8: {why}")
-    if why is None:
-        codes = reader.codes(name, local, (lin.out_features, lin.in_features))
-        reason = dense_reason(codes.codes, report.min_sparsity, report.least)
-        if reason is None:
-            packed = pack_codes(codes.codes)
-            layer = SparseLinear(*packed, lin.in_features, lin.out_features, bias, codes.scales, codes.groupsize)
-            report.int8 += 1
+    if values != "float":
+        why = reader.int8_reason(name)
+        codes = why if why is not None else reader.codes(name, local, (lin.out_features, lin.in_features))
+        layer = _int8_layer(f"{name} in {reader.folder}", lin, bias, codes, values, report)
+        if layer is not None:
             return layer
-        del codes
-    elif values != "float":
-        report.float_reasons[why] = report.float_reasons.get(why, 0) + 1
     return reader.decompress(name, local)
 
 
@@ -154,7 +177,8 @@ def load_sparse_model(
     folder = Path(folder)
     compressed = (folder / MANIFEST_NAME).is_file()
     quant = None if compressed else ct_config(folder)
-    _check_values(values, folder, quant is not None)
+    grid = read_grid(folder) if quant is None else None
+    _check_values(values, folder, quant is not None or grid is not None)
     model = _skeleton(folder, dtype, compressed)
     reader: CTReader | None = None
     if compressed:
@@ -178,14 +202,14 @@ def load_sparse_model(
         if isinstance(mod, nn.Linear) and id(mod) not in embeddings and mod is not head
     }
 
-    def fetch(name: str) -> torch.Tensor:
+    def fetch(name: str, cast: bool = True) -> torch.Tensor:
         module = name.rpartition(".")[0]
         if reader is not None and name.endswith(".weight") and reader.quantized(module):
             return reader.decompress(module, reader.read(module)).to(dtype)
         if name not in available:
             raise WandaError(f"the checkpoint in {folder} lacks {name}")
         tensor = read(name)
-        return tensor.to(dtype) if tensor.is_floating_point() else tensor
+        return tensor.to(dtype) if tensor.is_floating_point() and cast else tensor
 
     least = min_weights() if least is None else least
     report = SparseLoadReport(0, 0, min_sparsity=min_sparsity, least=least)
@@ -193,7 +217,12 @@ def load_sparse_model(
     for name, lin in linears.items():
         bias = fetch(f"{name}.bias") if lin.bias is not None else None
         if reader is not None and reader.quantized(name):
-            weight = _quantized_linear(reader, name, lin, bias, values, report)
+            weight = _ct_linear(reader, name, lin, bias, values, report)
+        elif grid is not None and values != "float":
+            weight = fetch(f"{name}.weight", cast=False)  # the stored values: on the grid or not, as written
+            why = None if f"{name}.weight" in grid else "no recorded scales"
+            codes = why or _grid_codes(grid, f"{name}.weight", weight)
+            weight = _int8_layer(f"{name} in {folder}", lin, bias, codes, values, report) or weight
         else:
             weight = fetch(f"{name}.weight")
         done.update({f"{name}.weight", f"{name}.bias"})
