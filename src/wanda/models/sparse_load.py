@@ -111,8 +111,9 @@ def _check_values(values: str, folder: Path, quantized: bool) -> None:
         raise WandaError(f"--sparse_values must be one of {', '.join(SPARSE_VALUES)}, got {values!r}")
     if values == "int8" and not quantized:
         raise WandaError(
-            f"--sparse_values int8 keeps a quantized folder's codes, but {folder} is not quantized (a --wbits prune "
-            "writes one, in any --save_format but gguf); use --sparse_values auto or float"
+            f"--sparse_values int8 keeps a quantized folder's codes, but {folder} is not quantized (a "
+            "compressed-tensors folder, or a --wbits prune saved dense or compressed with its scales); use "
+            "--sparse_values auto or float"
         )
 
 
@@ -170,8 +171,9 @@ def load_sparse_model(
 ) -> tuple[nn.Module, SparseLoadReport]:
     """The model of ``folder`` on the CPU in ``dtype`` (fp32 or bf16), pruned linears as ``SparseLinear``
     where the load rule says they pay (``least``: the size threshold; None: ``wanda.kernels.min_weights()``).
-    ``values``: "auto" (int8 codes for a compressed-tensors pack-quantized folder, else ``dtype``), "float"
-    or "int8" (refused for a folder that is not quantized, or a grid int8 cannot hold)."""
+    ``values``: "auto" (int8 codes for a quantized folder: compressed-tensors pack-quantized, or one with a
+    recorded grid; else ``dtype``), "float" or "int8" (refused for a folder that is not quantized, or a matrix
+    int8 cannot hold)."""
     if dtype not in (torch.float32, torch.bfloat16):
         raise WandaError(f"--sparse_kernel runs fp32 or bf16 models, not {dtype}; use --dtype float32 or bfloat16")
     folder = Path(folder)
@@ -218,10 +220,10 @@ def load_sparse_model(
         bias = fetch(f"{name}.bias") if lin.bias is not None else None
         if reader is not None and reader.quantized(name):
             weight = _ct_linear(reader, name, lin, bias, values, report)
-        elif grid is not None and values != "float":
+        elif (reader is not None or grid is not None) and values != "float":
             weight = fetch(f"{name}.weight", cast=False)  # the stored values: on the grid or not, as written
-            why = None if f"{name}.weight" in grid else "no recorded scales"
-            codes = why or _grid_codes(grid, f"{name}.weight", weight)
+            recorded = grid is not None and f"{name}.weight" in grid
+            codes = _grid_codes(grid, f"{name}.weight", weight) if recorded else "not quantized in the folder"
             weight = _int8_layer(f"{name} in {folder}", lin, bias, codes, values, report) or weight
         else:
             weight = fetch(f"{name}.weight")
@@ -246,7 +248,7 @@ def load_sparse_model(
         del weight, bias
     for why, count in report.float_reasons.items():
         log.info(
-            "sparse kernel: %d quantized matrices keep %s values: %s", count, str(dtype).removeprefix("torch."), why
+            "sparse kernel: %d matrices keep %s values, not int8: %s", count, str(dtype).removeprefix("torch."), why
         )
     head_name = next((n for n, m in model.named_modules() if m is head), None) if head is not None else None
     for name, param in list(model.named_parameters()) + list(model.named_buffers()):
