@@ -364,3 +364,27 @@ def test_recorded_grid_checks_the_weights(tmp_path):
     layer = loaded.get_submodule("model.layers.0.mlp.up_proj")
     assert layer.values.dtype == torch.float32 and torch.equal(layer.to_dense(), tensors[key])
     assert loaded.get_submodule("model.layers.0.mlp.down_proj").values.dtype == torch.int8
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
+def test_gguf_grid_saved_compressed_loads_as_int8(tmp_path, kind):
+    """GPTQ on a GGUF block grid (fp16 scales per 32 weights; Q4_0's may be negative, code x -s being
+    -code x s exactly) saved compressed: int8 layers with the prune's weights bit for bit."""
+    bits = 4 if kind == "Q4_0" else 8
+    model = tiny_model("llama")
+    settings = PruneSettings(prune_method="sparsegpt", sparsity_type="unstructured", sparsity_ratio=0.5)
+    quant = QuantSettings(wbits=bits, groupsize=32, sym=True, gguf_type=kind)
+    report = prune(model, calib_ids(), settings, progress=False, batch_size=4, quant=quant)
+    out = tmp_path / "model"
+    save_model(model, None, out, "compressed", quantized=QuantizedModel(report.quantized, bits, 32, True))
+    tokenizer = save_tiny(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, out / name)
+    if kind == "Q4_0":
+        assert any(bool((q.scale < 0).any()) for q in report.quantized.values())
+    loaded = load_model(str(out), dtype="float32", device="cpu", sparse_kernel=True).model
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name != "lm_head":
+            layer = loaded.get_submodule(name)
+            assert layer.values.dtype == torch.int8, name
+            assert torch.equal(layer.to_dense(), module.weight.detach()), name

@@ -140,7 +140,7 @@ def _grid_codes(grid: RecordedGrid, name: str, weight: torch.Tensor) -> Codes | 
     groupsize = grid.groupsize_for(in_f)
     if groupsize % 8:
         return f"groups of {groupsize} columns are not a multiple of 8 (one scale per mask byte)"
-    scales = grid.scales(name)
+    scales = grid.scales(name).abs()  # GGUF's Q4_0 scale may be negative: code x -s == -code x s exactly
     if tuple(scales.shape) != (out_f, -(-in_f // groupsize)):
         return f"recorded scales of shape {list(scales.shape)} do not fit a {out_f}x{in_f} weight"
     codes = codes_on_grid(weight, scales, groupsize)
