@@ -310,10 +310,15 @@ def _saved(tmp_path_factory, fmt: str, bits: int, groupsize: int, sym: bool):
 @pytest.mark.parametrize("fmt", ["dense", "compressed"])
 @pytest.mark.parametrize(("bits", "groupsize", "sym"), [(8, 32, True), (4, 32, False), (4, -1, True)])
 def test_recorded_grid_loads_as_int8_exactly(tmp_path_factory, fmt, bits, groupsize, sym, caplog):
+    from safetensors import safe_open
+
     from wanda.models.grid_record import GRID_NAME
+    from wanda.pruning.space import grid_bytes
 
     pruned, folder = _saved(tmp_path_factory, fmt, bits, groupsize, sym)
-    assert (folder / GRID_NAME).is_file()
+    with safe_open(str(folder / GRID_NAME), "pt") as handle:
+        stored = sum(handle.get_tensor(k).nbytes for k in handle.keys())
+    assert grid_bytes(pruned, groupsize) == stored  # the free-space check sizes the record exactly
     with caplog.at_level(logging.INFO, logger="wanda.models"):
         model = load_model(str(folder), dtype="float32", device="cpu", sparse_kernel=True).model
     assert "14 linear matrices sparse (14 with int8 values), 0 stayed dense" in caplog.text

@@ -171,7 +171,8 @@ class ResidentModel(ModelHandle):
         return report
 
     def space_needs(self, calibration_ids, settings, quant, output) -> list:
-        return resident_needs(self.model, output.path, output.format, settings.sparsity_ratio)
+        groupsize = quant.groupsize if quant is not None and quant.wbits is not None else None
+        return resident_needs(self.model, output.path, output.format, settings.sparsity_ratio, groupsize)
 
     def whole_model(self, purpose: str) -> nn.Module:
         return self.model

@@ -29,6 +29,7 @@ __all__ = [
     "hidden_files_bytes",
     "saved_weights_bytes",
     "resident_needs",
+    "grid_bytes",
     "streamed_needs",
     "activations_in_work_folder",
     "block_bytes",
@@ -79,11 +80,31 @@ def _resident_tensors(model: nn.Module) -> list[Tensor]:
     return out
 
 
-def resident_needs(model: nn.Module, save_model: str | None, save_format: str, ratio: float) -> list:
-    """``check_space``'s needs of a run with the model in memory: the saved model, if any."""
+def grid_bytes(model: nn.Module, groupsize: int) -> int:
+    """The scales a ``--wbits`` prune records beside a dense or compressed save (``wanda.models.grid_record``):
+    fp32, one per row and group of ``groupsize`` columns (-1: one per row) of every matrix of the blocks."""
+    try:
+        prefix = find_decoder_layout(model).path + "."
+    except Exception:  # noqa: BLE001 - no decoder layout: nothing is quantized
+        return 0
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.startswith(prefix):
+            rows, cols = module.weight.shape
+            total += 4 * rows * (1 if groupsize == -1 else -(-cols // groupsize))
+    return total
+
+
+def resident_needs(
+    model: nn.Module, save_model: str | None, save_format: str, ratio: float, groupsize: int | None = None
+) -> list:
+    """``check_space``'s needs of a run with the model in memory: the saved model, if any, with the recorded
+    scales of a ``--wbits`` run (``groupsize``: its ``--groupsize``; None without quantization)."""
     if save_model is None:
         return []
     count = saved_weights_bytes(_resident_tensors(model), save_format, ratio)
+    if count is not None and groupsize is not None:
+        count += grid_bytes(model, groupsize)
     return [] if count is None else [(save_model, count, f"the {save_format} model")]
 
 
