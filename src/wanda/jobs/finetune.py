@@ -210,13 +210,14 @@ def run_training(
     merge_dir = None
     if lora is not None and lora.merge is not None:
         merge_dir = Path(lora.merge) if lora.merge else output_dir / "merged"
-        ensure_free(merge_dir, out.overwrite_output_dir, "merged model folder")
     train_spec = data.dataset or ("wiki-summaries" if model.bundled else "c4")
     eval_specs = data.specs(train_spec)
     inputs = {"--model": model.model, "--dataset": train_spec, "--eval_dataset": eval_specs}
-    check_disjoint(inputs, {"--output_dir": output_dir})
-    if lora is not None and lora.merge:  # the default, OUTPUT_DIR/merged, is inside --output_dir by design
-        check_disjoint(inputs, {"--merge": merge_dir})
+    # --merge may live inside --output_dir (its default, OUTPUT_DIR/merged) but not be it or hold it: the
+    # merged folder is replaced as a whole, which would take the adapter and the checkpoints with it
+    check_disjoint(inputs, {"--output_dir": output_dir, "--merge": merge_dir})
+    if merge_dir is not None:
+        ensure_free(merge_dir, out.overwrite_output_dir, "merged model folder")
     if not do_train:
         if merge_dir is not None:
             raise WandaError(

@@ -203,15 +203,23 @@ def prune_streamed(
     finally:
         if source is not None:
             source.close()
-    with ranks.agreed("reading the pruned blocks"):
-        pruned = pruned_checkpoint(streamed, work)
-    run = StreamedRun(report, source.resumed_from, pruned, work, streamed, ranks=ranks)
-    if save_model is not None:
-        with ranks.agreed("saving the pruned model"):  # one writer; the others wait here for its outcome
-            if ranks.is_main:
-                run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
-        if cleanup:
-            run.cleanup()
+    try:  # a failure from here on keeps every pruned block for the same command to save; the lock goes
+        with ranks.agreed("reading the pruned blocks"):
+            pruned = pruned_checkpoint(streamed, work)
+        run = StreamedRun(report, source.resumed_from, pruned, work, streamed, ranks=ranks)
+        if save_model is not None:
+            with ranks.agreed("saving the pruned model"):  # one writer; the others wait here for its outcome
+                if ranks.is_main:
+                    try:
+                        run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
+                    except WandaError as exc:  # a full disk: the work folder stays on purpose, said so
+                        raise WandaError(f"{exc}; the pruned blocks stay in {work.path}: run the same command "
+                                         "again to save them without pruning again") from exc  # fmt: skip
+            if cleanup:
+                run.cleanup()
+    except BaseException:
+        work.release()
+        raise
     return run
 
 
