@@ -32,7 +32,7 @@ from ..utils.io import atomic_directory, ensure_free
 from ..utils.space import check_space
 from .prune import LayerReport, PruneReport, needs_calibration, prune, statistics_needed
 from .prune_settings import PruneSettings
-from .space import activations_in_work_folder, block_bytes, streamed_needs
+from .space import SavePlan, activations_in_work_folder, block_bytes, streamed_needs
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,8 @@ def prune_streamed(
             shape = tuple(calibration_ids.shape) if calibration_ids is not None else None
             check_space(
                 streamed_needs(
-                    streamed, shape, needs_hidden, stream, work_dir, save_model, save_format,
-                    settings.sparsity_ratio, device, ranks.world_size,
+                    streamed, shape, needs_hidden, stream, work_dir, save_model,
+                    SavePlan.of(save_format, settings, quant), device, ranks.world_size,
                 )
             )  # fmt: skip
     work = _open_work_folder(work_dir, fingerprint, num_blocks, needs_hidden, ranks, streamed)
