@@ -201,6 +201,7 @@ def run_training(
     lora: LoraSettings | None = None,
 ) -> int:
     from ..finetune import evaluate_perplexity, finetune, resolve_checkpoint, training_blocks
+    from ..finetune.checkpoints import save_final
     from ..finetune.train import training_arguments
 
     mode = "lora" if lora is not None else "full"
@@ -268,7 +269,7 @@ def run_training(
         what = "frozen base weights" if mode == "lora" else "fine-tuned model"
         _print_sparsity(f"after training ({what})", outcome.sparsity)
         outcome.sparsity.raise_if_revived(f"the {what}")
-        outcome.trainer.save_model(str(output_dir))
+        save_final(outcome.trainer, output_dir)
         log.info("%s written to %s", "adapter" if mode == "lora" else "model", output_dir)
 
         label = "adapter" if mode == "lora" else "fine-tuned"
