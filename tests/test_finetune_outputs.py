@@ -5,6 +5,7 @@ resumes and saves; a temporary folder left by a killed save is removed by the ne
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -69,3 +70,46 @@ def test_a_final_save_left_by_a_killed_run_is_removed(tmp_path, caplog):
     with pytest.raises(WandaError, match="is not empty and holds no complete checkpoint"):
         resolve_checkpoint(out, None, overwrite=False)
     assert kept.is_dir()
+
+
+@pytest.mark.parametrize("command", ["lora --merge", "merge"])
+def test_a_merged_model_too_big_for_the_disk_refuses_before_any_work(
+    pruned_folder,  # noqa: F811
+    tmp_path,
+    capsys,
+    monkeypatch,
+    command,
+):
+    """``finetune lora --merge`` and ``finetune merge`` size the merged model from the loaded base before
+    training or merging: too little space is one line, and nothing is written."""
+    import shutil
+    from collections import namedtuple
+
+    import wanda.finetune as finetune_package
+    from wanda.models import load_model
+    from wanda.utils.space import format_bytes, weights_bytes
+
+    folder, corpus = pruned_folder
+    merged = tmp_path / "merged"
+    if command == "merge":
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(folder)}))
+        args = ("merge", "--model", str(folder), "--adapter", str(adapter), "--output", str(merged))
+        monkeypatch.setattr(finetune_package, "load_adapter", _never)
+    else:
+        args = ("lora", "--model", str(folder), "--dataset", str(corpus), "--output_dir", str(tmp_path / "lora"),
+                "--merge", str(merged), *CLI_FLAGS)  # fmt: skip
+        monkeypatch.setattr(finetune_package, "finetune", _never)
+    usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 999, 999))
+    code, _, err = wanda(capsys, *args)
+    errors = [line for line in err.splitlines() if re.match(r"wanda( [a-z]+)*: error: ", line)]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    need = format_bytes(weights_bytes(load_model(str(folder), device="cpu").model))
+    assert f"not enough space in {merged}: needs {need} (the merged model {need}), 999 B free" in errors[0]
+    assert not merged.exists() and not (tmp_path / "lora" / "finetune_results.json").exists()
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the run went past the space check")

@@ -275,3 +275,41 @@ def test_too_little_space_for_gguf_or_compressed_tensors_refuses_before_any_work
     assert re.search(rf"not enough space in .*{re.escape(str(out))}.*: needs .* \(the {flags[1]} model", line), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "w.txt"]
     assert tree_hash(model) == before
+
+
+def test_weights_bytes_counts_tied_tensors_once():
+    from conftest import tiny_model
+
+    from wanda.utils.space import weights_bytes
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    unique = {id(p): p for p in model.parameters()}.values()
+    assert weights_bytes(model) == sum(p.numel() * p.element_size() for p in unique)
+    assert weights_bytes(model.half()) == sum(p.numel() * 2 for p in unique)
+
+
+def test_vision_save_model_too_big_for_the_disk_refuses_before_any_work(tmp_path, capsys, monkeypatch):
+    """Sized from the loaded classifier, before the dense evaluation and the pruning; nothing is written."""
+    from test_vision import tiny_vit, write_image_tree
+
+    import wanda.jobs.vision as vision_job
+    from wanda.utils.space import weights_bytes
+
+    model = tiny_vit(num_labels=2)
+    model.save_pretrained(tmp_path / "dense")
+    data = write_image_tree(tmp_path / "data", classes=2, per_class=2)
+    before = tree_hash(tmp_path / "dense"), tree_hash(data)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run went past the space check")
+
+    monkeypatch.setattr(vision_job, "topk_accuracy", never)
+    monkeypatch.setattr(vision_job, "prune_classifier", never)
+    argv = ["vision", "--model", "tiny", "--resume", str(tmp_path / "dense"), "--data_path", str(data),
+            "--workers", "0", "--prune_metric", "magnitude", "--sparsity", "0.5", "--no_progress",
+            "--save", str(tmp_path / "out"), "--save_model", str(tmp_path / "pruned")]  # fmt: skip
+    line = _refused(argv, capsys, monkeypatch, free=999)
+    need = format_bytes(weights_bytes(model))
+    assert f"not enough space in {tmp_path / 'pruned'}: needs {need} (the pruned checkpoint {need}), 999 B free" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "dense"]
+    assert (tree_hash(tmp_path / "dense"), tree_hash(data)) == before

@@ -28,6 +28,7 @@ from ..utils.declare import SettingsMixin, setting
 from ..utils.io import atomic_directory, atomic_write_json, claim, ensure_free
 from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
+from ..utils.space import check_space, weights_bytes
 from .common import SOURCE_HELP, LogSettings, TextSettings, print_perplexities
 
 log = logging.getLogger("wanda")
@@ -243,6 +244,8 @@ def run_training(
                 )
 
         loaded = model.load(dtype)
+        if merge_dir is not None:  # before any training step
+            check_space([(merge_dir, weights_bytes(loaded.model), "the merged model")])
         if lora is not None and checkpoint is not None:  # resuming an adapter: it must be this base's
             from ..finetune.adapter_base import check_adapter_base
 
@@ -321,6 +324,7 @@ def run_merge(model: ModelSettings, merge: MergeSettings, logging_settings: LogS
     check_disjoint({"--model": model.model, "--adapter": merge.adapter}, {"--output": target})
     ensure_free(target, merge.overwrite, "merged model folder")
     loaded = model.load()
+    check_space([(target, weights_bytes(loaded.model), "the merged model")])
     masks = capture_masks(loaded.model)
     _masked_merge_step(load_adapter(loaded.model, merge.adapter), masks, loaded.tokenizer, target, merge.overwrite)
     return 0

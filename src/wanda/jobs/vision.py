@@ -22,6 +22,7 @@ from ..utils.devices import resolve_device
 from ..utils.io import atomic_directory, atomic_write_json, ensure_free
 from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
+from ..utils.space import check_space, weights_bytes
 from ..vision import (
     ImageFolder,
     VisionPruneReport,
@@ -190,6 +191,8 @@ def run_vision_job(
         loaded.preprocess, loaded.processor_config = preprocess, None
     log.info("%s from %s (%s); preprocessing %s", job.model, job.resume or "the hub", loaded.library, preprocess)
     model = loaded.model.to(device)
+    if job.save_model:  # before the evaluations and the pruning: a disk that cannot hold it stops the run now
+        check_space([(job.save_model, weights_bytes(model), "the pruned checkpoint")])
     train = ImageFolder(root / "train", preprocess)
     val = _eval_subset(ImageFolder(root / "val", preprocess, classes=train.classes), job.eval_limit, settings.seed)
 
