@@ -196,3 +196,73 @@ def test_generated_shard_indexes_through_the_command_line(tiny, tmp_path_factory
     assert info.value.code == 2 and "Traceback" not in err.getvalue(), err.getvalue()
     assert err.getvalue().strip().splitlines()[-1].startswith("wanda: error: ")
     assert tree_hash(model) == before
+
+
+# the same through the command line ----------------------------------------------------------------------------
+
+
+def _interrupted_cli_run(argv: list[str], capsys) -> None:
+    """``argv`` stopped by Ctrl-C once block 1 is saved (exit 130), as a user stopping a streamed run would."""
+    from wanda.engine.resume import WorkFolder
+
+    original = WorkFolder.save_hidden
+
+    def stopping(self, index, hidden):
+        original(self, index, hidden)
+        if index == 2:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(WorkFolder, "save_hidden", stopping)
+        with pytest.raises(SystemExit) as info:
+            main(argv, "wanda")
+    assert info.value.code == 130, capsys.readouterr().err
+    capsys.readouterr()
+
+
+def _one_error_line(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv, "wanda")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if re.match(r"wanda: error: ", line)]
+    assert info.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("edit", ["weights", "config"])
+def test_an_edited_checkpoint_is_never_resumed_through_the_command_line(four_blocks, tmp_path, capsys, edit):
+    text = word_corpus(tmp_path / "w.txt", words=2000)
+    work, target = tmp_path / "work", tmp_path / "pruned"
+    argv = [*_argv(four_blocks, text, "disk"), "--prune_method", "wanda", "--nsamples", "4",
+            "--work_dir", str(work), "--save_model", str(target)]  # fmt: skip
+    _interrupted_cli_run(argv, capsys)
+    done = _listing(work)
+    assert {"block-00000.safetensors", "block-00001.safetensors"} <= set(done)
+    if edit == "weights":  # other bytes, the same shapes and file size
+        weights = four_blocks / "model.safetensors"
+        tensors = load_file(weights)
+        tensors["model.layers.1.self_attn.o_proj.weight"] *= -1
+        save_file(tensors, weights, metadata={"format": "pt"})
+        expected = "the checkpoint changed since work folder"
+    else:
+        config = json.loads((four_blocks / "config.json").read_text())
+        (four_blocks / "config.json").write_text(json.dumps({**config, "rope_theta": 5000.0}))
+        expected = "belongs to another run (differs in files)"
+    assert expected in _one_error_line(argv, capsys)
+    assert _listing(work) == done and not target.exists()  # nothing mixed, nothing saved
+
+
+def test_a_second_run_on_a_busy_work_folder_is_one_line(four_blocks, tmp_path, capsys):
+    """Another process holds the work folder's lock (as a running streamed run does): refused, nothing
+    touched in it."""
+    import fcntl
+
+    text = word_corpus(tmp_path / "w.txt", words=2000)
+    work = tmp_path / "work"
+    argv = [*_argv(four_blocks, text, "disk"), "--prune_method", "wanda", "--nsamples", "4", "--work_dir", str(work)]
+    _interrupted_cli_run(argv, capsys)
+    done = _listing(work)
+    with open(work / ".lock", "a+") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert f"another run is using work folder {work}" in _one_error_line(argv, capsys)
+    assert _listing(work) == done
