@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,7 +81,9 @@ class StreamedRun:
 
 def default_work_dir(save_model: str | Path | None, fingerprint: dict) -> Path:
     if save_model is not None:
-        target = Path(save_model)
+        target = Path(os.path.abspath(Path(save_model).expanduser()))  # "." and "out/.." name their folder
+        if not target.name:
+            raise WandaError(f"--save_model {save_model} names no folder; give a folder path such as ./pruned")
         return target.with_name(target.name + ".work")
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path.cwd() / f"wanda-work-{digest}"
