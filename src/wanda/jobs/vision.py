@@ -165,9 +165,8 @@ def _calibration(train: ImageFolder, settings: VisionPruneSettings, workers: int
     return calibration_batches(train, settings.nsamples, settings.batch_size, settings.seed, workers)
 
 
-def run_vision_job(
-    job: ClassifierSettings, settings: VisionPruneSettings, results: ResultsSettings, logging_settings: LogSettings
-) -> int:
+def _check_outputs(job: ClassifierSettings, results: ResultsSettings) -> None:
+    """Before anything loads: no output on an input, and none that exists without --overwrite."""
     check_disjoint(
         {"--data_path": job.data_path, "--model": job.model, "--resume": job.resume},
         {"--save": results.save, "--save_model": job.save_model},
@@ -175,6 +174,12 @@ def run_vision_job(
     results.claim(RESULTS_FILE)
     if job.save_model:
         ensure_free(job.save_model, results.overwrite, "model folder")
+
+
+def run_vision_job(
+    job: ClassifierSettings, settings: VisionPruneSettings, results: ResultsSettings, logging_settings: LogSettings
+) -> int:
+    _check_outputs(job, results)
     device = resolve_device(job.device)
     start = time.perf_counter()
     root = Path(job.data_path)
