@@ -21,8 +21,9 @@ from wanda.cli.main import main
 from wanda.engine.streaming import StreamSettings
 from wanda.errors import WandaError
 from wanda.models.streaming import meta_skeleton
+from wanda.models.targets import MatrixTargets
 from wanda.pruning.prune_settings import PruneSettings
-from wanda.pruning.space import hidden_files_bytes, saved_weights_bytes, streamed_needs
+from wanda.pruning.space import SavePlan, Sized, hidden_files_bytes, saved_weights_bytes, streamed_needs
 from wanda.pruning.streamed import prune_streamed
 from wanda.utils.space import format_bytes
 
@@ -43,13 +44,29 @@ def _tensor_bytes(files) -> int:
 
 
 def test_saved_weights_bytes_per_format():
-    tensors = [(1000, torch.float16, True), (10, torch.float32, False), (7, torch.int64, True)]
-    assert saved_weights_bytes(tensors, "dense", 0.5) == 2000 + 40 + 56
+    tensors = [
+        Sized("model.layers.0.mlp.up_proj.weight", (10, 100), torch.float16, True),
+        Sized("model.norm.weight", (10,), torch.float32, False),
+        Sized("model.layers.0.idx", (7,), torch.int64, True),
+    ]
+    assert saved_weights_bytes(tensors, SavePlan("dense", 0.5)) == 2000 + 40 + 56
     # the matrix: 500 kept fp16 values + 125 bitmask bytes; the rest dense
-    assert saved_weights_bytes(tensors, "compressed", 0.5) == 1000 + 125 + 40 + 56
+    assert saved_weights_bytes(tensors, SavePlan("compressed", 0.5)) == 1000 + 125 + 40 + 56
     # nearly dense: the dense encoding is the smaller one
-    assert saved_weights_bytes(tensors, "compressed", 0.01) == 2000 + 40 + 56
-    assert saved_weights_bytes(tensors, "gguf", 0.5) is None
+    assert saved_weights_bytes(tensors, SavePlan("compressed", 0.01)) == 2000 + 40 + 56
+    # its own ratio (--target_ratios up_proj=0.9): 100 kept values
+    plan = SavePlan("compressed", 0.5, MatrixTargets(ratios=(("up_proj", 0.9),)))
+    assert saved_weights_bytes(tensors, plan) == 200 + 125 + 40 + 56
+    # not pruned (--targets/--ignore leave it out): dense
+    assert saved_weights_bytes([tensors[0]._replace(pruned=False)], SavePlan("compressed", 0.5)) == 2000
+    # gguf: 100 columns do not split into blocks of 32 (F16); 10 x 96 does (34/32, 18/32 bytes per weight)
+    gguf_matrix = Sized("model.layers.0.mlp.up_proj.weight", (10, 96), torch.float32, True)
+    assert saved_weights_bytes([gguf_matrix], SavePlan("gguf", gguf_type="Q8_0")) == 30 * 34 + 4  # padded to 32
+    assert saved_weights_bytes([gguf_matrix], SavePlan("gguf", gguf_type="Q4_0")) == 30 * 18 + 4
+    assert saved_weights_bytes(tensors[:2], SavePlan("gguf", gguf_type="Q4_0")) == 2016 + 64
+    # pack-quantized: 10 rows x ceil(96 x 4 / 32) int32 words, 10 x 3 float32 scales, the int64 shape
+    plan = SavePlan("compressed-tensors", 0.5, wbits=4, groupsize=32)
+    assert saved_weights_bytes([gguf_matrix], plan) == 10 * 12 * 4 + 10 * 3 * 4 + 16
     assert hidden_files_bytes(4, 8, 16, torch.bfloat16) == 2 * 4 * 8 * 16 * 2
     assert hidden_files_bytes(4, 8, 16, torch.float32, world_size=2) == 3 * 4 * 8 * 16 * 4
 
@@ -60,7 +77,7 @@ def test_streamed_needs_equal_what_the_run_writes(tiny, tmp_path):
     stream = StreamSettings(offload="disk", work_dir=str(tmp_path / "work"))
     needs = streamed_needs(
         meta_skeleton(tiny, torch.float32), (4, 16), True, stream, tmp_path / "work", str(tmp_path / "out"),
-        "dense", 0.5, torch.device("cpu"),
+        SavePlan("dense", 0.5), torch.device("cpu"),
     )  # fmt: skip
     sizes = {what: count for _, count, what in needs}
     hidden = json.loads((tiny / "config.json").read_text())["hidden_size"]
@@ -130,10 +147,10 @@ def test_a_resumed_run_counts_only_the_blocks_still_to_write(tiny, tmp_path):
     work = tmp_path / "work"
     stream = StreamSettings(offload="disk", work_dir=str(work))
     skeleton = meta_skeleton(tiny, torch.float32)
-    fresh = streamed_needs(skeleton, None, False, stream, work, None, "dense", 0.5, torch.device("cpu"))
+    fresh = streamed_needs(skeleton, None, False, stream, work, None, SavePlan(), torch.device("cpu"))
     work.mkdir()
     (work / "block-00000.safetensors").write_bytes(bytes(1000))
-    resumed = streamed_needs(skeleton, None, False, stream, work, None, "dense", 0.5, torch.device("cpu"))
+    resumed = streamed_needs(skeleton, None, False, stream, work, None, SavePlan(), torch.device("cpu"))
     assert resumed == [(work, fresh[0][1] - 1000, "the pruned blocks")]
 
 
@@ -178,3 +195,121 @@ def test_a_streamed_run_refused_in_setup_leaves_no_work_folder(tiny, tmp_path, c
     line = _failed(_argv(tiny, text, *base, "--offload_activations", str(acts)), capsys)
     assert line.startswith("wanda: error: not enough space for the activation file"), line
     assert not work.exists() and not out.exists() and list(acts.iterdir()) == []
+
+
+def _weight_bytes(folder: Path) -> int:
+    """The bytes of the tensors a saved folder holds: safetensors data, or a GGUF file less its header."""
+    gguf_file = folder / "model.gguf"
+    if gguf_file.is_file():
+        import gguf
+
+        reader = gguf.GGUFReader(gguf_file)
+        return gguf_file.stat().st_size - min(int(t.data_offset) for t in reader.tensors)
+    return _tensor_bytes(sorted(folder.glob("*.safetensors")))
+
+
+@pytest.mark.parametrize(
+    "save_format, prune_kw, quant_kw",
+    [
+        ("dense", {}, {}),
+        ("compressed", {}, {}),
+        ("compressed", {"ignore": ["mlp"]}, {}),
+        ("compressed", {"targets": ["self_attn"], "target_ratios": ["q_proj=0.75"]}, {}),
+        ("gguf", {}, {"gguf_type": "Q8_0"}),
+        ("gguf", {}, {"gguf_type": "Q4_0"}),
+        ("compressed-tensors", {}, {"wbits": 4, "groupsize": 32, "sym": True}),
+        ("compressed-tensors", {"ignore": ["down_proj"]}, {"wbits": 8, "groupsize": -1, "sym": True}),
+    ],
+    ids=["dense", "compressed", "compressed-ignore", "compressed-targets", "Q8_0", "Q4_0", "ct-w4g32", "ct-w8-ignore"],
+)
+def test_saved_model_needs_equal_what_each_format_writes(tmp_path, save_format, prune_kw, quant_kw):
+    """The sized weights of ``--save_model`` equal the bytes of the tensors the save writes, in every format,
+    with ``--targets``, ``--ignore`` and ``--target_ratios`` (the GGUF header, a few KB to MB of vocabulary, is
+    not sized)."""
+    from conftest import calib_ids, tiny_model
+    from test_gguf_export import _bpe_tokenizer
+
+    from wanda.export import save_model
+    from wanda.export.compressed_tensors import QuantizedModel
+    from wanda.pruning.prune import prune
+    from wanda.pruning.space import resident_needs
+    from wanda.quant.settings import QuantSettings
+
+    if save_format == "compressed-tensors":
+        pytest.importorskip("compressed_tensors")
+    model = tiny_model("llama")
+    settings = PruneSettings(prune_method="wanda", sparsity_ratio=0.5, **prune_kw)
+    quant = QuantSettings(**quant_kw) if quant_kw else None
+    report = prune(model, calib_ids(), settings, progress=False, batch_size=4, quant=quant)
+    [(_, need, what)] = resident_needs(model, str(tmp_path / "out"), SavePlan.of(save_format, settings, quant))
+    assert what == f"the {save_format} model"
+    quantized = None
+    if save_format == "compressed-tensors":
+        quantized = QuantizedModel(report.quantized, quant.wbits, quant.groupsize, True)
+    tokenizer = _bpe_tokenizer() if save_format == "gguf" else None
+    gguf_type = quant.gguf_type if save_format == "gguf" else None
+    save_model(model, tokenizer, tmp_path / "out", save_format, gguf_type=gguf_type, quantized=quantized)
+    assert need == _weight_bytes(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--save_format", "gguf", "--gguf_type", "Q4_0"],
+        ["--save_format", "compressed-tensors", "--wbits", "4", "--groupsize", "32", "--sym"],
+    ],
+    ids=["gguf", "compressed-tensors"],
+)
+def test_too_little_space_for_gguf_or_compressed_tensors_refuses_before_any_work(
+    tiny, tmp_path, capsys, monkeypatch, flags
+):
+    if "compressed-tensors" in flags:
+        pytest.importorskip("compressed_tensors")
+    model = Path(shutil.copytree(tiny, tmp_path / "model"))
+    text = word_corpus(tmp_path / "w.txt", words=4000)
+    before = tree_hash(model)
+    out = tmp_path / "pruned"
+    line = _refused(
+        _argv(model, text, "--offload", "none", "--save_model", str(out), *flags), capsys, monkeypatch, free=999
+    )
+    assert re.search(rf"not enough space in .*{re.escape(str(out))}.*: needs .* \(the {flags[1]} model", line), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "w.txt"]
+    assert tree_hash(model) == before
+
+
+def test_weights_bytes_counts_tied_tensors_once():
+    from conftest import tiny_model
+
+    from wanda.utils.space import weights_bytes
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    unique = {id(p): p for p in model.parameters()}.values()
+    assert weights_bytes(model) == sum(p.numel() * p.element_size() for p in unique)
+    assert weights_bytes(model.half()) == sum(p.numel() * 2 for p in unique)
+
+
+def test_vision_save_model_too_big_for_the_disk_refuses_before_any_work(tmp_path, capsys, monkeypatch):
+    """Sized from the loaded classifier, before the dense evaluation and the pruning; nothing is written."""
+    from test_vision import tiny_vit, write_image_tree
+
+    import wanda.jobs.vision as vision_job
+    from wanda.utils.space import weights_bytes
+
+    model = tiny_vit(num_labels=2)
+    model.save_pretrained(tmp_path / "dense")
+    data = write_image_tree(tmp_path / "data", classes=2, per_class=2)
+    before = tree_hash(tmp_path / "dense"), tree_hash(data)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the run went past the space check")
+
+    monkeypatch.setattr(vision_job, "topk_accuracy", never)
+    monkeypatch.setattr(vision_job, "prune_classifier", never)
+    argv = ["vision", "--model", "tiny", "--resume", str(tmp_path / "dense"), "--data_path", str(data),
+            "--workers", "0", "--prune_metric", "magnitude", "--sparsity", "0.5", "--no_progress",
+            "--save", str(tmp_path / "out"), "--save_model", str(tmp_path / "pruned")]  # fmt: skip
+    line = _refused(argv, capsys, monkeypatch, free=999)
+    need = format_bytes(weights_bytes(model))
+    assert f"not enough space in {tmp_path / 'pruned'}: needs {need} (the pruned checkpoint {need}), 999 B free" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "dense"]
+    assert (tree_hash(tmp_path / "dense"), tree_hash(data)) == before

@@ -191,3 +191,59 @@ def test_a_results_folder_may_hold_the_model_but_a_model_folder_holds_nothing(tm
         check_disjoint({}, {"--save_model": tmp_path / "m", "--work_dir": tmp_path / "m" / "work"})
     with pytest.raises(WandaError, match="give the outputs separate places"):
         check_disjoint({}, {"--save": tmp_path / "out", "--save_model": tmp_path / "out"})
+
+
+@pytest.mark.parametrize("offload", ["auto", "disk"])
+def test_the_default_work_folder_is_checked_with_the_outputs(tiny, tmp_path, offload, capsys):
+    """``--save_model X`` streams through ``X.work`` when no ``--work_dir`` is given: a model folder of that
+    name is an input like any other, refused before anything is made in it (a lock file included)."""
+    model = Path(shutil.copytree(tiny, tmp_path / "m.work"))
+    work = {"root": tmp_path, "model": model, "text": word_corpus(tmp_path / "w.txt", words=4000)}
+    argv = _prune_argv(work, "--offload", offload, "--save_model", str(tmp_path / "m"))
+    _refused(argv, capsys, f"the work folder {model} is --model", model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.work", "w.txt"]
+
+
+def test_in_memory_the_default_work_folder_is_no_output(tiny, tmp_path, capsys):
+    model = Path(shutil.copytree(tiny, tmp_path / "m.work"))
+    work = {"root": tmp_path, "model": model, "text": word_corpus(tmp_path / "w.txt", words=4000)}
+    before = tree_hash(model)
+    code, err = _run(_prune_argv(work, "--offload", "none", "--save_model", str(tmp_path / "m")), capsys)
+    assert code == 0, err
+    assert (tmp_path / "m" / "model.safetensors").is_file() and tree_hash(model) == before
+
+
+def test_a_folder_that_is_not_a_work_folder_is_left_as_it_was(work, capsys):
+    notes = work["root"] / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    argv = _prune_argv(work, "--offload", "disk", "--work_dir", str(notes), "--save_model", str(work["root"] / "p"))
+    _refused(argv, capsys, "is not a wanda work folder", notes, work["model"])
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+    assert not (work["root"] / "p").exists()
+
+
+def test_finetune_merge_on_the_model_or_the_output_dir_is_refused(work, capsys):
+    out = work["root"] / "adapter-out"
+    argv = ["finetune", "lora", "--model", str(work["model"]), "--dataset", str(work["text"]), "--output_dir", str(out)]
+    _refused([*argv, "--merge", str(work["model"])], capsys, "--merge", work["model"])
+    # the merged folder is replaced whole: being --output_dir, or holding it, would take the adapter with it
+    _refused([*argv, "--merge", str(out), "--overwrite_output_dir"], capsys, "give the outputs separate places")
+    _refused([*argv, "--merge", str(work["root"])], capsys, "holds --model", work["model"])
+    assert not out.exists()
+    check_disjoint({}, {"--output_dir": out, "--merge": out / "merged"})  # the default place
+    with pytest.raises(WandaError, match="--output_dir .* is inside --merge"):
+        check_disjoint({}, {"--output_dir": out / "run", "--merge": out})
+
+
+def test_vision_save_model_on_its_inputs_is_refused(work, capsys):
+    data, dense = work["root"] / "images", work["root"] / "dense"
+    for split in ("train", "val"):
+        (data / split / "a").mkdir(parents=True)
+    dense.mkdir()
+    (dense / "config.json").write_text("{}")
+    argv = ["vision", "--model", "tiny", "--resume", str(dense), "--data_path", str(data), "--overwrite"]
+    _refused([*argv, "--save_model", str(data)], capsys, "is --data_path", data, dense)
+    _refused([*argv, "--save_model", str(data / "train" / "pruned")], capsys, "is inside --data_path", data, dense)
+    _refused([*argv, "--save_model", str(dense)], capsys, "is --resume", data, dense)
+    _refused([*argv, "--save", str(dense)], capsys, "is --resume", data, dense)

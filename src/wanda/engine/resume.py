@@ -143,12 +143,22 @@ class WorkFolder:
         #: made by this run (not found on disk): ``abandon`` removes it while it holds no finished block
         self.created = not self.path.exists() and (rank == 0 or writes_blocks)
         try:
+            self._refuse_foreign()
             if rank == 0:  # one lock per run (the other ranks of the same run share the folder)
                 self._take_lock()
             self._check_or_create(self.created)
         except BaseException:
             self.abandon()
             raise
+
+    def _refuse_foreign(self) -> None:
+        """A folder that holds files but no fingerprint is someone else's (a model, a dataset): refused before
+        the lock file is made in it, so that a refused run leaves it as it was."""
+        if self.path.is_dir() and not (self.path / FINGERPRINT).exists():
+            if any(p.name != LOCK for p in self.path.iterdir()):
+                raise WandaError(
+                    f"work folder {self.path} exists and is not a wanda work folder; choose another --work_dir"
+                )
 
     def _take_lock(self) -> None:
         """An ``flock`` on ``.lock`` in the folder, held until the run ends (it dies with the process): a second
@@ -186,7 +196,7 @@ class WorkFolder:
     def _check_or_create(self, created: bool) -> None:
         stored = self.path / FINGERPRINT
         if stored.is_file():
-            old = json.loads(stored.read_text())
+            old = self._stored_fingerprint(stored)
             if old != self.fingerprint:
                 differ = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
                 raise WandaError(
@@ -199,6 +209,22 @@ class WorkFolder:
             )
         else:
             self._write_fingerprint(stored)
+
+    def _stored_fingerprint(self, stored: Path) -> dict:
+        """The fingerprint on disk. One that cannot be read says nothing about whose blocks these are, so the
+        folder is refused (never adopted, never emptied: it may be another run's)."""
+        try:
+            old = json.loads(stored.read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            reason = os_reason(exc) if isinstance(exc, OSError) else str(exc).splitlines()[0]
+        else:
+            if isinstance(old, dict):
+                return old
+            reason = f"it holds a JSON {type(old).__name__}, not an object"
+        raise WandaError(
+            f"work folder {self.path} cannot be resumed: its {FINGERPRINT} is damaged ({reason}); "
+            "remove the work folder or choose another --work_dir"
+        )
 
     def _write_fingerprint(self, stored: Path) -> None:
         tmp = str(stored.with_name(".fingerprint.unborn"))

@@ -5,7 +5,8 @@ and rotates the old ones away in the same call; killed in between, it leaves a f
 checkpoint and cannot be resumed, and with ``save_total_limit`` the older complete ones may be gone already.
 ``CheckpointTrainer`` writes each checkpoint, fsyncs its files, then writes ``COMPLETE`` (fsynced, renamed into
 place) last, and rotates only after that; ``resolve_checkpoint`` resumes the newest checkpoint that holds it,
-saying which incomplete ones it passed over.
+saying which incomplete ones it passed over. ``save_final`` writes the trained adapter or model beside them with
+each file whole (``.final.XXXXXXXX.tmp`` inside ``--output_dir``, fsynced, each file renamed into place).
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from transformers import Trainer
 
 from ..errors import WandaError
 from ..utils.io import fsync_path, fsync_tree
+from ..utils.space import os_reason
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointTrainer", "COMPLETE", "is_complete", "resolve_checkpoint", "mark_complete"]
+__all__ = ["CheckpointTrainer", "COMPLETE", "is_complete", "resolve_checkpoint", "mark_complete", "save_final"]
 
 #: Written last into a finished checkpoint folder.
 COMPLETE = "COMPLETE"
 _NUMBERED = re.compile(r"^checkpoint-(\d+)$")
+#: ``save_final``'s temporary folder (mkdtemp: 8 characters of [a-z0-9_]).
+_FINAL_TMP = re.compile(r"^\.final\.[a-z0-9_]{8}\.tmp$")
 
 
 def is_complete(folder: str | Path) -> bool:
@@ -87,6 +92,8 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
     without a complete checkpoint is refused unless ``overwrite``.
     """
     output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        _clear_final_leftovers(output_dir)
     if resume_from_checkpoint:
         path = Path(resume_from_checkpoint)
         if not (path / "trainer_state.json").is_file():
@@ -124,3 +131,42 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
             "choose another folder or pass --overwrite_output_dir"
         )
     return None
+
+
+def _clear_final_leftovers(output_dir: Path) -> None:
+    for path in output_dir.iterdir():
+        if _FINAL_TMP.match(path.name) and path.is_dir() and not path.is_symlink():
+            log.warning("removing %s, left by a run that was killed while saving its final weights", path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_final(trainer: Trainer, output_dir: str | Path) -> None:
+    """The trained adapter (or model) into ``output_dir`` beside its checkpoints, each file whole: written into
+    a temporary folder inside it (the same file system), fsynced, then each file renamed over the one it
+    replaces (the last save of this run, which resumed or was told to start afresh) and the folder fsynced. A
+    disk that fills is one line and leaves ``output_dir`` as it was, the checkpoints kept for a resume."""
+    from safetensors import SafetensorError
+
+    output_dir = Path(output_dir)
+    tmp: Path | None = None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _clear_final_leftovers(output_dir)
+        tmp = Path(tempfile.mkdtemp(prefix=".final.", suffix=".tmp", dir=output_dir))
+        trainer.save_model(str(tmp))
+        fsync_tree(tmp)
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, output_dir / path.name)
+        fsync_path(output_dir)
+    except (OSError, SafetensorError) as exc:  # safetensors writes from Rust: its full disk is not an OSError
+        if isinstance(exc, OSError):
+            reason = os_reason(exc)
+        else:
+            full = re.search(r"os error 28|code: 28|No space left", str(exc))
+            reason = "no space left on device" if full else str(exc).splitlines()[0]
+        raise WandaError(
+            f"could not write {output_dir}: {reason} (saving the final weights); its checkpoints stay for a resume"
+        ) from exc
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

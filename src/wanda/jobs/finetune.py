@@ -28,6 +28,7 @@ from ..utils.declare import SettingsMixin, setting
 from ..utils.io import atomic_directory, atomic_write_json, claim, ensure_free
 from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
+from ..utils.space import check_space, weights_bytes
 from .common import SOURCE_HELP, LogSettings, TextSettings, print_perplexities
 
 log = logging.getLogger("wanda")
@@ -201,6 +202,7 @@ def run_training(
     lora: LoraSettings | None = None,
 ) -> int:
     from ..finetune import evaluate_perplexity, finetune, resolve_checkpoint, training_blocks
+    from ..finetune.checkpoints import save_final
     from ..finetune.train import training_arguments
 
     mode = "lora" if lora is not None else "full"
@@ -210,13 +212,14 @@ def run_training(
     merge_dir = None
     if lora is not None and lora.merge is not None:
         merge_dir = Path(lora.merge) if lora.merge else output_dir / "merged"
-        ensure_free(merge_dir, out.overwrite_output_dir, "merged model folder")
     train_spec = data.dataset or ("wiki-summaries" if model.bundled else "c4")
     eval_specs = data.specs(train_spec)
     inputs = {"--model": model.model, "--dataset": train_spec, "--eval_dataset": eval_specs}
-    check_disjoint(inputs, {"--output_dir": output_dir})
-    if lora is not None and lora.merge:  # the default, OUTPUT_DIR/merged, is inside --output_dir by design
-        check_disjoint(inputs, {"--merge": merge_dir})
+    # --merge may live inside --output_dir (its default, OUTPUT_DIR/merged) but not be it or hold it: the
+    # merged folder is replaced as a whole, which would take the adapter and the checkpoints with it
+    check_disjoint(inputs, {"--output_dir": output_dir, "--merge": merge_dir})
+    if merge_dir is not None:
+        ensure_free(merge_dir, out.overwrite_output_dir, "merged model folder")
     if not do_train:
         if merge_dir is not None:
             raise WandaError(
@@ -241,6 +244,8 @@ def run_training(
                 )
 
         loaded = model.load(dtype)
+        if merge_dir is not None:  # before any training step
+            check_space([(merge_dir, weights_bytes(loaded.model), "the merged model")])
         if lora is not None and checkpoint is not None:  # resuming an adapter: it must be this base's
             from ..finetune.adapter_base import check_adapter_base
 
@@ -267,7 +272,7 @@ def run_training(
         what = "frozen base weights" if mode == "lora" else "fine-tuned model"
         _print_sparsity(f"after training ({what})", outcome.sparsity)
         outcome.sparsity.raise_if_revived(f"the {what}")
-        outcome.trainer.save_model(str(output_dir))
+        save_final(outcome.trainer, output_dir)
         log.info("%s written to %s", "adapter" if mode == "lora" else "model", output_dir)
 
         label = "adapter" if mode == "lora" else "fine-tuned"
@@ -319,6 +324,7 @@ def run_merge(model: ModelSettings, merge: MergeSettings, logging_settings: LogS
     check_disjoint({"--model": model.model, "--adapter": merge.adapter}, {"--output": target})
     ensure_free(target, merge.overwrite, "merged model folder")
     loaded = model.load()
+    check_space([(target, weights_bytes(loaded.model), "the merged model")])
     masks = capture_masks(loaded.model)
     _masked_merge_step(load_adapter(loaded.model, merge.adapter), masks, loaded.tokenizer, target, merge.overwrite)
     return 0

@@ -20,6 +20,7 @@ from ..parallel.ranks import init_ranks
 from ..pruning.handle import Output, open_model
 from ..pruning.prune import check_quantization, needs_calibration
 from ..pruning.prune_settings import PruneSettings
+from ..pruning.streamed import default_work_dir
 from ..quant.settings import QuantSettings
 from ..utils.declare import SettingsMixin, require, require_seed, setting
 from ..utils.io import ensure_free
@@ -123,6 +124,8 @@ def _check_outputs(
             "--save": results.save,
             "--save_model": outputs.save_model,
             "--work_dir": stream.work_dir,
+            # a streamed run's default work folder sits beside --save_model (NAME.work): an input may be there
+            "the work folder": None if stream.work_dir or stream.offload == "none" else _default_work(outputs),
             "--offload_activations": stream.offload_activations,
         },
     )
@@ -145,6 +148,10 @@ def _check_outputs(
         )
         if outputs.save_model:
             ensure_free(outputs.save_model, results.overwrite, "model folder")
+
+
+def _default_work(outputs: PruneOutputSettings):
+    return default_work_dir(outputs.save_model, {}) if outputs.save_model else None
 
 
 def _calibration(

@@ -22,6 +22,7 @@ from ..utils.devices import resolve_device
 from ..utils.io import atomic_directory, atomic_write_json, ensure_free
 from ..utils.overlap import check_disjoint
 from ..utils.resources import peak_rss_mb
+from ..utils.space import check_space, weights_bytes
 from ..vision import (
     ImageFolder,
     VisionPruneReport,
@@ -164,9 +165,8 @@ def _calibration(train: ImageFolder, settings: VisionPruneSettings, workers: int
     return calibration_batches(train, settings.nsamples, settings.batch_size, settings.seed, workers)
 
 
-def run_vision_job(
-    job: ClassifierSettings, settings: VisionPruneSettings, results: ResultsSettings, logging_settings: LogSettings
-) -> int:
+def _check_outputs(job: ClassifierSettings, results: ResultsSettings) -> None:
+    """Before anything loads: no output on an input, and none that exists without --overwrite."""
     check_disjoint(
         {"--data_path": job.data_path, "--model": job.model, "--resume": job.resume},
         {"--save": results.save, "--save_model": job.save_model},
@@ -174,6 +174,12 @@ def run_vision_job(
     results.claim(RESULTS_FILE)
     if job.save_model:
         ensure_free(job.save_model, results.overwrite, "model folder")
+
+
+def run_vision_job(
+    job: ClassifierSettings, settings: VisionPruneSettings, results: ResultsSettings, logging_settings: LogSettings
+) -> int:
+    _check_outputs(job, results)
     device = resolve_device(job.device)
     start = time.perf_counter()
     root = Path(job.data_path)
@@ -190,6 +196,8 @@ def run_vision_job(
         loaded.preprocess, loaded.processor_config = preprocess, None
     log.info("%s from %s (%s); preprocessing %s", job.model, job.resume or "the hub", loaded.library, preprocess)
     model = loaded.model.to(device)
+    if job.save_model:  # before the evaluations and the pruning: a disk that cannot hold it stops the run now
+        check_space([(job.save_model, weights_bytes(model), "the pruned checkpoint")])
     train = ImageFolder(root / "train", preprocess)
     val = _eval_subset(ImageFolder(root / "val", preprocess, classes=train.classes), job.eval_limit, settings.seed)
 

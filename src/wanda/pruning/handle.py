@@ -29,7 +29,7 @@ from ..quant.settings import QuantSettings
 from ..utils.declare import require
 from .prune import PruneReport, needs_calibration, prune, statistics_needed
 from .prune_settings import PruneSettings
-from .space import resident_needs, streamed_needs
+from .space import SavePlan, resident_needs, streamed_needs
 from .streamed import StreamedRun, default_work_dir, open_pruned, prune_streamed, streamed_linear_sparsity
 
 log = logging.getLogger("wanda")
@@ -171,8 +171,7 @@ class ResidentModel(ModelHandle):
         return report
 
     def space_needs(self, calibration_ids, settings, quant, output) -> list:
-        groupsize = quant.groupsize if quant is not None and quant.wbits is not None else None
-        return resident_needs(self.model, output.path, output.format, settings.sparsity_ratio, groupsize)
+        return resident_needs(self.model, output.path, SavePlan.of(output.format, settings, quant))
 
     def whole_model(self, purpose: str) -> nn.Module:
         return self.model
@@ -234,8 +233,8 @@ class StreamedModelHandle(ModelHandle):
             work = Path.cwd()
         return streamed_needs(
             meta_skeleton(self.folder, self.dtype), tuple(calibration_ids.shape) if calibrated else None,
-            bool(statistics_needed(settings, quant)), self.stream, work, output.path, output.format,
-            settings.sparsity_ratio, self.device, self.ranks.world_size,
+            bool(statistics_needed(settings, quant)), self.stream, work, output.path,
+            SavePlan.of(output.format, settings, quant), self.device, self.ranks.world_size,
         )  # fmt: skip
 
     def run_facts(self) -> dict:

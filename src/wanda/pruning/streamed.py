@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from ..utils.io import atomic_directory, ensure_free
 from ..utils.space import check_space
 from .prune import LayerReport, PruneReport, needs_calibration, prune, statistics_needed
 from .prune_settings import PruneSettings
-from .space import activations_in_work_folder, block_bytes, streamed_needs
+from .space import SavePlan, activations_in_work_folder, block_bytes, streamed_needs
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ class StreamedRun:
 
 def default_work_dir(save_model: str | Path | None, fingerprint: dict) -> Path:
     if save_model is not None:
-        target = Path(save_model)
+        target = Path(os.path.abspath(Path(save_model).expanduser()))  # "." and "out/.." name their folder
+        if not target.name:
+            raise WandaError(f"--save_model {save_model} names no folder; give a folder path such as ./pruned")
         return target.with_name(target.name + ".work")
     digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Path.cwd() / f"wanda-work-{digest}"
@@ -174,8 +177,8 @@ def prune_streamed(
             shape = tuple(calibration_ids.shape) if calibration_ids is not None else None
             check_space(
                 streamed_needs(
-                    streamed, shape, needs_hidden, stream, work_dir, save_model, save_format,
-                    settings.sparsity_ratio, device, ranks.world_size,
+                    streamed, shape, needs_hidden, stream, work_dir, save_model,
+                    SavePlan.of(save_format, settings, quant), device, ranks.world_size,
                 )
             )  # fmt: skip
     work = _open_work_folder(work_dir, fingerprint, num_blocks, needs_hidden, ranks, streamed)
@@ -203,15 +206,23 @@ def prune_streamed(
     finally:
         if source is not None:
             source.close()
-    with ranks.agreed("reading the pruned blocks"):
-        pruned = pruned_checkpoint(streamed, work)
-    run = StreamedRun(report, source.resumed_from, pruned, work, streamed, ranks=ranks)
-    if save_model is not None:
-        with ranks.agreed("saving the pruned model"):  # one writer; the others wait here for its outcome
-            if ranks.is_main:
-                run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
-        if cleanup:
-            run.cleanup()
+    try:  # a failure from here on keeps every pruned block for the same command to save; the lock goes
+        with ranks.agreed("reading the pruned blocks"):
+            pruned = pruned_checkpoint(streamed, work)
+        run = StreamedRun(report, source.resumed_from, pruned, work, streamed, ranks=ranks)
+        if save_model is not None:
+            with ranks.agreed("saving the pruned model"):  # one writer; the others wait here for its outcome
+                if ranks.is_main:
+                    try:
+                        run.saved = save_streamed(streamed, pruned, save_model, tokenizer, save_format, overwrite)
+                    except WandaError as exc:  # a full disk: the work folder stays on purpose, said so
+                        raise WandaError(f"{exc}; the pruned blocks stay in {work.path}: run the same command "
+                                         "again to save them without pruning again") from exc  # fmt: skip
+            if cleanup:
+                run.cleanup()
+    except BaseException:
+        work.release()
+        raise
     return run
 
 

@@ -25,8 +25,9 @@ def _resolved(path: str | Path) -> Path:
 
 
 #: Output flags whose folder receives named files one by one and is never replaced as a whole: another output
-#: may live inside it (``--save out --save_model out/model``), though not be it.
-FILE_FOLDERS = frozenset({"--save"})
+#: may live inside it (``--save out --save_model out/model``; ``finetune --output_dir out --merge out/merged``),
+#: though not be it or hold it.
+FILE_FOLDERS = frozenset({"--save", "--output_dir"})
 
 
 def check_disjoint(inputs: dict[str, Any], outputs: dict[str, Any]) -> None:

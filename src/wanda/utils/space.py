@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import WandaError
 
-__all__ = ["format_bytes", "free_bytes", "check_space", "allocate", "os_reason", "ZERO_CHUNK"]
+__all__ = ["format_bytes", "free_bytes", "check_space", "allocate", "os_reason", "weights_bytes", "ZERO_CHUNK"]
 
 #: The fallback allocation writes zeros in chunks of this many bytes (where ``posix_fallocate`` is missing or
 #: the file system does not support it).
@@ -70,6 +70,18 @@ def check_space(needs: list[tuple[str | Path, int, str]]) -> None:
             raise WandaError(
                 f"not enough space in {folders}: needs {format_bytes(total)} ({parts}), {format_bytes(free)} free"
             )
+
+
+def weights_bytes(model) -> int:
+    """What ``save_pretrained`` (or ``torch.save`` of the state dict) writes of a model's weights: every tensor
+    of its state dict once (tied ones share their storage), at its own dtype."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def _write_zeros(fd: int, size: int) -> None:
