@@ -52,19 +52,27 @@ WORKERS = [
     "dense:gptq-Q4_0",
     "2:4:gptq-Q8_0",
     "dense:gptq-Q8_0",
+    "0.5:sink-gptq-Q4_0",
+    "0.5:sink-fp32+rtn",
+    "dense:sink-gptq-Q4_0",
+    "2:4:sink-gptq-Q4_0",
+    "0.5:sink-gptq-Q8_0",
+    "2:4:sink-fp32+rtn",
 ]
+#: ``--sink_weight`` of the "+sink" rows: each calibration window's first token counted 64 times in the Hessian
+SINK_WEIGHT = 64.0
 #: scratch folder for the files whose size is measured and the GGUF files llama.cpp reads (outside the checkout)
 OUT = Path(os.environ.get("WANDA_BENCH_SCRATCH", tempfile.gettempdir())) / "wanda-sparse-quantized"
 
 
-def _prune_settings(sparsity: str, quantized: bool):
+def _prune_settings(sparsity: str, quantized: bool, sink_weight: float = 1.0):
     from wanda import PruneSettings
 
     if sparsity == "dense":
-        return PruneSettings(prune_method="none") if quantized else None
+        return PruneSettings(prune_method="none", sink_weight=sink_weight) if quantized else None
     if sparsity == "2:4":
-        return PruneSettings(prune_method="sparsegpt", sparsity_type="2:4")
-    return PruneSettings(prune_method="sparsegpt", sparsity_ratio=float(sparsity))
+        return PruneSettings(prune_method="sparsegpt", sparsity_type="2:4", sink_weight=sink_weight)
+    return PruneSettings(prune_method="sparsegpt", sparsity_ratio=float(sparsity), sink_weight=sink_weight)
 
 
 def _block_matrices(model) -> list:
@@ -135,6 +143,8 @@ def worker(key: str) -> list[dict]:
     from wanda.quant import GGUFGrid, QuantSettings, rtn_quantize
 
     sparsity, job = key.rsplit(":", 1)
+    sink = job.startswith("sink-")
+    job, tag = job.removeprefix("sink-"), "+sink" if sink else ""
     torch.manual_seed(0)
     loaded = load_model("smollm2-135m", dtype=PROTO["dtype"], device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -155,7 +165,7 @@ def worker(key: str) -> list[dict]:
         }
 
     quantized = job.startswith("gptq-")
-    settings = _prune_settings(sparsity, quantized)
+    settings = _prune_settings(sparsity, quantized, SINK_WEIGHT if sink else 1.0)
     prune_info = {}
     if settings is not None:
         grid_name = job.split("-", 1)[1] if quantized else None
@@ -171,9 +181,11 @@ def worker(key: str) -> list[dict]:
         }
     if quantized:
         grid_name = job.split("-", 1)[1]
-        keep = OUT / f"{sparsity.replace(':', 'of')}-gptq-{grid_name}.gguf"
+        keep = OUT / f"{sparsity.replace(':', 'of')}-gptq-{grid_name}{tag}.gguf"
         size = _file_bytes(model, tokenizer, "gguf", grid_name, keep=keep)
-        result = row(f"{sparsity}@{grid_name}-gptq", grid=grid_name, quantizer="gptq", file_bytes=size, **prune_info)
+        result = row(
+            f"{sparsity}@{grid_name}-gptq{tag}", grid=grid_name, quantizer="gptq", file_bytes=size, **prune_info
+        )
         if sparsity != "dense" and "wikitext2" in evals:
             result["llama_cpp"] = _llama_cpp_perplexity(keep, evals["wikitext2"])
             result["gguf_file"] = str(keep)
@@ -183,7 +195,7 @@ def worker(key: str) -> list[dict]:
     fmt = "dense" if sparsity == "dense" else "compressed"
     rows.append(
         row(
-            f"{sparsity}@fp32",
+            f"{sparsity}@fp32{tag}",
             grid="fp32",
             quantizer="-",
             file_bytes=_file_bytes(model, tokenizer, fmt, None),
@@ -198,7 +210,7 @@ def worker(key: str) -> list[dict]:
             for w, base in zip(weights, originals):
                 w.copy_(rtn_quantize(base, grid, mask=base == 0))
         size = _file_bytes(model, tokenizer, "gguf", grid_name)
-        rows.append(row(f"{sparsity}@{grid_name}-rtn", grid=grid_name, quantizer="rtn", file_bytes=size))
+        rows.append(row(f"{sparsity}@{grid_name}-rtn{tag}", grid=grid_name, quantizer="rtn", file_bytes=size))
     return rows
 
 
@@ -233,13 +245,16 @@ def write_tables(data: dict) -> None:
         f"seed {PROTO['seed']}), {EVAL_WINDOWS} evaluation windows per set. SparseGPT at 50% and 2:4; GPTQ in "
         "SparseGPT's column loop (plain GPTQ for dense); RTN = gguf's round-to-nearest. Q8_0/Q4_0: llama.cpp's "
         "block formats (32 weights, fp16 scale). Size: the file a user ships (GGUF; compressed or dense "
-        "safetensors for fp32).",
+        'safetensors for fp32). "+sink": the same with --sink_weight '
+        f"{SINK_WEIGHT:g} (each calibration window's first token counted {SINK_WEIGHT:g} times in the Hessian, "
+        "for SparseGPT's mask as for GPTQ).",
         "",
         "| row | sparsity | WikiText-2 ppl | summaries ppl | llama.cpp WikiText-2 ppl | file MB | prune wall / CPU s |",
         "|---|---|---|---|---|---|---|",
     ]
     for sparsity in SPARSITIES:
-        for label in [f"{sparsity}@fp32"] + [f"{sparsity}@{g}-{q}" for g in GRIDS for q in ("rtn", "gptq")]:
+        plain = [f"{sparsity}@fp32"] + [f"{sparsity}@{g}-{q}" for g in GRIDS for q in ("rtn", "gptq")]
+        for label in plain + [f"{label}+sink" for label in plain]:
             r = rows.get(label)
             if r is None:
                 continue
@@ -272,6 +287,20 @@ def targets(rows: dict) -> list[str]:
     for label, a, b, limit in (
         ("50% + 4-bit joint GPTQ <= 1.10x 50% fp32", "0.5@Q4_0-gptq", "0.5@fp32", 1.10),
         ("50% + 4-bit joint GPTQ <= 0.9x 50% + 4-bit round-to-nearest", "0.5@Q4_0-gptq", "0.5@Q4_0-rtn", 0.9),
+        ("with the sink weight: <= 1.10x 50% fp32 (same mask rule)", "0.5@Q4_0-gptq+sink", "0.5@fp32+sink", 1.10),
+        ("with the sink weight: <= 1.10x 50% fp32 (plain SparseGPT)", "0.5@Q4_0-gptq+sink", "0.5@fp32", 1.10),
+        (
+            "with the sink weight: <= 0.9x round-to-nearest (same mask rule)",
+            "0.5@Q4_0-gptq+sink",
+            "0.5@Q4_0-rtn+sink",
+            0.9,
+        ),
+        (
+            "with the sink weight: <= 0.9x round-to-nearest of plain SparseGPT",
+            "0.5@Q4_0-gptq+sink",
+            "0.5@Q4_0-rtn",
+            0.9,
+        ),
     ):
         if ppl(a) is None or ppl(b) is None:
             out.append(f"- {label}: not measured")
@@ -280,7 +309,7 @@ def targets(rows: dict) -> list[str]:
         out.append(
             f"- {label}: **{'met' if ratio <= limit else 'missed'}**, {ratio:.3f}x ({ppl(a):.2f} vs {ppl(b):.2f})"
         )
-    for label in ("0.5@Q8_0-gptq", "0.5@Q4_0-gptq", "2:4@Q8_0-gptq", "2:4@Q4_0-gptq"):
+    for label in [f"{s}@{g}-gptq{t}" for t in ("", "+sink") for s in ("0.5", "2:4") for g in GRIDS]:
         cpp = rows.get(label, {}).get("llama_cpp", {}).get("ppl")
         if cpp is not None and ppl(label) is not None:
             gap = abs(cpp / ppl(label) - 1)
@@ -294,8 +323,8 @@ def plot(rows: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    labels = ["fp32", "Q8_0-rtn", "Q8_0-gptq", "Q4_0-rtn", "Q4_0-gptq"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = ["fp32", "Q8_0-rtn", "Q8_0-gptq", "Q4_0-rtn", "Q4_0-gptq", "Q4_0-gptq+sink"]
     width = 0.25
     for k, sparsity in enumerate(SPARSITIES):
         values = [rows.get(f"{sparsity}@{label}", {}).get("ppl", {}).get("wikitext2", math.nan) for label in labels]

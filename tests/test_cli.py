@@ -208,6 +208,7 @@ BAD = {
     "existing_results": ({}, r"log_wanda\.txt already exists.*--overwrite"),
     "short_corpus": ({"--calib_dataset": "short"}, r"has 100 tokens.*8 windows of 32 tokens need 256"),
     "unknown_flag": ({"--bogus": None}, r"unrecognized arguments: --bogus"),
+    "sink_weight_zero": ({"--sink_weight": "0"}, r"--sink_weight must be a finite number above 0, got 0"),
 }
 
 

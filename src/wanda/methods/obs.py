@@ -26,6 +26,7 @@ grids live above this package.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -53,13 +54,24 @@ log = logging.getLogger("wanda")
 
 @dataclass(frozen=True)
 class DampingSettings:
-    """The dampening every method that factorises the Hessian shares."""
+    """The Hessian settings every method that factorises it shares: its dampening, and the weight of the
+    attention sink in it (``wanda.stats.Gram``)."""
 
     #: Hessian dampening as a fraction of its mean diagonal (SparseGPT's 1%).
     percdamp: float = setting(0.01, "Hessian dampening, a fraction of its mean diagonal (SparseGPT's 1%%)")
+    #: Weight of each calibration window's first token in H = 2/n X^T X (1: the papers' plain sum).
+    sink_weight: float = setting(
+        1.0,
+        "weight of each calibration window's first token (the attention sink) in the Hessian X^T X; 1 is the "
+        "papers' plain sum (see docs/quantization.md)",
+    )
 
     def __post_init__(self) -> None:
         require(0 <= self.percdamp < 1, f"--percdamp must be in [0, 1), got {self.percdamp}")
+        require(
+            math.isfinite(self.sink_weight) and self.sink_weight > 0,
+            f"--sink_weight must be a finite number above 0, got {self.sink_weight}",
+        )
 
 
 @dataclass(frozen=True)

@@ -279,7 +279,7 @@ def prune(
 
         engine.walk(None, visit_without_statistics)
     else:
-        factory = statistic_factory(statistics)
+        factory = statistic_factory(statistics, settings.sink_weight)
 
         def visit(index: int, block: nn.Module, inputs: BlockInputs) -> None:
             found = layout.matrices(index, block)
