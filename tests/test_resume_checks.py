@@ -266,3 +266,37 @@ def test_a_second_run_on_a_busy_work_folder_is_one_line(four_blocks, tmp_path, c
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert f"another run is using work folder {work}" in _one_error_line(argv, capsys)
     assert _listing(work) == done
+
+
+def test_a_work_folder_locked_by_another_process_is_one_line(four_blocks, tmp_path, capsys):
+    """The same with the lock held by a real second process (``flock`` is per open file description, so the
+    test above already has another holder; this one leaves no doubt), and the folder is usable once it exits."""
+    import subprocess
+    import sys
+
+    text = word_corpus(tmp_path / "w.txt", words=2000)
+    work = tmp_path / "work"
+    argv = [*_argv(four_blocks, text, "disk"), "--prune_method", "wanda", "--nsamples", "4", "--work_dir", str(work)]
+    _interrupted_cli_run(argv, capsys)
+    done = _listing(work)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f.fileno(), fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(600)",
+            str(work / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert f"another run is using work folder {work}" in _one_error_line(argv, capsys)
+        assert _listing(work) == done
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(SystemExit) as info:  # the lock died with its holder: the run resumes and finishes
+        main(argv, "wanda")
+    assert info.value.code == 0, capsys.readouterr().err
