@@ -250,3 +250,31 @@ def test_bad_input_exits_2_with_one_line(case, bad_runs):
     assert errors[0].startswith("wanda: error: ")
     assert re.search(BAD[case][1], errors[0]), errors[0]
     assert after == before, "a failed run wrote files"
+
+
+def test_calibration_and_evaluation_text_piped_into_the_standard_input(files, env, tmp_path):
+    """``--calib_dataset -`` and ``--eval_dataset /dev/stdin`` read one pipe: the same model and perplexity as
+    the same text given as a file."""
+    common = ["--prune_method", "wanda", "--save_model", "model", "--save", "out"]
+    by_file = tmp_path / "file"
+    by_file.mkdir()
+    _ok(_run("wanda", _args(files) + common, env, by_file))
+    piped = tmp_path / "pipe"
+    piped.mkdir()
+    args = _args(files, **{"--calib_dataset": "-", "--eval_dataset": "/dev/stdin"}) + common
+    proc = subprocess.run(
+        _command("wanda") + args,
+        env=env,
+        cwd=piped,
+        input=files["corpus"].read_text("utf-8"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    _ok(proc)
+    from safetensors.torch import load_file
+
+    want, got = load_file(by_file / "model" / "model.safetensors"), load_file(piped / "model" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    ppl = [re.findall(r"ppl[^0-9]*([0-9.]+)", (d / "out" / "log_wanda.txt").read_text()) for d in (by_file, piped)]
+    assert ppl[0] and ppl[0] == ppl[1]

@@ -476,3 +476,60 @@ def test_token_ids_beyond_the_embedding_are_refused_before_any_forward(tmp_path,
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and "embedding has 64 rows" in lines[0] and "does not belong to this model" in lines[0]
     assert not (tmp_path / "pruned").exists() and not (tmp_path / "out").exists()
+
+
+# the standard input as a text source ---------------------------------------------------------------------------
+
+
+class _Stdin:
+    """A stand-in for ``sys.stdin``: bytes behind ``buffer``, a pipe unless ``tty``."""
+
+    def __init__(self, data: bytes, tty: bool = False):
+        import io
+
+        self.buffer, self.closed, self._tty = io.BytesIO(data), False, tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+@pytest.fixture
+def stdin(monkeypatch):
+    from wanda.data import sources
+
+    sources._stdin_text.cache_clear()
+
+    def give(data: bytes, tty: bool = False) -> None:
+        monkeypatch.setattr(sources.sys, "stdin", _Stdin(data, tty))
+
+    yield give
+    sources._stdin_text.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["-", "/dev/stdin"])
+def test_the_standard_input_is_read_once_as_one_text(stdin, name):
+    from wanda.data import resolve_source
+
+    text = "first line of calibration text\nsecond line, ünïcode\n"
+    stdin(text.encode())
+    calibration = resolve_source(name, "calibration")
+    evaluation = resolve_source(name, "evaluation")  # both may name it: the text is read once
+    assert calibration.documents == evaluation.documents == [text]
+
+
+@pytest.mark.parametrize(
+    "data, tty, message",
+    [
+        (b"", False, "the standard input is empty"),
+        (b"\x00\x01binary", False, "the standard input is not a text file"),
+        (b"caf\xe9\n", False, "the standard input is not UTF-8 text: byte 0xe9 on line 1"),
+        (b"text", True, "the standard input is a terminal; pipe the text into it"),
+    ],
+)
+def test_a_standard_input_that_is_not_text_is_one_line(stdin, data, tty, message):
+    from wanda.data import resolve_source
+
+    stdin(data, tty)
+    with pytest.raises(WandaError, match=message) as info:
+        resolve_source("-", "calibration")
+    assert "\n" not in str(info.value)

@@ -8,9 +8,11 @@ Local copies in standard layouts are used instead of the hub when ``$WANDA_DATA_
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
@@ -49,17 +51,37 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise WandaError(f"{path} cannot be read: {exc.strerror or exc}") from exc
+    return _decode_text(data, str(path))
+
+
+def _decode_text(data: bytes, name: str) -> str:
     if not data.strip():
-        raise WandaError(f"{path} is empty; give a file with text in it")
+        raise WandaError(f"{name} is empty; give a file with text in it")
     if b"\0" in data[:65536]:
-        raise WandaError(f"{path} is not a text file (it holds NUL bytes, as binary files do)")
+        raise WandaError(f"{name} is not a text file (it holds NUL bytes, as binary files do)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise WandaError(
-            f"{path} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} (convert it with iconv -t utf-8)"
+            f"{name} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line} (convert it with iconv -t utf-8)"
         ) from exc
+
+
+#: Source names that read the standard input, as one plain-text document (the only stream accepted: a named
+#: pipe or a device given as a path is refused, since opening it can block for ever).
+STDIN_NAMES = ("-", "/dev/stdin")
+
+
+@functools.cache
+def _stdin_text() -> str:
+    """The standard input's text, read once: calibration and evaluation may both name it."""
+    stream = sys.stdin
+    if stream is None or stream.closed:
+        raise WandaError("the standard input is closed; pipe the text into it (--calib_dataset - < calib.txt)")
+    if stream.isatty():
+        raise WandaError("the standard input is a terminal; pipe the text into it (--calib_dataset - < calib.txt)")
+    return _decode_text(stream.buffer.read(), "the standard input")
 
 
 def _read_json_texts(path: Path, field: str) -> list[str]:
@@ -208,6 +230,8 @@ def resolve_source(spec: str, purpose: Purpose, text_field: str = "text") -> Tex
         return SOURCES[spec](purpose)
     if not spec.strip():
         raise WandaError(f"an empty data source name; give one of {', '.join(NAMED_SOURCES)} or a path")
+    if spec in STDIN_NAMES:
+        return TextSource("stdin", [_stdin_text()])
     path = Path(spec).expanduser()
     if not path.exists():
         raise WandaError(f"data source {spec!r} is neither a file/folder nor one of {', '.join(NAMED_SOURCES)}")
