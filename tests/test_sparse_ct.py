@@ -97,12 +97,17 @@ def _folder(tmp_path_factory, bits: int, groupsize: int, sym: bool = True, scale
             save_model(model, None, out, "compressed-tensors", quantized=quantized)
         else:
             _library_folder(model, quantized, out, scale_dtype or torch.float32)
-        if "tokenizer" not in _CACHE:
-            _CACHE["tokenizer"] = save_tiny(tmp_path_factory.mktemp("tok"))
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(_CACHE["tokenizer"] / name, out / name)
+        _add_tokenizer(out, tmp_path_factory)
         _CACHE[key] = (model, out)
     return _CACHE[key]
+
+
+def _add_tokenizer(out, tmp_path_factory) -> None:
+    """The tiny model's tokenizer files beside a saved folder (made once per session)."""
+    if "tokenizer" not in _CACHE:
+        _CACHE["tokenizer"] = save_tiny(tmp_path_factory.mktemp("tok"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(_CACHE["tokenizer"] / name, out / name)
 
 
 def _decompressed(folder) -> dict[str, torch.Tensor]:
@@ -299,10 +304,7 @@ def _saved(tmp_path_factory, fmt: str, bits: int, groupsize: int, sym: bool):
         model, quantized = _pruned(bits, groupsize, sym)
         out = tmp_path_factory.mktemp("grid") / "model"
         save_model(model, None, out, fmt, quantized=quantized)
-        if "tokenizer" not in _CACHE:
-            _CACHE["tokenizer"] = save_tiny(tmp_path_factory.mktemp("tok"))
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(_CACHE["tokenizer"] / name, out / name)
+        _add_tokenizer(out, tmp_path_factory)
         _CACHE[key] = (model, out)
     return _CACHE[key]
 
